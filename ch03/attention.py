@@ -1,0 +1,178 @@
+"""Chapter 3: attention mechanisms, built up in the order the chapter teaches them.
+
+SelfAttention_v1 (raw parameter matrices) -> SelfAttention_v2 (nn.Linear) ->
+CausalAttention (mask + dropout) -> MultiHeadAttentionWrapper (stacked heads) ->
+MultiHeadAttention (one set of projections split into heads). The last one is
+what the GPT model of chapter 4 uses; it also carries an optional key/value cache
+for fast generation (chapter 5) and can run either the chapter's explicit
+masked-softmax math or PyTorch's fused `scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SelfAttention_v1(nn.Module):
+    """Scaled dot-product self-attention with explicit weight matrices (section 3.4.2)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.W_query = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_key = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_value = nn.Parameter(torch.rand(d_in, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (num_tokens, d_in)
+        keys = x @ self.W_key
+        queries = x @ self.W_query
+        values = x @ self.W_value
+        attn_scores = queries @ keys.T  # (num_tokens, num_tokens)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        return attn_weights @ values  # (num_tokens, d_out)
+
+
+class SelfAttention_v2(nn.Module):
+    """The same computation with nn.Linear layers, which initialise better (section 3.4.2).
+
+    Note nn.Linear stores its weight transposed: copy `W.weight.T` into v1 to compare.
+    """
+
+    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
+        attn_scores = queries @ keys.transpose(-2, -1)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        return attn_weights @ values
+
+
+def causal_mask(context_length: int) -> torch.Tensor:
+    """Boolean (context_length, context_length) mask, True above the diagonal = future tokens to hide."""
+    return torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+
+
+class CausalAttention(nn.Module):
+    """Single-head causal self-attention for batches, with dropout on the weights (section 3.5.3)."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
+        super().__init__()
+        self.d_out = d_out
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        # A buffer moves with the module to the GPU but is not trained.
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, num_tokens, d_in)
+        num_tokens = x.shape[1]
+        keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
+        attn_scores = queries @ keys.transpose(1, 2)  # (b, num_tokens, num_tokens)
+        # -inf before the softmax gives exactly zero weight to future tokens.
+        attn_scores = attn_scores.masked_fill(self.mask[:num_tokens, :num_tokens], -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        return self.dropout(attn_weights) @ values  # (b, num_tokens, d_out)
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Several CausalAttention heads run side by side, outputs concatenated (section 3.6.1)."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(x) for head in self.heads], dim=-1)  # (b, num_tokens, num_heads * d_out)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention with one projection per Q/K/V, split into heads (section 3.6.2).
+
+    `use_sdpa=True` (default) calls `F.scaled_dot_product_attention`, PyTorch's fused
+    kernel, which is faster and needs less memory; `use_sdpa=False` runs the
+    chapter's explicit mask-and-softmax math. Both give the same result.
+
+    `forward(x, use_cache=True)` appends this call's keys and values to a cache, so
+    generation can feed one new token at a time (chapter 5). `reset_cache()` clears it.
+    """
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False, use_sdpa: bool = True):
+        super().__init__()
+        if num_heads <= 0 or d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.use_sdpa = use_sdpa
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)  # mixes the heads' outputs
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+
+    def reset_cache(self) -> None:
+        self.cache_k, self.cache_v = None, None
+
+    @property
+    def cache_len(self) -> int:
+        return 0 if self.cache_k is None else self.cache_k.shape[2]
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, num_tokens, _ = t.shape
+        # (b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)
+        return t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        b, num_tokens, _ = x.shape
+        past = self.cache_len if use_cache else 0
+        if past + num_tokens > self.context_length:
+            raise ValueError(
+                f"attention over {past + num_tokens} tokens ({past} cached + {num_tokens} new) exceeds "
+                f"context_length={self.context_length}"
+            )
+        queries = self._split_heads(self.W_query(x))
+        keys = self._split_heads(self.W_key(x))
+        values = self._split_heads(self.W_value(x))
+        if use_cache:
+            if self.cache_k is not None:
+                keys = torch.cat([self.cache_k, keys], dim=2)  # (b, num_heads, past + num_tokens, head_dim)
+                values = torch.cat([self.cache_v, values], dim=2)
+            self.cache_k, self.cache_v = keys, values
+
+        # Query i sits at absolute position past + i and may see keys 0 .. past + i.
+        future = self.mask[past:past + num_tokens, :past + num_tokens]  # (num_tokens, past + num_tokens)
+        if self.use_sdpa:
+            dropout_p = self.dropout.p if self.training else 0.0
+            if past == 0:
+                # Square case: the kernel builds the causal mask itself (fastest path).
+                context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
+                                                         is_causal=num_tokens > 1)
+            else:
+                # attn_mask uses True = "may attend", the opposite of our mask buffer.
+                context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=~future,
+                                                         dropout_p=dropout_p)
+        else:
+            attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, past + num_tokens)
+            attn_scores = attn_scores.masked_fill(future, -torch.inf)
+            attn_weights = torch.softmax(attn_scores / math.sqrt(self.head_dim), dim=-1)
+            context = self.dropout(attn_weights) @ values  # (b, num_heads, num_tokens, head_dim)
+
+        # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, d_out)
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context)

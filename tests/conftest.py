@@ -1,0 +1,34 @@
+"""Shared test set-up: make `tests/` importable, keep downloads local, seed torch."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests never touch the network: point the mirror at ../shared/data when it exists
+# (CI sets this too) and keep the download cache inside pytest's temp area.
+if "LLMFS_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["LLMFS_DATA_MIRROR"] = str(SHARED_DATA)
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(123)
+    yield
+
+
+@pytest.fixture
+def verdict_text() -> str:
+    from ch02.download import get_data_file
+
+    return get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")
