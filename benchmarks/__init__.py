@@ -1,0 +1,4 @@
+"""Benchmarks: our GPT model against Hugging Face transformers' GPT-2, measured in the same run.
+
+Run `python -m benchmarks.run` (or `--quick` for a tiny smoke run); see README "Performance".
+"""

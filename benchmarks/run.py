@@ -1,0 +1,223 @@
+"""Benchmark our GPTModel against transformers' GPT2LMHeadModel, in one run, one process per measurement.
+
+    python -m benchmarks.run            # GPT-2 124M dimensions (several minutes on a laptop)
+    python -m benchmarks.run --quick    # tiny config, a smoke test of the harness
+
+Writes `results.md`, `results.json` and PNG plots into --out (default benchmarks/results/)
+and prints the ratios and whether each performance goal is met. Timings use fixed seeds,
+2 warm-up steps and the median of the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ch02.atomic import atomic_path, atomic_write
+from ch04.gpt import GPT_CONFIG_124M
+
+TINY_CONFIG = {"vocab_size": 1000, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
+               "drop_rate": 0.1, "qkv_bias": False}
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "bf16_cpu": bf16_supported()}
+
+
+def bf16_supported() -> bool:
+    """True when this CPU has native bfloat16 instructions (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def run_worker(spec: dict, timeout: float = 1800) -> dict:
+    """Run one measurement in a fresh interpreter and parse its RESULT line."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def plan(quick: bool) -> dict:
+    cfg = TINY_CONFIG if quick else GPT_CONFIG_124M
+    steps = {"warmup": 2, "steps": 5}
+    base = {"kind": "train", "cfg": cfg, "dtype": "float32", **steps}
+    shapes = [(2, 32)] if quick else [(2, 256), (8, 1024)]
+    ctxs = [16, 64] if quick else [128, 256, 512, 1024]
+    gen = {"kind": "generate", "cfg": cfg, "prompt_len": 10, "new_tokens": 40 if quick else 200}
+    return {
+        "train": [{**base, "impl": impl, "batch": b, "ctx": n}
+                  for b, n in shapes for impl in ("ours", "hf", "ours-untied", "ours-explicit")],
+        "generate": [{**gen, "impl": "ours", "cache": True}, {**gen, "impl": "ours", "cache": False},
+                     {**gen, "impl": "hf", "cache": True}],
+        "scaling": [{**base, "impl": "ours", "batch": 1, "ctx": n} for n in ctxs],
+        "amp": [{**base, "impl": impl, "batch": shapes[0][0], "ctx": shapes[0][1], "dtype": dt, "steps": 8}
+                for impl in ("ours", "hf") for dt in ("float32", "bfloat16")],
+    }
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tuple[str, bool]]]:
+    lines = ["# Benchmark results" + (" (quick smoke run, tiny config)" if quick else " (GPT-2 124M dimensions)"),
+             "", f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+             f"{machine['threads']} threads, Python {machine['python']}, native bf16: {machine['bf16_cpu']}", ""]
+    goals: list[tuple[str, bool]] = []
+
+    def train_row(r):
+        return r["tokens_per_s"], r["peak_rss_mib"]
+
+    lines += ["## Training step (forward + backward + AdamW, fp32, dropout 0.1)", "",
+              "| model | batch x context | params | tokens/s | ratio vs HF | peak RSS (MiB) |",
+              "|---|---|---:|---:|---:|---:|"]
+    by_shape: dict = {}
+    for r in results["train"]:
+        by_shape.setdefault((r["batch"], r["ctx"]), {})[r["impl"]] = r
+    for (b, n), rows in by_shape.items():
+        hf_tps, hf_mem = train_row(rows["hf"])
+        for impl, r in rows.items():
+            tps, mem = train_row(r)
+            lines.append(f"| {impl} | {b} x {n} | {r['params']:,} | {fmt(tps)} | {tps / hf_tps:.2f}x | {fmt(mem, 0)} |")
+        ours_tps, ours_mem = train_row(rows["ours"])
+        goals.append((f"training {b}x{n}: ours >= 1.0x HF tokens/s ({ours_tps / hf_tps:.2f}x)", ours_tps >= hf_tps))
+        goals.append((f"training {b}x{n}: ours peak RSS <= HF ({fmt(ours_mem, 0)} vs {fmt(hf_mem, 0)} MiB)",
+                      ours_mem <= hf_mem))
+
+    g = {("ours-cache" if r["impl"] == "ours" and r["cache"] else "ours-no-cache" if r["impl"] == "ours" else "hf"): r
+         for r in results["generate"]}
+    lines += ["", f"## Generation (greedy, batch 1, 10-token prompt, {g['hf']['new_tokens']} new tokens)", "",
+              "| model | tokens/s | ratio vs HF | latency 10th token (ms) | latency last token (ms) |",
+              "|---|---:|---:|---:|---:|"]
+    for name, r in g.items():
+        lat = r["latency_ms"]
+        lines.append(f"| {name} | {fmt(r['tokens_per_s'])} | {r['tokens_per_s'] / g['hf']['tokens_per_s']:.2f}x | "
+                     f"{fmt(lat[9], 2)} | {fmt(lat[-1], 2)} |")
+    c, nc, hf = g["ours-cache"], g["ours-no-cache"], g["hf"]
+    goals += [
+        (f"KV-cache generation >= 1.0x HF generate ({c['tokens_per_s'] / hf['tokens_per_s']:.2f}x)",
+         c["tokens_per_s"] >= hf["tokens_per_s"]),
+        (f"KV cache >= 5x our no-cache path ({c['tokens_per_s'] / nc['tokens_per_s']:.2f}x)",
+         c["tokens_per_s"] >= 5 * nc["tokens_per_s"]),
+        (f"cached latency of last token <= 1.5x 10th ({c['latency_ms'][-1] / c['latency_ms'][9]:.2f}x)",
+         c["latency_ms"][-1] <= 1.5 * c["latency_ms"][9]),
+        ("cached and uncached greedy tokens identical", c["tokens"] == nc["tokens"]),
+    ]
+
+    lines += ["", "## Scaling with context length (ours, batch 1, fp32)", "",
+              "| context | tokens/s | peak RSS (MiB) |", "|---:|---:|---:|"]
+    for r in results["scaling"]:
+        lines.append(f"| {r['ctx']} | {fmt(r['tokens_per_s'])} | {fmt(r['peak_rss_mib'], 0)} |")
+
+    amp = {(r["impl"], r["dtype"]): r for r in results["amp"]}
+    lines += ["", "## Mixed precision (bfloat16 autocast on CPU)", "",
+              "| model | dtype | tokens/s | speed-up vs fp32 | final loss (short run) |", "|---|---|---:|---:|---:|"]
+    for (impl, dt), r in amp.items():
+        speed = r["tokens_per_s"] / amp[(impl, "float32")]["tokens_per_s"]
+        lines.append(f"| {impl} | {dt} | {fmt(r['tokens_per_s'])} | {speed:.2f}x | {r['losses'][-1]:.4f} |")
+    o32, o16, h16 = amp[("ours", "float32")], amp[("ours", "bfloat16")], amp[("hf", "bfloat16")]
+    rel = abs(o16["losses"][-1] - o32["losses"][-1]) / o32["losses"][-1]
+    if machine["bf16_cpu"]:
+        goals += [
+            (f"bf16 >= 2.0x our fp32 ({o16['tokens_per_s'] / o32['tokens_per_s']:.2f}x)",
+             o16["tokens_per_s"] >= 2 * o32["tokens_per_s"]),
+            (f"bf16 ours >= 1.0x HF bf16 ({o16['tokens_per_s'] / h16['tokens_per_s']:.2f}x)",
+             o16["tokens_per_s"] >= h16["tokens_per_s"]),
+        ]
+    goals.append((f"bf16 short-run loss within 5% of fp32 ({100 * rel:.2f}%)", rel <= 0.05))
+
+    lines += ["", "## Goals", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in goals]
+    return "\n".join(lines) + "\n", goals
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ctx = [r["ctx"] for r in results["scaling"]]
+    ax1.plot(ctx, [r["tokens_per_s"] for r in results["scaling"]], marker="o")
+    ax1.set_xlabel("context length")
+    ax1.set_ylabel("training tokens/s")
+    ax2.plot(ctx, [r["peak_rss_mib"] for r in results["scaling"]], marker="o", color="tab:red")
+    ax2.set_xlabel("context length")
+    ax2.set_ylabel("peak RSS (MiB)")
+    fig.tight_layout()
+    with atomic_path(out / "scaling_train.png") as tmp:
+        fig.savefig(tmp, format="png")
+    paths.append(out / "scaling_train.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for r in results["generate"]:
+        label = "hf" if r["impl"] == "hf" else ("ours, KV cache" if r["cache"] else "ours, no cache")
+        ax.plot(range(1, len(r["latency_ms"]) + 1), r["latency_ms"], label=label)
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out / "scaling_generate.png") as tmp:
+        fig.savefig(tmp, format="png")
+    paths.append(out / "scaling_generate.png")
+    plt.close("all")
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Benchmark our GPT against transformers' GPT-2.")
+    p.add_argument("--quick", action="store_true", help="tiny config: checks the harness, not the speed")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--only", default="train,generate,scaling,amp", help="comma-separated sections")
+    args = p.parse_args(argv)
+
+    machine = machine_description()
+    todo = plan(args.quick)
+    sections = args.only.split(",")
+    results = {}
+    for section in ("train", "generate", "scaling", "amp"):
+        results[section] = []
+        if section not in sections:
+            continue
+        for spec in todo[section]:
+            print(f"[{section}] {spec['impl']} {spec.get('batch', '')}x{spec.get('ctx', '')} "
+                  f"{spec.get('dtype', '')}{' cache' if spec.get('cache') else ''}", flush=True)
+            results[section].append(run_worker(spec))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(args.out / "results.json") as f:
+        json.dump({"machine": machine, "quick": args.quick, "results": results}, f, indent=1)
+    if set(sections) >= {"train", "generate", "scaling", "amp"}:
+        table, goals = summarize(results, machine, args.quick)
+        with atomic_write(args.out / "results.md") as f:
+            f.write(table)
+        plot(results, args.out)
+        print(table)
+        print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
