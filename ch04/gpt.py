@@ -138,6 +138,9 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         if cfg.get("tie_weights", False):
+            # nn.Embedding starts at N(0, 1), far too large for an output head (initial loss
+            # would be ~35 instead of ~11); GPT-2 initialises the shared matrix with std 0.02.
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
             self.tie_weights()
         self.current_pos = 0  # how many tokens the KV cache already holds
 
