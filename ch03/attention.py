@@ -74,6 +74,8 @@ class CausalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, num_tokens, d_in)
         num_tokens = x.shape[1]
+        if num_tokens > self.mask.shape[0]:
+            raise ValueError(f"input of {num_tokens} tokens exceeds context_length={self.mask.shape[0]}")
         keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
         attn_scores = queries @ keys.transpose(1, 2)  # (b, num_tokens, num_tokens)
         # -inf before the softmax gives exactly zero weight to future tokens.
