@@ -38,7 +38,15 @@ def get_device(prefer: str | None = None) -> torch.device:
                                "use 'cpu' or install a CUDA build of PyTorch.")
         if choice == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise RuntimeError(f"{DEVICE_ENV}/prefer asks for 'mps' but MPS is not available; use 'cpu'.")
-        return torch.device(choice)
+        try:
+            device = torch.device(choice)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{DEVICE_ENV}/prefer={choice!r} is not a device PyTorch knows; "
+                               f"use 'cpu', 'cuda', 'cuda:N' or 'mps' ({exc})") from None
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"{DEVICE_ENV}/prefer asks for {choice!r} but only "
+                               f"{torch.cuda.device_count()} CUDA device(s) are visible.")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
@@ -51,3 +59,16 @@ def set_seed(seed: int = 123) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def distributed_backend() -> str:
+    """The torch.distributed backend that works here: NCCL on CUDA (Linux), Gloo otherwise.
+
+    Choosing it automatically keeps DDP scripts running on laptops, on Windows and on
+    CUDA builds without NCCL, where hard-coding "nccl" crashes.
+    """
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"

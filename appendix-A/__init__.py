@@ -1,0 +1,7 @@
+"""Appendix A: an introduction to PyTorch.
+
+`appendix_a.toy` holds the pieces the appendix builds (a small multilayer perceptron, a
+toy two-feature data set, the training loop and an accuracy helper); the notebooks and
+`DDP-script.py` import them from there. Device choice comes from chapter 2
+(`ch02.runtime.get_device`).
+"""
