@@ -44,7 +44,6 @@ try:
         make_toy_data,
         weights_fingerprint,
     )
-
     from ch02.runtime import distributed_backend, get_device, set_seed
 except ImportError:  # project not installed: import the files next to this script instead
     HERE = Path(__file__).resolve().parent

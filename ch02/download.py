@@ -97,7 +97,9 @@ def _verify(path: Path, spec: DataFile) -> None:
 
 def _download(spec: DataFile, target: Path) -> None:
     """Download `spec.url` into `target` (verified, atomic). Raises DataUnavailableError/ChecksumError."""
-    import pooch  # imported here: only needed when something is actually downloaded
+    # imported here: only needed when something is actually downloaded
+    import pooch
+    import requests
 
     target.parent.mkdir(parents=True, exist_ok=True)
     known_hash = None if spec.archive_member else f"sha256:{spec.sha256}"
@@ -106,9 +108,16 @@ def _download(spec: DataFile, target: Path) -> None:
         # pooch writes to a temporary file and moves it into place only after the hash matched.
         fetched = Path(pooch.retrieve(spec.url, known_hash=known_hash, fname=download_name,
                                       path=target.parent, progressbar=True))
-    except ValueError as exc:  # pooch's hash mismatch (it already deleted the bad download)
-        raise ChecksumError(f"{spec.name}: downloaded file from {spec.url} failed verification: {exc}") from exc
-    except Exception as exc:  # no network, DNS failure, HTTP error, ...
+    except Exception as exc:
+        # pooch signals a hash mismatch with a plain ValueError (it has already deleted the
+        # bad download). Some requests errors (InvalidURL, MissingSchema) are ValueErrors
+        # too, so they are told apart by type, not caught by a bare `except ValueError`.
+        if isinstance(exc, ValueError) and not isinstance(exc, requests.RequestException) and "hash" in str(exc):
+            raise ChecksumError(
+                f"{spec.name}: the file downloaded from {spec.url} failed verification and was deleted; "
+                f"expected sha256 {spec.sha256}. {exc}"
+            ) from exc
+        # no network, DNS failure, HTTP error, bad URL, ...
         raise DataUnavailableError(_unavailable_message(spec, target, exc)) from exc
 
     if spec.archive_member:

@@ -1,0 +1,1 @@
+"""Appendix E: parameter-efficient fine-tuning with LoRA."""

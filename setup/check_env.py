@@ -1,0 +1,296 @@
+"""Check that this machine can run the chapters, without using the network.
+
+    python setup/check_env.py              # report; exit code 1 if something required is missing
+    python setup/check_env.py --download   # also download any data file not yet available
+
+It reports the Python and package versions against the project's minimums, the device
+PyTorch will use, whether the bundled GPT-2 tokenizer loads and gives the right ids, and
+where each data file would be read from. A data file that is not yet downloaded is only
+a note (the chapters fetch it on first use); a missing or too-old package, a broken
+tokenizer or a corrupt data file is an error, reported with what to do about it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+MIN_PYTHON = (3, 10)
+
+# (import name, distribution name, minimum version, required?). The minimums match
+# pyproject.toml and requirements.txt (tests/test_project.py checks that they do).
+PACKAGES = [
+    ("torch", "torch", "2.2", True),
+    ("tiktoken", "tiktoken", "0.5", True),
+    ("numpy", "numpy", "1.24", True),
+    ("pandas", "pandas", "2.0", True),
+    ("matplotlib", "matplotlib", "3.7", True),
+    ("tqdm", "tqdm", "4.66", True),
+    ("pooch", "pooch", "1.8", True),
+    ("requests", "requests", "2.28", True),
+    ("huggingface_hub", "huggingface_hub", "0.23", True),
+    ("safetensors", "safetensors", "0.4", True),
+    # Only needed to read the notebooks interactively; scripts and tests run without them.
+    ("jupyterlab", "jupyterlab", "4.0", False),
+    ("ipywidgets", "ipywidgets", "8.0", False),
+]
+
+INSTALL_HINT = "pip install -r requirements.txt   (from the repository root, inside your virtual environment)"
+
+# A sentence with the end-of-text token and an unknown word, and its GPT-2 ids.
+TOKENIZER_SAMPLE = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
+TOKENIZER_IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262,
+                 4252, 18250, 8812, 2114, 286, 617, 34680, 27271, 13]
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def line(self, status: str, label: str, detail: str = "") -> None:
+        print(f"  [{status:<4}] {label:<22} {detail}".rstrip())
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0); '1.26.4rc1' -> (1, 26, 4). Good enough for minimums."""
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        m = re.match(r"\d+", piece)
+        if not m:
+            break
+        parts.append(int(m.group()))
+    return tuple(parts)
+
+
+def at_least(version: str, minimum: str) -> bool:
+    have, need = version_tuple(version), version_tuple(minimum)
+    width = max(len(have), len(need))
+    return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
+
+
+def installed_version(module_name: str, dist_name: str, module) -> str:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(module, "__version__", "unknown"))
+
+
+def check_python(report: Report) -> None:
+    version = platform.python_version()
+    need = ".".join(map(str, MIN_PYTHON))
+    if sys.version_info[:2] >= MIN_PYTHON:
+        report.line("ok", "python", f"{version} (>= {need})  {sys.executable}")
+    else:
+        report.line("FAIL", "python", f"{version} (need >= {need})")
+        report.errors.append(f"Python {version} is too old: install Python {need} or newer and create the "
+                             "virtual environment with it (see setup/README.md).")
+
+
+def check_packages(report: Report, packages=PACKAGES) -> None:
+    for module_name, dist_name, minimum, required in packages:
+        try:
+            if required:
+                module = importlib.import_module(module_name)
+            else:
+                # Optional ones are only located, not imported (importing JupyterLab takes seconds).
+                module = None
+                if importlib.util.find_spec(module_name) is None:
+                    raise ModuleNotFoundError(f"No module named {module_name!r}", name=module_name)
+        except Exception as exc:  # ImportError, or a broken install (e.g. a missing DLL)
+            status = "FAIL" if required else "warn"
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name == module_name
+            reason = "not installed" if missing else f"fails to import ({type(exc).__name__}: {exc})"
+            report.line(status, module_name, f"{reason} (need >= {minimum})")
+            message = f"{module_name} {reason}: {INSTALL_HINT}"
+            if required:
+                report.errors.append(message)
+            else:
+                report.warnings.append(f"{message}\n      (only needed to open the notebooks in JupyterLab)")
+            continue
+        version = installed_version(module_name, dist_name, module)
+        if version != "unknown" and not at_least(version, minimum):
+            status = "FAIL" if required else "warn"
+            report.line(status, module_name, f"{version} (need >= {minimum})")
+            message = (f"{module_name} {version} is older than {minimum}: "
+                       f"pip install --upgrade \"{dist_name}>={minimum}\"")
+            (report.errors if required else report.warnings).append(message)
+        else:
+            report.line("ok", module_name, f"{version} (>= {minimum})")
+
+
+def check_project(report: Report) -> bool:
+    """Is the project (ch02, ch03, ...) importable? Returns False when it cannot be used at all."""
+    try:
+        import ch02  # noqa: F401
+    except ImportError:
+        # Fall back to the checkout this script lives in, so the other checks still run.
+        sys.path.insert(0, str(REPO))
+        try:
+            import ch02  # noqa: F401
+        except ImportError as exc:
+            report.line("FAIL", "project", f"cannot import ch02 ({exc})")
+            report.errors.append(f"The chapters cannot be imported: {INSTALL_HINT}")
+            return False
+        report.line("FAIL", "project", f"not installed (found {REPO} only because this script lives there)")
+        report.errors.append("The project is not installed, so `import ch02` fails outside the repository root "
+                             f"(e.g. in a notebook's folder): {INSTALL_HINT}")
+        return True
+    location = Path(ch02.__file__).resolve().parent.parent
+    if location != REPO:
+        report.line("warn", "project", f"installed from {location}")
+        report.warnings.append(f"`import ch02` loads {location}, not this checkout ({REPO}); "
+                               "run `pip install -r requirements.txt` from this checkout to switch.")
+    else:
+        report.line("ok", "project", f"installed (editable) from {location}")
+    return True
+
+
+def check_device(report: Report) -> None:
+    try:
+        import torch
+
+        from ch02.runtime import DEVICE_ENV, get_device
+    except Exception:
+        return  # already reported as a missing package
+    forced = os.environ.get(DEVICE_ENV)
+    try:
+        device = get_device()
+    except Exception as exc:
+        report.line("FAIL", "device", str(exc).splitlines()[0])
+        report.errors.append(f"{exc}\n      Unset {DEVICE_ENV} or set it to 'cpu'.")
+        return
+    detail = str(device)
+    if device.type == "cuda":
+        detail += f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
+    elif device.type == "mps":
+        detail += " (Apple GPU)"
+        report.notes.append("If losses look wrong on MPS (a known PyTorch/macOS issue), run with "
+                            f"{DEVICE_ENV}=cpu.")
+    elif torch.version.cuda is None and platform.system() != "Darwin":
+        detail += " (this PyTorch build is CPU-only)"
+    if forced:
+        detail += f"  [forced by {DEVICE_ENV}={forced}]"
+    report.line("ok", "device", detail)
+    if device.type == "cpu":
+        report.notes.append("No GPU in use: every chapter runs on CPU; set LLMFS_QUICK=1 for small, fast runs. "
+                            "For an NVIDIA GPU, install a CUDA build of PyTorch (setup/README.md).")
+
+
+def check_tokenizer(report: Report) -> None:
+    try:
+        from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
+
+        enc = get_gpt2_tokenizer()
+        ids = enc.encode(TOKENIZER_SAMPLE, allowed_special={END_OF_TEXT})
+        problem = None
+        if enc.n_vocab != 50257:
+            problem = f"vocabulary has {enc.n_vocab} tokens, expected 50257"
+        elif ids != TOKENIZER_IDS:
+            problem = f"wrong ids for the test sentence: {ids}"
+        elif enc.decode(ids) != TOKENIZER_SAMPLE:
+            problem = "decoding does not give the test sentence back"
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        report.line("FAIL", "GPT-2 tokenizer", problem)
+        report.errors.append("The bundled GPT-2 tokenizer (ch02/gpt2.tiktoken) is broken: restore the file "
+                             "with `git checkout -- ch02/gpt2.tiktoken` and check that tiktoken >= 0.5 is installed.")
+    else:
+        report.line("ok", "GPT-2 tokenizer", "bundled ch02/gpt2.tiktoken loads; test sentence gives the right ids")
+
+
+def check_data(report: Report, download: bool = False) -> None:
+    try:
+        from ch02.download import (
+            CACHE_ENV,
+            DATA_FILES,
+            MIRROR_ENV,
+            ChecksumError,
+            cache_dir,
+            data_file_status,
+            get_data_file,
+        )
+    except Exception:
+        return
+    mirror = os.environ.get(MIRROR_ENV)
+    print(f"  data mirror ({MIRROR_ENV}): {mirror or 'not set'}")
+    print(f"  data cache  ({CACHE_ENV}): {cache_dir()}")
+    if mirror and not Path(mirror).expanduser().is_dir():
+        report.warnings.append(f"{MIRROR_ENV}={mirror} is not a folder; it is ignored.")
+    for name, spec in DATA_FILES.items():
+        where = data_file_status(name)
+        if where is None and download:
+            try:
+                get_data_file(name)
+                where = data_file_status(name)
+            except Exception as exc:
+                report.line("FAIL", name, "download failed")
+                report.errors.append(str(exc))
+                continue
+        if where is None:
+            report.line("note", name, f"will download on first use ({spec.url})")
+            continue
+        try:
+            path = get_data_file(name, download=False)  # verifies the sha256
+        except ChecksumError as exc:
+            report.line("FAIL", name, f"in the {where}, but its checksum does not match")
+            report.errors.append(f"{exc}")
+            continue
+        report.line("ok", name, f"{where}: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--download", action="store_true",
+                        help="download the data files that are in neither the mirror nor the cache")
+    args = parser.parse_args(argv)
+
+    report = Report()
+    print(f"Environment check for {REPO} ({platform.system()} {platform.machine()})\n")
+    print("Python and packages:")
+    check_python(report)
+    check_packages(report)
+    print("\nProject:")
+    project_ok = check_project(report)
+    if project_ok:
+        check_device(report)
+        check_tokenizer(report)
+        print("\nData files:")
+        check_data(report, download=args.download)
+
+    for var in ("LLMFS_QUICK", "LLMFS_DEVICE", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        if os.environ.get(var):
+            report.notes.append(f"{var}={os.environ[var]}")
+
+    if report.notes:
+        print("\nNotes:")
+        for text in report.notes:
+            print(f"  - {text}")
+    if report.warnings:
+        print("\nWarnings:")
+        for text in report.warnings:
+            print(f"  - {text}")
+    if report.errors:
+        print("\nProblems to fix:")
+        for text in report.errors:
+            print(f"  - {text}")
+        print(f"\n{len(report.errors)} problem(s) found; see setup/README.md for more help.")
+        return 1
+    print("\nAll required checks passed.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
