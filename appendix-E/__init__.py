@@ -1,1 +1,7 @@
-"""Appendix E: parameter-efficient fine-tuning with LoRA."""
+"""Appendix E: parameter-efficient fine-tuning with LoRA.
+
+`appendix_e.lora` holds the low-rank adapter (`LoRALayer`), the wrapper that adds it to a
+linear layer (`LinearWithLoRA`), `replace_linear_with_lora` to wrap every linear layer of a
+model, freezing and counting helpers, and `merge_lora` to fold the adapters back into plain
+`nn.Linear` layers. The classifier it fine-tunes comes from chapter 6.
+"""

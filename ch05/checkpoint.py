@@ -8,7 +8,9 @@ error that names the mismatching tensors instead of loading half of it.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -53,7 +55,28 @@ def _load_file(path: str | os.PathLike, map_location="cpu") -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(map_location))
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        # weights_only=True: only tensors, numbers, strings and containers of them are rebuilt;
+        # a file that needs arbitrary Python objects (which could run code) is refused.
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(
+            f"{path} holds more than tensors and plain Python values, so it was not loaded "
+            f"(torch.load(..., weights_only=True) refuses arbitrary objects): {exc}"
+        ) from exc
+
+
+TIED_PAIR = ("tok_emb.weight", "out_head.weight")
+
+
+def _fill_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Restore the name safetensors dropped from a tied pair (it keeps only one name per shared tensor)."""
+    a, b = TIED_PAIR
+    if a in state and b not in state:
+        return {**state, b: state[a]}
+    if b in state and a not in state:
+        return {**state, a: state[b]}
+    return state
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -64,20 +87,55 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_model as st_save_model
 
-            # save_model handles tied (shared) tensors, which save_file refuses.
-            st_save_model(model, str(tmp))
+            # save_model handles tied (shared) tensors, which save_file refuses. The model's
+            # config travels in the file's metadata (read back by `saved_config`).
+            cfg = getattr(model, "cfg", None)
+            metadata = {"config": json.dumps(cfg)} if isinstance(cfg, dict) else None
+            st_save_model(model, str(tmp), metadata=metadata)
         else:
             torch.save(state, tmp)
     return path
+
+
+def saved_config(path: str | os.PathLike) -> dict | None:
+    """The GPT config stored with a file, when there is one.
+
+    Looks at a training checkpoint's "config" entry, a .safetensors file's metadata, and a
+    `config.json` next to the file (written by `ch05.gpt_train.main`). None when none is found.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" in meta:
+            return json.loads(meta["config"])
+    elif path.is_file():
+        data = _load_file(path)
+        if isinstance(data.get("config"), dict):
+            return dict(data["config"])
+    return sidecar_config(path)
+
+
+def sidecar_config(path: str | os.PathLike) -> dict | None:
+    """Our GPT config from `config.json` beside `path`, or None (also for a Hugging Face config.json)."""
+    sidecar = Path(path).parent / "config.json"
+    if sidecar.is_file():
+        cfg = json.loads(sidecar.read_text(encoding="utf-8"))
+        if isinstance(cfg, dict) and "emb_dim" in cfg:  # ours, not Hugging Face's (n_embd, ...)
+            return cfg
+    return None
 
 
 def load_model(model: nn.Module, path: str | os.PathLike, map_location="cpu") -> nn.Module:
     """Load weights saved by `save_model` (or a full checkpoint's model part) into `model`."""
     data = _load_file(path, map_location)
     state = data["model_state_dict"] if "model_state_dict" in data else data
-    if hasattr(model, "out_head") and "out_head.weight" not in state and "tok_emb.weight" in state:
-        # safetensors' save_model drops one name of a tied pair; the model ties them again.
-        state = {**state, "out_head.weight": state["tok_emb.weight"]}
+    if Path(path).suffix == ".safetensors" and hasattr(model, "out_head") and hasattr(model, "tok_emb"):
+        # safetensors' save_model keeps one name of a tied pair (alphabetically the first,
+        # out_head.weight); both names get the same values back.
+        state = _fill_tied(state)
     check_state_dict(model, state, source=str(path))
     model.load_state_dict(state)
     return model
@@ -109,3 +167,46 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             raise CheckpointMismatchError(f"{path} has no optimizer state to resume from")
         optimizer.load_state_dict(data["optimizer_state_dict"])
     return {k: v for k, v in data.items() if k not in ("model_state_dict", "optimizer_state_dict")}
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], n_heads: int | None = None) -> dict:
+    """Rebuild a GPTModel config from the tensor shapes of a weights-only state dict.
+
+    Shapes give vocab_size, context_length, emb_dim, n_layers and qkv_bias. They cannot tell
+    the number of attention heads (the projections are emb_dim x emb_dim for any head count),
+    so `n_heads` is taken from the argument, else from the GPT-2 size with this width, else
+    from this chapter's quick config, else head_dim 64 (GPT-2's); a guess triggers a warning.
+    """
+    import re
+    import warnings
+
+    from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M
+
+    state_dict = _fill_tied(state_dict)
+    if "tok_emb.weight" not in state_dict or "pos_emb.weight" not in state_dict:
+        raise CheckpointMismatchError("not a GPTModel state dict: tok_emb.weight / pos_emb.weight are missing")
+    vocab_size, emb_dim = state_dict["tok_emb.weight"].shape
+    context_length = state_dict["pos_emb.weight"].shape[0]
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
+    n_layers = max(blocks) + 1 if blocks else 0
+    if n_heads is None:
+        from ch05.gpt_train import QUICK_CONFIG  # late import: gpt_train imports this module
+
+        by_width = {size["emb_dim"]: size["n_heads"] for size in GPT2_SIZES.values()}
+        by_width.setdefault(QUICK_CONFIG["emb_dim"], QUICK_CONFIG["n_heads"])
+        if emb_dim in by_width:
+            n_heads = by_width[emb_dim]
+        elif emb_dim % 64 == 0:
+            n_heads = emb_dim // 64
+        else:
+            raise CheckpointMismatchError(
+                f"cannot tell the number of attention heads of a model with emb_dim {emb_dim}; "
+                "pass n_heads (the generate CLI: --n-heads) or keep config.json next to the weights")
+        warnings.warn(f"the file stores no config: assuming n_heads={n_heads} for emb_dim {emb_dim} "
+                      "(a wrong guess gives garbage text; pass n_heads / --n-heads to be sure)", stacklevel=2)
+    return {
+        **GPT_CONFIG_124M,
+        "vocab_size": int(vocab_size), "context_length": int(context_length), "emb_dim": int(emb_dim),
+        "n_heads": int(n_heads), "n_layers": n_layers,
+        "qkv_bias": "trf_blocks.0.att.W_query.bias" in state_dict,
+    }

@@ -4,9 +4,23 @@
 top-p (nucleus) filtering and an end-of-text stop. With `use_cache=True` each
 step feeds only the newest token and reuses the keys/values of earlier ones,
 so a token costs the same whether it is the 10th or the 200th.
+
+From the command line, with OpenAI's GPT-2 weights (section 5.5) or a model
+trained by `python -m ch05.gpt_train`:
+
+    python -m ch05.gpt_generate --model gpt2 --prompt "Every effort moves you" \
+        --max-new-tokens 50 --temperature 0.7 --top-k 50 --seed 123
+    python -m ch05.gpt_generate --model outputs/ch05/checkpoint.pth --prompt "Every effort moves you"
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,12 +55,20 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token id from last-position logits (batch, vocab) -> (batch, 1)."""
+    """Pick the next token id from last-position logits (batch, vocab) -> (batch, 1).
+
+    Order of operations (as in most libraries): scale by the temperature, then keep the
+    top-k, then the nucleus (top-p) of the *scaled* distribution, then sample.
+    """
+    _check_sampling_args(temperature, top_k, top_p)
     if temperature == 0.0:
         # Greedy: filtering cannot change the argmax, so skip it.
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits, top_k, top_p) / temperature
-    probs = torch.softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    # Subtracting the row maximum first changes no probability but keeps a tiny temperature
+    # from overflowing to inf (inf - inf = nan): the best token becomes 0, the rest -large.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
@@ -106,3 +128,125 @@ def generate(
             model.reset_kv_cache()
         model.train(was_training)
     return idx
+
+
+# --- Command line ------------------------------------------------------------------------------
+
+def _is_hf_gpt2_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    return bool(keys & {"wte.weight", "transformer.wte.weight"})
+
+
+def load_model_for_generation(spec: str | os.PathLike, device: torch.device | str = "cpu",
+                              n_heads: int | None = None) -> tuple[nn.Module, str]:
+    """A GPTModel in eval mode from what `--model` names, and a short description of it.
+
+    `spec` is one of: a GPT-2 name ("gpt2", "gpt2-medium", ..., "124M", ...); a Hugging Face
+    GPT-2 folder or .safetensors file; or a file written by chapter 5 (checkpoint.pth,
+    model.pth, model.safetensors) or the folder holding it. The config of our own files comes
+    from the checkpoint, the safetensors metadata or config.json beside model.pth; failing
+    those it is inferred from tensor shapes (`n_heads` then settles the head count).
+    """
+    from safetensors.torch import load_file
+
+    from ch04.gpt import GPTModel
+    from ch05.checkpoint import (
+        _fill_tied,
+        _load_file,
+        check_state_dict,
+        config_from_state_dict,
+        saved_config,
+        sidecar_config,
+    )
+    from ch05.gpt_download import load_pretrained_gpt2
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "model.pth", "checkpoint.pth") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds none of model.safetensors, model.pth, checkpoint.pth")
+        path = found[0]
+    if not path.is_file():
+        # A GPT-2 name (or a missing path, which load_pretrained_gpt2 reports clearly).
+        model = load_pretrained_gpt2(str(spec), device=device)
+        return model, f"OpenAI GPT-2 {spec!r}"
+    if path.suffix == ".safetensors" and _is_hf_gpt2_file(path):
+        return load_pretrained_gpt2(path, device=device), f"GPT-2 checkpoint {path}"
+
+    if path.suffix == ".safetensors":
+        state, cfg = load_file(str(path)), saved_config(path)
+    else:
+        data = _load_file(path)
+        if "model_state_dict" in data:  # a training checkpoint
+            state, cfg = data["model_state_dict"], data.get("config")
+        else:
+            state, cfg = data, sidecar_config(path)
+    if cfg is None:
+        cfg = config_from_state_dict(state, n_heads=n_heads)
+    elif n_heads is not None:
+        cfg = {**cfg, "n_heads": n_heads}
+    model = GPTModel({**cfg, "drop_rate": 0.0})
+    state = _fill_tied(state)
+    check_state_dict(model, state, source=str(path))
+    model.load_state_dict(state)
+    return model.to(device).eval(), f"{path} ({cfg['n_layers']} layers, emb_dim {cfg['emb_dim']})"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate text with GPT-2 or a model trained in chapter 5.")
+    p.add_argument("--model", default="gpt2",
+                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (or 124M ... 1558M); a Hugging Face GPT-2 "
+                        "folder or .safetensors file; or checkpoint.pth / model.pth from ch05.gpt_train")
+    p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add (default 50)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of mass p (0 < p <= 1)")
+    p.add_argument("--seed", type=int, default=123, help="random seed for sampling (default 123)")
+    p.add_argument("--no-cache", action="store_true", help="recompute all tokens each step (no KV cache)")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
+    p.add_argument("--n-heads", type=int, default=None,
+                   help="attention heads, for a weights-only file without config (normally inferred)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Print the prompt and its continuation. Exit code 2, with a message and no traceback,
+    when the model cannot be loaded or the arguments are invalid."""
+    from ch02.runtime import get_device
+    from ch02.tokenizer import get_gpt2_tokenizer
+    from ch05.checkpoint import CheckpointMismatchError
+    from ch05.gpt_download import PretrainedWeightsUnavailable
+    from ch05.gpt_train import text_to_token_ids, token_ids_to_text
+
+    args = parse_args(argv)
+    try:
+        _check_sampling_args(args.temperature, args.top_k, args.top_p)
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        device = get_device(args.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            model, described = load_model_for_generation(args.model, device=device, n_heads=args.n_heads)
+        tokenizer = get_gpt2_tokenizer()
+        idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        print(f"model: {described}; device: {device}", file=sys.stderr)
+        out = generate(model, idx, max_new_tokens=args.max_new_tokens, context_size=model.cfg["context_length"],
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       eos_id=tokenizer.eot_token if args.stop_at_eos else None,
+                       use_cache=not args.no_cache, generator=generator)
+    except (PretrainedWeightsUnavailable, CheckpointMismatchError, FileNotFoundError, ValueError,
+            RuntimeError, pickle.UnpicklingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(token_ids_to_text(out, tokenizer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -21,16 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
-from ch02.atomic import atomic_path
+from ch02.atomic import atomic_path, atomic_write
 from ch02.dataloader import create_dataloader_v1
 from ch02.download import get_data_file
 from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from ch05.checkpoint import load_checkpoint, save_checkpoint, save_model
-
 
 # --- 5.1 Evaluating generative text models ----------------------------------------------------
 
@@ -67,6 +67,8 @@ def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str,
     if len(data_loader) == 0:
         raise ValueError("the data loader has no batches: the text is too short for this batch size and "
                          "context length (lower batch_size or context_length, or use more text)")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     total = 0.0
     # inference_mode: no graph is recorded, which saves memory and time during evaluation.
@@ -79,26 +81,34 @@ def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str,
 
 
 def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:
-    """Train and validation loss on `eval_iter` batches each, in eval mode (no dropout)."""
+    """Train and validation loss on `eval_iter` batches each, in eval mode (no dropout).
+
+    The model goes back to the mode it was in (train mode during training).
+    """
+    was_training = model.training
     model.eval()
     try:
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
     finally:
-        model.train()
+        model.train(was_training)
     return train_loss, val_loss
 
 
 def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context: str,
                               max_new_tokens: int = 50) -> str:
     """Greedy continuation of `start_context`, printed on one line and returned."""
+    was_training = model.training
     model.eval()
-    context_size = model.pos_emb.weight.shape[0]
-    encoded = text_to_token_ids(start_context, tokenizer).to(device)
-    token_ids = generate_text_simple(model, encoded, max_new_tokens=max_new_tokens, context_size=context_size)
+    try:
+        context_size = model.pos_emb.weight.shape[0]
+        encoded = text_to_token_ids(start_context, tokenizer).to(device)
+        token_ids = generate_text_simple(model, encoded, max_new_tokens=max_new_tokens,
+                                         context_size=context_size)
+    finally:
+        model.train(was_training)
     text = token_ids_to_text(token_ids, tokenizer)
     print(text.replace("\n", " "))
-    model.train()
     return text
 
 
@@ -106,6 +116,26 @@ def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context
 
 def _loader_generator(loader) -> torch.Generator | None:
     return getattr(getattr(loader, "sampler", None), "generator", None)
+
+
+def _device_rng_state(device) -> torch.Tensor | None:
+    """The accelerator's RNG state (dropout masks on a GPU come from it, not from the CPU RNG)."""
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_rng_state(torch.device(device))
+    if kind == "mps" and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        return torch.mps.get_rng_state()
+    return None
+
+
+def _set_device_rng_state(device, state: torch.Tensor | None) -> None:
+    if state is None:
+        return
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state.cpu(), torch.device(device))
+    elif kind == "mps" and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state.cpu())
 
 
 def train_model_simple(
@@ -135,27 +165,41 @@ def train_model_simple(
     Extras beyond the book, all optional: a checkpoint is written atomically
     every `checkpoint_every` steps and at the end (`checkpoint_path`);
     `resume_from` continues an interrupted run exactly where it stopped (same
-    batches, same dropout masks, same final loss); `max_steps` stops early;
-    `autocast_dtype=torch.bfloat16` trains in mixed precision.
+    batches, same dropout masks, same final loss and weights); `max_steps` stops
+    early; `autocast_dtype=torch.bfloat16` trains in mixed precision.
+
+    How the exact resume works: the shuffle order of an epoch is drawn from the
+    RNG when the epoch's iterator starts, so a checkpoint stores the RNG state of
+    that moment plus the current one. Resuming replays the epoch's shuffle from
+    the first, skips the batches already trained on, then switches to the current
+    state (dropout masks continue as if nothing had happened).
     """
+    if len(train_loader) == 0:
+        raise ValueError("the training loader has no batches: the text is too short for this batch size and "
+                         "context length (lower batch_size or context_length, or use more text)")
+    if eval_freq < 1:
+        raise ValueError(f"eval_freq must be >= 1, got {eval_freq}")
     train_losses: list[float] = []
     val_losses: list[float] = []
     track_tokens_seen: list[int] = []
     tokens_seen, global_step, start_epoch, skip_batches = 0, -1, 0, 0
-    rng_now = None
+    rng_now = loader_rng_now = None
     gen = _loader_generator(train_loader)
 
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, map_location=device)
+        # Load to the CPU: RNG states must stay CPU tensors; weights and optimizer state are
+        # copied onto the model's device by load_state_dict.
+        state = load_checkpoint(resume_from, model, optimizer, map_location="cpu")
         train_losses, val_losses = list(state["train_losses"]), list(state["val_losses"])
         track_tokens_seen = list(state["track_tokens_seen"])
         tokens_seen, global_step = state["tokens_seen"], state["global_step"]
         start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
-        rng_now = state["rng_state"]
+        rng_now, loader_rng_now = state["rng_state"], state.get("loader_rng_state")
         # Re-create the epoch's shuffle order: restore the RNG as it was when the epoch began.
-        torch.set_rng_state(state["rng_epoch_start"])
+        torch.set_rng_state(state["rng_epoch_start"].cpu())
         if gen is not None and state.get("loader_rng_epoch_start") is not None:
-            gen.set_state(state["loader_rng_epoch_start"])
+            gen.set_state(state["loader_rng_epoch_start"].cpu())
+        _set_device_rng_state(device, state.get("device_rng_state"))
 
     def checkpoint(epoch: int, batch_in_epoch: int, rng_epoch_start, loader_rng_epoch_start):
         save_checkpoint(
@@ -163,7 +207,11 @@ def train_model_simple(
             global_step=global_step, epoch=epoch, batch_in_epoch=batch_in_epoch, tokens_seen=tokens_seen,
             train_losses=train_losses, val_losses=val_losses, track_tokens_seen=track_tokens_seen,
             rng_state=torch.get_rng_state(), rng_epoch_start=rng_epoch_start,
-            loader_rng_epoch_start=loader_rng_epoch_start, config=getattr(model, "cfg", None),
+            loader_rng_epoch_start=loader_rng_epoch_start,
+            # Evaluations iterate the (shuffled) training loader too, moving its generator on.
+            loader_rng_state=gen.get_state() if gen is not None else None,
+            device_rng_state=_device_rng_state(device),
+            num_epochs=num_epochs, config=getattr(model, "cfg", None),
         )
 
     model.train()
@@ -178,7 +226,9 @@ def train_model_simple(
         if skip_batches:
             for _ in range(skip_batches):  # already trained on before the interruption
                 next(batches)
-            torch.set_rng_state(rng_now)  # continue with the dropout RNG where it stopped
+            torch.set_rng_state(rng_now.cpu())  # continue with the dropout RNG where it stopped
+            if gen is not None and loader_rng_now is not None:
+                gen.set_state(loader_rng_now.cpu())
         for batch_in_epoch, (input_batch, target_batch) in enumerate(batches, start=skip_batches):
             optimizer.zero_grad(set_to_none=True)  # set_to_none frees the gradient memory between steps
             with autocast_context(device, autocast_dtype):
@@ -252,12 +302,15 @@ QUICK_SETTINGS = {**DEFAULT_SETTINGS, "learning_rate": 1e-3, "num_epochs": 4, "e
 
 
 def create_train_val_loaders(text: str, cfg: dict, batch_size: int, train_ratio: float = 0.9,
-                             num_workers: int = 0) -> tuple:
-    """Split the text by characters (first part trains, the rest validates) into non-overlapping windows."""
+                             num_workers: int = 0, generator: torch.Generator | None = None) -> tuple:
+    """Split the text by characters (first part trains, the rest validates) into non-overlapping windows.
+
+    The training loader shuffles, drawing from `generator` (default: PyTorch's global RNG).
+    """
     split = int(train_ratio * len(text))
     common = dict(batch_size=batch_size, max_length=cfg["context_length"], stride=cfg["context_length"],
                   num_workers=num_workers)
-    train_loader = create_dataloader_v1(text[:split], drop_last=True, shuffle=True, **common)
+    train_loader = create_dataloader_v1(text[:split], drop_last=True, shuffle=True, generator=generator, **common)
     val_loader = create_dataloader_v1(text[split:], drop_last=False, shuffle=False, **common)
     return train_loader, val_loader
 
@@ -280,7 +333,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume: str | None = None,
          checkpoint_every: int | None = None, dtype: str | None = None, text: str | None = None,
          max_steps: int | None = None, progress: bool = True) -> dict:
-    """Train on the-verdict (or `text`), save checkpoint, final weights and loss plot in `output_dir`."""
+    """Train on the-verdict (or `text`); write checkpoint.pth, model.pth, config.json and loss.png to `output_dir`.
+
+    checkpoint.pth holds everything needed to resume (`resume=` that path); model.pth
+    only the weights, with the model's config beside it in config.json (so
+    `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
+    """
     device = torch.device(device) if device is not None else get_device()
     autocast_dtype = parse_dtype(dtype)
     output_dir = Path(output_dir)
@@ -289,6 +347,12 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
         text = get_data_file("the-verdict.txt").read_text(encoding="utf-8")
     tokenizer = get_gpt2_tokenizer()
     train_loader, val_loader = create_train_val_loaders(text, cfg, settings["batch_size"], settings["train_ratio"])
+    if len(train_loader) == 0 or len(val_loader) == 0:
+        raise ValueError(
+            f"the text ({len(text):,} characters) is too short for context_length {cfg['context_length']} and "
+            f"batch_size {settings['batch_size']}: the {'training' if len(train_loader) == 0 else 'validation'} "
+            "split has no full batch. Use more text or lower context_length / batch_size."
+        )
     model = GPTModel(cfg).to(device)
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     print(f"device: {device}; {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -304,9 +368,16 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
     )
     elapsed = time.perf_counter() - start
     save_model(model, output_dir / "model.pth")
+    with atomic_write(output_dir / "config.json") as f:
+        json.dump(model.cfg, f, indent=2)
     if train_losses:
-        epochs_seen = torch.linspace(0, settings["num_epochs"], len(train_losses)).tolist()
-        plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, output_dir / "loss.png")
+        # Fractional epochs from the tokens seen (also right for runs stopped early or resumed).
+        tokens_per_epoch = len(train_loader) * settings["batch_size"] * cfg["context_length"]
+        epochs_seen = [t / tokens_per_epoch for t in tokens_seen]
+        fig = plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, output_dir / "loss.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # saved to loss.png; don't keep (or, in a notebook, display) the figure
         print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}, "
               f"perplexity {math.exp(val_losses[-1]):.1f}; {elapsed / 60:.1f} min")
     return {"model": model, "train_losses": train_losses, "val_losses": val_losses,
@@ -324,7 +395,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iter", type=int, help="batches per evaluation (default 5)")
     p.add_argument("--context-length", type=int, help="context length (default 256; quick: 64)")
     p.add_argument("--seed", type=int, help="random seed (default 123)")
-    p.add_argument("--output-dir", default="outputs/ch05", help="where checkpoint, model and plot go")
+    p.add_argument("--output-dir", default="outputs/ch05", help="where checkpoint, model, config and plot go")
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
@@ -346,8 +417,13 @@ def settings_from_args(args: argparse.Namespace) -> tuple[dict, dict]:
     return cfg, settings
 
 
+def cli(argv=None) -> dict:
+    """`python -m ch05.gpt_train [options]` as a function (tests call it with a list of arguments)."""
+    args = parse_args(argv)
+    cfg, settings = settings_from_args(args)
+    return main(cfg, settings, args.output_dir, device=args.device, resume=args.resume,
+                checkpoint_every=args.checkpoint_every, dtype=args.dtype, max_steps=args.max_steps)
+
+
 if __name__ == "__main__":
-    _args = parse_args()
-    _cfg, _settings = settings_from_args(_args)
-    main(_cfg, _settings, _args.output_dir, device=_args.device, resume=_args.resume,
-         checkpoint_every=_args.checkpoint_every, dtype=_args.dtype, max_steps=_args.max_steps)
+    cli()

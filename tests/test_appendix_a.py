@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
 from appendix_a.toy import (
     NeuralNetwork,
     ToyDataset,
@@ -20,7 +22,6 @@ from appendix_a.toy import (
     train,
     weights_fingerprint,
 )
-from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_SCRIPT = REPO / "appendix-A" / "DDP-script.py"

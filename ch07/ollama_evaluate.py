@@ -1,0 +1,272 @@
+"""Chapter 7, section 7.8: scoring a fine-tuned model's answers with a larger judge model.
+
+For every record of a responses file (written by `ch07.gpt_instruction_finetuning`:
+instruction, input, reference output and `model_response`) we ask a judge model
+served by Ollama (https://ollama.com) to rate the response from 0 to 100 against
+the reference, then report the average.
+
+    ollama serve &                # start the server (the desktop app starts it too)
+    ollama pull llama3            # fetch the judge model once (about 4.7 GB)
+    python -m ch07.ollama_evaluate --file outputs/ch07/instruction-data-with-response.json
+
+Talks to Ollama's REST API with `requests`: GET /api/version and /api/tags to
+check the server and the model, POST /api/chat (stream false) with fixed options
+(seed 123, temperature 0, num_ctx 2048) so scores are repeatable. Judges
+sometimes answer with a sentence instead of a number: `parse_score` reads
+"85", "Score: 92/100" or "I'd give it 85 out of 100"; a reply it cannot read
+triggers one retry with a stricter prompt and is otherwise counted as unparsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+from ch07.gpt_instruction_finetuning import format_input, read_json_file, validate_instruction_data
+
+DEFAULT_HOST = "http://localhost:11434"
+DEFAULT_PORT = 11434
+DEFAULT_MODEL = "llama3"
+# Deterministic judging: fixed seed, greedy decoding, and a context that fits prompt + answer.
+DEFAULT_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+
+
+class OllamaUnavailable(RuntimeError):
+    """The Ollama server cannot be reached, or the judge model is not installed."""
+
+
+def ollama_host(host: str | None = None) -> str:
+    """Base URL of the server: `host`, else $OLLAMA_HOST, else http://localhost:11434.
+
+    Follows the Ollama CLI's rules: without a scheme, http and port 11434 are
+    assumed ("127.0.0.1:11434", "localhost" -> "http://localhost:11434"); with
+    a scheme, the scheme's usual port. 0.0.0.0 (the address a server *listens*
+    on) is reached through 127.0.0.1.
+    """
+    raw = (host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST).strip()
+    has_scheme = "://" in raw
+    parts = urlsplit(raw if has_scheme else "http://" + raw)
+    hostname = parts.hostname or "localhost"
+    if hostname == "0.0.0.0":
+        hostname = "127.0.0.1"
+    if ":" in hostname:  # IPv6 literal
+        hostname = f"[{hostname}]"
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"invalid Ollama host {raw!r}: the port is not a number from 0 to 65535") from None
+    if port is None and not has_scheme:
+        port = DEFAULT_PORT
+    netloc = f"{hostname}:{port}" if port is not None else hostname
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _start_advice(model: str) -> str:
+    return (f"Start Ollama with `ollama serve` (or open the Ollama app), pull the judge model with "
+            f"`ollama pull {model}`, and point OLLAMA_HOST (or --host) at the server if it is not on "
+            f"{DEFAULT_HOST}. See https://ollama.com/download.")
+
+
+def check_server(host: str | None = None, timeout: float = 5.0) -> str:
+    """The server's version string; raises OllamaUnavailable when nothing answers."""
+    base = ollama_host(host)
+    try:
+        resp = requests.get(f"{base}/api/version", timeout=timeout)
+        resp.raise_for_status()
+        return str(resp.json().get("version", "unknown"))
+    except (requests.RequestException, ValueError) as exc:
+        raise OllamaUnavailable(f"No Ollama server answers at {base} ({type(exc).__name__}: {exc}).\n"
+                                + _start_advice(DEFAULT_MODEL)) from None
+
+
+def list_models(host: str | None = None, timeout: float = 5.0) -> list[str]:
+    """Names of the locally installed models (GET /api/tags), e.g. ["llama3:latest"]."""
+    base = ollama_host(host)
+    try:
+        resp = requests.get(f"{base}/api/tags", timeout=timeout)
+        resp.raise_for_status()
+        return [m.get("name") or m.get("model", "") for m in resp.json().get("models", [])]
+    except (requests.RequestException, ValueError) as exc:
+        raise OllamaUnavailable(f"Could not list the models of the Ollama server at {base} "
+                                f"({type(exc).__name__}: {exc}).\n" + _start_advice(DEFAULT_MODEL)) from None
+
+
+def model_available(model: str, installed: list[str]) -> bool:
+    """True when `model` is installed; a name without a tag means ":latest" (as in Ollama)."""
+    wanted = model if ":" in model else f"{model}:latest"
+    return any(name in (model, wanted) for name in installed)
+
+
+def check_ollama(model: str = DEFAULT_MODEL, host: str | None = None, timeout: float = 5.0) -> str:
+    """Make sure the server answers and has `model`; return the server version.
+
+    Raises OllamaUnavailable with instructions otherwise.
+    """
+    version = check_server(host, timeout)
+    installed = list_models(host, timeout)
+    if not model_available(model, installed):
+        raise OllamaUnavailable(
+            f"The Ollama server at {ollama_host(host)} (version {version}) does not have the model {model!r} "
+            f"(installed: {', '.join(installed) or 'none'}).\nPull it with `ollama pull {model}`, "
+            "or choose an installed model with --model.")
+    return version
+
+
+def query_model(prompt: str, model: str = DEFAULT_MODEL, host: str | None = None,
+                options: dict | None = None, timeout: float = 300.0) -> str:
+    """One chat turn with the judge (POST /api/chat, no streaming); returns its reply text."""
+    payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": False,
+        "options": {**DEFAULT_OPTIONS, **(options or {})},
+    }
+    resp = requests.post(f"{ollama_host(host)}/api/chat", json=payload, timeout=timeout)
+    resp.raise_for_status()
+    return resp.json()["message"]["content"]
+
+
+# --- Reading a score out of the judge's reply -----------------------------------------------------
+
+_NUMBER = r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?!\d)"  # 0-999, optional decimals, not inside a longer number
+# "92/100", "92 / 100", "85 out of 100"
+_FRACTION = re.compile(_NUMBER + r"\s*(?:/|out of)\s*100(?![\d.]*\d)", re.IGNORECASE)
+# "Score: 92", "score is 92", "scored 70", "rating of 80", "I'd rate it a 75", "I would give this response 85"
+_LABELLED = re.compile(
+    r"\b(?:score[ds]?|rating|rate[ds]?|give|gave|giving)(?:\s+(?:it|this|that|the))?"
+    r"(?:\s+(?:model response|response|answer))?(?:\s+(?:an?|as))?(?:\s+(?:score|rating))?"
+    r"\s*(?:is|of|:|=|would be)?\s*\**\s*" + _NUMBER + r"(?!\s*%?\s*-\s*\d)(?!\s*/\s*\d)",
+    re.IGNORECASE)
+# Numbers that are not the score: the scale ("scale of 100") and ranges ("0 to 100", "60-70").
+_SCALE = re.compile(r"\bscale of 100\b|\b\d+(?:\.\d+)?\s*(?:-|–|to)\s*\d+(?:\.\d+)?", re.IGNORECASE)
+# A stand-alone number that is not part of a fraction such as 8/10.
+_ANY_NUMBER = re.compile(r"(?<![\w.\-/])" + _NUMBER + r"(?![\w])(?!\s*/\s*\d)")
+
+
+def _to_score(text: str) -> int | None:
+    value = float(text)
+    return int(round(value)) if 0 <= value <= 100 else None
+
+
+def parse_score(text: str) -> int | None:
+    """An integer score 0-100 read from a judge's reply, or None when there is none (or it is ambiguous).
+
+    "85" -> 85; "Score: 92/100" -> 92; "I'd give it 85 out of 100." -> 85;
+    "On a scale from 0 to 100 I'd give it 70" -> 70; "87.6" -> 88; "great answer!" -> None;
+    "somewhere between 60 and 70" -> None (two different numbers).
+    """
+    if not isinstance(text, str):
+        return None
+    for pattern in (_FRACTION, _LABELLED):
+        found = {s for m in pattern.finditer(text) if (s := _to_score(m.group(1))) is not None}
+        if len(found) == 1:
+            return found.pop()
+        if len(found) > 1:
+            return None
+    remaining = _SCALE.sub(" ", text)
+    found = {s for m in _ANY_NUMBER.finditer(remaining) if (s := _to_score(m.group(1))) is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+# --- Scoring a responses file ----------------------------------------------------------------------
+
+def make_score_prompt(entry: dict, json_key: str = "model_response") -> str:
+    """The judge's task for one record: the prompt, the reference answer and the model's answer."""
+    return (
+        f"Given the input `{format_input(entry)}` and the correct output `{entry['output']}`, "
+        f"score the model response `{entry[json_key]}` on a scale from 0 to 100, where 100 is the best score. "
+        "Respond with the integer number only."
+    )
+
+
+STRICT_SUFFIX = ("\n\nYour previous reply could not be read as a score. Respond with the integer only: "
+                 "one whole number from 0 to 100, with no words, symbols or explanation.")
+
+
+def score_entry(entry: dict, json_key: str = "model_response", model: str = DEFAULT_MODEL,
+                host: str | None = None, options: dict | None = None, timeout: float = 300.0) -> int | None:
+    """The judge's score for one record, asking a second time, more strictly, if the first reply has none."""
+    prompt = make_score_prompt(entry, json_key)
+    score = parse_score(query_model(prompt, model, host, options, timeout))
+    if score is None:
+        score = parse_score(query_model(prompt + STRICT_SUFFIX, model, host, options, timeout))
+    return score
+
+
+def generate_model_scores(json_data: list[dict], json_key: str = "model_response", model: str = DEFAULT_MODEL,
+                          host: str | None = None, options: dict | None = None, timeout: float = 300.0,
+                          progress: bool = True) -> list[int | None]:
+    """One score per record, None where the judge's replies held no readable score."""
+    from tqdm.auto import tqdm
+
+    return [score_entry(entry, json_key, model, host, options, timeout)
+            for entry in tqdm(json_data, desc="Scoring entries", unit="entry", disable=not progress)]
+
+
+def summarize_scores(scores: list[int | None]) -> dict:
+    """Average over the readable scores, plus how many were and were not readable."""
+    valid = [s for s in scores if s is not None]
+    return {"average": sum(valid) / len(valid) if valid else None, "num_scored": len(valid),
+            "num_unparsed": len(scores) - len(valid), "num_entries": len(scores)}
+
+
+def load_responses(path: str | os.PathLike, json_key: str = "model_response") -> list[dict]:
+    """Read and validate a responses file: records with instruction, output and `json_key` strings."""
+    return validate_instruction_data(read_json_file(path), source=str(path),
+                                     required=("instruction", "output", json_key))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Score a fine-tuned model's responses 0-100 with an Ollama judge.")
+    p.add_argument("--file", default="outputs/ch07/instruction-data-with-response.json",
+                   help="JSON list of records with instruction, input, output and model_response")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="judge model served by Ollama (default llama3)")
+    p.add_argument("--host", default=None,
+                   help=f"Ollama server (default $OLLAMA_HOST or {DEFAULT_HOST}); '127.0.0.1:11434' works too")
+    p.add_argument("--key", default="model_response", help="which field holds the answer to score")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each judge reply")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"{path} does not exist; create it with `python -m ch07.gpt_instruction_finetuning` "
+              "(or --quick).", file=sys.stderr)
+        return 2
+    try:
+        data = load_responses(path, args.key)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        version = check_ollama(args.model, args.host)
+    except OllamaUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"Ollama {version} at {ollama_host(args.host)}; judge: {args.model}; {len(data)} entries")
+    try:
+        scores = generate_model_scores(data, args.key, args.model, args.host, timeout=args.timeout,
+                                       progress=not args.no_progress)
+    except requests.RequestException as exc:
+        print(f"The Ollama server stopped answering ({type(exc).__name__}: {exc}).\n" + _start_advice(args.model),
+              file=sys.stderr)
+        return 1
+    summary = summarize_scores(scores)
+    print(f"Number of scores: {summary['num_scored']} of {summary['num_entries']}")
+    if summary["average"] is not None:
+        print(f"Average score: {summary['average']:.2f}")
+    print(f"Replies that could not be parsed: {summary['num_unparsed']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Tests for ch05/gpt_download.py, without network.
+
+A tiny GPT-2 with random weights is built with Hugging Face `transformers` (the reference
+implementation) and saved in the Hub's format; our loader must reproduce its logits and its
+greedy generations exactly. Everything that would touch the network runs with
+HF_HUB_OFFLINE=1 and an empty cache, and must fail with a clear PretrainedWeightsUnavailable.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ch04.gpt import GPTModel, count_parameters
+from ch05 import gpt_download
+from ch05.gpt_download import (
+    GPT2_MODEL_NAMES,
+    PretrainedWeightsUnavailable,
+    canonical_model_name,
+    download_gpt2_safetensors,
+    gpt2_config,
+    load_gpt2_params,
+    load_pretrained_gpt2,
+    load_weights_into_gpt,
+)
+from ch05.gpt_generate import generate
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+HF_DIMS = dict(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU several threads
+    per process can make each step 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A seeded random GPT2LMHeadModel saved with save_pretrained (safetensors, 'transformer.' keys)."""
+    torch.manual_seed(42)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**HF_DIMS)).eval()
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture
+def hf_params(hf_dir):
+    return load_file(str(hf_dir[0] / "model.safetensors"))
+
+
+TINY_CFG = {**gpt2_config("gpt2"), "vocab_size": 300, "context_length": 32, "emb_dim": 64, "n_heads": 4,
+            "n_layers": 2, "drop_rate": 0.0}
+
+
+def ours_for(params, **overrides) -> GPTModel:
+    return load_weights_into_gpt(GPTModel({**TINY_CFG, **overrides}), params).eval()
+
+
+def test_logits_match_huggingface(hf_dir):
+    path, hf = hf_dir
+    ours = load_pretrained_gpt2(path)
+    assert not ours.training
+    idx = torch.randint(0, 300, (3, 32))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert ours.cfg["emb_dim"] == 64 and ours.cfg["n_heads"] == 4 and ours.cfg["context_length"] == 32
+
+
+def test_greedy_generation_matches_huggingface(hf_dir):
+    path, hf = hf_dir
+    ours = load_pretrained_gpt2(path)
+    for prompt_len in (1, 4, 10):
+        idx = torch.randint(0, 300, (1, prompt_len))
+        new = 32 - prompt_len
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        for use_cache in (False, True):
+            mine = generate(ours, idx, max_new_tokens=new, context_size=32, use_cache=use_cache)
+            assert torch.equal(mine, theirs), (prompt_len, use_cache)
+
+
+def test_output_head_is_tied_to_the_token_embedding(hf_dir):
+    ours = load_pretrained_gpt2(hf_dir[0])
+    assert ours.out_head.weight is ours.tok_emb.weight
+    assert ours.cfg["tie_weights"] is True
+    assert count_parameters(ours) == sum(p.numel() for p in hf_dir[1].parameters())
+
+
+def test_hub_style_keys_without_prefix_and_extra_buffers(hf_dir, hf_params, tmp_path):
+    """Hub files name tensors 'h.0...' (no 'transformer.') and may carry the attn.bias mask buffers."""
+    hub = {k.removeprefix("transformer."): v.contiguous() for k, v in hf_params.items()}
+    hub["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    hub["h.1.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(hub, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((hf_dir[0] / "config.json").read_text())
+    a, b = load_pretrained_gpt2(tmp_path), load_pretrained_gpt2(hf_dir[0])
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    # a .safetensors file path works too (its config.json sits beside it)
+    c = load_pretrained_gpt2(tmp_path / "model.safetensors")
+    assert torch.equal(c.out_head.weight, b.out_head.weight)
+
+
+def test_weights_file_without_config_json_guesses_heads(hf_params, tmp_path):
+    save_file({k: v.contiguous() for k, v in hf_params.items()}, str(tmp_path / "bare.safetensors"))
+    with pytest.warns(UserWarning, match="assuming 1 heads"):
+        cfg, _ = load_gpt2_params(tmp_path / "bare.safetensors")
+    assert (cfg["emb_dim"], cfg["n_layers"], cfg["context_length"], cfg["vocab_size"]) == (64, 2, 32, 300)
+
+
+def test_split_of_the_fused_qkv_projection(hf_params):
+    ours = ours_for(hf_params)
+    c_attn_w = hf_params["transformer.h.1.attn.c_attn.weight"]  # Conv1D: (in, 3 * out)
+    c_attn_b = hf_params["transformer.h.1.attn.c_attn.bias"]
+    att = ours.trf_blocks[1].att
+    for i, layer in enumerate((att.W_query, att.W_key, att.W_value)):
+        assert torch.equal(layer.weight, c_attn_w[:, i * 64:(i + 1) * 64].T)
+        assert torch.equal(layer.bias, c_attn_b[i * 64:(i + 1) * 64])
+    assert torch.equal(ours.trf_blocks[0].ff.layers[0].weight, hf_params["transformer.h.0.mlp.c_fc.weight"].T)
+    assert torch.equal(ours.final_norm.scale, hf_params["transformer.ln_f.weight"])
+
+
+def test_wrong_shape_names_the_tensor_and_both_shapes(hf_params):
+    bad = dict(hf_params)
+    bad["transformer.h.1.mlp.c_fc.weight"] = bad["transformer.h.1.mlp.c_fc.weight"][:, :255]
+    model = GPTModel(TINY_CFG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.weight.*\(64, 255\).*\(64, 256\)"):
+        load_weights_into_gpt(model, bad)
+    # nothing was copied before the check failed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_config_and_file_disagree(hf_dir, hf_params, tmp_path):
+    """config.json says n_embd 64, but one tensor was edited to another width."""
+    edited = {k: v.contiguous() for k, v in hf_params.items()}
+    edited["transformer.h.0.ln_2.weight"] = torch.ones(65)
+    save_file(edited, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((hf_dir[0] / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"h\.0\.ln_2\.weight.*\(65,\).*\(64,\)"):
+        load_pretrained_gpt2(tmp_path)
+
+
+def test_missing_and_surplus_tensors(hf_params):
+    missing = {k: v for k, v in hf_params.items() if k != "transformer.h.1.ln_2.bias"}
+    with pytest.raises(ValueError, match=r"h\.1\.ln_2\.bias.*missing"):
+        ours_for(missing)
+    surplus = {**hf_params, "transformer.h.2.ln_1.weight": torch.ones(64)}
+    with pytest.raises(ValueError, match=r"h\.2\.ln_1\.weight"):
+        ours_for(surplus)
+
+
+def test_model_without_qkv_bias_is_refused(hf_params):
+    model = GPTModel({**TINY_CFG, "qkv_bias": False})
+    with pytest.raises(ValueError, match="qkv_bias=True"):
+        load_weights_into_gpt(model, hf_params)
+
+
+def test_unsupported_config_json(hf_dir, hf_params, tmp_path):
+    save_file({k: v.contiguous() for k, v in hf_params.items()}, str(tmp_path / "model.safetensors"))
+    cfg = json.loads((hf_dir[0] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(ValueError, match="activation_function"):
+        load_gpt2_params(tmp_path)
+
+
+# --- names, configs, downloads -----------------------------------------------------------------
+
+def test_names_and_book_aliases():
+    assert GPT2_MODEL_NAMES == ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    for alias, name in [("124M", "gpt2"), ("355M", "gpt2-medium"), ("774m", "gpt2-large"),
+                        ("1558M", "gpt2-xl"), ("gpt2-small (124M)", "gpt2"), ("gpt2-xl (1558M)", "gpt2-xl"),
+                        ("openai-community/gpt2-medium", "gpt2-medium"), ("gpt2", "gpt2")]:
+        assert canonical_model_name(alias) == name
+    with pytest.raises(ValueError, match="unknown GPT-2 model"):
+        canonical_model_name("gpt3")
+
+
+@pytest.mark.parametrize("name,params", [("gpt2", 124_439_808), ("355M", 354_823_168),
+                                         ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_gpt2_config_sizes(name, params):
+    cfg = gpt2_config(name)
+    assert cfg["context_length"] == 1024 and cfg["qkv_bias"] is True and cfg["vocab_size"] == 50257
+    with torch.device("meta"):  # shapes only: no memory, instant
+        model = GPTModel(cfg)
+    assert count_parameters(model) == params
+    assert gpt2_config("gpt2", drop_rate=0.0)["drop_rate"] == 0.0
+
+
+def test_offline_without_cache_raises_a_helpful_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsUnavailable) as info:
+        download_gpt2_safetensors("gpt2", cache_dir=tmp_path)
+    msg = str(info.value)
+    assert "HF_ENDPOINT" in msg and "HF_HUB_OFFLINE" in msg and "local path" in msg
+    monkeypatch.setattr(gpt_download, "download_gpt2_safetensors",
+                        lambda name, cache_dir=None: download_gpt2_safetensors(name, cache_dir=tmp_path))
+    with pytest.raises(PretrainedWeightsUnavailable, match="HF_ENDPOINT"):
+        load_pretrained_gpt2("124M")
+
+
+def test_unreachable_endpoint_fails_fast(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(PretrainedWeightsUnavailable, match="cannot be reached"):
+        download_gpt2_safetensors("gpt2", cache_dir=tmp_path)
+
+
+def test_missing_local_path_raises(tmp_path):
+    with pytest.raises(PretrainedWeightsUnavailable, match="no such file"):
+        load_gpt2_params(tmp_path / "absent" / "model.safetensors")
+    with pytest.raises(PretrainedWeightsUnavailable, match="model.safetensors"):
+        load_gpt2_params(tmp_path)  # a folder without the weights file
+
+
+def test_download_arguments(monkeypatch, hf_dir):
+    """The hub call: right repository and file, the mirror from HF_ENDPOINT, cache only when offline."""
+    calls = []
+
+    def fake_download(**kwargs):
+        calls.append(kwargs)
+        return str(hf_dir[0] / "model.safetensors")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(gpt_download, "_endpoint_reachable", lambda endpoint, timeout=3.0: True)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    path = download_gpt2_safetensors("355M", cache_dir="/somewhere")
+    assert path == hf_dir[0] / "model.safetensors"
+    assert calls[-1] == {"repo_id": "openai-community/gpt2-medium", "filename": "model.safetensors",
+                         "cache_dir": "/somewhere", "endpoint": "https://mirror.example",
+                         "local_files_only": False}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    download_gpt2_safetensors("gpt2")
+    assert calls[-1]["local_files_only"] is True and calls[-1]["repo_id"] == "openai-community/gpt2"
+
+
+def test_download_cli_exit_code(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert gpt_download.main(["gpt2", "--cache-dir", str(tmp_path)]) == 2
+    assert "HF_ENDPOINT" in capsys.readouterr().err
+
+
+def test_tensorflow_is_never_imported(hf_dir):
+    code = ("import sys; from ch05.gpt_download import load_pretrained_gpt2; import ch05.gpt_generate; "
+            f"load_pretrained_gpt2({str(hf_dir[0])!r}); "
+            "assert not any(m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras') for m in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for src in (REPO / "ch05").glob("*.py"):
+        assert "tensorflow" not in src.read_text().replace("TensorFlow", "")

@@ -1,0 +1,271 @@
+"""Tests for ch07/ollama_evaluate.py against a real HTTP server on 127.0.0.1 that speaks the parts of
+Ollama's API the evaluator uses (/api/version, /api/tags, /api/chat): the requests it sends, score
+parsing with a retry, the average, and the messages for an unreachable server and a missing model."""
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from ch07 import ollama_evaluate as ev
+from ch07.gpt_instruction_finetuning import format_input
+from ch07.ollama_evaluate import (
+    OllamaUnavailable,
+    check_ollama,
+    check_server,
+    generate_model_scores,
+    model_available,
+    ollama_host,
+    parse_score,
+    query_model,
+    summarize_scores,
+)
+
+ENTRIES = [
+    {"instruction": "Name a color.", "input": "", "output": "Blue.", "model_response": "Blue."},
+    {"instruction": "Edit the sentence.", "input": "He go home.", "output": "He goes home.",
+     "model_response": "He goes home."},
+    {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "6"},
+    {"instruction": "Say hi.", "input": "", "output": "Hi!", "model_response": "Hello"},
+]
+
+
+class FakeOllama:
+    """A threaded HTTP server on a free port; replies to /api/chat come from a queue, in order."""
+
+    def __init__(self, replies=(), models=("llama3:latest",)):
+        self.replies = list(replies)
+        self.models = list(models)
+        self.chat_requests = []
+        self.paths = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, status, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                fake.paths.append(("GET", self.path))
+                if self.path == "/api/version":
+                    self._send(200, {"version": "0.0.test"})
+                elif self.path == "/api/tags":
+                    self._send(200, {"models": [{"name": m, "model": m} for m in fake.models]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                fake.paths.append(("POST", self.path))
+                if self.path != "/api/chat":
+                    self._send(404, {"error": "not found"})
+                    return
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.chat_requests.append(request)
+                reply = fake.replies.pop(0) if fake.replies else "no more replies"
+                self._send(200, {"model": request["model"], "done": True,
+                                 "message": {"role": "assistant", "content": reply}})
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_for_localhost(monkeypatch):
+    """A proxy configured on the machine must not intercept requests to the local test server."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def responses_file(tmp_path):
+    path = tmp_path / "instruction-data-with-response.json"
+    path.write_text(json.dumps(ENTRIES))
+    return path
+
+
+# --- parsing -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("85", 85),
+    ("  100\n", 100),
+    ("0", 0),
+    ("I'd give it 85 out of 100", 85),
+    ("Score: 92/100", 92),
+    ("**Score: 45**", 45),
+    ("On a scale from 0 to 100, I would give this response 70.", 70),
+    ("I would rate this response 75 out of 100 because it covers 3 points.", 75),
+    ("The score is 60. It has 2 errors.", 60),
+    ("87.6", 88),
+    ("Score: 85%", 85),
+    ("great answer!", None),
+    ("", None),
+    ("150", None),
+    ("-5", None),
+    ("Rating: 8/10", None),
+    ("somewhere between 60 and 70", None),
+    ("60-70", None),
+])
+def test_parse_score(text, expected):
+    assert parse_score(text) == expected
+
+
+def test_ollama_host_forms(monkeypatch):
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert ollama_host() == "http://localhost:11434"
+    assert ollama_host("127.0.0.1:11434") == "http://127.0.0.1:11434"
+    assert ollama_host("localhost") == "http://localhost:11434"
+    assert ollama_host("http://example.org:8080/") == "http://example.org:8080"
+    assert ollama_host("0.0.0.0") == "http://127.0.0.1:11434"
+    monkeypatch.setenv("OLLAMA_HOST", "10.0.0.5:9000")
+    assert ollama_host() == "http://10.0.0.5:9000"
+    assert ollama_host("127.0.0.1:1") == "http://127.0.0.1:1"  # an explicit host wins over the variable
+
+
+def test_model_available_matches_latest_tag():
+    assert model_available("llama3", ["llama3:latest"])
+    assert model_available("llama3:latest", ["llama3:latest"])
+    assert model_available("llama3:8b", ["mistral:latest", "llama3:8b"])
+    assert not model_available("llama3", ["llama3:8b"])
+    assert not model_available("llama3:8b", ["llama3:latest"])
+    assert not model_available("llama3", [])
+
+
+# --- talking to a server ----------------------------------------------------------------------------
+
+def test_query_model_sends_deterministic_chat_request():
+    with FakeOllama(["42"]) as server:
+        assert query_model("Hello?", model="judge", host=server.host) == "42"
+    (request,) = server.chat_requests
+    assert request["model"] == "judge"
+    assert request["messages"] == [{"role": "user", "content": "Hello?"}]
+    assert request["stream"] is False
+    assert request["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
+
+
+def test_check_ollama_uses_env_host_without_scheme(monkeypatch):
+    with FakeOllama() as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.host.removeprefix("http://"))
+        assert check_ollama("llama3") == "0.0.test"
+    assert ("GET", "/api/version") in server.paths and ("GET", "/api/tags") in server.paths
+
+
+def test_scores_with_retry_and_unparsed_count():
+    replies = ["85", "I'd give it 70 out of 100.", "What a lovely answer!", "Score: 92/100",
+               "Hard to say.", "Still cannot decide."]
+    with FakeOllama(replies) as server:
+        scores = generate_model_scores(ENTRIES, model="llama3", host=server.host, progress=False)
+    assert scores == [85, 70, 92, None]
+    prompts = [r["messages"][0]["content"] for r in server.chat_requests]
+    assert len(prompts) == 6  # one retry each for the two chatty replies
+    assert all(r["model"] == "llama3" and r["stream"] is False for r in server.chat_requests)
+    # The first prompt carries the record; the retry repeats it and insists on a bare integer.
+    assert format_input(ENTRIES[0]) in prompts[0] and "`Blue.`" in prompts[0]
+    assert "Respond with the integer only" not in prompts[2]
+    assert prompts[3].startswith(prompts[2]) and "Respond with the integer only" in prompts[3]
+    assert "Respond with the integer only" in prompts[5]
+    summary = summarize_scores(scores)
+    assert summary == {"average": pytest.approx((85 + 70 + 92) / 3), "num_scored": 3, "num_unparsed": 1,
+                       "num_entries": 4}
+
+
+def test_summarize_scores_with_nothing_parsed():
+    assert summarize_scores([None, None]) == {"average": None, "num_scored": 0, "num_unparsed": 2,
+                                              "num_entries": 2}
+
+
+def test_cli_prints_average_and_unparsed(responses_file, capsys):
+    with FakeOllama(["90", "80", "junk", "also junk", "Score: 70"]) as server:
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Number of scores: 3 of 4" in out
+    assert "Average score: 80.00" in out
+    assert "Replies that could not be parsed: 1" in out
+
+
+def test_unreachable_server_message(closed_port, responses_file, capsys):
+    host = f"127.0.0.1:{closed_port}"
+    with pytest.raises(OllamaUnavailable, match=f"No Ollama server answers at http://127.0.0.1:{closed_port}"):
+        check_server(host, timeout=2)
+    assert ev.main(["--file", str(responses_file), "--host", host]) == 1
+    err = capsys.readouterr().err
+    assert "ollama serve" in err and "ollama pull llama3" in err and "OLLAMA_HOST" in err
+
+
+def test_missing_model_message(responses_file, capsys):
+    with FakeOllama(["99", "98", "97", "96"], models=["mistral:latest"]) as server:
+        with pytest.raises(OllamaUnavailable, match=r"does not have the model 'llama3'.*mistral:latest"):
+            check_ollama("llama3", server.host)
+        assert ev.main(["--file", str(responses_file), "--host", server.host]) == 1
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--model", "mistral",
+                        "--no-progress"]) == 0
+    assert "ollama pull llama3" in capsys.readouterr().err
+    assert [r["model"] for r in server.chat_requests] == ["mistral"] * 4
+
+
+def test_server_errors_during_scoring_are_reported(responses_file, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise requests.ConnectionError("connection reset")
+
+    with FakeOllama() as server:
+        monkeypatch.setattr(ev, "query_model", broken)
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress"]) == 1
+    assert "stopped answering" in capsys.readouterr().err
+
+
+# --- the responses file --------------------------------------------------------------------------------
+
+def test_responses_file_validation_names_index_and_key(tmp_path, capsys):
+    bad = [ENTRIES[0], {k: v for k, v in ENTRIES[1].items() if k != "model_response"}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"record 1 is missing the key 'model_response'"):
+        ev.load_responses(path)
+    assert ev.main(["--file", str(path)]) == 2
+    assert "record 1" in capsys.readouterr().err
+
+
+def test_missing_and_malformed_files(tmp_path, capsys):
+    assert ev.main(["--file", str(tmp_path / "nope.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    path = tmp_path / "broken.json"
+    path.write_text("[{")
+    assert ev.main(["--file", str(path)]) == 2
+    assert "broken.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_other_response_key(tmp_path):
+    data = [{"instruction": "x", "output": "y", "answer": "z"}]
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(data))
+    assert ev.load_responses(path, json_key="answer") == data
+    assert "`z`" in ev.make_score_prompt(data[0], "answer")
