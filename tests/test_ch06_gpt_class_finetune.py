@@ -15,6 +15,7 @@ from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch05.checkpoint import save_checkpoint, save_model
 from ch06.gpt_class_finetune import (
+    BOOK_SETTINGS,
     PAD_TOKEN_ID,
     QUICK_SETTINGS,
     PretrainedUnavailable,
@@ -32,11 +33,13 @@ from ch06.gpt_class_finetune import (
     load_init_checkpoint,
     load_spam_data,
     main,
+    parse_args,
     prepare_classifier,
     prepare_spam_splits,
     random_split,
     save_classifier,
     sequence_lengths,
+    settings_from_args,
 )
 
 TINY = {**GPT_CONFIG_124M, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
@@ -306,6 +309,27 @@ def test_pretrained_route_with_a_local_gpt2_checkpoint(tmp_path):
     assert len(result["train_accs"]) == 1 and result["examples_seen"] == (1045 // 32) * 32
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"review_classifier.pth", "review_classifier.json",
                                                               "loss-plot.png", "accuracy-plot.png", "train.csv"}
+    # GPT-2's config ties the output head to the token embedding; the saved classifier still reloads exactly
+    loaded, meta = load_classifier(result["model_path"])
+    assert meta["config"]["tie_weights"] is True and meta["max_length"] == 120
+    assert calc_accuracy_loader(result["loaders"][2], loaded, "cpu") == result["accuracies"]["test"]
+
+
+def test_cli_settings_and_from_scratch_route(tmp_path):
+    mode, settings = settings_from_args(parse_args(["--quick", "--epochs", "2", "--lr", "3e-4"]))
+    assert mode == "quick" and settings["num_epochs"] == 2 and settings["learning_rate"] == 3e-4
+    assert settings["trainable"] == "all" and settings["max_length"] == 64
+    mode, settings = settings_from_args(parse_args([]))
+    assert mode == "pretrained" and settings == BOOK_SETTINGS
+    assert (settings["learning_rate"], settings["batch_size"], settings["num_epochs"]) == (5e-5, 8, 5)
+    mode, settings = settings_from_args(parse_args(["--from-scratch", "--trainable", "last_block"]))
+    assert mode == "scratch" and settings["trainable"] == "last_block"
+
+    tiny = {**TINY, "context_length": 64}
+    result = main({**QUICK_SETTINGS, "num_epochs": 1, "batch_size": 32, "eval_freq": 100}, tmp_path,
+                  mode="scratch", cfg=tiny, device="cpu", progress=False)
+    assert all(p.requires_grad for p in result["model"].parameters())
+    assert result["max_length"] == 64
 
 
 def test_quick_offline_fine_tuning_reaches_85_percent(tmp_path):
