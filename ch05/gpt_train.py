@@ -31,6 +31,8 @@ from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from ch05.checkpoint import load_checkpoint, save_checkpoint, save_model
+from ch05.distributed import DistInfo, cleanup, init_distributed, launched_by_torchrun, shard_loader
+from ch05.gpt_generate import generate
 
 # --- 5.1 Evaluating generative text models ----------------------------------------------------
 
@@ -103,8 +105,13 @@ def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context
     try:
         context_size = model.pos_emb.weight.shape[0]
         encoded = text_to_token_ids(start_context, tokenizer).to(device)
-        token_ids = generate_text_simple(model, encoded, max_new_tokens=max_new_tokens,
-                                         context_size=context_size)
+        if hasattr(model, "reset_kv_cache"):
+            # Same greedy tokens as generate_text_simple, but with the KV cache each new
+            # token costs one token's work instead of re-reading the whole context.
+            token_ids = generate(model, encoded, max_new_tokens, context_size, use_cache=True)
+        else:
+            token_ids = generate_text_simple(model, encoded, max_new_tokens=max_new_tokens,
+                                             context_size=context_size)
     finally:
         model.train(was_training)
     text = token_ids_to_text(token_ids, tokenizer)
@@ -179,6 +186,11 @@ def train_model_simple(
                          "context length (lower batch_size or context_length, or use more text)")
     if eval_freq < 1:
         raise ValueError(f"eval_freq must be >= 1, got {eval_freq}")
+    # Under DistributedDataParallel the model is a wrapper: evaluate, sample and save the
+    # plain model inside it, and let only the first process print and write files.
+    core = getattr(model, "module", model)
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    sampler = getattr(train_loader, "sampler", None)
     train_losses: list[float] = []
     val_losses: list[float] = []
     track_tokens_seen: list[int] = []
@@ -189,7 +201,7 @@ def train_model_simple(
     if resume_from is not None:
         # Load to the CPU: RNG states must stay CPU tensors; weights and optimizer state are
         # copied onto the model's device by load_state_dict.
-        state = load_checkpoint(resume_from, model, optimizer, map_location="cpu")
+        state = load_checkpoint(resume_from, core, optimizer, map_location="cpu")
         train_losses, val_losses = list(state["train_losses"]), list(state["val_losses"])
         track_tokens_seen = list(state["track_tokens_seen"])
         tokens_seen, global_step = state["tokens_seen"], state["global_step"]
@@ -202,8 +214,10 @@ def train_model_simple(
         _set_device_rng_state(device, state.get("device_rng_state"))
 
     def checkpoint(epoch: int, batch_in_epoch: int, rng_epoch_start, loader_rng_epoch_start):
+        if not is_main:
+            return
         save_checkpoint(
-            checkpoint_path, model, optimizer,
+            checkpoint_path, core, optimizer,
             global_step=global_step, epoch=epoch, batch_in_epoch=batch_in_epoch, tokens_seen=tokens_seen,
             train_losses=train_losses, val_losses=val_losses, track_tokens_seen=track_tokens_seen,
             rng_state=torch.get_rng_state(), rng_epoch_start=rng_epoch_start,
@@ -211,15 +225,17 @@ def train_model_simple(
             # Evaluations iterate the (shuffled) training loader too, moving its generator on.
             loader_rng_state=gen.get_state() if gen is not None else None,
             device_rng_state=_device_rng_state(device),
-            num_epochs=num_epochs, config=getattr(model, "cfg", None),
+            num_epochs=num_epochs, config=getattr(core, "cfg", None),
         )
 
     model.train()
     steps_per_epoch = len(train_loader)
-    bar = tqdm(total=num_epochs * steps_per_epoch, initial=global_step + 1, disable=not progress,
+    bar = tqdm(total=num_epochs * steps_per_epoch, initial=global_step + 1, disable=not (progress and is_main),
                desc="training", unit="step")
     stopped = False
     for epoch in range(start_epoch, num_epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle each epoch, the same on every rank
         rng_epoch_start = torch.get_rng_state()
         loader_rng_epoch_start = gen.get_state() if gen is not None else None
         batches = iter(train_loader)  # draws the shuffle order from the RNG state above
@@ -241,13 +257,14 @@ def train_model_simple(
 
             if global_step % eval_freq == 0:
                 with autocast_context(device, autocast_dtype):
-                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                    train_loss, val_loss = evaluate_model(core, train_loader, val_loader, device, eval_iter)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-                bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
-                          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                if is_main:
+                    bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                              f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
 
             if checkpoint_path and checkpoint_every and (global_step + 1) % checkpoint_every == 0:
                 checkpoint(epoch, batch_in_epoch + 1, rng_epoch_start, loader_rng_epoch_start)
@@ -259,9 +276,9 @@ def train_model_simple(
             if checkpoint_path:
                 checkpoint(epoch, batch_in_epoch + 1, rng_epoch_start, loader_rng_epoch_start)
             break
-        if sample_tokens:
+        if sample_tokens and is_main:
             with autocast_context(device, autocast_dtype):
-                generate_and_print_sample(model, tokenizer, device, start_context, sample_tokens)
+                generate_and_print_sample(core, tokenizer, device, start_context, sample_tokens)
         if checkpoint_path:
             # End of epoch: the next run resumes at the start of the next epoch.
             checkpoint(epoch + 1, 0, torch.get_rng_state(), gen.get_state() if gen is not None else None)
@@ -316,8 +333,37 @@ def create_train_val_loaders(text: str, cfg: dict, batch_size: int, train_ratio:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, using PyTorch's multi-tensor (`foreach`) update, which is faster than a per-parameter loop."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+    """AdamW over the trainable parameters (frozen ones are skipped, as fine-tuning needs).
+
+    Uses PyTorch's fused AdamW kernel where the device has one (CPU and CUDA in recent
+    releases): one kernel updates all tensors, several times faster than a Python loop over
+    parameters, which matters for the 50,257-row embedding. Falls back to the multi-tensor
+    (`foreach`) version elsewhere.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older PyTorch or a device without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def check_autocast_support(device, dtype: torch.dtype | None) -> None:
+    """Refuse mixed precision where the hardware cannot run it, instead of silently crawling."""
+    if dtype != torch.bfloat16:
+        return
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError("--dtype bfloat16: this GPU has no bfloat16 support; use --dtype float32")
+    if kind == "cpu":
+        try:
+            native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        except (AttributeError, RuntimeError):
+            native = False
+        if not native:
+            raise RuntimeError("--dtype bfloat16: this CPU has no native bfloat16 instructions (AVX512-BF16 or "
+                               "AMX), so bfloat16 would be slower than float32; use --dtype float32")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -339,8 +385,12 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
     only the weights, with the model's config beside it in config.json (so
     `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
     """
+    dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
+    if dist_info is not None:
+        device = dist_info.device
     device = torch.device(device) if device is not None else get_device()
     autocast_dtype = parse_dtype(dtype)
+    check_autocast_support(device, autocast_dtype)
     output_dir = Path(output_dir)
     set_seed(settings["seed"])
     if text is None:
@@ -355,8 +405,16 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
         )
     model = GPTModel(cfg).to(device)
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
-    print(f"device: {device}; {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{len(train_loader)} training batches per epoch")
+    is_main = dist_info is None or dist_info.is_main
+    if dist_info is not None:
+        # Every rank starts from the same weights (same seed); DDP averages gradients across ranks,
+        # and each rank trains on its own shard of the batches: global batch = batch_size x ranks.
+        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"])
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if is_main:
+        ranks = f", {dist_info.world_size} processes ({torch.distributed.get_backend()})" if dist_info else ""
+        print(f"device: {device}{ranks}; {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(train_loader)} training batches per epoch (per process)")
 
     start = time.perf_counter()
     train_losses, val_losses, tokens_seen = train_model_simple(
@@ -367,6 +425,12 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
         resume_from=resume, max_steps=max_steps, autocast_dtype=autocast_dtype, progress=progress,
     )
     elapsed = time.perf_counter() - start
+    model = getattr(model, "module", model)
+    if dist_info is not None:
+        cleanup()
+    if not is_main:
+        return {"model": model, "train_losses": train_losses, "val_losses": val_losses,
+                "tokens_seen": tokens_seen, "seconds": elapsed, "output_dir": output_dir}
     save_model(model, output_dir / "model.pth")
     with atomic_write(output_dir / "config.json") as f:
         json.dump(model.cfg, f, indent=2)
