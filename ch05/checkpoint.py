@@ -47,7 +47,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         )
 
 
-def _load_file(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_state_file(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
@@ -112,7 +112,7 @@ def saved_config(path: str | os.PathLike) -> dict | None:
         if "config" in meta:
             return json.loads(meta["config"])
     elif path.is_file():
-        data = _load_file(path)
+        data = load_state_file(path)
         if isinstance(data.get("config"), dict):
             return dict(data["config"])
     return sidecar_config(path)
@@ -130,7 +130,7 @@ def sidecar_config(path: str | os.PathLike) -> dict | None:
 
 def load_model(model: nn.Module, path: str | os.PathLike, map_location="cpu") -> nn.Module:
     """Load weights saved by `save_model` (or a full checkpoint's model part) into `model`."""
-    data = _load_file(path, map_location)
+    data = load_state_file(path, map_location)
     state = data["model_state_dict"] if "model_state_dict" in data else data
     if Path(path).suffix == ".safetensors" and hasattr(model, "out_head") and hasattr(model, "tok_emb"):
         # safetensors' save_model keeps one name of a tied pair (alphabetically the first,
@@ -156,7 +156,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     map_location="cpu") -> dict:
     """Restore model (and optimizer) in place; return the rest of the saved training state."""
-    data = _load_file(path, map_location)
+    data = load_state_file(path, map_location)
     if "model_state_dict" not in data:
         raise CheckpointMismatchError(f"{path} is not a training checkpoint (no 'model_state_dict'); "
                                       "use load_model() for a weights-only file")

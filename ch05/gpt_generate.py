@@ -155,9 +155,9 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
     from ch04.gpt import GPTModel
     from ch05.checkpoint import (
         _fill_tied,
-        _load_file,
         check_state_dict,
         config_from_state_dict,
+        load_state_file,
         saved_config,
         sidecar_config,
     )
@@ -179,7 +179,7 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
     if path.suffix == ".safetensors":
         state, cfg = load_file(str(path)), saved_config(path)
     else:
-        data = _load_file(path)
+        data = load_state_file(path)
         if "model_state_dict" in data:  # a training checkpoint
             state, cfg = data["model_state_dict"], data.get("config")
         else:
