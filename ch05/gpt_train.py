@@ -63,9 +63,12 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
 
 
-def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str,
-                     num_batches: int | None = None) -> float:
-    """Average loss over the first `num_batches` batches (all when None), without autograd."""
+def average_over_batches(data_loader, batch_fn, num_batches: int | None = None) -> float:
+    """Mean of `batch_fn(input_batch, target_batch)` over the first `num_batches` batches (all when None).
+
+    Runs under `torch.inference_mode`: no graph is recorded, which saves memory and time.
+    Chapter 6 reuses it with its classification loss.
+    """
     if len(data_loader) == 0:
         raise ValueError("the data loader has no batches: the text is too short for this batch size and "
                          "context length (lower batch_size or context_length, or use more text)")
@@ -73,13 +76,19 @@ def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str,
         raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     total = 0.0
-    # inference_mode: no graph is recorded, which saves memory and time during evaluation.
     with torch.inference_mode():
         for i, (input_batch, target_batch) in enumerate(data_loader):
             if i >= num_batches:
                 break
-            total += calc_loss_batch(input_batch, target_batch, model, device).item()
+            total += float(batch_fn(input_batch, target_batch))
     return total / num_batches
+
+
+def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str,
+                     num_batches: int | None = None) -> float:
+    """Average loss over the first `num_batches` batches (all when None), without autograd."""
+    return average_over_batches(
+        data_loader, lambda inputs, targets: calc_loss_batch(inputs, targets, model, device), num_batches)
 
 
 def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:

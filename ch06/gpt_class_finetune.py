@@ -45,7 +45,7 @@ from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
 from ch05.checkpoint import load_model, load_state_file, save_model
-from ch05.gpt_train import make_optimizer, plot_losses
+from ch05.gpt_train import average_over_batches, make_optimizer, plot_losses
 
 SPAM_FILE = "SMSSpamCollection"
 LABEL_MAP = {"ham": 0, "spam": 1}          # text label in the raw file -> class index
@@ -334,17 +334,10 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
 def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None,
                      pad_token_id: int | None = None) -> float:
     """Average loss over the first `num_batches` batches (all when None), without autograd."""
-    if len(data_loader) == 0:
-        raise ValueError("the data loader has no batches (fewer examples than one batch with drop_last=True?)")
     pad_token_id = _pad_id(data_loader, pad_token_id)
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    total = 0.0
-    with torch.inference_mode():
-        for i, (input_batch, target_batch) in enumerate(data_loader):
-            if i >= num_batches:
-                break
-            total += calc_loss_batch(input_batch, target_batch, model, device, pad_token_id).item()
-    return total / num_batches
+    return average_over_batches(
+        data_loader, lambda inputs, targets: calc_loss_batch(inputs, targets, model, device, pad_token_id),
+        num_batches)
 
 
 # --- 6.7 Fine-tuning the model on supervised data ----------------------------------------------------

@@ -20,11 +20,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed every test; run it single-threaded.
+
+    The tests use tiny models that gain nothing from threads, and on a busy CPU several
+    threads per process can make a step tens of times slower.
+    """
     import torch
 
     torch.manual_seed(123)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -38,16 +38,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine two threads made
-    the training test 25x slower (0.6 s -> 14 s), so run this file single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def meta_model(cfg: dict) -> GPTModel:
     with torch.device("meta"):
         return GPTModel(cfg)

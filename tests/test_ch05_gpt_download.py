@@ -35,15 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 HF_DIMS = dict(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=300)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU several threads
-    per process can make each step 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):

@@ -23,15 +23,6 @@ TINY = {"vocab_size": 50, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_
         "drop_rate": 0.0, "qkv_bias": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU several threads
-    per process can make each step 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(**overrides) -> GPTModel:
     torch.manual_seed(123)

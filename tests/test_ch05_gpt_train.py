@@ -35,15 +35,6 @@ TINY = {"vocab_size": 50257, "context_length": 8, "emb_dim": 16, "n_heads": 2, "
         "drop_rate": 0.1, "qkv_bias": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU several threads
-    per process can make each step 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
