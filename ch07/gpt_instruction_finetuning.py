@@ -293,6 +293,7 @@ def create_instruction_loaders(train_data: list[dict], val_data: list[dict], tes
 QUICK_CONFIG = {**GPT_CONFIG_124M, "context_length": 256, "emb_dim": 128, "n_heads": 4, "n_layers": 2,
                 "drop_rate": 0.0}
 
+
 class PretrainedUnavailableError(RuntimeError):
     """OpenAI's GPT-2 weights could not be loaded (offline, no cache, loader missing)."""
 

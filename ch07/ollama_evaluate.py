@@ -73,7 +73,17 @@ def _start_advice(model: str) -> str:
             f"{DEFAULT_HOST}. See https://ollama.com/download.")
 
 
-def check_server(host: str | None = None, timeout: float = 5.0) -> str:
+def _reason(exc: BaseException) -> str:
+    """A short reason for a failed request (requests' messages run to several lines)."""
+    text = str(exc)
+    if isinstance(exc, requests.ConnectionError) and "refused" in text.lower():
+        return "connection refused"
+    if isinstance(exc, requests.Timeout):
+        return "no reply in time"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def check_server(host: str | None = None, timeout: float = 5.0, model: str = DEFAULT_MODEL) -> str:
     """The server's version string; raises OllamaUnavailable when nothing answers."""
     base = ollama_host(host)
     try:
@@ -81,8 +91,8 @@ def check_server(host: str | None = None, timeout: float = 5.0) -> str:
         resp.raise_for_status()
         return str(resp.json().get("version", "unknown"))
     except (requests.RequestException, ValueError) as exc:
-        raise OllamaUnavailable(f"No Ollama server answers at {base} ({type(exc).__name__}: {exc}).\n"
-                                + _start_advice(DEFAULT_MODEL)) from None
+        raise OllamaUnavailable(f"No Ollama server answers at {base} ({_reason(exc)}).\n"
+                                + _start_advice(model)) from None
 
 
 def list_models(host: str | None = None, timeout: float = 5.0) -> list[str]:
@@ -94,7 +104,7 @@ def list_models(host: str | None = None, timeout: float = 5.0) -> list[str]:
         return [m.get("name") or m.get("model", "") for m in resp.json().get("models", [])]
     except (requests.RequestException, ValueError) as exc:
         raise OllamaUnavailable(f"Could not list the models of the Ollama server at {base} "
-                                f"({type(exc).__name__}: {exc}).\n" + _start_advice(DEFAULT_MODEL)) from None
+                                f"({_reason(exc)}).\n" + _start_advice(DEFAULT_MODEL)) from None
 
 
 def model_available(model: str, installed: list[str]) -> bool:
@@ -108,7 +118,7 @@ def check_ollama(model: str = DEFAULT_MODEL, host: str | None = None, timeout: f
 
     Raises OllamaUnavailable with instructions otherwise.
     """
-    version = check_server(host, timeout)
+    version = check_server(host, timeout, model)
     installed = list_models(host, timeout)
     if not model_available(model, installed):
         raise OllamaUnavailable(
@@ -120,16 +130,28 @@ def check_ollama(model: str = DEFAULT_MODEL, host: str | None = None, timeout: f
 
 def query_model(prompt: str, model: str = DEFAULT_MODEL, host: str | None = None,
                 options: dict | None = None, timeout: float = 300.0) -> str:
-    """One chat turn with the judge (POST /api/chat, no streaming); returns its reply text."""
+    """One chat turn with the judge (POST /api/chat, no streaming); returns its reply text.
+
+    Raises requests' errors when the connection fails and OllamaUnavailable when the
+    server answers with an error (e.g. HTTP 404 for a model it does not have).
+    """
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "stream": False,
         "options": {**DEFAULT_OPTIONS, **(options or {})},
     }
-    resp = requests.post(f"{ollama_host(host)}/api/chat", json=payload, timeout=timeout)
-    resp.raise_for_status()
-    return resp.json()["message"]["content"]
+    base = ollama_host(host)
+    resp = requests.post(f"{base}/api/chat", json=payload, timeout=timeout)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if resp.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("message"), dict):
+        detail = body.get("error") if isinstance(body, dict) and body.get("error") else resp.text[:200]
+        raise OllamaUnavailable(f"{base}/api/chat answered HTTP {resp.status_code} without a chat message: "
+                                f"{detail}")
+    return str(body["message"].get("content") or "")
 
 
 # --- Reading a score out of the judge's reply -----------------------------------------------------
@@ -257,8 +279,11 @@ def main(argv=None) -> int:
         scores = generate_model_scores(data, args.key, args.model, args.host, timeout=args.timeout,
                                        progress=not args.no_progress)
     except requests.RequestException as exc:
-        print(f"The Ollama server stopped answering ({type(exc).__name__}: {exc}).\n" + _start_advice(args.model),
+        print(f"The Ollama server stopped answering ({_reason(exc)}).\n" + _start_advice(args.model),
               file=sys.stderr)
+        return 1
+    except OllamaUnavailable as exc:
+        print(exc, file=sys.stderr)
         return 1
     summary = summarize_scores(scores)
     print(f"Number of scores: {summary['num_scored']} of {summary['num_entries']}")

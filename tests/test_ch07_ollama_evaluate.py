@@ -69,6 +69,9 @@ class FakeOllama:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.chat_requests.append(request)
                 reply = fake.replies.pop(0) if fake.replies else "no more replies"
+                if isinstance(reply, tuple):  # (HTTP status, JSON payload): an error reply
+                    self._send(*reply)
+                    return
                 self._send(200, {"model": request["model"], "done": True,
                                  "message": {"role": "assistant", "content": reply}})
 
@@ -269,3 +272,13 @@ def test_other_response_key(tmp_path):
     path.write_text(json.dumps(data))
     assert ev.load_responses(path, json_key="answer") == data
     assert "`z`" in ev.make_score_prompt(data[0], "answer")
+
+
+def test_error_reply_from_chat_is_reported(responses_file, capsys):
+    with FakeOllama(["80", (404, {"error": "model 'llama3' not found"})]) as server:
+        assert query_model("x", host=server.host) == "80"
+        with pytest.raises(OllamaUnavailable, match=r"HTTP 404 .*model 'llama3' not found"):
+            query_model("y", host=server.host)
+    with FakeOllama([(500, {"unexpected": True})]) as server:
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress"]) == 1
+    assert "HTTP 500" in capsys.readouterr().err
