@@ -27,7 +27,7 @@ from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipyw
 from ch02.atomic import atomic_path, atomic_write
 from ch02.dataloader import create_dataloader_v1
 from ch02.download import get_data_file
-from ch02.runtime import get_device, set_seed
+from ch02.runtime import get_device, reuse_freed_memory, set_seed
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from ch05.checkpoint import load_checkpoint, save_checkpoint, save_model
@@ -179,7 +179,8 @@ def train_model_simple(
     Returns (train_losses, val_losses, tokens_seen), one entry per evaluation.
 
     Extras beyond the book, all optional: a checkpoint is written atomically
-    every `checkpoint_every` steps and at the end (`checkpoint_path`);
+    every `checkpoint_every` steps, when `max_steps` stops the run, and at the end
+    (`checkpoint_path`);
     `resume_from` continues an interrupted run exactly where it stopped (same
     batches, same dropout masks, same final loss and weights); `max_steps` stops
     early; `autocast_dtype=torch.bfloat16` trains in mixed precision.
@@ -288,8 +289,9 @@ def train_model_simple(
         if sample_tokens and is_main:
             with autocast_context(device, autocast_dtype):
                 generate_and_print_sample(core, tokenizer, device, start_context, sample_tokens)
-        if checkpoint_path:
-            # End of epoch: the next run resumes at the start of the next epoch.
+        if checkpoint_path and epoch + 1 == num_epochs:
+            # The end: resuming from here with more epochs continues at the start of the next one.
+            # (Not after every epoch: a 124M model's checkpoint with optimizer state is ~2 GB.)
             checkpoint(epoch + 1, 0, torch.get_rng_state(), gen.get_state() if gen is not None else None)
     bar.close()
     return train_losses, val_losses, track_tokens_seen
@@ -394,6 +396,7 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
     only the weights, with the model's config beside it in config.json (so
     `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
     """
+    reuse_freed_memory()
     dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
     if dist_info is not None:
         device = dist_info.device

@@ -44,7 +44,14 @@ from ch02.download import get_data_file
 from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
-from ch05.checkpoint import load_model, load_state_file, save_model
+from ch05.checkpoint import (
+    CheckpointMismatchError,
+    config_from_state_dict,
+    load_model,
+    load_state_file,
+    save_model,
+    saved_config,
+)
 from ch05.gpt_train import average_over_batches, make_optimizer, plot_losses
 
 SPAM_FILE = "SMSSpamCollection"
@@ -507,36 +514,20 @@ def load_pretrained(name_or_path: str, device) -> GPTModel:
         raise PretrainedUnavailable(f"{exc}\n{OFFLINE_ALTERNATIVES}") from exc
 
 
-def config_from_state_dict(state: dict, n_heads: int | None = None, base: dict | None = None) -> dict:
-    """Recover a GPT config from a saved state dict's tensor shapes.
-
-    Shapes give vocab_size, context_length, emb_dim, n_layers and qkv_bias; the number of
-    heads is not visible in any shape, so it comes from `n_heads`, or else from a known config
-    of the same width (chapter 5's quick model, the GPT-2 sizes).
-    """
-    from ch05.gpt_train import QUICK_CONFIG as CH05_QUICK
-
-    vocab_size, emb_dim = state["tok_emb.weight"].shape
-    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("trf_blocks."))
-    cfg = {**(base or GPT_CONFIG_124M), "vocab_size": int(vocab_size), "emb_dim": int(emb_dim),
-           "context_length": int(state["pos_emb.weight"].shape[0]), "n_layers": n_layers,
-           "qkv_bias": "trf_blocks.0.att.W_query.bias" in state}
-    if n_heads is None:
-        known = [CH05_QUICK] + [{**GPT_CONFIG_124M, **size} for size in GPT2_SIZES.values()]
-        n_heads = next((c["n_heads"] for c in known if c["emb_dim"] == emb_dim), None)
-    if n_heads is None:
-        raise ValueError(f"cannot tell the number of attention heads of a model with emb_dim {emb_dim} "
-                         "from its weights; pass it explicitly (--n-heads)")
-    cfg["n_heads"] = n_heads
-    return cfg
-
-
 def load_init_checkpoint(path: str | Path, drop_rate: float = 0.0, n_heads: int | None = None) -> GPTModel:
-    """A GPTModel initialized from a chapter-5 file: a training checkpoint or a weights-only model.pth."""
+    """A GPTModel initialized from a chapter-5 file: a training checkpoint or a weights-only model.pth.
+
+    The config comes from the file (or config.json beside it), else from the tensor shapes
+    (chapter 5's `config_from_state_dict`; `n_heads` settles the head count).
+    """
     data = load_state_file(path, "cpu")
     state = data["model_state_dict"] if "model_state_dict" in data else data
-    saved_cfg = data.get("config") if isinstance(data.get("config"), dict) else None
-    cfg = dict(saved_cfg) if saved_cfg else config_from_state_dict(state, n_heads=n_heads)
+    try:
+        cfg = dict(saved_config(path) or config_from_state_dict(state, n_heads=n_heads))
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{path}: {exc} (--n-heads on the command line)") from None
+    if n_heads is not None:
+        cfg["n_heads"] = n_heads
     cfg["drop_rate"] = drop_rate
     model = GPTModel(cfg)
     load_model(model, path)
