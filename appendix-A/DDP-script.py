@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             tmp = args.out / f".rank{rank}.json.tmp"
             tmp.write_text(json.dumps(result), encoding="utf-8")
             os.replace(tmp, args.out / f"rank{rank}.json")  # atomic: a reader never sees half a file
+        # Wait for every rank before tearing the group down: a rank that exits while another
+        # is still talking to it can abort Gloo's threads ("terminate called ...").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0

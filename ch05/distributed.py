@@ -58,5 +58,7 @@ def shard_loader(loader: DataLoader, info: DistInfo, seed: int) -> DataLoader:
 
 
 def cleanup() -> None:
+    """Leave the process group once every rank got here (an early exit can abort Gloo's threads)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
