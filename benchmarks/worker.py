@@ -99,9 +99,9 @@ def measure_generate(spec: dict) -> dict:
     stamps: list[float] = []
     target = model.model if spec["impl"] == "hf" else model
     handle = target.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
-    new = spec["new_tokens"]
     runs = []
-    for _ in range(spec.get("repeats", 2)):  # first run warms up
+    # A short warm-up run (first calls allocate and pick kernels), then the timed run.
+    for new in (min(10, spec["new_tokens"]), spec["new_tokens"]):
         stamps.clear()
         start = time.perf_counter()
         with torch.inference_mode():

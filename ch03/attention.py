@@ -161,10 +161,11 @@ class MultiHeadAttention(nn.Module):
         future = self.mask[past:past + num_tokens, :past + num_tokens]  # (num_tokens, past + num_tokens)
         if self.use_sdpa:
             dropout_p = self.dropout.p if self.training else 0.0
-            if past == 0:
-                # Square case: the kernel builds the causal mask itself (fastest path).
+            if past == 0 or num_tokens == 1:
+                # Square case: the kernel builds the causal mask itself (fastest path). A single
+                # new token after the cache may see every key, so it needs no mask at all.
                 context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
-                                                         is_causal=num_tokens > 1)
+                                                         is_causal=past == 0 and num_tokens > 1)
             else:
                 # attn_mask uses True = "may attend", the opposite of our mask buffer.
                 context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=~future,

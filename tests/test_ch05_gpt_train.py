@@ -284,3 +284,14 @@ def test_command_line_settings():
                                                    "--context-length", "32", "--seed", "1"]))
     assert (settings["num_epochs"], settings["learning_rate"], settings["seed"]) == (2, 0.01, 1)
     assert cfg["context_length"] == 32 and QUICK_CONFIG["context_length"] == 64  # no mutation
+
+
+def test_bfloat16_refused_with_a_clear_message_without_hardware_support(monkeypatch):
+    from ch05.gpt_train import check_autocast_support
+
+    check_autocast_support("cpu", None)  # float32 never needs anything
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="no native bfloat16"):
+        check_autocast_support("cpu", torch.bfloat16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    check_autocast_support("cpu", torch.bfloat16)
