@@ -241,6 +241,7 @@ def test_save_load_round_trip(tmp_path, tiny_classifier, tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf.json", "clf.pth"]
 
 
+@pytest.mark.filterwarnings("ignore:the file stores no config")  # the guess is what is tested
 def test_init_from_chapter5_files(tmp_path):
     from ch05.gpt_train import QUICK_CONFIG
 
