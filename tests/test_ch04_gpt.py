@@ -271,6 +271,42 @@ def test_kv_cache_matches_full_forward(use_sdpa):
         torch.testing.assert_close(model(ids[:, :4], use_cache=True), full[:, :4], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_single_token_decoding_head_tracks_weight_updates(tied):
+    """Batch-1 cached steps use a transposed copy of the head; it must never go stale."""
+    model = tiny_model(tie_weights=tied)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8))
+
+    def cached_logits():
+        model.reset_kv_cache()
+        steps = [model(ids[:, :4], use_cache=True)]
+        steps += [model(ids[:, t : t + 1], use_cache=True) for t in range(4, 8)]
+        return torch.cat(steps, dim=1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(cached_logits(), model(ids), atol=1e-5, rtol=1e-4)
+        assert model._head_t is not None  # the fast path really ran
+        # Change the weights in place, as an optimizer step does, while a cache is alive.
+        model.out_head.weight.mul_(-2.0)
+        torch.testing.assert_close(cached_logits(), model(ids), atol=1e-5, rtol=1e-4)
+        # Replace the parameter object (load_state_dict(assign=True), a new head).
+        model.out_head.weight = nn.Parameter(torch.randn_like(model.out_head.weight))
+        torch.testing.assert_close(cached_logits(), model(ids), atol=1e-5, rtol=1e-4)
+    model.reset_kv_cache()
+    assert model._head_t is None  # the copy lives only as long as the cache
+
+
+def test_replaced_output_head_is_used_as_is_when_decoding():
+    model = tiny_model()
+    model.out_head = nn.Sequential(nn.Linear(TINY["emb_dim"], 3))  # e.g. a classifier head
+    ids = torch.randint(0, TINY["vocab_size"], (1, 5))
+    with torch.no_grad():
+        model.reset_kv_cache()
+        model(ids[:, :4], use_cache=True)
+        last = model(ids[:, 4:], use_cache=True)
+    assert last.shape == (1, 1, 3)
+    torch.testing.assert_close(last, model(ids)[:, 4:], atol=1e-5, rtol=1e-4)
+
 # ---------------------------------------------------------------- training
 
 
