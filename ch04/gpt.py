@@ -200,16 +200,26 @@ class GPTModel(nn.Module):
         memory-bound, and PyTorch's CPU BLAS streams the transposed layout about twice as fast as
         nn.Linear's (vocab_size, emb_dim) one (6 vs 12 ms per token on the benchmark CPU, ~15% of
         a GPT-2 small step). The copy costs 154 MB while generating and is dropped by
-        reset_kv_cache(); it is rebuilt if the weight changes. Only for a plain CPU nn.Linear head.
+        reset_kv_cache(); it is rebuilt if the weight changes. Only for a plain float32 nn.Linear
+        head on the CPU outside autocast (under bfloat16 autocast the head reuses autocast's cached
+        bfloat16 weight, which is faster still).
         """
         head = self.out_head
-        if type(head) is not nn.Linear or head.bias is not None or head.weight.device.type != "cpu":
-            return None  # e.g. a LoRA-wrapped or replaced head, or a GPU, which has no such gap
+        if (type(head) is not nn.Linear or head.bias is not None or head.weight.device.type != "cpu"
+                or head.weight.dtype != torch.float32 or _cpu_autocast_on()):
+            return None  # e.g. a LoRA-wrapped or replaced head, a GPU, or mixed precision
         w = head.weight
         key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
         if self._head_t is None or self._head_t_key != key:
             self._head_t, self._head_t_key = w.detach().t().contiguous(), key
         return self._head_t
+
+
+def _cpu_autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # PyTorch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:

@@ -327,3 +327,14 @@ def test_model_learns_a_repeated_batch():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(TINY["vocab_size"]), abs=0.5)  # near-uniform start
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_decoding_under_bfloat16_autocast_keeps_the_plain_head():
+    model = tiny_model()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.reset_kv_cache()
+        model(ids[:, :4], use_cache=True)
+        last = model(ids[:, 4:], use_cache=True)
+    assert model._head_t is None  # autocast's cached bfloat16 weight is used instead
+    assert last.dtype == torch.bfloat16
