@@ -261,6 +261,9 @@ def train_model_simple(
                 loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
             optimizer.step()
+            # Free the gradients now rather than at the next step: evaluation and sampling
+            # don't need them, and for GPT-2 124M that keeps ~650 MB out of their peak memory.
+            optimizer.zero_grad(set_to_none=True)
             tokens_seen += input_batch.numel()
             global_step += 1
             bar.update(1)
@@ -389,14 +392,17 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume: str | None = None,
          checkpoint_every: int | None = None, dtype: str | None = None, text: str | None = None,
-         max_steps: int | None = None, progress: bool = True) -> dict:
+         max_steps: int | None = None, progress: bool = True, keep_freed_memory: bool = False) -> dict:
     """Train on the-verdict (or `text`); write checkpoint.pth, model.pth, config.json and loss.png to `output_dir`.
 
     checkpoint.pth holds everything needed to resume (`resume=` that path); model.pth
     only the weights, with the model's config beside it in config.json (so
     `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
+    `keep_freed_memory=True` trades ~0.4 GB of peak memory for fewer page faults (faster
+    where those are slow, e.g. in virtual machines): see `ch02.runtime.reuse_freed_memory`.
     """
-    reuse_freed_memory()
+    if keep_freed_memory:
+        reuse_freed_memory()
     dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
     if dist_info is not None:
         device = dist_info.device
@@ -478,6 +484,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 trains under torch.autocast (mixed precision)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="let the C allocator keep freed memory: fewer page faults (up to ~10%% faster in a "
+                        "virtual machine) for ~0.4 GB more peak memory (Linux/glibc only)")
     return p.parse_args(argv)
 
 
@@ -498,7 +507,8 @@ def cli(argv=None) -> dict:
     args = parse_args(argv)
     cfg, settings = settings_from_args(args)
     return main(cfg, settings, args.output_dir, device=args.device, resume=args.resume,
-                checkpoint_every=args.checkpoint_every, dtype=args.dtype, max_steps=args.max_steps)
+                checkpoint_every=args.checkpoint_every, dtype=args.dtype, max_steps=args.max_steps,
+                keep_freed_memory=args.keep_freed_memory)
 
 
 if __name__ == "__main__":
