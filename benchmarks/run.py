@@ -58,6 +58,27 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
     raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
+def total_memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return None
+
+
+def train_memory_gib(spec: dict) -> float:
+    """Rough peak memory (GiB) of a training step, to skip shapes this machine cannot hold.
+
+    Weights, gradients and AdamW state (16 bytes a parameter), the logits with their
+    log-softmax and gradient (3 x batch x context x vocab floats), the attention weights with
+    dropout (scores, softmax, mask, result: 4 x batch x heads x context^2 floats per layer,
+    which dominate at long contexts), and ~1 GiB for the interpreter and libraries.
+    """
+    cfg, b, n = spec["cfg"], spec["batch"], spec["ctx"]
+    params = (cfg["vocab_size"] + cfg["context_length"]) * cfg["emb_dim"] + 12 * cfg["emb_dim"] ** 2 * cfg["n_layers"]
+    floats = 4 * params + 3 * b * n * cfg["vocab_size"] + 4 * b * cfg["n_heads"] * n**2 * cfg["n_layers"]
+    return 4 * floats / 2**30 + 1.0
+
+
 def plan(quick: bool, shapes: list[tuple[int, int]] | None = None) -> dict:
     cfg = TINY_CONFIG if quick else GPT_CONFIG_124M
     steps = {"warmup": 2, "steps": 7}
@@ -99,6 +120,11 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
     for r in results["train"]:
         by_shape.setdefault((r["batch"], r["ctx"]), {})[r["impl"]] = r
     for (b, n), rows in by_shape.items():
+        skipped = [r for r in rows.values() if "skipped" in r]
+        if skipped:
+            for impl, r in rows.items():
+                lines.append(f"| {impl} | {b} x {n} | | {r.get('skipped', fmt(r.get('tokens_per_s', 0)))} | | |")
+            continue
         hf_tps, hf_mem = train_row(rows["hf"])
         for impl, r in rows.items():
             tps, mem = train_row(r)
@@ -213,7 +239,18 @@ def main(argv=None) -> int:
         for spec in todo[section]:
             print(f"[{section}] {spec['impl']} {spec.get('batch', '')}x{spec.get('ctx', '')} "
                   f"{spec.get('dtype', '')}{' cache' if spec.get('cache') else ''}", flush=True)
-            results[section].append(run_worker(spec))
+            need, have = (train_memory_gib(spec) if spec["kind"] == "train" else 0.0), total_memory_gib()
+            if have is not None and need > 0.9 * have:
+                # Swapping would take hours, and the kernel would kill the process anyway.
+                reason = f"skipped: needs ~{need:.0f} GiB of memory, this machine has {have:.0f} GiB"
+                print("  " + reason, flush=True)
+                results[section].append({**spec, "skipped": reason})
+                continue
+            try:
+                results[section].append(run_worker(spec))
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other measurements
+                print(f"  failed: {str(err)[:500]}", flush=True)
+                results[section].append({**spec, "skipped": "failed (see the log)"})
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / "results.json") as f:
         json.dump({"machine": machine, "quick": args.quick, "results": results}, f, indent=1)

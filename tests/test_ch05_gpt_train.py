@@ -266,19 +266,19 @@ def test_main_writes_checkpoint_model_config_and_plot(short_text, tmp_path, caps
     assert again["train_losses"] == result["train_losses"]
 
 
-def test_keep_freed_memory_is_opt_in(short_text, tmp_path, monkeypatch):
+def test_keeping_freed_memory_is_the_default_and_can_be_turned_off(short_text, tmp_path, monkeypatch):
     import ch05.gpt_train as gt
 
     calls = []
     monkeypatch.setattr(gt, "reuse_freed_memory", lambda: calls.append(1) or True)
     settings = {**QUICK_SETTINGS, "num_epochs": 1, "eval_freq": 50, "eval_iter": 1}
     monkeypatch.setattr(gt, "train_model_simple", lambda *a, **k: ([], [], []))  # only the set-up matters here
-    main(TINY, settings, tmp_path / "a", device="cpu", text=short_text, progress=False)
+    main(TINY, settings, tmp_path / "a", device="cpu", text=short_text, progress=False, keep_freed_memory=False)
     assert calls == []
-    main(TINY, settings, tmp_path / "b", device="cpu", text=short_text, progress=False, keep_freed_memory=True)
+    main(TINY, settings, tmp_path / "b", device="cpu", text=short_text, progress=False)
     assert calls == [1]
-    assert parse_args([]).keep_freed_memory is False
-    assert parse_args(["--keep-freed-memory"]).keep_freed_memory is True
+    assert parse_args([]).release_freed_memory is False
+    assert parse_args(["--release-freed-memory"]).release_freed_memory is True
 
 
 def test_main_rejects_too_short_text(short_text, tmp_path):
