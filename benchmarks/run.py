@@ -120,10 +120,9 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
     for r in results["train"]:
         by_shape.setdefault((r["batch"], r["ctx"]), {})[r["impl"]] = r
     for (b, n), rows in by_shape.items():
-        skipped = [r for r in rows.values() if "skipped" in r]
-        if skipped:
+        if any("skipped" in r for r in rows.values()):  # no ratio without both models
             for impl, r in rows.items():
-                lines.append(f"| {impl} | {b} x {n} | | {r.get('skipped', fmt(r.get('tokens_per_s', 0)))} | | |")
+                lines.append(f"| {impl} | {b} x {n} | | {r.get('skipped') or fmt(r['tokens_per_s'])} | | |")
             continue
         hf_tps, hf_mem = train_row(rows["hf"])
         for impl, r in rows.items():

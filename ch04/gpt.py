@@ -209,7 +209,7 @@ class GPTModel(nn.Module):
                 or head.weight.dtype != torch.float32 or _cpu_autocast_on()):
             return None  # e.g. a LoRA-wrapped or replaced head, a GPU, or mixed precision
         w = head.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        key = (w.data_ptr(), w._version, tuple(w.shape))  # changes with any update or a new tensor
         if self._head_t is None or self._head_t_key != key:
             self._head_t, self._head_t_key = w.detach().t().contiguous(), key
         return self._head_t

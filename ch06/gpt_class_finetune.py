@@ -245,11 +245,8 @@ def prepare_classifier(model: GPTModel, num_classes: int = 2, trainable: str = "
 
 
 def make_classifier_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (chapter 5's `make_optimizer`: fused kernel
-    where available, frozen layers skipped)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters; see prepare_classifier(trainable=...)")
+    """AdamW over the trainable parameters only: chapter 5's `make_optimizer` (fused kernel where
+    available, frozen layers skipped, a clear error when nothing is trainable)."""
     return make_optimizer(model, lr, weight_decay)
 
 

@@ -33,6 +33,7 @@ from ch06.gpt_class_finetune import (
     load_init_checkpoint,
     load_spam_data,
     main,
+    make_classifier_optimizer,
     parse_args,
     prepare_classifier,
     prepare_spam_splits,
@@ -346,3 +347,15 @@ def test_quick_offline_fine_tuning_reaches_85_percent(tmp_path):
     loaded, meta = load_classifier(result["model_path"])
     test_loader = result["loaders"][2]
     assert calc_accuracy_loader(test_loader, loaded, "cpu") == result["accuracies"]["test"]
+
+
+def test_classifier_optimizer_covers_only_trainable_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    for p in model[0].parameters():
+        p.requires_grad = False
+    opt = make_classifier_optimizer(model, 1e-3, 0.1)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model[1].parameters()}
+    for p in model[1].parameters():
+        p.requires_grad = False
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_classifier_optimizer(model, 1e-3, 0.1)
