@@ -100,6 +100,44 @@ def plan(quick: bool, shapes: list[tuple[int, int]] | None = None) -> dict:
     }
 
 
+def measure_section(section: str, specs: list[dict], repeats: int, keep_freed_memory: bool = True) -> list[dict]:
+    """Run every spec `repeats` times, round by round, and keep each spec's fastest run.
+
+    Rounds (A B C, A B C) rather than A A B B C C: on a shared machine a slow minute then
+    hits every model once instead of one model twice. The fastest run is the one least
+    disturbed by other work; every run's tokens/s is kept in `runs_tokens_per_s`.
+    """
+    runs: list[list[dict]] = [[] for _ in specs]
+    for round_ in range(repeats):
+        for i, spec in enumerate(specs):
+            spec = {**spec, "keep_freed_memory": keep_freed_memory}
+            label = f" (run {round_ + 1}/{repeats})" if repeats > 1 else ""
+            print(f"[{section}] {spec['impl']} {spec.get('batch', '')}x{spec.get('ctx', '')} "
+                  f"{spec.get('dtype', '')}{' cache' if spec.get('cache') else ''}{label}", flush=True)
+            if runs[i] and "skipped" in runs[i][0]:
+                continue
+            need, have = (train_memory_gib(spec) if spec["kind"] == "train" else 0.0), total_memory_gib()
+            if have is not None and need > 0.9 * have:
+                # Swapping would take hours, and the kernel would kill the process anyway.
+                reason = f"skipped: needs ~{need:.0f} GiB of memory, this machine has {have:.0f} GiB"
+                print("  " + reason, flush=True)
+                runs[i].append({**spec, "skipped": reason})
+                continue
+            try:
+                runs[i].append(run_worker(spec))
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other measurements
+                print(f"  failed: {str(err)[:500]}", flush=True)
+    results = []
+    for spec, done in zip(specs, runs):
+        ok = [r for r in done if "skipped" not in r]
+        if not ok:
+            results.append(done[0] if done else {**spec, "skipped": "failed (see the log)"})
+            continue
+        best = max(ok, key=lambda r: r["tokens_per_s"])
+        results.append({**best, "runs_tokens_per_s": [r["tokens_per_s"] for r in ok]})
+    return results
+
+
 def fmt(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
@@ -108,6 +146,13 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
     lines = ["# Benchmark results" + (" (quick smoke run, tiny config)" if quick else " (GPT-2 124M dimensions)"),
              "", f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
              f"{machine['threads']} threads, Python {machine['python']}, native bf16: {machine['bf16_cpu']}", ""]
+    if "repeats" in machine:
+        lines += [
+            f"Each figure: the fastest of {machine['repeats']} separate processes"
+            f"{' (all runs in results.json)' if machine['repeats'] > 1 else ''}; freed memory "
+            + ("handed back to the OS at once (glibc default)." if machine["freed_memory"] == "released" else
+               "kept for reuse in every process, as the chapter-5 trainer does by default "
+               "(`ch02.runtime.reuse_freed_memory`)."), ""]
     goals: list[tuple[str, bool]] = []
 
     def train_row(r):
@@ -223,33 +268,29 @@ def main(argv=None) -> int:
     p.add_argument("--train-shapes", default=None,
                    help="batch x context of the training table, e.g. '2x256,8x1024' (the default); "
                         "8x1024 takes about a minute per step on a 2-core CPU")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="processes per measurement, the fastest kept (default 2; --quick: 1)")
+    p.add_argument("--release-freed-memory", action="store_true",
+                   help="measure with glibc's default of handing freed memory back to the OS (the trainer's "
+                        "--release-freed-memory); by default every model runs with the trainer's default")
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 2
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.train_shapes.split(",")]
               if args.train_shapes else None)
 
-    machine = machine_description()
+    machine = {**machine_description(), "repeats": args.repeats,
+               "freed_memory": "released" if args.release_freed_memory else "kept"}
     todo = plan(args.quick, shapes)
     sections = args.only.split(",")
     results = {}
     for section in ("train", "generate", "scaling", "amp"):
         results[section] = []
-        if section not in sections:
-            continue
-        for spec in todo[section]:
-            print(f"[{section}] {spec['impl']} {spec.get('batch', '')}x{spec.get('ctx', '')} "
-                  f"{spec.get('dtype', '')}{' cache' if spec.get('cache') else ''}", flush=True)
-            need, have = (train_memory_gib(spec) if spec["kind"] == "train" else 0.0), total_memory_gib()
-            if have is not None and need > 0.9 * have:
-                # Swapping would take hours, and the kernel would kill the process anyway.
-                reason = f"skipped: needs ~{need:.0f} GiB of memory, this machine has {have:.0f} GiB"
-                print("  " + reason, flush=True)
-                results[section].append({**spec, "skipped": reason})
-                continue
-            try:
-                results[section].append(run_worker(spec))
-            except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other measurements
-                print(f"  failed: {str(err)[:500]}", flush=True)
-                results[section].append({**spec, "skipped": "failed (see the log)"})
+        if section in sections:
+            results[section] = measure_section(section, todo[section], args.repeats,
+                                               keep_freed_memory=not args.release_freed_memory)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / "results.json") as f:
         json.dump({"machine": machine, "quick": args.quick, "results": results}, f, indent=1)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ch02.runtime import reuse_freed_memory
 from ch04.gpt import GPTModel
 from ch05.gpt_train import make_optimizer
 
@@ -124,9 +125,12 @@ def measure_generate(spec: dict) -> dict:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    # Before anything is allocated: the same allocator setting the chapter-5 trainer starts with,
+    # applied to every model alike (False measures glibc's default instead).
+    kept = reuse_freed_memory() if spec.get("keep_freed_memory", True) else False
     torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     result = {"train": measure_train, "generate": measure_generate}[spec["kind"]](spec)
-    print("RESULT " + json.dumps({**spec, **result}))
+    print("RESULT " + json.dumps({**spec, **result, "freed_memory_kept": kept}))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def test_quick_benchmark_writes_table_and_json(tmp_path, monkeypatch):
     assert run.main(["--quick", "--train-shapes", "2x32,8x32", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "results.md").read_text()
     assert "| ours | 8 x 32 | | skipped: needs ~" in table
+    assert "the fastest of 1 separate processes; freed memory kept for reuse" in table
     for heading in ("## Training step", "## Generation", "## Scaling", "## Mixed precision", "## Goals"):
         assert heading in table
     # Every table row has as many cells as its header.
@@ -53,3 +54,35 @@ def test_memory_estimate_grows_with_context_squared():
     big = run.train_memory_gib({"cfg": cfg, "batch": 8, "ctx": 1024})
     assert 2 < small < 6  # measured peak at 2 x 256: ~3.2-3.8 GiB
     assert big > 20  # 8 x 1024 was killed for lack of memory on a 24 GiB machine
+
+
+def test_repeated_measurements_run_in_rounds_and_keep_the_fastest(monkeypatch):
+    calls = []
+    speeds = iter([100.0, 50.0, 90.0, 70.0])  # A1, B1, A2, B2
+
+    def fake_worker(spec):
+        calls.append(spec["impl"])
+        return {**spec, "tokens_per_s": next(speeds)}
+
+    monkeypatch.setattr(run, "run_worker", fake_worker)
+    specs = [{"kind": "generate", "impl": "ours"}, {"kind": "generate", "impl": "hf"}]
+    results = run.measure_section("generate", specs, repeats=2, keep_freed_memory=False)
+    assert calls == ["ours", "hf", "ours", "hf"]  # rounds, not one model twice in a row
+    assert [r["tokens_per_s"] for r in results] == [100.0, 70.0]
+    assert results[1]["runs_tokens_per_s"] == [50.0, 70.0]
+    assert all(r["keep_freed_memory"] is False for r in results)
+
+
+def test_worker_applies_the_trainers_memory_setting_only_when_asked():
+    import subprocess
+    import sys
+
+    spec = {"kind": "train", "impl": "ours", "cfg": run.TINY_CONFIG, "dtype": "float32", "warmup": 1, "steps": 1,
+            "batch": 1, "ctx": 8}
+    kept = {}
+    for flag in (True, False):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps({**spec, "keep_freed_memory": flag})],
+                             capture_output=True, text=True, check=True).stdout
+        kept[flag] = json.loads(out.split("RESULT ", 1)[1])["freed_memory_kept"]
+    assert kept[False] is False
+    assert kept[True] is (sys.platform.startswith("linux"))  # mallopt exists with glibc (the CI machine)
