@@ -110,12 +110,12 @@ def measure_section(section: str, specs: list[dict], repeats: int, keep_freed_me
     runs: list[list[dict]] = [[] for _ in specs]
     for round_ in range(repeats):
         for i, spec in enumerate(specs):
+            if runs[i] and "skipped" in runs[i][0]:
+                continue  # reported once
             spec = {**spec, "keep_freed_memory": keep_freed_memory}
             label = f" (run {round_ + 1}/{repeats})" if repeats > 1 else ""
             print(f"[{section}] {spec['impl']} {spec.get('batch', '')}x{spec.get('ctx', '')} "
                   f"{spec.get('dtype', '')}{' cache' if spec.get('cache') else ''}{label}", flush=True)
-            if runs[i] and "skipped" in runs[i][0]:
-                continue
             need, have = (train_memory_gib(spec) if spec["kind"] == "train" else 0.0), total_memory_gib()
             if have is not None and need > 0.9 * have:
                 # Swapping would take hours, and the kernel would kill the process anyway.
