@@ -219,6 +219,23 @@ def test_per_token_work_with_cache_is_constant():
     assert slid == [5] + [1] * 11 + [16] * 3
 
 
+def test_bf16_autocast_casts_the_weights_once_per_generation_not_per_token():
+    """Under autocast, generation must let autocast cache the bfloat16 weights (inference_mode
+    switches that cache off, and every token then re-casts every weight)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model(vocab_size=97)  # the untied output head is the only (97, 32) weight
+    head_shape = [97, 32]
+    idx = torch.randint(0, 97, (1, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = generate(model, idx, max_new_tokens=6, context_size=16, use_cache=True)
+    head_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+                  and e.input_shapes[0] == head_shape]
+    assert out.shape == (1, 9)
+    assert len(head_casts) == 1  # 6 forward calls, one cast
+
+
 # --- command line ----------------------------------------------------------------------------
 
 TRAIN_CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
