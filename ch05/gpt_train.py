@@ -398,8 +398,8 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
     checkpoint.pth holds everything needed to resume (`resume=` that path); model.pth
     only the weights, with the model's config beside it in config.json (so
     `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
-    `keep_freed_memory` (default on) trades ~0.4 GB of peak memory for far fewer page faults:
-    on the 2-core benchmark machine the bfloat16 run takes 3 min 21 s with it and 4 min 28 s
+    `keep_freed_memory` (default on) trades ~0.3-0.5 GB of peak memory for far fewer page faults:
+    on the 2-core benchmark machine the bfloat16 run takes 3 min 4 s with it and 3 min 54 s
     without (see `ch02.runtime.reuse_freed_memory`); turn it off where memory is tight.
     """
     if keep_freed_memory:
@@ -486,7 +486,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 trains under torch.autocast (mixed precision)")
     p.add_argument("--release-freed-memory", action="store_true",
-                   help="hand freed memory back to the OS at once: ~0.4 GB lower peak memory, but many more "
+                   help="hand freed memory back to the OS at once: ~0.3-0.5 GB lower peak memory, but many more "
                         "page faults (up to ~30%% slower; by default freed memory is kept for reuse)")
     return p.parse_args(argv)
 
