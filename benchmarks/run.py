@@ -146,13 +146,11 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
     lines = ["# Benchmark results" + (" (quick smoke run, tiny config)" if quick else " (GPT-2 124M dimensions)"),
              "", f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
              f"{machine['threads']} threads, Python {machine['python']}, native bf16: {machine['bf16_cpu']}", ""]
-    if "repeats" in machine:
-        lines += [
-            f"Each figure: the fastest of {machine['repeats']} separate processes"
-            f"{' (all runs in results.json)' if machine['repeats'] > 1 else ''}; freed memory "
-            + ("handed back to the OS at once (glibc default)." if machine["freed_memory"] == "released" else
-               "kept for reuse in every process, as the chapter-5 trainer does by default "
-               "(`ch02.runtime.reuse_freed_memory`)."), ""]
+    memory = ("handed back to the OS at once (glibc default)." if machine["freed_memory"] == "released" else
+              "kept for reuse in every process, as the chapter-5 trainer does by default "
+              "(`ch02.runtime.reuse_freed_memory`).")
+    lines += [f"Each figure: the fastest of {machine['repeats']} separate processes"
+              f"{' (all runs in results.json)' if machine['repeats'] > 1 else ''}; freed memory {memory}", ""]
     goals: list[tuple[str, bool]] = []
 
     def train_row(r):

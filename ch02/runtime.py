@@ -81,7 +81,8 @@ def reuse_freed_memory() -> bool:
     logits). glibc serves blocks that large with mmap and returns them on free, so every step
     touches fresh pages: hundreds of thousands of page faults (on the 2-core benchmark machine
     the chapter-5 bfloat16 run took 3 min 54 s without this call and 3 min 4 s with it, for
-    ~0.3 GB more peak memory; fp32: ~0.5 GB). Serving them from the heap and not trimming it makes later steps reuse warm pages.
+    ~0.3 GB more peak memory; fp32: ~0.5 GB). Serving them from the heap and not trimming it
+    makes later steps reuse warm pages.
     Only on Linux with glibc; elsewhere it does nothing and returns False. Scripts call it
     once at start-up; importing a module never does.
     """
