@@ -22,6 +22,7 @@ import torch
 
 from ch02.atomic import atomic_path, atomic_write
 from ch04.gpt import GPT_CONFIG_124M
+from ch05.onednn_linear import onednn_linear_supported
 
 TINY_CONFIG = {"vocab_size": 1000, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                "drop_rate": 0.1, "qkv_bias": False}
@@ -37,7 +38,8 @@ def machine_description() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "bf16_cpu": bf16_supported()}
+            "python": platform.python_version(), "bf16_cpu": bf16_supported(),
+            "onednn_linear": onednn_linear_supported()}
 
 
 def bf16_supported() -> bool:
@@ -91,7 +93,8 @@ def plan(quick: bool, shapes: list[tuple[int, int]] | None = None) -> dict:
         # a 2-core CPU) compare ours with HF over the minimum of 5 timed steps.
         "train": [{**base, "impl": impl, "batch": b, "ctx": n, **({} if i == 0 else {"steps": 5})}
                   for i, (b, n) in enumerate(shapes)
-                  for impl in (("ours", "hf", "ours-untied", "ours-explicit") if i == 0 else ("ours", "hf"))],
+                  for impl in (("ours", "hf", "ours-blas", "ours-untied", "ours-explicit") if i == 0
+                               else ("ours", "hf"))],
         "generate": [{**gen, "impl": "ours", "cache": True}, {**gen, "impl": "ours", "cache": False},
                      {**gen, "impl": "hf", "cache": True}],
         "scaling": [{**base, "impl": "ours", "batch": 1, "ctx": n} for n in ctxs],
@@ -156,7 +159,12 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
     def train_row(r):
         return r["tokens_per_s"], r["peak_rss_mib"]
 
+    onednn = ("our models run their linear layers through oneDNN, as the chapter-5 trainer does "
+              "(`ch05.onednn_linear`); ours-blas is `ours` on PyTorch's default path (`--no-onednn`)."
+              if machine.get("onednn_linear") else "the oneDNN linear path is not available here: every "
+              "model uses PyTorch's default path.")
     lines += ["## Training step (forward + backward + fused AdamW, the same for every model; fp32, dropout 0.1)", "",
+              f"In fp32 {onednn}", "",
               "| model | batch x context | params | tokens/s | ratio vs HF | peak RSS (MiB) |",
               "|---|---|---:|---:|---:|---:|"]
     by_shape: dict = {}

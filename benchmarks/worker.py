@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ch02.runtime import reuse_freed_memory
 from ch04.gpt import GPTModel
-from ch05.gpt_train import make_optimizer
+from ch05.gpt_train import forward_context, make_optimizer
 
 
 def peak_rss_mib() -> float:
@@ -52,6 +52,7 @@ def build(spec: dict) -> nn.Module:
         return HFWrapper(cfg)
     variant = {
         "ours": {"tie_weights": True},                  # same parameter count as GPT-2 / HF
+        "ours-blas": {"tie_weights": True},             # the same, with PyTorch's default fp32 linear path
         "ours-untied": {"tie_weights": False},          # the book's chapter-4 layout
         "ours-explicit": {"tie_weights": True, "use_sdpa": False},  # the chapter's hand-written attention
     }[spec["impl"]]
@@ -62,6 +63,15 @@ def autocast(dtype: str):
     if dtype == "bfloat16":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return torch.autocast(device_type="cpu", enabled=False)
+
+
+def train_context(spec: dict):
+    """HF runs as it comes; our model runs as the chapter-5 trainer runs it (`forward_context`):
+    bfloat16 autocast, or fp32 linear layers through oneDNN (except "ours-blas")."""
+    if spec["impl"] == "hf":
+        return autocast(spec["dtype"])
+    dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else None
+    return forward_context("cpu", dtype, use_onednn=spec["impl"] != "ours-blas")
 
 
 def measure_train(spec: dict) -> dict:
@@ -79,7 +89,7 @@ def measure_train(spec: dict) -> dict:
     for step in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with autocast(spec["dtype"]):
+        with train_context(spec):
             logits = model(inputs)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()

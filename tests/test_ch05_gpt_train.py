@@ -310,3 +310,23 @@ def test_bfloat16_refused_with_a_clear_message_without_hardware_support(monkeypa
         check_autocast_support("cpu", torch.bfloat16)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     check_autocast_support("cpu", torch.bfloat16)
+
+
+def test_float32_training_and_evaluation_use_onednn_linear_layers_unless_turned_off(short_text, tokenizer,
+                                                                                      monkeypatch):
+    """The loop sends linear layers through oneDNN in float32 (not in bfloat16 autocast, not when off)."""
+    import ch05.onednn_linear as ol
+
+    if not ol.onednn_linear_supported():
+        pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")
+    calls = []
+    product = ol._product
+    monkeypatch.setattr(ol, "_product", lambda *a: calls.append(1) or product(*a))
+    run_training(short_text, tokenizer, num_epochs=1, max_steps=2)
+    # 2 steps x 2 blocks x 6 linear layers + head, forward and input gradient; 1 evaluation of 2 x 2 batches
+    assert len(calls) == 2 * 2 * 13 + 4 * 13
+    calls.clear()
+    run_training(short_text, tokenizer, num_epochs=1, max_steps=2, use_onednn=False)
+    run_training(short_text, tokenizer, num_epochs=1, max_steps=2, autocast_dtype=torch.bfloat16)
+    assert calls == []
+    assert parse_args([]).no_onednn is False and parse_args(["--no-onednn"]).no_onednn is True

@@ -1,0 +1,105 @@
+"""Tests for ch05/onednn_linear.py: float32 CPU linear layers through oneDNN give the same values
+and gradients as PyTorch's default path, only where they should, and the trainer uses them."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ch05.onednn_linear as ol
+from ch04.gpt import GPTModel
+from ch05.gpt_train import forward_context, make_optimizer
+from ch05.onednn_linear import LinearOneDNN, onednn_linear, onednn_linear_supported
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_supported(),
+                                  reason="this PyTorch/CPU has no usable oneDNN linear op (not x86, or no oneDNN)")
+
+TINY = {"vocab_size": 300, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+        "drop_rate": 0.0, "qkv_bias": False}  # (a key bias has a ~0 gradient that AdamW would amplify)
+
+
+def _grad_fn_name(t: torch.Tensor) -> str:
+    return type(t.grad_fn).__name__
+
+
+@needs_onednn
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_function_matches_f_linear_values_and_gradients(with_bias, frozen_weight):
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=not frozen_weight)
+    b = torch.randn(40, requires_grad=True) if with_bias else None
+    upstream = torch.randn(3, 7, 40)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+
+    ref = F.linear(x, w, b)
+    ref_grads = torch.autograd.grad(ref, leaves, upstream)
+    got = LinearOneDNN.apply(x, w, b)
+    got_grads = torch.autograd.grad(got, leaves, upstream)
+
+    assert got.shape == ref.shape == (3, 7, 40)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_context_routes_float32_cpu_linear_layers_and_nothing_else():
+    layer = nn.Linear(8, 5)
+    x = torch.randn(2, 3, 8)
+    assert _grad_fn_name(layer(x)) != "LinearOneDNNBackward"  # outside: PyTorch's default path
+    with onednn_linear():
+        assert _grad_fn_name(layer(x)) == "LinearOneDNNBackward"  # nn.Linear -> F.linear -> oneDNN
+        assert _grad_fn_name(F.linear(input=x, weight=layer.weight)) == "LinearOneDNNBackward"  # keywords too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _grad_fn_name(layer(x)) != "LinearOneDNNBackward"  # autocast keeps its bfloat16 path
+        layer_bf16 = nn.Linear(8, 5).to(torch.bfloat16)
+        assert _grad_fn_name(layer_bf16(x.to(torch.bfloat16))) != "LinearOneDNNBackward"
+        assert _grad_fn_name(x @ layer.weight.t()) != "LinearOneDNNBackward"  # only F.linear is routed
+    with onednn_linear(enabled=False):
+        assert _grad_fn_name(layer(x)) != "LinearOneDNNBackward"
+
+
+def test_unsupported_cpu_leaves_everything_as_it_is(monkeypatch):
+    monkeypatch.setattr(ol.platform, "machine", lambda: "arm64")
+    ol.onednn_linear_supported.cache_clear()
+    try:
+        assert onednn_linear_supported() is False
+        layer = nn.Linear(4, 3)
+        with onednn_linear():
+            assert _grad_fn_name(layer(torch.randn(2, 4))) != "LinearOneDNNBackward"
+    finally:
+        ol.onednn_linear_supported.cache_clear()
+
+
+@needs_onednn
+def test_gpt_training_steps_match_the_default_path():
+    """Three AdamW steps of a small GPT: same losses and weights with and without oneDNN."""
+
+    def train(use_onednn: bool):
+        torch.manual_seed(1)
+        model = GPTModel(TINY)
+        opt = make_optimizer(model, 1e-3, 0.1)
+        ids = torch.randint(0, TINY["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(2))
+        losses = []
+        for _ in range(3):
+            with forward_context("cpu", None, use_onednn):
+                loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses, model.state_dict()
+
+    (losses_a, state_a), (losses_b, state_b) = train(True), train(False)
+    assert losses_a[-1] < losses_a[0]
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for name, value in state_a.items():
+        torch.testing.assert_close(value, state_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_forward_context_picks_autocast_or_onednn_or_nothing():
+    assert isinstance(forward_context("cpu", torch.bfloat16), torch.autocast)
+    assert not isinstance(forward_context("cpu", None, use_onednn=False), ol._LinearToOneDNN)
+    assert not isinstance(forward_context("meta", None), ol._LinearToOneDNN)  # not a CPU
+    assert isinstance(forward_context("cpu", None), ol._LinearToOneDNN) == onednn_linear_supported()
