@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ch05.gpt_train import calc_loss_batch, evaluate_model, generate_and_print_sample
+from ch05.gpt_train import calc_loss_batch, evaluate_model, forward_context, generate_and_print_sample
 
 # --- D.1 Learning rate warmup and D.2 Cosine decay ---------------------------------------------
 
@@ -106,7 +106,8 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.opt
                 group["lr"] = lr
             track_lrs.append(lr)
 
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            with forward_context(device):  # on a CPU: linear layers through oneDNN (same results, faster)
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
 
             # New: clip the gradient norm once warm-up is over.
@@ -117,7 +118,8 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.opt
             tokens_seen += input_batch.numel()
 
             if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                with forward_context(device):
+                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)

@@ -52,7 +52,7 @@ from ch05.checkpoint import (
     save_model,
     saved_config,
 )
-from ch05.gpt_train import average_over_batches, make_optimizer, plot_losses
+from ch05.gpt_train import average_over_batches, forward_context, make_optimizer, plot_losses
 
 SPAM_FILE = "SMSSpamCollection"
 LABEL_MAP = {"ham": 0, "spam": 1}          # text label in the raw file -> class index
@@ -355,13 +355,15 @@ def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter
 
 
 def train_classifier_simple(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, device,
-                            num_epochs: int, eval_freq: int, eval_iter: int, *,
-                            progress: bool = True) -> tuple[list[float], list[float], list[float], list[float], int]:
+                            num_epochs: int, eval_freq: int, eval_iter: int, *, progress: bool = True,
+                            use_onednn: bool = True) -> tuple[list[float], list[float], list[float], list[float], int]:
     """The chapter's loop: chapter 5's training loop with labels instead of next tokens.
 
     Losses are evaluated every `eval_freq` steps on `eval_iter` batches; accuracies after
     every epoch on `eval_iter` batches. Returns (train_losses, val_losses, train_accs,
     val_accs, examples_seen), where examples_seen is the total number of training examples used.
+    On a CPU the linear layers run through oneDNN unless `use_onednn=False` (chapter 5's
+    `forward_context`: same results, faster).
     """
     train_losses, val_losses, train_accs, val_accs = [], [], [], []
     examples_seen, global_step = 0, -1
@@ -371,21 +373,24 @@ def train_classifier_simple(model: nn.Module, train_loader, val_loader, optimize
         model.train()
         for input_batch, target_batch in train_loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = calc_loss_batch(input_batch, target_batch, model, device, pad_token_id)
+            with forward_context(device, None, use_onednn):
+                loss = calc_loss_batch(input_batch, target_batch, model, device, pad_token_id)
             loss.backward()
             optimizer.step()
             examples_seen += input_batch.shape[0]
             global_step += 1
             bar.update(1)
             if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                with forward_context(device, None, use_onednn):
+                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
                 bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
                           f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
-        val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
+        with forward_context(device, None, use_onednn):
+            train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
+            val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
         bar.write(f"Training accuracy: {train_accuracy * 100:.2f}% | Validation accuracy: {val_accuracy * 100:.2f}%")
         train_accs.append(train_accuracy)
         val_accs.append(val_accuracy)

@@ -156,3 +156,19 @@ def test_train_model_on_the_verdict_with_samples(verdict_text, capsys):
     assert train_losses[-1] < train_losses[0]
     out = capsys.readouterr().out
     assert out.count("Every effort moves you") == 2  # one sample per epoch
+
+
+def test_train_model_runs_linear_layers_through_onednn(monkeypatch):
+    import ch05.onednn_linear as ol
+
+    if not ol.onednn_linear_supported():
+        pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")
+    calls = []
+    product = ol._product
+    monkeypatch.setattr(ol, "_product", lambda *a: calls.append(1) or product(*a))
+    model = GPTModel(TINY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_model(model, repeated_batches(1), repeated_batches(1), optimizer, "cpu", n_epochs=1, eval_freq=1,
+                eval_iter=1, start_context="", tokenizer=None, warmup_steps=0, sample_tokens=0)
+    # 1 block x 6 linear layers + head: one step (forward and input gradients) and one evaluation of 2 batches
+    assert len(calls) == 7 * 2 + 7 * 2

@@ -359,3 +359,25 @@ def test_classifier_optimizer_covers_only_trainable_parameters():
         p.requires_grad = False
     with pytest.raises(ValueError, match="no trainable parameters"):
         make_classifier_optimizer(model, 1e-3, 0.1)
+
+
+def test_fine_tuning_loop_runs_linear_layers_through_onednn_unless_turned_off(tiny_classifier, monkeypatch):
+    import ch05.onednn_linear as ol
+    from ch06.gpt_class_finetune import train_classifier_simple
+
+    if not ol.onednn_linear_supported():
+        pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")
+    calls = []
+    product = ol._product
+    monkeypatch.setattr(ol, "_product", lambda *a: calls.append(1) or product(*a))
+    batches = [(torch.randint(0, 50257, (2, 6)), torch.tensor([0, 1]))]
+    counts = {}
+    for flag in (True, False):
+        calls.clear()
+        model = tiny_classifier.train()
+        optimizer = make_classifier_optimizer(model, 1e-3, 0.1)
+        train_classifier_simple(model, batches, batches, optimizer, "cpu", num_epochs=1, eval_freq=1, eval_iter=1,
+                                progress=False, use_onednn=flag)
+        counts[flag] = len(calls)
+    # 2 blocks x 6 linear layers + head: a training step (forward, input gradients), 2 loss and 2 accuracy passes
+    assert counts == {True: 13 * 2 + 13 * 4, False: 0}
