@@ -414,7 +414,7 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
     on the 2-core benchmark machine the bfloat16 run takes 3 min 4 s with it and 3 min 54 s
     without (see `ch02.runtime.reuse_freed_memory`); turn it off where memory is tight.
     `use_onednn` (default on) runs float32 linear layers on a CPU through oneDNN
-    (`ch05.onednn_linear`): same results, fp32 run 5 min 33 s -> 4 min 59 s on that machine.
+    (`ch05.onednn_linear`): same results; back to back there, 5 min 13 s -> 4 min 41 s in fp32.
     """
     if keep_freed_memory:
         reuse_freed_memory()
