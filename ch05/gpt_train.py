@@ -447,7 +447,8 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
     if is_main:
         ranks = f", {dist_info.world_size} processes ({torch.distributed.get_backend()})" if dist_info else ""
         onednn = use_onednn and autocast_dtype is None and device.type == "cpu" and onednn_linear_supported()
-        precision = "bfloat16 autocast" if autocast_dtype else "float32" + (", linear layers via oneDNN" * onednn)
+        precision = ("bfloat16 autocast" if autocast_dtype else
+                     "float32, linear layers via oneDNN" if onednn else "float32")
         print(f"device: {device}{ranks} ({precision}); {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(train_loader)} training batches per epoch (per process)")
 

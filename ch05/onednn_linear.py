@@ -68,13 +68,20 @@ class LinearOneDNN(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # PyTorch < 2.4 has a separate function for the CPU
+        return torch.is_autocast_cpu_enabled()
+
+
 def _routable(x, weight, bias) -> bool:
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
                 for t in tensors)
             and x.dim() >= 1 and weight.dim() == 2
             # Under autocast, linear layers already run in bfloat16 through oneDNN.
-            and not torch.is_autocast_enabled("cpu"))
+            and not _cpu_autocast_enabled())
 
 
 def _linear_args(input, weight, bias=None):  # F.linear's signature, to read its arguments by name
@@ -103,7 +110,7 @@ def onednn_linear_supported() -> bool:
         x, w, b = (torch.randn(*shape, generator=gen) for shape in ((5, 3, 16), (24, 16), (24,)))
         got = LinearOneDNN.apply(x, w, b)
         return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-5))
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
         return False
 
 
