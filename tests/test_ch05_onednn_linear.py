@@ -103,3 +103,20 @@ def test_forward_context_picks_autocast_or_onednn_or_nothing():
     assert not isinstance(forward_context("cpu", None, use_onednn=False), ol._LinearToOneDNN)
     assert not isinstance(forward_context("meta", None), ol._LinearToOneDNN)  # not a CPU
     assert isinstance(forward_context("cpu", None), ol._LinearToOneDNN) == onednn_linear_supported()
+
+
+def test_autocast_check_works_on_older_pytorch(monkeypatch):
+    """PyTorch < 2.4: `is_autocast_enabled` takes no device; the CPU has its own function."""
+
+    def no_device_argument(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments")
+        return False
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", no_device_argument)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: True, raising=False)
+    assert ol._cpu_autocast_enabled() is True
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    assert not ol._routable(x, w, None)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: False, raising=False)
+    assert ol._routable(x, w, None)
