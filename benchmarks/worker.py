@@ -59,19 +59,11 @@ def build(spec: dict) -> nn.Module:
     return GPTModel({**cfg, **variant})
 
 
-def autocast(dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)
-
-
 def train_context(spec: dict):
-    """HF runs as it comes; our model runs as the chapter-5 trainer runs it (`forward_context`):
-    bfloat16 autocast, or fp32 linear layers through oneDNN (except "ours-blas")."""
-    if spec["impl"] == "hf":
-        return autocast(spec["dtype"])
+    """The chapter-5 trainer's forward context: bfloat16 autocast, or in fp32 our models' linear
+    layers through oneDNN; HF (as it comes) and "ours-blas" keep PyTorch's default fp32 path."""
     dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else None
-    return forward_context("cpu", dtype, use_onednn=spec["impl"] != "ours-blas")
+    return forward_context("cpu", dtype, use_onednn=spec["impl"] not in ("hf", "ours-blas"))
 
 
 def measure_train(spec: dict) -> dict:

@@ -55,12 +55,18 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def uses_onednn(device: torch.device | str, autocast_dtype: torch.dtype | None, use_onednn: bool = True) -> bool:
+    """Whether `forward_context` runs the linear layers through oneDNN: float32 on a CPU that supports it."""
+    return (use_onednn and autocast_dtype in (None, torch.float32) and torch.device(device).type == "cpu"
+            and onednn_linear_supported())
+
+
 def forward_context(device: torch.device | str, autocast_dtype: torch.dtype | None = None, use_onednn: bool = True):
     """The context for training and evaluation forward passes: mixed precision when asked;
     otherwise, on a CPU, float32 linear layers through oneDNN (faster, see `ch05.onednn_linear`)."""
-    if autocast_dtype is not None and autocast_dtype != torch.float32:
+    if autocast_dtype not in (None, torch.float32):
         return autocast_context(device, autocast_dtype)
-    return onednn_linear(use_onednn and torch.device(device).type == "cpu")
+    return onednn_linear(uses_onednn(device, autocast_dtype, use_onednn))
 
 
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
@@ -446,9 +452,9 @@ def main(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume:
         model = torch.nn.parallel.DistributedDataParallel(model)
     if is_main:
         ranks = f", {dist_info.world_size} processes ({torch.distributed.get_backend()})" if dist_info else ""
-        onednn = use_onednn and autocast_dtype is None and device.type == "cpu" and onednn_linear_supported()
         precision = ("bfloat16 autocast" if autocast_dtype else
-                     "float32, linear layers via oneDNN" if onednn else "float32")
+                     "float32, linear layers via oneDNN" if uses_onednn(device, autocast_dtype, use_onednn)
+                     else "float32")
         print(f"device: {device}{ranks} ({precision}); {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(train_loader)} training batches per epoch (per process)")
 

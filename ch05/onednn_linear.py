@@ -34,13 +34,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 
-def _op():
-    return torch.ops.mkldnn._linear_pointwise
-
-
 def _product(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2d @ weight.T + bias by oneDNN (weight may be a transposed view)."""
-    return _op()(x2d, weight, bias, "none", [], "")
+    """x2d @ weight.T + bias by oneDNN (weight may be a transposed view).
+
+    The op is looked up here, not at import: builds without oneDNN lack it."""
+    return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
 
 
 class LinearOneDNN(torch.autograd.Function):

@@ -40,3 +40,19 @@ def verdict_text() -> str:
     from ch02.download import get_data_file
 
     return get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def onednn_products(monkeypatch) -> list:
+    """A list that gains one entry per product computed through oneDNN (`ch05.onednn_linear`).
+
+    Skips the test where this CPU/PyTorch has no usable oneDNN linear op.
+    """
+    import ch05.onednn_linear as ol
+
+    if not ol.onednn_linear_supported():
+        pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")
+    calls: list = []
+    product = ol._product
+    monkeypatch.setattr(ol, "_product", lambda *args: calls.append(1) or product(*args))
+    return calls

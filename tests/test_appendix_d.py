@@ -158,14 +158,8 @@ def test_train_model_on_the_verdict_with_samples(verdict_text, capsys):
     assert out.count("Every effort moves you") == 2  # one sample per epoch
 
 
-def test_train_model_runs_linear_layers_through_onednn(monkeypatch):
-    import ch05.onednn_linear as ol
-
-    if not ol.onednn_linear_supported():
-        pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")
-    calls = []
-    product = ol._product
-    monkeypatch.setattr(ol, "_product", lambda *a: calls.append(1) or product(*a))
+def test_train_model_runs_linear_layers_through_onednn(onednn_products):
+    calls = onednn_products
     model = GPTModel(TINY)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_model(model, repeated_batches(1), repeated_batches(1), optimizer, "cpu", n_epochs=1, eval_freq=1,

@@ -313,15 +313,9 @@ def test_bfloat16_refused_with_a_clear_message_without_hardware_support(monkeypa
 
 
 def test_float32_training_and_evaluation_use_onednn_linear_layers_unless_turned_off(short_text, tokenizer,
-                                                                                      monkeypatch):
+                                                                                      onednn_products):
     """The loop sends linear layers through oneDNN in float32 (not in bfloat16 autocast, not when off)."""
-    import ch05.onednn_linear as ol
-
-    if not ol.onednn_linear_supported():
-        pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")
-    calls = []
-    product = ol._product
-    monkeypatch.setattr(ol, "_product", lambda *a: calls.append(1) or product(*a))
+    calls = onednn_products
     run_training(short_text, tokenizer, num_epochs=1, max_steps=2)
     # 2 steps x 2 blocks x 6 linear layers + head, forward and input gradient; 1 evaluation of 2 x 2 batches
     assert len(calls) == 2 * 2 * 13 + 4 * 13

@@ -361,15 +361,10 @@ def test_classifier_optimizer_covers_only_trainable_parameters():
         make_classifier_optimizer(model, 1e-3, 0.1)
 
 
-def test_fine_tuning_loop_runs_linear_layers_through_onednn_unless_turned_off(tiny_classifier, monkeypatch):
-    import ch05.onednn_linear as ol
+def test_fine_tuning_loop_runs_linear_layers_through_onednn_unless_turned_off(tiny_classifier, onednn_products):
     from ch06.gpt_class_finetune import train_classifier_simple
 
-    if not ol.onednn_linear_supported():
-        pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")
-    calls = []
-    product = ol._product
-    monkeypatch.setattr(ol, "_product", lambda *a: calls.append(1) or product(*a))
+    calls = onednn_products
     batches = [(torch.randint(0, 50257, (2, 6)), torch.tensor([0, 1]))]
     counts = {}
     for flag in (True, False):
