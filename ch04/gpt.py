@@ -143,8 +143,6 @@ class GPTModel(nn.Module):
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
             self.tie_weights()
         self.current_pos = 0  # how many tokens the KV cache already holds
-        self._head_t: torch.Tensor | None = None  # see _decoding_head
-        self._head_t_key: tuple = ()
 
     def tie_weights(self) -> None:
         """Share one matrix between the token embedding and the output head, as GPT-2 does.
@@ -157,7 +155,6 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             block.att.reset_cache()
         self.current_pos = 0
-        self._head_t, self._head_t_key = None, ()
 
     def _check_input(self, in_idx: torch.Tensor, past: int) -> None:
         if in_idx.dim() != 2:
@@ -187,39 +184,7 @@ class GPTModel(nn.Module):
         if use_cache:
             self.current_pos += num_tokens
         x = self.final_norm(x)
-        if use_cache and x.shape[0] * x.shape[1] == 1 and not torch.is_grad_enabled():
-            head_t = self._decoding_head()
-            if head_t is not None:
-                return x @ head_t  # one token's logits, same values as self.out_head(x)
         return self.out_head(x)  # (b, num_tokens, vocab_size)
-
-    def _decoding_head(self) -> torch.Tensor | None:
-        """The output head's weight transposed to (emb_dim, vocab_size), kept while a KV cache is alive.
-
-        A cached generation step multiplies ONE token vector by the 38.6M-weight head. That is
-        memory-bound, and PyTorch's CPU BLAS streams the transposed layout about twice as fast as
-        nn.Linear's (vocab_size, emb_dim) one (6 vs 12 ms per token on the benchmark CPU, ~15% of
-        a GPT-2 small step). The copy costs 154 MB while generating and is dropped by
-        reset_kv_cache(); it is rebuilt if the weight changes. Only for a plain float32 nn.Linear
-        head on the CPU outside autocast (under bfloat16 autocast the head reuses autocast's cached
-        bfloat16 weight, which is faster still).
-        """
-        head = self.out_head
-        if (type(head) is not nn.Linear or head.bias is not None or head.weight.device.type != "cpu"
-                or head.weight.dtype != torch.float32 or _cpu_autocast_on()):
-            return None  # e.g. a LoRA-wrapped or replaced head, a GPU, or mixed precision
-        w = head.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))  # changes with any update or a new tensor
-        if self._head_t is None or self._head_t_key != key:
-            self._head_t, self._head_t_key = w.detach().t().contiguous(), key
-        return self._head_t
-
-
-def _cpu_autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # PyTorch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled()
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:

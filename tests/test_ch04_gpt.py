@@ -271,32 +271,6 @@ def test_kv_cache_matches_full_forward(use_sdpa):
         torch.testing.assert_close(model(ids[:, :4], use_cache=True), full[:, :4], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_single_token_decoding_head_tracks_weight_updates(tied):
-    """Batch-1 cached steps use a transposed copy of the head; it must never go stale."""
-    model = tiny_model(tie_weights=tied)
-    ids = torch.randint(0, TINY["vocab_size"], (1, 8))
-    hidden = []
-    model.final_norm.register_forward_hook(lambda mod, inp, out: hidden.append(out))
-
-    def expected(logits):  # what nn.Linear with the current weight gives for the last hidden state
-        torch.testing.assert_close(logits, hidden[-1] @ model.out_head.weight.T, atol=1e-5, rtol=1e-4)
-
-    with torch.no_grad():
-        model.reset_kv_cache()
-        model(ids[:, :4], use_cache=True)
-        expected(model(ids[:, 4:5], use_cache=True))
-        assert model._head_t is not None  # the fast path really ran
-        # Change the weights in place, as an optimizer step does, while the cache is alive.
-        model.out_head.weight.mul_(-2.0)
-        expected(model(ids[:, 5:6], use_cache=True))
-        # Replace the parameter object (a new head, load_state_dict(assign=True)).
-        model.out_head.weight = nn.Parameter(torch.randn_like(model.out_head.weight))
-        expected(model(ids[:, 6:7], use_cache=True))
-    model.reset_kv_cache()
-    assert model._head_t is None  # the copy lives only as long as the cache
-
-
 def test_replaced_output_head_is_used_as_is_when_decoding():
     model = tiny_model()
     model.out_head = nn.Sequential(nn.Linear(TINY["emb_dim"], 3))  # e.g. a classifier head
@@ -329,12 +303,13 @@ def test_model_learns_a_repeated_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
-def test_decoding_under_bfloat16_autocast_keeps_the_plain_head():
+def test_cached_decoding_under_bfloat16_autocast():
     model = tiny_model()
     ids = torch.randint(0, TINY["vocab_size"], (1, 5))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model.reset_kv_cache()
         model(ids[:, :4], use_cache=True)
         last = model(ids[:, 4:], use_cache=True)
-    assert model._head_t is None  # autocast's cached bfloat16 weight is used instead
+        full = model(ids)
     assert last.dtype == torch.bfloat16
+    torch.testing.assert_close(last, full[:, 4:], atol=2e-2, rtol=2e-2)

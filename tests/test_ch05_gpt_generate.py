@@ -219,6 +219,28 @@ def test_per_token_work_with_cache_is_constant():
     assert slid == [5] + [1] * 11 + [16] * 3
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_runs_linear_layers_through_onednn(onednn_products, use_cache):
+    """On an x86 CPU in float32 the products go through oneDNN; the tokens stay the same."""
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 4))
+    kwargs = dict(max_new_tokens=5, context_size=16, use_cache=use_cache)
+    fast = generate(model, idx, **kwargs)
+    per_call = 6 * TINY["n_layers"] + 1  # q, k, v, out_proj, two feed-forward layers per block; the head
+    assert len(onednn_products) == 5 * per_call
+    onednn_products.clear()
+    assert torch.equal(fast, generate(model, idx, use_onednn=False, **kwargs))
+    assert not onednn_products
+    sampled = [generate(model, idx, temperature=1.0, top_k=10, use_onednn=flag,
+                        generator=torch.Generator().manual_seed(3), **kwargs) for flag in (True, False)]
+    assert torch.equal(*sampled)
+    assert len(onednn_products) == 5 * per_call  # the use_onednn=True run only
+    onednn_products.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(model, idx, **kwargs)
+    assert not onednn_products  # autocast runs its own bfloat16 products
+
+
 def test_bf16_autocast_casts_the_weights_once_per_generation_not_per_token():
     """Under autocast, generation must let autocast cache the bfloat16 weights (inference_mode
     switches that cache off, and every token then re-casts every weight)."""

@@ -60,6 +60,27 @@ def test_context_routes_float32_cpu_linear_layers_and_nothing_else():
         assert _grad_fn_name(layer(x)) != "LinearOneDNNBackward"
 
 
+@needs_onednn
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+def test_without_autograd_the_op_is_called_directly(no_autograd, onednn_products):
+    layer = nn.Linear(8, 5)
+    x = torch.randn(2, 3, 8)
+    with no_autograd(), onednn_linear():
+        got = layer(x)
+        got_1d = layer(x[0, 0])  # a single vector, as F.linear allows
+    assert len(onednn_products) == 2
+    assert got.grad_fn is None and got.shape == (2, 3, 5) and got_1d.shape == (5,)
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_1d, got[0, 0], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_entered_under_autocast_the_context_is_a_no_op():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not isinstance(onednn_linear(), ol._LinearToOneDNN)
+    assert isinstance(onednn_linear(), ol._LinearToOneDNN)
+
+
 def test_unsupported_cpu_leaves_everything_as_it_is(monkeypatch):
     monkeypatch.setattr(ol.platform, "machine", lambda: "arm64")
     ol.onednn_linear_supported.cache_clear()
