@@ -328,6 +328,15 @@ def test_cli_sampling_options_and_no_cache(trained_dir, capsys):
     assert out1 == out2 == out3
 
 
+def test_cli_no_onednn_keeps_the_default_path_and_the_tokens(trained_dir, capsys, onednn_products):
+    common = ["--model", str(trained_dir / "checkpoint.pth"), "--max-new-tokens", "6", "--device", "cpu"]
+    rc1, out1, _ = run_cli(capsys, *common, "--no-onednn")
+    assert not onednn_products
+    rc2, out2, _ = run_cli(capsys, *common)
+    assert onednn_products  # by default the linear layers go through oneDNN
+    assert rc1 == rc2 == 0 and out1 == out2
+
+
 def test_cli_reports_unavailable_weights_without_traceback(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     real = gpt_download.download_gpt2_safetensors
