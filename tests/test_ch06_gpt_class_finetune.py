@@ -376,3 +376,30 @@ def test_fine_tuning_loop_runs_linear_layers_through_onednn_unless_turned_off(ti
         counts[flag] = len(calls)
     # 2 blocks x 6 linear layers + head: a training step (forward, input gradients), 2 loss and 2 accuracy passes
     assert counts == {True: 13 * 2 + 13 * 4, False: 0}
+
+
+def test_main_use_onednn_covers_the_final_accuracy_pass(tmp_path, onednn_products, monkeypatch):
+    import ch06.gpt_class_finetune as cf
+
+    inside: list[bool] = []  # for each final accuracy pass: was oneDNN routing on?
+    real = cf.calc_accuracy_loader
+
+    def spy(loader, model, device, num_batches=None):
+        before = len(onednn_products)
+        acc = real(loader, model, device, num_batches=num_batches)
+        inside.append(len(onednn_products) > before)
+        return acc
+
+    monkeypatch.setattr(cf, "calc_accuracy_loader", spy)
+    tiny = {**TINY, "context_length": 64}
+    settings = {**QUICK_SETTINGS, "num_epochs": 1, "batch_size": 64, "eval_freq": 100, "eval_iter": 1}
+    results = {}
+    for flag in (False, True):
+        inside.clear()
+        onednn_products.clear()
+        results[flag] = main(settings, tmp_path / str(flag), mode="scratch", cfg=tiny, device="cpu",
+                             progress=False, use_onednn=flag)
+        assert inside[-3:] == [flag] * 3  # train, validation, test after training
+        assert bool(onednn_products) is flag
+    assert results[True]["accuracies"] == results[False]["accuracies"]
+    assert parse_args(["--no-onednn"]).no_onednn and not parse_args([]).no_onednn

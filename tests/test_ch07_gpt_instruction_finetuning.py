@@ -298,3 +298,25 @@ def test_tiny_end_to_end_fine_tune(tmp_path, instruction_data):
     x = torch.tensor([[1, 2, 3]])
     result["model"].eval()
     assert torch.equal(model(x), result["model"](x))
+
+
+def test_use_onednn_reaches_training_evaluation_and_generation(tmp_path, instruction_data, onednn_products):
+    """main(use_onednn=False) keeps PyTorch's default path everywhere; the default routes through oneDNN
+    with the same losses and answers."""
+    settings = {**ft.QUICK_SETTINGS, "batch_size": 4, "num_train": 8, "num_epochs": 1, "eval_freq": 1,
+                "eval_iter": 1, "num_test": 2, "max_new_tokens": 4, "sample_tokens": 0}
+    runs = {}
+    for flag in (False, True):
+        onednn_products.clear()
+        result = ft.main(settings, tmp_path / str(flag), cfg=TINY, data=instruction_data[:30], device="cpu",
+                         progress=False, use_onednn=flag)
+        runs[flag] = (result, len(onednn_products))
+    (plain, plain_count), (fast, fast_count) = runs[False], runs[True]
+    per_forward = 6 * TINY["n_layers"] + 1
+    assert plain_count == 0
+    # the 2 starting losses, 2 training steps (forward + input gradients), 2 evaluations of 2 batches,
+    # then 1-4 forward calls per answer (an answer may end at <|endoftext|>)
+    assert per_forward * (2 + 2 * 2 + 2 * 2 + 2) <= fast_count <= per_forward * (2 + 2 * 2 + 2 * 2 + 2 * 4)
+    assert fast["train_losses"] == pytest.approx(plain["train_losses"], rel=1e-4)
+    assert [r["model_response"] for r in fast["responses"]] == [r["model_response"] for r in plain["responses"]]
+    assert ft.parse_args(["--no-onednn"]).no_onednn and not ft.parse_args([]).no_onednn
