@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch05.onednn_linear import onednn_linear
+from ch05.onednn_linear import add_no_onednn_argument, onednn_linear
 
 
 def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -104,7 +104,7 @@ def generate(
     step: from there on a step costs as much as without a cache.
 
     On an x86 CPU in float32 the linear layers run through oneDNN, which uses every core
-    for the one-token products of a cached step (~1.35x faster for GPT-2 124M on the
+    for the one-token products of a cached step (~1.4x faster for GPT-2 124M on the
     benchmark machine; see `ch05.onednn_linear`). `use_onednn=False` keeps PyTorch's
     default path; the tokens are the same.
     """
@@ -224,9 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-heads", type=int, default=None,
                    help="attention heads, for a weights-only file without config (normally inferred)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--no-onednn", action="store_true",
-                   help="float32 on an x86 CPU: keep PyTorch's default BLAS for linear layers instead of oneDNN "
-                        "(same tokens; oneDNN was ~1.4x faster on the benchmark machine)")
+    add_no_onednn_argument(p)
     return p.parse_args(argv)
 
 

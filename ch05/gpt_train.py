@@ -33,7 +33,7 @@ from ch04.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from ch05.checkpoint import load_checkpoint, save_checkpoint, save_model
 from ch05.distributed import DistInfo, cleanup, init_distributed, launched_by_torchrun, shard_loader
 from ch05.gpt_generate import generate
-from ch05.onednn_linear import onednn_linear, onednn_linear_supported
+from ch05.onednn_linear import add_no_onednn_argument, onednn_linear, onednn_linear_supported
 
 # --- 5.1 Evaluating generative text models ----------------------------------------------------
 
@@ -512,9 +512,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--release-freed-memory", action="store_true",
                    help="hand freed memory back to the OS at once: ~0.3-0.5 GB lower peak memory, but many more "
                         "page faults (up to ~30%% slower; by default freed memory is kept for reuse)")
-    p.add_argument("--no-onednn", action="store_true",
-                   help="float32 on a CPU: keep PyTorch's default BLAS (oneMKL) for linear layers instead of oneDNN "
-                        "(same results; oneDNN was ~10%% faster on the benchmark machine)")
+    add_no_onednn_argument(p)
     return p.parse_args(argv)
 
 

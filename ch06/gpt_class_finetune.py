@@ -53,6 +53,7 @@ from ch05.checkpoint import (
     saved_config,
 )
 from ch05.gpt_train import average_over_batches, forward_context, make_optimizer, plot_losses
+from ch05.onednn_linear import add_no_onednn_argument
 
 SPAM_FILE = "SMSSpamCollection"
 LABEL_MAP = {"ham": 0, "spam": 1}          # text label in the raw file -> class index
@@ -666,9 +667,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where CSV splits, plots and the model go")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-onednn", action="store_true",
-                   help="float32 on an x86 CPU: keep PyTorch's default BLAS for linear layers instead of oneDNN "
-                        "(same results; oneDNN is faster)")
+    add_no_onednn_argument(p)
     return p.parse_args(argv)
 
 

@@ -53,6 +53,7 @@ from ch05.gpt_train import (
     text_to_token_ids,
     train_model_simple,
 )
+from ch05.onednn_linear import add_no_onednn_argument
 
 INSTRUCTION_DATA_FILE = "instruction-data.json"
 END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>, used as padding and as the stop token
@@ -558,9 +559,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="outputs/ch07", help="where responses, model and plot go")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-onednn", action="store_true",
-                   help="float32 on an x86 CPU: keep PyTorch's default BLAS for linear layers instead of oneDNN "
-                        "(same results; oneDNN is faster)")
+    add_no_onednn_argument(p)
     return p.parse_args(argv)
 
 
