@@ -186,7 +186,10 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
 
     g = {("ours-cache" if r["impl"] == "ours" and r["cache"] else "ours-no-cache" if r["impl"] == "ours" else "hf"): r
          for r in results["generate"]}
+    gen_path = ("Ours: `ch05.gpt_generate.generate`, float32 linear layers through oneDNN (`use_onednn=True`)."
+                if machine.get("onednn_linear") else "Ours: `ch05.gpt_generate.generate` on PyTorch's default path.")
     lines += ["", f"## Generation (greedy, batch 1, 10-token prompt, {g['hf']['new_tokens']} new tokens)", "",
+              gen_path, "",
               "| model | tokens/s | ratio vs HF | latency 10th token (ms) | latency last token (ms) |",
               "|---|---:|---:|---:|---:|"]
     for name, r in g.items():
