@@ -116,9 +116,8 @@ def generate(
     was_training = model.training
     model.eval()
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     try:
-        with onednn_linear(use_onednn and on_cpu):
+        with onednn_linear(use_onednn and idx.device.type == "cpu"):  # the model sits where its input does
             for step in range(max_new_tokens):
                 if not use_cache:
                     logits = model(idx[:, -context_size:])[:, -1, :]
