@@ -1,4 +1,4 @@
-"""Cross-cutting helpers used by every chapter: device choice, quick mode, seeding.
+"""Cross-cutting helpers used by every chapter: device choice, quick mode, seeding, eval mode.
 
 They live here, in the earliest chapter that needs them, so there is exactly one
 copy (later chapters import them).
@@ -6,14 +6,20 @@ copy (later chapters import them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 QUICK_ENV = "LLMFS_QUICK"
 DEVICE_ENV = "LLMFS_DEVICE"
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The device or precision asked for is not available here (a setting to change, not a bug)."""
 
 
 def is_quick() -> bool:
@@ -34,17 +40,17 @@ def get_device(prefer: str | None = None) -> torch.device:
     choice = (prefer or os.environ.get(DEVICE_ENV, "")).strip().lower()
     if choice:
         if choice.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"{DEVICE_ENV}/prefer asks for {choice!r} but CUDA is not available; "
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for {choice!r} but CUDA is not available; "
                                "use 'cpu' or install a CUDA build of PyTorch.")
         if choice == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise RuntimeError(f"{DEVICE_ENV}/prefer asks for 'mps' but MPS is not available; use 'cpu'.")
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for 'mps' but MPS is not available; use 'cpu'.")
         try:
             device = torch.device(choice)
         except RuntimeError as exc:
-            raise RuntimeError(f"{DEVICE_ENV}/prefer={choice!r} is not a device PyTorch knows; "
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer={choice!r} is not a device PyTorch knows; "
                                f"use 'cpu', 'cuda', 'cuda:N' or 'mps' ({exc})") from None
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"{DEVICE_ENV}/prefer asks for {choice!r} but only "
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for {choice!r} but only "
                                f"{torch.cuda.device_count()} CUDA device(s) are visible.")
         return device
     if torch.cuda.is_available():
@@ -59,6 +65,21 @@ def set_seed(seed: int = 123) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode (no dropout) for the block, then the mode the model was in before.
+
+    Generation, evaluation and classification run inside a training loop, which must get
+    its model back in training mode, and outside one, where it must stay in eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def distributed_backend() -> str:

@@ -25,6 +25,10 @@ GPT_CONFIG_124M = {
     "qkv_bias": False,       # bias in the query/key/value projections (OpenAI's weights use True)
 }
 
+# A small model of the same shape for quick mode and tests (chapter 5 trains it in about a minute on
+# a laptop CPU): GPT-2's vocabulary, 2 blocks of width 128 with 4 heads, context 64.
+QUICK_CONFIG = {**GPT_CONFIG_124M, "context_length": 64, "emb_dim": 128, "n_heads": 4, "n_layers": 2}
+
 # Optional keys: "drop_rate_emb", "drop_rate_attn", "drop_rate_shortcut" override drop_rate
 # per place (exercise 4.3); "tie_weights" shares the token embedding with the output head;
 # "use_sdpa" picks the attention implementation (default: fused kernel).

@@ -69,7 +69,7 @@ def load_state_file(path: str | os.PathLike, map_location="cpu") -> dict:
 TIED_PAIR = ("tok_emb.weight", "out_head.weight")
 
 
-def _fill_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fill_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Restore the name safetensors dropped from a tied pair (it keeps only one name per shared tensor)."""
     a, b = TIED_PAIR
     if a in state and b not in state:
@@ -135,7 +135,7 @@ def load_model(model: nn.Module, path: str | os.PathLike, map_location="cpu") ->
     if Path(path).suffix == ".safetensors" and hasattr(model, "out_head") and hasattr(model, "tok_emb"):
         # safetensors' save_model keeps one name of a tied pair (alphabetically the first,
         # out_head.weight); both names get the same values back.
-        state = _fill_tied(state)
+        state = fill_tied(state)
     check_state_dict(model, state, source=str(path))
     model.load_state_dict(state)
     return model
@@ -180,9 +180,9 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], n_heads: int | N
     import re
     import warnings
 
-    from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M
+    from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, QUICK_CONFIG
 
-    state_dict = _fill_tied(state_dict)
+    state_dict = fill_tied(state_dict)
     if "tok_emb.weight" not in state_dict or "pos_emb.weight" not in state_dict:
         raise CheckpointMismatchError("not a GPTModel state dict: tok_emb.weight / pos_emb.weight are missing")
     vocab_size, emb_dim = state_dict["tok_emb.weight"].shape
@@ -190,8 +190,6 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], n_heads: int | N
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
     n_layers = max(blocks) + 1 if blocks else 0
     if n_heads is None:
-        from ch05.gpt_train import QUICK_CONFIG  # late import: gpt_train imports this module
-
         by_width = {size["emb_dim"]: size["n_heads"] for size in GPT2_SIZES.values()}
         by_width.setdefault(QUICK_CONFIG["emb_dim"], QUICK_CONFIG["n_heads"])
         if emb_dim in by_width:

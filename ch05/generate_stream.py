@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from ch05.gpt_generate import next_token
+from ch02.runtime import eval_mode
+from ch05.gpt_generate import next_logits, next_token
 
 
 def generate_stream(
@@ -40,25 +41,17 @@ def generate_stream(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if context_size < 1:
         raise ValueError(f"context_size must be >= 1, got {context_size}")
-    was_training = model.training
-    model.eval()
-    try:
-        for step in range(max_new_tokens):
-            with torch.no_grad():
-                if not use_cache:
-                    logits = model(idx[:, -context_size:])[:, -1, :]
-                elif step == 0 or idx.shape[1] > context_size:
-                    model.reset_kv_cache()
-                    logits = model(idx[:, -context_size:], use_cache=True)[:, -1, :]
-                else:
-                    logits = model(idx[:, -1:], use_cache=True)[:, -1, :]
-                nxt = next_token(logits, temperature, top_k, top_p, generator)  # (1, 1)
-            token = int(nxt.item())
-            if eos_id is not None and token == eos_id:
-                return
-            idx = torch.cat([idx, nxt], dim=1)
-            yield token
-    finally:
-        if use_cache:
-            model.reset_kv_cache()
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for step in range(max_new_tokens):
+                with torch.no_grad():
+                    logits = next_logits(model, idx, step, context_size, use_cache)
+                    nxt = next_token(logits, temperature, top_k, top_p, generator)  # (1, 1)
+                token = int(nxt.item())
+                if eos_id is not None and token == eos_id:
+                    return
+                idx = torch.cat([idx, nxt], dim=1)
+                yield token
+        finally:
+            if use_cache:
+                model.reset_kv_cache()

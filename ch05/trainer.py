@@ -1,0 +1,417 @@
+"""The training layer around the book's loops: what a long headless run needs beyond chapter 5's listing.
+
+`ch05.gpt_train.train_model_simple` is the book's loop, kept as the book writes it. `train`
+here runs the same steps in the same order (same batches, same dropout masks, so the same
+losses and weights; `tests/test_ch05_trainer.py` proves it) and adds:
+
+* checkpoints written atomically every `checkpoint_every` steps, at the end, and when the
+  run is interrupted (Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written
+  and `TrainingInterrupted` says how to resume);
+* exact resume (`resume_from`): the epoch's shuffle order is re-drawn from the RNG state
+  saved at the start of the epoch, the batches already trained on are skipped, then the
+  RNG continues where it stopped, so dropout masks and batches are those of an
+  uninterrupted run;
+* DistributedDataParallel under `torchrun` (`ch05.distributed`), `max_steps`, mixed
+  precision (`autocast_dtype`), a progress bar;
+* hooks, so that chapter 6 (classification loss, accuracies) and chapter 7 (chapter 5's loss
+  on instruction data) reuse the same loop instead of copying it.
+
+`pretrain` is the chapter-5 run (`python -m ch05.gpt_train`); its command line is `ch05.cli`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
+
+from ch02.atomic import atomic_write
+from ch02.download import get_data_file
+from ch02.runtime import DeviceUnavailableError, get_device, reuse_freed_memory, set_seed
+from ch02.tokenizer import get_gpt2_tokenizer
+from ch04.gpt import GPTModel
+from ch05.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint, save_model
+from ch05.distributed import DistInfo, cleanup, init_distributed, launched_by_torchrun, shard_loader
+from ch05.gpt_generate import generate
+from ch05.gpt_train import (
+    calc_loss_batch,
+    create_train_val_loaders,
+    evaluate_model,
+    plot_losses,
+    text_to_token_ids,
+    token_ids_to_text,
+)
+
+# --- Optimizer and precision -----------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (frozen ones are skipped, as fine-tuning needs).
+
+    Uses PyTorch's fused AdamW kernel where the device has one (CPU and CUDA in recent
+    releases): one kernel updates all tensors, several times faster than a Python loop over
+    parameters. The same arithmetic as the book's `torch.optim.AdamW(model.parameters(), ...)`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older PyTorch or a device without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
+    """`torch.autocast` for mixed precision (e.g. bfloat16), or a no-op when dtype is None."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def check_autocast_support(device, dtype: torch.dtype | None) -> None:
+    """Refuse mixed precision where the hardware cannot run it, instead of silently crawling."""
+    if dtype != torch.bfloat16:
+        return
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceUnavailableError("--dtype bfloat16: this GPU has no bfloat16 support; use --dtype float32")
+    if kind == "cpu":
+        try:
+            native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        except (AttributeError, RuntimeError):
+            native = False
+        if not native:
+            raise DeviceUnavailableError("--dtype bfloat16: this CPU has no native bfloat16 instructions (AVX512-BF16 or "
+                               "AMX), so bfloat16 would be slower than float32; use --dtype float32")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "float32", "fp32"):
+        return None
+    if name in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if name in ("float16", "fp16"):
+        return torch.float16
+    raise ValueError(f"unsupported --dtype {name!r}; use float32 or bfloat16")
+
+
+# --- RNG state, for exact resume ------------------------------------------------------------------
+
+def _loader_generator(loader) -> torch.Generator | None:
+    return getattr(getattr(loader, "sampler", None), "generator", None)
+
+
+def _device_rng_state(device) -> torch.Tensor | None:
+    """The accelerator's RNG state (dropout masks on a GPU come from it, not from the CPU RNG)."""
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_rng_state(torch.device(device))
+    if kind == "mps" and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        return torch.mps.get_rng_state()
+    return None
+
+
+def _set_device_rng_state(device, state: torch.Tensor | None) -> None:
+    if state is None:
+        return
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state.cpu(), torch.device(device))
+    elif kind == "mps" and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state.cpu())
+
+
+# --- Interrupts ----------------------------------------------------------------------------------------
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training after a finished step; `checkpoint` is where it was saved."""
+
+    def __init__(self, signum: int, checkpoint: Path | None, step: int):
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        name = signal.Signals(signum).name
+        saved = f"; checkpoint written to {checkpoint}" if checkpoint else " (no checkpoint path: nothing saved)"
+        super().__init__(f"{name} after step {step + 1}{saved}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextlib.contextmanager
+def _deferred_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Record SIGINT/SIGTERM instead of dying mid-step; a second Ctrl-C stops at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be installed from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum])  # the next one acts as it did before
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --- The loop ------------------------------------------------------------------------------------------
+
+def print_sample(model: nn.Module, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
+    """`generate_and_print_sample` with the KV cache: the same greedy tokens, each for one token's work."""
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    token_ids = generate(model, encoded, max_new_tokens, model.pos_emb.weight.shape[0], use_cache=True)
+    text = token_ids_to_text(token_ids, tokenizer)
+    print(text.replace("\n", " "))
+    return text
+
+
+def train(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    device,
+    num_epochs: int,
+    eval_freq: int,
+    eval_iter: int,
+    *,
+    loss_fn: Callable | None = None,
+    evaluate_fn: Callable | None = None,
+    epoch_end_fn: Callable | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume_from: str | Path | None = None,
+    max_steps: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "training",
+) -> dict:
+    """The book's loop with the extras of this module; returns the history and counters.
+
+    loss_fn(model, input_batch, target_batch) -> loss (default: chapter 5's `calc_loss_batch`);
+    evaluate_fn(model) -> (train_loss, val_loss) (default: chapter 5's `evaluate_model` on
+    `eval_iter` batches); epoch_end_fn(model, epoch) -> dict of values to record or None
+    (chapter 5 prints a sample; chapter 6 measures accuracies). The result holds
+    "train_losses", "val_losses", "tokens_seen" (one entry per evaluation), a list per key
+    that epoch_end_fn returned, and the totals "tokens", "examples", "global_step".
+    """
+    if len(train_loader) == 0:
+        raise ValueError("the training loader has no batches: the text is too short for this batch size and "
+                         "context length (lower batch_size or context_length, or use more text)")
+    if eval_freq < 1:
+        raise ValueError(f"eval_freq must be >= 1, got {eval_freq}")
+    # Under DistributedDataParallel the model is a wrapper: evaluate, sample and save the
+    # plain model inside it, and let only the first process print and write files.
+    core = getattr(model, "module", model)
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    loss_fn = loss_fn or (lambda m, inputs, targets: calc_loss_batch(inputs, targets, m, device))
+    evaluate_fn = evaluate_fn or (lambda m: evaluate_model(m, train_loader, val_loader, device, eval_iter))
+    sampler = getattr(train_loader, "sampler", None)
+    gen = _loader_generator(train_loader)
+    steps_per_epoch = len(train_loader)
+    history: dict[str, list] = {"train_losses": [], "val_losses": [], "tokens_seen": []}
+    tokens, examples, global_step, start_epoch, skip_batches = 0, 0, -1, 0, 0
+    rng_now = loader_rng_now = None
+
+    if resume_from is not None:
+        # Load to the CPU: RNG states must stay CPU tensors; weights and optimizer state are
+        # copied onto the model's device by load_state_dict.
+        state = load_checkpoint(resume_from, core, optimizer, map_location="cpu")
+        saved_steps = state.get("steps_per_epoch")
+        if saved_steps is not None and saved_steps != steps_per_epoch:
+            raise CheckpointMismatchError(
+                f"{resume_from} was written by a run with {saved_steps} training batches per epoch, this run has "
+                f"{steps_per_epoch}: resume with the same data, batch size and context length")
+        if "history" not in state:  # written before the trainer had its own module
+            state["history"] = {"train_losses": state["train_losses"], "val_losses": state["val_losses"],
+                                "tokens_seen": state["track_tokens_seen"]}
+        history = {k: list(v) for k, v in state["history"].items()}
+        tokens, examples = state.get("tokens", state.get("tokens_seen")), state.get("examples", 0)
+        global_step, start_epoch, skip_batches = state["global_step"], state["epoch"], state["batch_in_epoch"]
+        if start_epoch >= num_epochs:
+            raise ValueError(f"{resume_from} is a finished run of {state['epoch']} epochs: nothing to resume "
+                             f"(ask for more epochs to train on from there)")
+        rng_now, loader_rng_now = state["rng_state"], state.get("loader_rng_state")
+        # Re-create the epoch's shuffle order: restore the RNG as it was when the epoch began.
+        torch.set_rng_state(state["rng_epoch_start"].cpu())
+        if gen is not None and state.get("loader_rng_epoch_start") is not None:
+            gen.set_state(state["loader_rng_epoch_start"].cpu())
+        _set_device_rng_state(device, state.get("device_rng_state"))
+
+    def checkpoint(epoch: int, batch_in_epoch: int, rng_epoch_start, loader_rng_epoch_start) -> Path | None:
+        if not (checkpoint_path and is_main):
+            return None
+        return save_checkpoint(
+            checkpoint_path, core, optimizer,
+            global_step=global_step, epoch=epoch, batch_in_epoch=batch_in_epoch, tokens=tokens,
+            examples=examples, history=history, num_epochs=num_epochs, steps_per_epoch=steps_per_epoch,
+            rng_state=torch.get_rng_state(), rng_epoch_start=rng_epoch_start,
+            loader_rng_epoch_start=loader_rng_epoch_start,
+            # Evaluations iterate the (shuffled) training loader too, moving its generator on.
+            loader_rng_state=gen.get_state() if gen is not None else None,
+            device_rng_state=_device_rng_state(device), config=getattr(core, "cfg", None),
+        )
+
+    bar = tqdm(total=num_epochs * steps_per_epoch, initial=global_step + 1, disable=not (progress and is_main),
+               desc=desc, unit="step")
+    stopped = False
+    with _deferred_signals() as received:
+        for epoch in range(start_epoch, num_epochs):
+            model.train()
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle each epoch, the same on every rank
+            rng_epoch_start = torch.get_rng_state()
+            loader_rng_epoch_start = gen.get_state() if gen is not None else None
+            batches = iter(train_loader)  # draws the shuffle order from the RNG state above
+            if skip_batches:
+                for _ in range(skip_batches):  # already trained on before the interruption
+                    next(batches)
+                torch.set_rng_state(rng_now.cpu())  # continue with the dropout RNG where it stopped
+                if gen is not None and loader_rng_now is not None:
+                    gen.set_state(loader_rng_now.cpu())
+            for batch_in_epoch, (input_batch, target_batch) in enumerate(batches, start=skip_batches):
+                optimizer.zero_grad(set_to_none=True)
+                with autocast_context(device, autocast_dtype):
+                    loss = loss_fn(model, input_batch, target_batch)
+                loss.backward()
+                optimizer.step()
+                # Free the gradients now rather than at the next step: evaluation and sampling
+                # don't need them, and for GPT-2 124M that keeps ~650 MB out of their peak memory.
+                optimizer.zero_grad(set_to_none=True)
+                tokens += input_batch.numel()
+                examples += input_batch.shape[0]
+                global_step += 1
+                bar.update(1)
+
+                if global_step % eval_freq == 0:
+                    with autocast_context(device, autocast_dtype):
+                        train_loss, val_loss = evaluate_fn(core)
+                    history["train_losses"].append(train_loss)
+                    history["val_losses"].append(val_loss)
+                    history["tokens_seen"].append(tokens)
+                    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+                    if is_main:
+                        bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                                  f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+
+                if received:
+                    bar.close()
+                    saved = checkpoint(epoch, batch_in_epoch + 1, rng_epoch_start, loader_rng_epoch_start)
+                    raise TrainingInterrupted(received[0], saved, global_step)
+                if checkpoint_every and (global_step + 1) % checkpoint_every == 0:
+                    checkpoint(epoch, batch_in_epoch + 1, rng_epoch_start, loader_rng_epoch_start)
+                if max_steps is not None and global_step + 1 >= max_steps:
+                    stopped = True
+                    break
+            skip_batches = 0
+            if stopped:
+                checkpoint(epoch, batch_in_epoch + 1, rng_epoch_start, loader_rng_epoch_start)
+                break
+            if epoch_end_fn is not None:
+                with autocast_context(device, autocast_dtype):
+                    recorded = epoch_end_fn(core, epoch) if is_main else None
+                for key, value in (recorded or {}).items():
+                    history.setdefault(key, []).append(value)
+            if epoch + 1 == num_epochs:
+                # The end: resuming from here with more epochs continues at the start of the next one.
+                # (Not after every epoch: a 124M model's checkpoint with optimizer state is ~2 GB.)
+                checkpoint(epoch + 1, 0, torch.get_rng_state(), gen.get_state() if gen is not None else None)
+    bar.close()
+    return {**history, "tokens": tokens, "examples": examples, "global_step": global_step}
+
+
+# --- The chapter-5 run -------------------------------------------------------------------------------------
+
+def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume: str | None = None,
+             checkpoint_every: int | None = None, dtype: str | None = None, text: str | None = None,
+             max_steps: int | None = None, progress: bool = True, keep_freed_memory: bool = True,
+             sample_tokens: int = 50) -> dict:
+    """Train on the-verdict (or `text`); write checkpoint.pth, model.pth, config.json and loss.png to `output_dir`.
+
+    checkpoint.pth holds everything needed to resume (`resume=` that path); model.pth
+    only the weights, with the model's config beside it in config.json (so
+    `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
+    `keep_freed_memory` (default on) trades ~0.3-0.5 GB of peak memory for far fewer page
+    faults (see `ch02.runtime.reuse_freed_memory`); turn it off where memory is tight.
+    """
+    if keep_freed_memory:
+        reuse_freed_memory()
+    dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
+    if dist_info is not None:
+        device = dist_info.device
+    device = torch.device(device) if device is not None else get_device()
+    autocast_dtype = parse_dtype(dtype)
+    check_autocast_support(device, autocast_dtype)
+    output_dir = Path(output_dir)
+    set_seed(settings["seed"])
+    if text is None:
+        text = get_data_file("the-verdict.txt").read_text(encoding="utf-8")
+    tokenizer = get_gpt2_tokenizer()
+    train_loader, val_loader = create_train_val_loaders(text, cfg, settings["batch_size"], settings["train_ratio"])
+    if len(train_loader) == 0 or len(val_loader) == 0:
+        raise ValueError(
+            f"the text ({len(text):,} characters) is too short for context_length {cfg['context_length']} and "
+            f"batch_size {settings['batch_size']}: the {'training' if len(train_loader) == 0 else 'validation'} "
+            "split has no full batch. Use more text or lower context_length / batch_size."
+        )
+    model = GPTModel(cfg).to(device)
+    optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
+    is_main = dist_info is None or dist_info.is_main
+    if dist_info is not None:
+        # Every rank starts from the same weights (same seed); DDP averages gradients across ranks,
+        # and each rank trains on its own shard of the batches: global batch = batch_size x ranks.
+        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"])
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if is_main:
+        ranks = f", {dist_info.world_size} processes ({torch.distributed.get_backend()})" if dist_info else ""
+        precision = "bfloat16 autocast" if autocast_dtype else "float32"
+        print(f"device: {device}{ranks} ({precision}); {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(train_loader)} training batches per epoch (per process)")
+
+    def sample(m: nn.Module, epoch: int) -> None:
+        if sample_tokens:
+            print_sample(m, tokenizer, device, settings["start_context"], sample_tokens)
+
+    start = time.perf_counter()
+    result = train(model, train_loader, val_loader, optimizer, device, num_epochs=settings["num_epochs"],
+                   eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"], epoch_end_fn=sample,
+                   checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
+                   resume_from=resume, max_steps=max_steps, autocast_dtype=autocast_dtype, progress=progress)
+    elapsed = time.perf_counter() - start
+    model = getattr(model, "module", model)
+    train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
+    out = {"model": model, "train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
+           "seconds": elapsed, "output_dir": output_dir}
+    if dist_info is not None:
+        cleanup()
+    if not is_main:
+        return out
+    save_model(model, output_dir / "model.pth")
+    with atomic_write(output_dir / "config.json") as f:
+        json.dump(model.cfg, f, indent=2)
+    if train_losses:
+        # Fractional epochs from the tokens seen (also right for runs stopped early or resumed).
+        tokens_per_epoch = len(train_loader) * settings["batch_size"] * cfg["context_length"]
+        epochs_seen = [t / tokens_per_epoch for t in tokens_seen]
+        fig = plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, output_dir / "loss.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # saved to loss.png; don't keep (or, in a notebook, display) the figure
+        print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}, "
+              f"perplexity {math.exp(val_losses[-1]):.1f}; {elapsed / 60:.1f} min")
+    print(f"wrote {output_dir / 'model.pth'}, config.json, checkpoint.pth and loss.png in {output_dir}")
+    return out
