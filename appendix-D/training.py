@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ch05.gpt_train import calc_loss_batch, evaluate_model, forward_context, generate_and_print_sample
+from ch05.gpt_train import calc_loss_batch, evaluate_model, generate_and_print_sample
 
 # --- D.1 Learning rate warmup and D.2 Cosine decay ---------------------------------------------
 
@@ -72,7 +72,7 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.opt
                 n_epochs: int, eval_freq: int, eval_iter: int, start_context: str, tokenizer,
                 warmup_steps: int, initial_lr: float = 3e-05, min_lr: float = 1e-6,
                 max_norm: float | None = 1.0, *, peak_lr: float | None = None,
-                sample_tokens: int = 50) -> tuple[list[float], list[float], list[int], list[float]]:
+                print_samples: bool = True) -> tuple[list[float], list[float], list[int], list[float]]:
     """Chapter 5's training loop plus warm-up, cosine decay and gradient clipping.
 
     The peak learning rate is the one the optimizer was created with (or `peak_lr`). Before
@@ -106,8 +106,7 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.opt
                 group["lr"] = lr
             track_lrs.append(lr)
 
-            with forward_context(device):  # on a CPU: linear layers through oneDNN (same results, faster)
-                loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
 
             # New: clip the gradient norm once warm-up is over.
@@ -118,15 +117,14 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.opt
             tokens_seen += input_batch.numel()
 
             if global_step % eval_freq == 0:
-                with forward_context(device):
-                    train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
                 print(f"Ep {epoch + 1} (Iter {global_step:06d}): "
                       f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}, lr {lr:.2e}")
 
-        if sample_tokens:
-            generate_and_print_sample(model, tokenizer, device, start_context, sample_tokens)
+        if print_samples:  # New: a switch, so tests and quick runs can skip the samples
+            generate_and_print_sample(model, tokenizer, device, start_context)
 
     return train_losses, val_losses, track_tokens_seen, track_lrs

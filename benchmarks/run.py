@@ -93,10 +93,10 @@ def plan(quick: bool, shapes: list[tuple[int, int]] | None = None) -> dict:
         # a 2-core CPU) compare ours with HF over the minimum of 5 timed steps.
         "train": [{**base, "impl": impl, "batch": b, "ctx": n, **({} if i == 0 else {"steps": 5})}
                   for i, (b, n) in enumerate(shapes)
-                  for impl in (("ours", "hf", "ours-blas", "ours-untied", "ours-explicit") if i == 0
+                  for impl in (("ours", "hf", "ours-onednn", "ours-untied", "ours-explicit") if i == 0
                                else ("ours", "hf"))],
         "generate": [{**gen, "impl": "ours", "cache": True}, {**gen, "impl": "ours", "cache": False},
-                     {**gen, "impl": "hf", "cache": True}],
+                     {**gen, "impl": "hf", "cache": True}, {**gen, "impl": "ours-onednn", "cache": True}],
         "scaling": [{**base, "impl": "ours", "batch": 1, "ctx": n} for n in ctxs],
         "amp": [{**base, "impl": impl, "batch": shapes[0][0], "ctx": shapes[0][1], "dtype": dt, "steps": 8}
                 for impl in ("ours", "hf") for dt in ("float32", "bfloat16")],
@@ -159,10 +159,10 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
     def train_row(r):
         return r["tokens_per_s"], r["peak_rss_mib"]
 
-    onednn = ("our models run their linear layers through oneDNN, as the chapter-5 trainer does "
-              "(`ch05.onednn_linear`); ours-blas is `ours` on PyTorch's default path (`--no-onednn`)."
-              if machine.get("onednn_linear") else "the oneDNN linear path is not available here: every "
-              "model uses PyTorch's default path.")
+    onednn = ("every model uses PyTorch's default path, as the chapter scripts do; ours-onednn is `ours` "
+              "with the opt-in `--onednn` path (`ch05.onednn_linear`)."
+              if machine.get("onednn_linear") else "every model uses PyTorch's default path (the opt-in oneDNN "
+              "linear path is not available here).")
     lines += ["## Training step (forward + backward + fused AdamW, the same for every model; fp32, dropout 0.1)", "",
               f"In fp32 {onednn}", "",
               "| model | batch x context | params | tokens/s | ratio vs HF | peak RSS (MiB) |",
@@ -184,10 +184,10 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
         goals.append((f"training {b}x{n}: ours peak RSS <= HF ({fmt(ours_mem, 0)} vs {fmt(hf_mem, 0)} MiB)",
                       ours_mem <= hf_mem))
 
-    g = {("ours-cache" if r["impl"] == "ours" and r["cache"] else "ours-no-cache" if r["impl"] == "ours" else "hf"): r
-         for r in results["generate"]}
-    gen_path = ("Ours: `ch05.gpt_generate.generate`, float32 linear layers through oneDNN (`use_onednn=True`)."
-                if machine.get("onednn_linear") else "Ours: `ch05.gpt_generate.generate` on PyTorch's default path.")
+    g = {(f"{r['impl']}-cache" if r["impl"] != "hf" and r["cache"] else "ours-no-cache" if r["impl"] != "hf"
+          else "hf"): r for r in results["generate"] if "skipped" not in r}
+    gen_path = ("Ours: `ch05.gpt_generate.generate` on PyTorch's default path; ours-onednn-cache: the same "
+                "under the opt-in `--onednn` path.")
     lines += ["", f"## Generation (greedy, batch 1, 10-token prompt, {g['hf']['new_tokens']} new tokens)", "",
               gen_path, "",
               "| model | tokens/s | ratio vs HF | latency 10th token (ms) | latency last token (ms) |",

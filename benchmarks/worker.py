@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ch02.runtime import reuse_freed_memory
 from ch04.gpt import GPTModel
-from ch05.gpt_train import forward_context, make_optimizer
+from ch05.onednn_linear import onednn_linear
+from ch05.trainer import autocast_context, make_optimizer
 
 
 def peak_rss_mib() -> float:
@@ -52,7 +53,7 @@ def build(spec: dict) -> nn.Module:
         return HFWrapper(cfg)
     variant = {
         "ours": {"tie_weights": True},                  # same parameter count as GPT-2 / HF
-        "ours-blas": {"tie_weights": True},             # the same, with PyTorch's default fp32 linear path
+        "ours-onednn": {"tie_weights": True},           # the same, with the opt-in oneDNN fp32 linear path
         "ours-untied": {"tie_weights": False},          # the book's chapter-4 layout
         "ours-explicit": {"tie_weights": True, "use_sdpa": False},  # the chapter's hand-written attention
     }[spec["impl"]]
@@ -60,10 +61,11 @@ def build(spec: dict) -> nn.Module:
 
 
 def train_context(spec: dict):
-    """The chapter-5 trainer's forward context: bfloat16 autocast, or in fp32 our models' linear
-    layers through oneDNN; HF (as it comes) and "ours-blas" keep PyTorch's default fp32 path."""
-    dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else None
-    return forward_context("cpu", dtype, use_onednn=spec["impl"] not in ("hf", "ours-blas"))
+    """The chapter-5 trainer's forward context: bfloat16 autocast, or float32 on PyTorch's default
+    path; "ours-onednn" is the opt-in `--onednn` path (linear layers through oneDNN)."""
+    if spec["dtype"] == "bfloat16":
+        return autocast_context("cpu", torch.bfloat16)
+    return onednn_linear(spec["impl"] == "ours-onednn")
 
 
 def measure_train(spec: dict) -> dict:
@@ -115,7 +117,8 @@ def measure_generate(spec: dict) -> dict:
                 out = model.model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                            use_cache=True, pad_token_id=0)
             else:
-                out = generate(model, prompt, new, spec["cfg"]["context_length"], use_cache=spec["cache"])
+                with onednn_linear(spec["impl"] == "ours-onednn"):
+                    out = generate(model, prompt, new, spec["cfg"]["context_length"], use_cache=spec["cache"])
         total = time.perf_counter() - start
         lat = [stamps[0] - start] + [b - a for a, b in zip(stamps, stamps[1:])]
         runs.append((total, lat[:new], out[0, spec["prompt_len"]:].tolist()))

@@ -151,8 +151,8 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
     from ch04.gpt import GPTModel
     from ch05.checkpoint import (
         check_state_dict,
-        fill_tied,
         config_from_state_dict,
+        fill_tied,
         load_state_file,
         saved_config,
         sidecar_config,

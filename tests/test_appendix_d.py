@@ -104,7 +104,7 @@ def test_clipping_only_after_warmup():
     warmup = 3
     _, _, _, lrs = train_model(model, repeated_batches(8), repeated_batches(1), optimizer, "cpu",
                                n_epochs=1, eval_freq=100, eval_iter=1, start_context="", tokenizer=None,
-                               warmup_steps=warmup, initial_lr=1e-7, min_lr=1e-8, sample_tokens=0)
+                               warmup_steps=warmup, initial_lr=1e-7, min_lr=1e-8, print_samples=False)
     norms = optimizer.norms
     assert len(norms) == len(lrs) == 8
     assert all(n > 10.0 for n in norms[:warmup])  # huge gradients pass untouched during warm-up
@@ -116,7 +116,7 @@ def test_max_norm_none_disables_clipping():
     optimizer = RecordingSGD(model, lr=1e-6)
     train_model(model, repeated_batches(3), repeated_batches(1), optimizer, "cpu", n_epochs=1,
                 eval_freq=100, eval_iter=1, start_context="", tokenizer=None, warmup_steps=0,
-                max_norm=None, sample_tokens=0)
+                max_norm=None, print_samples=False)
     assert all(n > 10.0 for n in optimizer.norms)
 
 
@@ -128,7 +128,7 @@ def test_train_model_loss_falls_and_tracks_lr(capsys):
     train_losses, val_losses, tokens, lrs = train_model(
         model, repeated_batches(n_batches), repeated_batches(1), optimizer, "cpu",
         n_epochs=n_epochs, eval_freq=5, eval_iter=1, start_context="", tokenizer=None,
-        warmup_steps=warmup, initial_lr=1e-4, min_lr=1e-5, sample_tokens=0)
+        warmup_steps=warmup, initial_lr=1e-4, min_lr=1e-5, print_samples=False)
     total = n_batches * n_epochs
     assert len(lrs) == total
     assert lrs == pytest.approx([lr_at_step(s, total, warmup, peak, 1e-4, 1e-5) for s in range(total)])
@@ -151,18 +151,8 @@ def test_train_model_on_the_verdict_with_samples(verdict_text, capsys):
     train_losses, val_losses, _, lrs = train_model(
         model, train_loader, val_loader, optimizer, "cpu", n_epochs=2, eval_freq=len(train_loader),
         eval_iter=2, start_context="Every effort moves you", tokenizer=get_gpt2_tokenizer(),
-        warmup_steps=3, sample_tokens=3)
+        warmup_steps=3)
     assert len(lrs) == 2 * len(train_loader)
     assert train_losses[-1] < train_losses[0]
     out = capsys.readouterr().out
     assert out.count("Every effort moves you") == 2  # one sample per epoch
-
-
-def test_train_model_runs_linear_layers_through_onednn(onednn_products):
-    calls = onednn_products
-    model = GPTModel(TINY)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    train_model(model, repeated_batches(1), repeated_batches(1), optimizer, "cpu", n_epochs=1, eval_freq=1,
-                eval_iter=1, start_context="", tokenizer=None, warmup_steps=0, sample_tokens=0)
-    # 1 block x 6 linear layers + head: one step (forward and input gradients) and one evaluation of 2 batches
-    assert len(calls) == 7 * 2 + 7 * 2

@@ -21,7 +21,7 @@ from ch05.checkpoint import (
     save_model,
     saved_config,
 )
-from ch05.gpt_train import make_optimizer
+from ch05.trainer import make_optimizer
 
 TINY = {"vocab_size": 60, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
         "drop_rate": 0.0, "qkv_bias": True}

@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys
     import torch
     from ch02.download import get_data_file
-    from ch05.gpt_train import DEFAULT_SETTINGS, main
+    from ch05.gpt_train import DEFAULT_SETTINGS
+    from ch05.trainer import pretrain as main
 
     out, batch_size = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import ch05.onednn_linear as ol
 from ch04.gpt import GPTModel
-from ch05.gpt_train import forward_context, make_optimizer
 from ch05.onednn_linear import LinearOneDNN, onednn_linear, onednn_linear_supported
+from ch05.trainer import make_optimizer
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_supported(),
                                   reason="this PyTorch/CPU has no usable oneDNN linear op (not x86, or no oneDNN)")
@@ -104,7 +104,7 @@ def test_gpt_training_steps_match_the_default_path():
         ids = torch.randint(0, TINY["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(2))
         losses = []
         for _ in range(3):
-            with forward_context("cpu", None, use_onednn):
+            with onednn_linear(use_onednn):
                 loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
             opt.step()
@@ -117,13 +117,6 @@ def test_gpt_training_steps_match_the_default_path():
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
     for name, value in state_a.items():
         torch.testing.assert_close(value, state_b[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_forward_context_picks_autocast_or_onednn_or_nothing():
-    assert isinstance(forward_context("cpu", torch.bfloat16), torch.autocast)
-    assert not isinstance(forward_context("cpu", None, use_onednn=False), ol._LinearToOneDNN)
-    assert not isinstance(forward_context("meta", None), ol._LinearToOneDNN)  # not a CPU
-    assert isinstance(forward_context("cpu", None), ol._LinearToOneDNN) == onednn_linear_supported()
 
 
 def test_autocast_check_works_on_older_pytorch(monkeypatch):

@@ -1,0 +1,184 @@
+"""Tests for ch05/cli.py: the chapter-5 command lines (`python -m ch05.gpt_train`, `python -m
+ch05.gpt_generate`), their one-line errors and the opt-in oneDNN path."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ch05 import gpt_download
+from ch05.cli import generate_main, train_main, train_parser, train_settings
+from ch05.gpt_generate import generate, load_model_for_generation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- command line ----------------------------------------------------------------------------
+
+TRAIN_CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+             "drop_rate": 0.1, "qkv_bias": False}
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    from ch02.download import get_data_file
+    from ch05.gpt_train import DEFAULT_SETTINGS
+    from ch05.trainer import pretrain
+
+    text = get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")[:3000]
+    out = tmp_path_factory.mktemp("trained")
+    settings = {**DEFAULT_SETTINGS, "num_epochs": 1, "eval_freq": 5, "eval_iter": 1, "learning_rate": 1e-3}
+    pretrain(TRAIN_CFG, settings, out, device="cpu", text=text, max_steps=8, progress=False)
+    return out
+
+
+def run_cli(capsys, *args, main=generate_main):
+    try:
+        rc = main(list(args))
+    except SystemExit as exc:  # argparse's errors
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def reference_text(model, prompt="Every effort moves you", new=8):
+    from ch02.tokenizer import get_gpt2_tokenizer
+    from ch05.gpt_train import text_to_token_ids, token_ids_to_text
+
+    tok = get_gpt2_tokenizer()
+    out = generate(model, text_to_token_ids(prompt, tok), new, model.cfg["context_length"])
+    return token_ids_to_text(out, tok)
+
+
+def test_cli_generates_from_a_training_checkpoint(trained_dir, capsys):
+    rc, out, err = run_cli(capsys, "--model", str(trained_dir / "checkpoint.pth"), "--max-new-tokens", "8",
+                           "--device", "cpu")
+    assert rc == 0, err
+    model, _ = load_model_for_generation(trained_dir / "checkpoint.pth")
+    assert model.cfg["emb_dim"] == 16 and not model.training
+    assert out.rstrip("\n") == reference_text(model)
+    assert out.startswith("Every effort moves you")
+
+
+def test_cli_model_pth_with_and_without_config(trained_dir, capsys, tmp_path):
+    rc, out_ckpt, err = run_cli(capsys, "--model", str(trained_dir / "checkpoint.pth"), "--max-new-tokens", "8")
+    assert rc == 0, err
+    # model.pth + config.json written by gpt_train.main; a folder works too
+    for spec in (trained_dir / "model.pth", trained_dir):
+        rc, out, err = run_cli(capsys, "--model", str(spec), "--max-new-tokens", "8", "--device", "cpu")
+        assert rc == 0, err
+        assert out == out_ckpt
+    # a bare weights file: the config is inferred from the tensor shapes (n_heads given)
+    bare = tmp_path / "weights.pth"
+    bare.write_bytes((trained_dir / "model.pth").read_bytes())
+    rc, out, err = run_cli(capsys, "--model", str(bare), "--max-new-tokens", "8", "--n-heads", "2")
+    assert rc == 0, err
+    assert out == out_ckpt
+
+
+def test_cli_sampling_options_and_no_cache(trained_dir, capsys):
+    common = ["--model", str(trained_dir / "checkpoint.pth"), "--max-new-tokens", "10",
+              "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "5"]
+    rc1, out1, _ = run_cli(capsys, *common)
+    rc2, out2, _ = run_cli(capsys, *common, "--no-cache")
+    rc3, out3, _ = run_cli(capsys, *common)
+    assert rc1 == rc2 == rc3 == 0
+    assert out1 == out2 == out3
+
+
+def test_onednn_is_opt_in_and_keeps_the_tokens(trained_dir, capsys, onednn_products):
+    common = ["--model", str(trained_dir / "checkpoint.pth"), "--max-new-tokens", "6", "--device", "cpu"]
+    rc1, out1, _ = run_cli(capsys, *common)
+    assert not onednn_products  # by default: PyTorch's own path
+    rc2, out2, _ = run_cli(capsys, *common, "--onednn")
+    assert onednn_products
+    assert rc1 == rc2 == 0 and out1 == out2
+
+
+def test_cli_reports_unavailable_weights_without_traceback(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = gpt_download.download_gpt2_safetensors
+    monkeypatch.setattr(gpt_download, "download_gpt2_safetensors",
+                        lambda name, cache_dir=None: real(name, cache_dir=tmp_path / "empty-cache"))
+    rc, out, err = run_cli(capsys, "--model", "gpt2", "--max-new-tokens", "3")
+    assert rc == 2
+    assert "HF_ENDPOINT" in err and "Traceback" not in err
+    rc, out, err = run_cli(capsys, "--model", str(tmp_path / "nowhere" / "model.safetensors"))
+    assert rc == 2 and "not available" in err
+
+
+def test_cli_rejects_bad_arguments(trained_dir, capsys):
+    ckpt = str(trained_dir / "checkpoint.pth")
+    for bad in (["--temperature", "-1"], ["--temperature", "1", "--top-k", "0"], ["--top-p", "1.5"],
+                ["--max-new-tokens", "-1"], ["--prompt", ""], ["--temperature", "nan"]):
+        rc, _, err = run_cli(capsys, "--model", ckpt, *bad)
+        assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, (bad, err)
+
+
+def test_cli_runs_as_a_module(trained_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ch05.gpt_generate", "--model", str(trained_dir / "checkpoint.pth"),
+         "--prompt", "Hello", "--max-new-tokens", "3", "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Hello")
+
+
+# --- python -m ch05.gpt_train ----------------------------------------------------------------------
+
+def test_train_settings():
+    from ch04.gpt import QUICK_CONFIG
+    from ch05.gpt_train import QUICK_SETTINGS
+
+    cfg, settings = train_settings(train_parser().parse_args(["--quick"]))
+    assert cfg == QUICK_CONFIG and settings == QUICK_SETTINGS
+    cfg, settings = train_settings(train_parser().parse_args([]))
+    assert cfg["context_length"] == 256 and cfg["emb_dim"] == 768 and settings["num_epochs"] == 10
+    cfg, settings = train_settings(train_parser().parse_args(["--quick", "--epochs", "2", "--lr", "0.01",
+                                                              "--context-length", "32", "--seed", "1"]))
+    assert (settings["num_epochs"], settings["learning_rate"], settings["seed"]) == (2, 0.01, 1)
+    assert cfg["context_length"] == 32 and QUICK_CONFIG["context_length"] == 64  # no mutation
+    assert train_parser().parse_args([]).release_freed_memory is False
+    assert train_parser().parse_args([]).onednn is False
+
+
+@pytest.mark.parametrize("bad", [["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"], ["--batch-size", "0"],
+                                 ["--epochs", "0"], ["--eval-freq", "0"], ["--context-length", "0"],
+                                 ["--context-length", "4096"], ["--max-steps", "0"], ["--epochs", "two"]])
+def test_train_cli_rejects_bad_values_in_one_line(bad, capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "--quick", "--output-dir", str(tmp_path), *bad, main=train_main)
+    assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_train_cli_with_onednn_routes_the_linear_layers(capsys, tmp_path, monkeypatch, onednn_products):
+    import ch05.trainer as tr
+
+    seen = []
+    real_train = tr.train
+
+    def spy(*args, **kwargs):  # two steps are enough to see the routing
+        seen.append(1)
+        return real_train(*args, **{**kwargs, "max_steps": 2})
+
+    monkeypatch.setattr(tr, "train", spy)
+    rc, out, err = run_cli(capsys, "--quick", "--epochs", "1", "--output-dir", str(tmp_path / "a"),
+                           "--no-progress", main=train_main)
+    assert rc == 0, err
+    assert seen and not onednn_products
+    rc, out, err = run_cli(capsys, "--quick", "--epochs", "1", "--output-dir", str(tmp_path / "b"),
+                           "--no-progress", "--onednn", main=train_main)
+    assert rc == 0, err
+    assert onednn_products
+
+
+def test_train_cli_runs_as_a_module(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ch05.gpt_train", "--quick", "--epochs", "1", "--max-steps", "2",
+         "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "model.pth").is_file() and "wrote" in proc.stdout
