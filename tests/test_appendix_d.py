@@ -166,3 +166,15 @@ def test_train_model_runs_linear_layers_through_onednn(onednn_products):
                 eval_iter=1, start_context="", tokenizer=None, warmup_steps=0, sample_tokens=0)
     # 1 block x 6 linear layers + head: one step (forward and input gradients) and one evaluation of 2 batches
     assert len(calls) == 7 * 2 + 7 * 2
+
+
+
+def test_the_package_root_exports_the_main_names():
+    """`from appendix_d import ...` works as with the book's package: the names are training's objects."""
+    import appendix_d
+    from appendix_d import find_highest_gradient, training
+
+    assert find_highest_gradient is training.find_highest_gradient
+    assert {"find_highest_gradient", "train_model"} <= set(appendix_d.__all__)
+    for name in appendix_d.__all__:
+        assert getattr(appendix_d, name) is getattr(training, name), name
