@@ -194,8 +194,8 @@ class GPTModelFast(GPTModel):
 
     Our LayerNorm and GELU already run PyTorch's fused kernels, so attention is the only part
     that changes. Same outputs as `GPTModel` for the same weights (with each block's
-    W_query/W_key/W_value stacked into `att.qkv` and `att.out_proj` as `att.proj`); no KV
-    cache, so generate with `use_cache=False`.
+    W_query/W_key/W_value stacked into `att.qkv` and `att.out_proj` as `att.proj`), and the
+    same KV cache (`use_cache=True`, `reset_kv_cache()`).
     """
 
     def __init__(self, cfg: dict):

@@ -275,7 +275,7 @@ def test_pytorch_mha_is_causal_and_uses_dropout_in_train_mode_only():
     assert not torch.equal(fast(x), fast(x))
 
 
-def test_pytorch_mha_book_signature_errors_and_no_cache():
+def test_pytorch_mha_book_signature_and_errors():
     fast = PyTorchMultiHeadAttention(d_in=4, d_out=8, num_heads=2)  # the book's keywords; dropout 0, no bias
     assert fast.dropout == 0.0 and fast.qkv.bias is None and fast.context_length is None
     assert fast(torch.randn(2, 50, 4)).shape == (2, 50, 8)  # no context_length: any length
@@ -284,6 +284,23 @@ def test_pytorch_mha_book_signature_errors_and_no_cache():
     limited = PyTorchMultiHeadAttention(4, 8, 2, context_length=3)
     with pytest.raises(ValueError, match="exceeds context_length=3"):
         limited(torch.randn(1, 4, 4))
-    limited.reset_cache()  # a no-op, so GPTModel.reset_kv_cache works on GPTModelFast
-    with pytest.raises(NotImplementedError, match="no KV cache"):
+    limited(torch.randn(1, 2, 4), use_cache=True)
+    with pytest.raises(ValueError, match=r"4 tokens \(2 cached \+ 2 new\)"):
         limited(torch.randn(1, 2, 4), use_cache=True)
+
+
+@pytest.mark.parametrize("chunks", [(6,), (1, 1, 1, 1, 1, 1), (3, 1, 2), (2, 4)])
+def test_pytorch_mha_kv_cache_matches_mha(chunks):
+    mha = make_mha(d_in=6, d_out=12, num_heads=3, qkv_bias=True).eval()
+    fast = fused_copy(mha, qkv_bias=True)
+    x = torch.randn(2, sum(chunks), 6)
+    start, outs, expected = 0, [], []
+    for n in chunks:
+        outs.append(fast(x[:, start:start + n], use_cache=True))
+        expected.append(mha(x[:, start:start + n], use_cache=True))
+        start += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), fast(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outs, dim=1), torch.cat(expected, dim=1), atol=1e-6, rtol=1e-5)
+    fast.reset_cache()
+    assert fast.cache_k is None
+    torch.testing.assert_close(fast(x[:, :2], use_cache=True), fast(x[:, :2]))

@@ -347,7 +347,7 @@ def test_gpt_model_fast_equals_gpt_model_with_the_same_weights(qkv_bias):
     assert torch.equal(out, generate_text_simple(model, idx[:1, :3], 20, TINY["context_length"]))
 
 
-def test_gpt_model_fast_trains_and_refuses_the_kv_cache():
+def test_gpt_model_fast_trains_and_generates_with_the_kv_cache():
     torch.manual_seed(123)
     fast = GPTModelFast({**TINY, "drop_rate": 0.1})
     assert all(type(block.att).__name__ == "PyTorchMultiHeadAttention" for block in fast.trf_blocks)
@@ -355,6 +355,13 @@ def test_gpt_model_fast_trains_and_refuses_the_kv_cache():
     loss = nn.functional.cross_entropy(fast(idx).flatten(0, 1), idx.flatten())
     loss.backward()
     assert all(p.grad is not None for p in fast.parameters())
+
+    fast.eval()
+    with torch.no_grad():
+        full = fast(idx)
+        fast.reset_kv_cache()
+        steps = [fast(idx[:, :5], use_cache=True)] + [fast(idx[:, i:i + 1], use_cache=True) for i in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert fast.current_pos == 8
     fast.reset_kv_cache()
-    with pytest.raises(NotImplementedError, match="no KV cache"):
-        fast(idx, use_cache=True)
+    assert fast.current_pos == 0 and all(block.att.cache_k is None for block in fast.trf_blocks)
