@@ -5,3 +5,7 @@ toy two-feature data set, the training loop and an accuracy helper); the noteboo
 `DDP-script.py` import them from there. Device choice comes from chapter 2
 (`ch02.runtime.get_device`).
 """
+
+from appendix_a.toy import NeuralNetwork, ToyDataset, compute_accuracy, make_toy_data, make_toy_loaders, train
+
+__all__ = ["NeuralNetwork", "ToyDataset", "compute_accuracy", "make_toy_data", "make_toy_loaders", "train"]

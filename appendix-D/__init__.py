@@ -5,3 +5,7 @@ cosine decay), gradient-norm helpers and `train_model`, chapter 5's loop extende
 schedule and gradient clipping. The loss and sampling helpers are imported from
 `ch05.gpt_train`.
 """
+
+from appendix_d.training import find_highest_gradient, lr_at_step, total_grad_norm, train_model
+
+__all__ = ["find_highest_gradient", "lr_at_step", "total_grad_norm", "train_model"]

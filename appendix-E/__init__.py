@@ -5,3 +5,17 @@ linear layer (`LinearWithLoRA`), `replace_linear_with_lora` to wrap every linear
 model, freezing and counting helpers, and `merge_lora` to fold the adapters back into plain
 `nn.Linear` layers. The classifier it fine-tunes comes from chapter 6.
 """
+
+from appendix_e.lora import (
+    LinearWithLoRA,
+    LoRALayer,
+    add_lora,
+    count_trainable_parameters,
+    freeze_parameters,
+    lora_parameters,
+    merge_lora,
+    replace_linear_with_lora,
+)
+
+__all__ = ["LinearWithLoRA", "LoRALayer", "add_lora", "count_trainable_parameters", "freeze_parameters",
+           "lora_parameters", "merge_lora", "replace_linear_with_lora"]

@@ -20,7 +20,7 @@ import hashlib
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 MIRROR_ENV = "LLMFS_DATA_MIRROR"
@@ -148,16 +148,20 @@ def _unavailable_message(spec: DataFile, target: Path, exc: BaseException | None
     )
 
 
-def get_data_file(name: str, *, download: bool = True) -> Path:
+def get_data_file(name: str, *, download: bool = True, url: str | None = None) -> Path:
     """Return the local path of a verified copy of the data file `name`.
 
     Looks in `$LLMFS_DATA_MIRROR`, then the cache, then downloads (unless
-    `download=False`). Never returns a file whose checksum does not match.
+    `download=False`) from the recorded URL, or from `url` when given (a mirror
+    of the same file: the recorded sha256 still applies). Never returns a file
+    whose checksum does not match.
     """
     try:
         spec = DATA_FILES[name]
     except KeyError:
         raise KeyError(f"unknown data file {name!r}; known files: {sorted(DATA_FILES)}") from None
+    if url is not None:
+        spec = replace(spec, url=url)
 
     mirror = os.environ.get(MIRROR_ENV)
     if mirror:
@@ -175,6 +179,11 @@ def get_data_file(name: str, *, download: bool = True) -> Path:
         raise DataUnavailableError(_unavailable_message(spec, target, None))
     _download(spec, target)
     return target
+
+
+def data_file_for_url(url: str) -> str | None:
+    """The name of the data file recorded with this download URL, or None."""
+    return next((f.name for f in DATA_FILES.values() if f.url == url), None)
 
 
 def data_file_status(name: str) -> str | None:

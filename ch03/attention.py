@@ -6,6 +6,9 @@ MultiHeadAttention (one set of projections split into heads). The last one is
 what the GPT model of chapter 4 uses; it also carries an optional key/value cache
 for fast generation (chapter 5) and can run either the chapter's explicit
 masked-softmax math or PyTorch's fused `scaled_dot_product_attention`.
+
+Bonus: `PyTorchMultiHeadAttention`, the book repository's variant with one fused
+Q/K/V projection on `scaled_dot_product_attention` (chapter 4's `GPTModelFast` uses it).
 """
 
 from __future__ import annotations
@@ -179,3 +182,63 @@ class MultiHeadAttention(nn.Module):
         # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, d_out)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return self.out_proj(context)
+
+
+# --- Bonus: the book repository's fused variant ---------------------------------------------------
+
+class PyTorchMultiHeadAttention(nn.Module):
+    """Causal multi-head attention in the form of the book repository's bonus code: one fused
+    Q/K/V projection (`qkv`) and PyTorch's `scaled_dot_product_attention` with `is_causal=True`,
+    which picks FlashAttention-style kernels on GPUs.
+
+    It computes exactly what `MultiHeadAttention` computes: with `qkv.weight` = the rows of
+    W_query, W_key and W_value stacked (in that order) and `proj` = `out_proj`, both give the
+    same output. `context_length` is optional (the kernel builds its own causal mask); when
+    given, longer inputs are refused.
+    """
+
+    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = False,
+                 *, context_length: int | None = None):
+        super().__init__()
+        if num_heads <= 0 or d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.d_out = d_out
+        self.context_length = context_length
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)  # W_query, W_key, W_value side by side
+        self.proj = nn.Linear(d_out, d_out)
+        self.dropout = dropout  # a probability: the kernel applies it to the attention weights
+        # New: a KV cache as in MultiHeadAttention, so GPTModelFast generates like GPTModel.
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+
+    def reset_cache(self) -> None:
+        self.cache_k, self.cache_v = None, None
+
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        b, num_tokens, _ = x.shape
+        past = self.cache_k.shape[2] if use_cache and self.cache_k is not None else 0
+        if self.context_length is not None and past + num_tokens > self.context_length:
+            raise ValueError(f"attention over {past + num_tokens} tokens ({past} cached + {num_tokens} new) "
+                             f"exceeds context_length={self.context_length}")
+        # (b, num_tokens, 3 * d_out) -> (b, num_tokens, 3, num_heads, head_dim)
+        qkv = self.qkv(x).view(b, num_tokens, 3, self.num_heads, self.head_dim)
+        # -> (3, b, num_heads, num_tokens, head_dim): queries, keys, values
+        queries, keys, values = qkv.permute(2, 0, 3, 1, 4)
+        if use_cache:
+            if past:
+                keys = torch.cat([self.cache_k, keys], dim=2)  # (b, num_heads, past + num_tokens, head_dim)
+                values = torch.cat([self.cache_v, values], dim=2)
+            self.cache_k, self.cache_v = keys, values
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0 or num_tokens == 1:  # the kernel's own causal mask; one new token sees every key
+            context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p,
+                                                     is_causal=past == 0 and num_tokens > 1)
+        else:  # several new tokens after a cache: query i (position past + i) sees keys 0 .. past + i
+            may_attend = torch.ones(num_tokens, past + num_tokens, dtype=torch.bool, device=x.device).tril(past)
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=may_attend,
+                                                     dropout_p=dropout_p)
+        # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, d_out)
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        return self.proj(context)

@@ -2,7 +2,8 @@
 
 LayerNorm -> GELU -> FeedForward -> TransformerBlock (pre-norm, shortcut
 connections) -> GPTModel, then greedy generation with `generate_text_simple`.
-Attention comes from chapter 3 (`ch03.attention.MultiHeadAttention`).
+Attention comes from chapter 3 (`ch03.attention.MultiHeadAttention`). Bonus:
+`GPTModelFast`, the same model on chapter 3's `PyTorchMultiHeadAttention`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ch03.attention import MultiHeadAttention
+from ch03.attention import MultiHeadAttention, PyTorchMultiHeadAttention
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2 BPE vocabulary (chapter 2)
@@ -189,6 +190,29 @@ class GPTModel(nn.Module):
             self.current_pos += num_tokens
         x = self.final_norm(x)
         return self.out_head(x)  # (b, num_tokens, vocab_size)
+
+
+class GPTModelFast(GPTModel):
+    """The book repository's `GPTModelFast`: `GPTModel` with every block's attention on
+    `PyTorchMultiHeadAttention` (fused Q/K/V projection, `scaled_dot_product_attention`).
+
+    Our LayerNorm and GELU already run PyTorch's fused kernels, so attention is the only part
+    that changes. Same outputs as `GPTModel` for the same weights (with each block's
+    W_query/W_key/W_value stacked into `att.qkv` and `att.out_proj` as `att.proj`), and the
+    same KV cache (`use_cache=True`, `reset_kv_cache()`).
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        for block in self.trf_blocks:
+            block.att = PyTorchMultiHeadAttention(
+                d_in=cfg["emb_dim"],
+                d_out=cfg["emb_dim"],
+                num_heads=cfg["n_heads"],
+                dropout=cfg.get("drop_rate_attn", cfg["drop_rate"]),
+                qkv_bias=cfg["qkv_bias"],
+                context_length=cfg["context_length"],
+            )
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:

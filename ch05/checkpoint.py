@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,12 +60,32 @@ def load_state_file(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         # weights_only=True: only tensors, numbers, strings and containers of them are rebuilt;
         # a file that needs arbitrary Python objects (which could run code) is refused.
-        return torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise pickle.UnpicklingError(
             f"{path} holds more than tensors and plain Python values, so it was not loaded "
             f"(torch.load(..., weights_only=True) refuses arbitrary objects): {exc}"
         ) from exc
+    return _drop_book_masks(data, path)
+
+
+_BOOK_MASK = re.compile(r"^trf_blocks\.\d+\.att\.mask$")
+
+
+def _drop_book_masks(data, path: Path):
+    """Remove the causal-mask buffers the book's GPTModel saves (`trf_blocks.N.att.mask`); ours are
+    non-persistent and rebuilt by the model. Only masks that are exactly causal are dropped."""
+    state = data.get("model_state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        return data
+    masks = [k for k, v in state.items() if _BOOK_MASK.match(k) and isinstance(v, torch.Tensor) and v.dim() == 2
+             and torch.equal(v.bool(), torch.triu(torch.ones_like(v, dtype=torch.bool), diagonal=1))]
+    if not masks:
+        return data
+    warnings.warn(f"{path}: dropped {len(masks)} attention-mask buffers (trf_blocks.N.att.mask) saved by the "
+                  "book's GPTModel; our model builds its own causal mask", stacklevel=3)
+    state = {k: v for k, v in state.items() if k not in masks}
+    return {**data, "model_state_dict": state} if "model_state_dict" in data else state
 
 
 TIED_PAIR = ("tok_emb.weight", "out_head.weight")

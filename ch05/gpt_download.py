@@ -23,6 +23,10 @@ The mapping, for block i (Hugging Face name -> our name):
 GPT-2's linear layers are "Conv1D" modules that store the weight as (in, out),
 the transpose of `nn.Linear`'s (out, in), so those weights are transposed.
 
+The book's names work too: `settings, params = download_and_load_gpt2("124M", "gpt2")` gives
+OpenAI's settings and nested params (from the same safetensors files), which
+`load_weights_into_gpt(gpt, params)` and `assign` accept as in listing 5.5.
+
     python -m ch05.gpt_download gpt2      # fetch once into the Hugging Face cache
 """
 
@@ -227,13 +231,15 @@ def load_gpt2_params(name_or_path: str | os.PathLike = "gpt2",
 _IGNORED = re.compile(r"(^|\.)attn\.(masked_)?bias$|^lm_head\.weight$")
 
 
-def load_weights_into_gpt(gpt: GPTModel, params: dict[str, torch.Tensor]) -> GPTModel:
-    """Copy Hugging Face GPT-2 tensors into `gpt` in place, and tie its output head to the token embedding.
+def load_weights_into_gpt(gpt: GPTModel, params: dict) -> GPTModel:
+    """Copy GPT-2 weights into `gpt` in place, and tie its output head to the token embedding.
 
-    Every tensor is checked before anything is copied: a missing, surplus or wrongly shaped
-    tensor raises ValueError naming it (with both shapes), and the model is left untouched.
+    `params` is either Hugging Face's flat dict of tensors ("h.0.attn.c_attn.weight", ...) or
+    the book's nested dict from `download_and_load_gpt2` (listing 5.5's input). Every tensor is
+    checked before anything is copied: a missing, surplus or wrongly shaped tensor raises
+    ValueError naming it (with both shapes), and the model is left untouched.
     """
-    params = _strip_prefix(params)
+    params = book_params_to_hf(params) if "blocks" in params else _strip_prefix(params)
     used: set[str] = set()
     # (destination parameter, source tensor already in nn.Linear layout, source name)
     plan: list[tuple[str, torch.Tensor, torch.Tensor, str]] = []
@@ -251,7 +257,7 @@ def load_weights_into_gpt(gpt: GPTModel, params: dict[str, torch.Tensor]) -> GPT
                              f"{tuple(shape)}: the checkpoint and the model config disagree")
         return tensor
 
-    def assign(dest_name: str, dest: torch.Tensor | None, tensor: torch.Tensor, source: str) -> None:
+    def schedule(dest_name: str, dest: torch.Tensor | None, tensor: torch.Tensor, source: str) -> None:
         if dest is None:
             raise ValueError(f"the checkpoint has {source!r} but the model has no {dest_name} "
                              "(GPT-2 uses biases in the query/key/value projections: set qkv_bias=True)")
@@ -261,20 +267,20 @@ def load_weights_into_gpt(gpt: GPTModel, params: dict[str, torch.Tensor]) -> GPT
         """A Conv1D (in, out) weight and its bias into nn.Linear (out, in)."""
         w = expect(f"{prefix}.weight", fetch(f"{prefix}.weight"), tuple(module.weight.shape[::-1]),
                    f"{dest_name}.weight (transposed)")
-        assign(f"{dest_name}.weight", module.weight, w.T, f"{prefix}.weight")
+        schedule(f"{dest_name}.weight", module.weight, w.T, f"{prefix}.weight")
         b = expect(f"{prefix}.bias", fetch(f"{prefix}.bias"), tuple(module.bias.shape), f"{dest_name}.bias")
-        assign(f"{dest_name}.bias", module.bias, b, f"{prefix}.bias")
+        schedule(f"{dest_name}.bias", module.bias, b, f"{prefix}.bias")
 
     def norm(prefix: str, module, dest_name: str) -> None:
         for src, attr in (("weight", "scale"), ("bias", "shift")):
             param = getattr(module, attr)
             t = expect(f"{prefix}.{src}", fetch(f"{prefix}.{src}"), tuple(param.shape), f"{dest_name}.{attr}")
-            assign(f"{dest_name}.{attr}", param, t, f"{prefix}.{src}")
+            schedule(f"{dest_name}.{attr}", param, t, f"{prefix}.{src}")
 
-    assign("tok_emb.weight", gpt.tok_emb.weight,
+    schedule("tok_emb.weight", gpt.tok_emb.weight,
            expect("wte.weight", fetch("wte.weight"), tuple(gpt.tok_emb.weight.shape), "tok_emb.weight"),
            "wte.weight")
-    assign("pos_emb.weight", gpt.pos_emb.weight,
+    schedule("pos_emb.weight", gpt.pos_emb.weight,
            expect("wpe.weight", fetch("wpe.weight"), tuple(gpt.pos_emb.weight.shape), "pos_emb.weight"),
            "wpe.weight")
     for i, block in enumerate(gpt.trf_blocks):
@@ -288,8 +294,8 @@ def load_weights_into_gpt(gpt: GPTModel, params: dict[str, torch.Tensor]) -> GPT
                    f"{ours}.att.W_query/W_key/W_value biases")
         for part, w_part, b_part in zip(("W_query", "W_key", "W_value"), w.chunk(3, dim=1), b.chunk(3, dim=0)):
             layer = getattr(att, part)
-            assign(f"{ours}.att.{part}.weight", layer.weight, w_part.T, f"{h}.attn.c_attn.weight")
-            assign(f"{ours}.att.{part}.bias", layer.bias, b_part, f"{h}.attn.c_attn.bias")
+            schedule(f"{ours}.att.{part}.weight", layer.weight, w_part.T, f"{h}.attn.c_attn.weight")
+            schedule(f"{ours}.att.{part}.bias", layer.bias, b_part, f"{h}.attn.c_attn.bias")
         linear(f"{h}.attn.c_proj", att.out_proj, f"{ours}.att.out_proj")
         norm(f"{h}.ln_1", block.norm1, f"{ours}.norm1")
         norm(f"{h}.ln_2", block.norm2, f"{ours}.norm2")
@@ -324,6 +330,90 @@ def load_pretrained_gpt2(name_or_path: str | os.PathLike = "gpt2", drop_rate: fl
     model = GPTModel(cfg)
     load_weights_into_gpt(model, params)
     return model.to(device if device is not None else "cpu").eval()
+
+
+# --- The book's names: download_and_load_gpt2, its nested params, assign ---------------------------
+
+BOOK_MODEL_SIZES = ("124M", "355M", "774M", "1558M")
+# Per block, the modules whose weight/bias the book nests as params["blocks"][i][part][part]["w" or "g"/"b"].
+_BLOCK_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "ln_1", "ln_2")
+
+
+def _book_key(module: str, param: str) -> str:
+    """OpenAI's leaf names: "w"/"b" for the linear layers, "g" (gain)/"b" for the layer norms."""
+    return "b" if param == "bias" else ("g" if module.startswith("ln") else "w")
+
+
+def hf_params_to_book(params: dict[str, torch.Tensor]) -> dict:
+    """Hugging Face GPT-2 tensors in the book's nested layout, as float32 NumPy arrays."""
+    params = _strip_prefix(params)
+    n_layer = len({m.group(1) for k in params if (m := re.match(r"h\.(\d+)\.", k))})
+
+    def array(name: str):
+        if name not in params:
+            raise ValueError(f"tensor {name!r} is missing from the GPT-2 checkpoint")
+        return params[name].detach().to("cpu", torch.float32).numpy()
+
+    book = {"wte": array("wte.weight"), "wpe": array("wpe.weight"), "blocks": [],
+            "g": array("ln_f.weight"), "b": array("ln_f.bias")}
+    for i in range(n_layer):
+        block: dict = {}
+        for module in _BLOCK_MODULES:
+            node = block
+            for part in module.split("."):
+                node = node.setdefault(part, {})
+            for param in ("weight", "bias"):
+                node[_book_key(module, param)] = array(f"h.{i}.{module}.{param}")
+        book["blocks"].append(block)
+    return book
+
+
+def book_params_to_hf(params: dict) -> dict[str, torch.Tensor]:
+    """The book's nested params back to Hugging Face's flat names (both store Conv1D weights as (in, out))."""
+    def tensor(node, *path: str) -> torch.Tensor:
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                raise ValueError(f"the GPT-2 params have no {'/'.join(path)!r} (expected the layout of "
+                                 "download_and_load_gpt2)")
+            node = node[key]
+        return torch.as_tensor(node)
+
+    flat = {"wte.weight": tensor(params, "wte"), "wpe.weight": tensor(params, "wpe"),
+            "ln_f.weight": tensor(params, "g"), "ln_f.bias": tensor(params, "b")}
+    for i, block in enumerate(params["blocks"]):
+        for module in _BLOCK_MODULES:
+            for param in ("weight", "bias"):
+                flat[f"h.{i}.{module}.{param}"] = tensor(block, *module.split("."), _book_key(module, param))
+    return flat
+
+
+def download_and_load_gpt2(model_size: str, models_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """The book's call in section 5.5: `settings, params = download_and_load_gpt2("124M", "gpt2")`.
+
+    Returns OpenAI's hyperparameters (n_vocab, n_ctx, n_embd, n_head, n_layer) and the weights
+    in the book's nested layout (params["wte"], params["blocks"][i]["attn"]["c_attn"]["w"], ...,
+    params["g"], params["b"]) as NumPy arrays, for `load_weights_into_gpt(gpt, params)`.
+    The weights come from Hugging Face's safetensors files, so TensorFlow is not needed:
+    `models_dir/model_size` is used when it holds a model.safetensors (e.g. written by
+    save_pretrained); otherwise the file is taken from, or downloaded into, the Hugging Face
+    cache that `load_pretrained_gpt2` shares.
+    """
+    if model_size not in BOOK_MODEL_SIZES:
+        raise ValueError(f"Model size not in {BOOK_MODEL_SIZES}")
+    local = Path(models_dir) / model_size
+    cfg, flat = load_gpt2_params(local if (local / WEIGHTS_FILE).is_file() else model_size)
+    settings = {"n_vocab": cfg["vocab_size"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
+                "n_head": cfg["n_heads"], "n_layer": cfg["n_layers"]}
+    return settings, hf_params_to_book(flat)
+
+
+def assign(left: torch.Tensor, right) -> nn.Parameter:
+    """The book's helper for listing 5.5: `right` (NumPy array or tensor) as a new Parameter of
+    `left`'s dtype and device, after checking the shapes match, e.g.
+    `gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"])`."""
+    if tuple(left.shape) != tuple(right.shape):
+        raise ValueError(f"Shape mismatch. Left: {left.shape}, Right: {right.shape}")
+    return nn.Parameter(torch.as_tensor(right).detach().to(left.device, left.dtype, copy=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,26 @@ def prepare_spam_splits(output_dir: str | Path = DEFAULT_OUTPUT_DIR, data_path: 
     return {name: write_csv(part, output_dir / f"{name}.csv") for name, part in zip(SPLIT_NAMES, parts)}
 
 
+def download_and_unzip_spam_data(url: str, zip_path: str | Path, extracted_path: str | Path,
+                                 data_file_path: str | Path) -> None:
+    """The book's listing 6.1: put the SMS Spam Collection at `data_file_path` (e.g. a .tsv name).
+
+    Same signature and messages as the book. The file comes through `ch02.download.get_data_file`
+    (the offline mirror, the cache, else a download from `url`, checked by sha256), which
+    unpacks the archive itself, so no zip file is left at `zip_path`; `extracted_path` is
+    created as in the book.
+    """
+    data_file_path = Path(data_file_path)
+    if data_file_path.exists():
+        print(f"{data_file_path} already exists. Skipping download and extraction.")
+        return
+    source = get_data_file(SPAM_FILE, url=url)
+    Path(extracted_path).mkdir(parents=True, exist_ok=True)
+    with atomic_write(data_file_path, "wb") as f:
+        f.write(source.read_bytes())
+    print(f"File downloaded and saved as {data_file_path}")
+
+
 # --- 6.3 Creating data loaders --------------------------------------------------------------------
 
 def encode_text(text: str, tokenizer) -> list[int]:

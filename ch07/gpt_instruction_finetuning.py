@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import requests
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ch02.atomic import atomic_write
-from ch02.download import get_data_file
+from ch02.download import data_file_for_url, get_data_file
 from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
@@ -174,6 +175,27 @@ def split_data(data: list, train_frac: float = 0.85, test_frac: float = 0.10) ->
     return data[:n_train], data[n_train:n_train + n_test], data[n_train + n_test:]
 
 
+def download_and_load_file(file_path: str | os.PathLike, url: str):
+    """The book's listing 7.1: keep a copy of `url` at `file_path` (once) and return its parsed JSON.
+
+    The chapter's URL is served by `ch02.download.get_data_file` (offline mirror, cache, or a
+    download checked by sha256); any other URL is fetched as is. Unlike `load_instruction_data`,
+    the records are returned unchecked, as in the book.
+    """
+    file_path = Path(file_path)
+    if not file_path.exists():
+        name = data_file_for_url(url)
+        if name is not None:
+            data = get_data_file(name).read_bytes()
+        else:
+            response = requests.get(url, timeout=60)
+            response.raise_for_status()
+            data = response.content
+        with atomic_write(file_path, "wb") as f:
+            f.write(data)
+    return read_json_file(file_path)
+
+
 # --- 7.3 Organizing data into training batches ---------------------------------------------------
 
 class InstructionDataset(Dataset):
@@ -260,6 +282,34 @@ def custom_collate_fn(
     inputs_tensor = torch.stack(inputs_lst).to(device)    # (batch, length)
     targets_tensor = torch.stack(targets_lst).to(device)  # (batch, length)
     return inputs_tensor, targets_tensor
+
+
+def custom_collate_draft_1(batch: Sequence, pad_token_id: int = END_OF_TEXT_ID,
+                           device: str | torch.device = "cpu") -> torch.Tensor:
+    """The book's first draft of the collate function: inputs only, padded per batch.
+
+    Every item gets one end-of-text token, then all are padded to the longest
+    item + 1 and the last position is dropped, so the longest item keeps its
+    end-of-text token only in the targets (which draft 2 adds).
+    """
+    batch_max_length = max(len(item) + 1 for item in batch)
+    inputs_lst = []
+    for item in batch:
+        padded = list(item) + [pad_token_id] * (batch_max_length - len(item))
+        inputs_lst.append(torch.tensor(padded[:-1]))
+    return torch.stack(inputs_lst).to(device)  # (batch, batch_max_length - 1)
+
+
+def custom_collate_draft_2(batch: Sequence, pad_token_id: int = END_OF_TEXT_ID,
+                           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The book's second draft: (inputs, targets), targets shifted by one; padding not yet masked."""
+    batch_max_length = max(len(item) + 1 for item in batch)
+    inputs_lst, targets_lst = [], []
+    for item in batch:
+        padded = list(item) + [pad_token_id] * (batch_max_length - len(item))
+        inputs_lst.append(torch.tensor(padded[:-1]))
+        targets_lst.append(torch.tensor(padded[1:]))
+    return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)  # (batch, length) each
 
 
 # --- 7.4 Creating data loaders for an instruction dataset ----------------------------------------

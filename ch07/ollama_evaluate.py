@@ -128,30 +128,52 @@ def check_ollama(model: str = DEFAULT_MODEL, host: str | None = None, timeout: f
     return version
 
 
-def query_model(prompt: str, model: str = DEFAULT_MODEL, host: str | None = None,
+def query_model(prompt: str, model: str = DEFAULT_MODEL, url: str | None = None, *, host: str | None = None,
                 options: dict | None = None, timeout: float = 300.0) -> str:
     """One chat turn with the judge (POST /api/chat, no streaming); returns its reply text.
 
-    Raises requests' errors when the connection fails and OllamaUnavailable when the
-    server answers with an error (e.g. HTTP 404 for a model it does not have).
+    Called as in the book, `query_model(prompt, model, url)`, with `url` the chat endpoint
+    (default http://localhost:11434/api/chat, or $OLLAMA_HOST's); or with `host=` a server
+    address as `ollama_host` reads it. Raises requests' errors when the connection fails and
+    OllamaUnavailable when the server answers with an error (e.g. HTTP 404 for a model it
+    does not have).
     """
+    if url is not None and host is not None:
+        raise ValueError("give either url (the chat endpoint) or host (the server), not both")
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "stream": False,
         "options": {**DEFAULT_OPTIONS, **(options or {})},
     }
-    base = ollama_host(host)
-    resp = requests.post(f"{base}/api/chat", json=payload, timeout=timeout)
+    if url is None:
+        url = f"{ollama_host(host)}/api/chat"
+    elif urlsplit(url).path in ("", "/"):  # a bare server address: the chat endpoint is meant
+        url = url.rstrip("/") + "/api/chat"
+    resp = requests.post(url, json=payload, timeout=timeout)
     try:
         body = resp.json()
     except ValueError:
         body = None
     if resp.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("message"), dict):
         detail = body.get("error") if isinstance(body, dict) and body.get("error") else resp.text[:200]
-        raise OllamaUnavailable(f"{base}/api/chat answered HTTP {resp.status_code} without a chat message: "
+        raise OllamaUnavailable(f"{url} answered HTTP {resp.status_code} without a chat message: "
                                 f"{detail}")
     return str(body["message"].get("content") or "")
+
+
+def check_if_running(process_name: str) -> bool:
+    """The book's check before querying: is a process whose name contains `process_name` running?
+
+    Uses `psutil` as the book does. `check_server` is the sturdier test (a server may run
+    under another name, in a container or on another machine).
+    """
+    try:
+        import psutil
+    except ImportError:
+        raise ImportError("check_if_running needs psutil (pip install psutil); "
+                          "check_server() asks the server itself and needs nothing extra") from None
+    return any(process_name in (proc.info["name"] or "") for proc in psutil.process_iter(["name"]))
 
 
 # --- Reading a score out of the judge's reply -----------------------------------------------------
@@ -215,9 +237,10 @@ def score_entry(entry: dict, json_key: str = "model_response", model: str = DEFA
                 host: str | None = None, options: dict | None = None, timeout: float = 300.0) -> int | None:
     """The judge's score for one record, asking a second time, more strictly, if the first reply has none."""
     prompt = make_score_prompt(entry, json_key)
-    score = parse_score(query_model(prompt, model, host, options, timeout))
+    score = parse_score(query_model(prompt, model, host=host, options=options, timeout=timeout))
     if score is None:
-        score = parse_score(query_model(prompt + STRICT_SUFFIX, model, host, options, timeout))
+        score = parse_score(query_model(prompt + STRICT_SUFFIX, model, host=host, options=options,
+                                           timeout=timeout))
     return score
 
 

@@ -151,3 +151,15 @@ def test_ddp_script_two_cpu_processes(tmp_path, single_process_result):
     assert (r0["train_acc"], r0["test_acc"]) == (r1["train_acc"], r1["test_acc"])
     assert (r0["train_acc"], r0["test_acc"]) == (single["train_acc"], single["test_acc"]) == (1.0, 1.0)
     assert "train accuracy 1.00" in proc.stdout
+
+
+
+def test_the_package_root_exports_the_main_names():
+    """`from appendix_a import ...` works as with the book's package: the names are toy's objects."""
+    import appendix_a
+    from appendix_a import NeuralNetwork, toy
+
+    assert NeuralNetwork is toy.NeuralNetwork
+    assert {"NeuralNetwork", "ToyDataset"} <= set(appendix_a.__all__)
+    for name in appendix_a.__all__:
+        assert getattr(appendix_a, name) is getattr(toy, name), name

@@ -156,3 +156,14 @@ def test_train_model_on_the_verdict_with_samples(verdict_text, capsys):
     assert train_losses[-1] < train_losses[0]
     out = capsys.readouterr().out
     assert out.count("Every effort moves you") == 2  # one sample per epoch
+
+
+def test_the_package_root_exports_the_main_names():
+    """`from appendix_d import ...` works as with the book's package: the names are training's objects."""
+    import appendix_d
+    from appendix_d import find_highest_gradient, training
+
+    assert find_highest_gradient is training.find_highest_gradient
+    assert {"find_highest_gradient", "train_model"} <= set(appendix_d.__all__)
+    for name in appendix_d.__all__:
+        assert getattr(appendix_d, name) is getattr(training, name), name

@@ -162,3 +162,15 @@ def test_merge_single_layer_keeps_bias_device_dtype():
     assert torch.equal(merged.bias, linear.bias)
     nobias = merge_lora(LinearWithLoRA(nn.Linear(6, 3, bias=False), rank=1, alpha=1))
     assert nobias.bias is None
+
+
+
+def test_the_package_root_exports_the_main_names():
+    """`from appendix_e import ...` works as with the book's package: the names are lora's objects."""
+    import appendix_e
+    from appendix_e import LinearWithLoRA, lora
+
+    assert LinearWithLoRA is lora.LinearWithLoRA
+    assert {"LinearWithLoRA", "LoRALayer", "replace_linear_with_lora"} <= set(appendix_e.__all__)
+    for name in appendix_e.__all__:
+        assert getattr(appendix_e, name) is getattr(lora, name), name

@@ -201,6 +201,27 @@ def test_download_from_local_server(dirs, server, monkeypatch):
     assert requests_seen == ["/verdict.txt"]
 
 
+def test_download_from_a_url_given_by_the_caller(dirs, server, monkeypatch):
+    """`url=` fetches the same file from elsewhere (the book's backup URL); the recorded sha256 still applies."""
+    _, cache = dirs
+    www, base, requests_seen = server
+    (www / "copy.txt").write_bytes(CONTENT)
+    (www / "other.txt").write_bytes(BAD)
+    use_spec(monkeypatch, url="http://127.0.0.1:1/never-used", sha256=CONTENT_SHA)
+
+    with pytest.raises(ChecksumError):
+        get_data_file("the-verdict.txt", url=f"{base}/other.txt")
+    assert get_data_file("the-verdict.txt", url=f"{base}/copy.txt").read_bytes() == CONTENT
+    assert requests_seen == ["/other.txt", "/copy.txt"]
+    assert DATA_FILES["the-verdict.txt"].url == "http://127.0.0.1:1/never-used"  # the table is unchanged
+
+
+def test_data_file_for_url():
+    for name, spec in DATA_FILES.items():
+        assert download.data_file_for_url(spec.url) == name
+    assert download.data_file_for_url("https://example.com/unknown.json") is None
+
+
 def test_download_with_wrong_content_leaves_nothing(dirs, server, monkeypatch):
     _, cache = dirs
     www, base, _ = server

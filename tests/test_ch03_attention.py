@@ -7,6 +7,7 @@ from ch03.attention import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
+    PyTorchMultiHeadAttention,
     SelfAttention_v1,
     SelfAttention_v2,
     causal_mask,
@@ -237,3 +238,69 @@ def test_forward_without_cache_ignores_and_keeps_existing_cache():
         fresh = make_mha().eval()
         torch.testing.assert_close(mha(x), fresh(x))
     assert mha.cache_len == 3
+
+
+# ---------------------------------------------------------------- the book repository's fused variant
+
+def fused_copy(mha: MultiHeadAttention, **kwargs) -> PyTorchMultiHeadAttention:
+    """A PyTorchMultiHeadAttention holding `mha`'s weights: Q, K, V rows stacked into one projection."""
+    fast = PyTorchMultiHeadAttention(mha.W_query.in_features, mha.d_out, mha.num_heads, **kwargs)
+    with torch.no_grad():
+        fast.qkv.weight.copy_(torch.cat([mha.W_query.weight, mha.W_key.weight, mha.W_value.weight]))
+        if mha.W_query.bias is not None:
+            fast.qkv.bias.copy_(torch.cat([mha.W_query.bias, mha.W_key.bias, mha.W_value.bias]))
+        fast.proj.load_state_dict(mha.out_proj.state_dict())
+    return fast.eval()
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("num_tokens", [1, 5, 12])
+def test_pytorch_mha_equals_mha_with_the_same_weights(qkv_bias, num_tokens):
+    explicit = make_mha(d_in=6, d_out=12, num_heads=3, qkv_bias=qkv_bias, use_sdpa=False).eval()
+    fast = fused_copy(explicit, qkv_bias=qkv_bias)
+    x = torch.randn(2, num_tokens, 6)
+    torch.testing.assert_close(fast(x), explicit(x), atol=1e-6, rtol=1e-5)
+    # Same number of parameters: one (3*d_out, d_in) matrix instead of three (d_out, d_in) ones.
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in explicit.parameters())
+
+
+def test_pytorch_mha_is_causal_and_uses_dropout_in_train_mode_only():
+    fast = fused_copy(make_mha(), dropout=0.5)
+    x = torch.randn(1, 6, 8)
+    changed = x.clone()
+    changed[:, 4:] = torch.randn(1, 2, 8)
+    torch.testing.assert_close(fast(changed)[:, :4], fast(x)[:, :4])  # later tokens never leak back
+    assert torch.equal(fast(x), fast(x))  # eval: no dropout
+    fast.train()
+    assert not torch.equal(fast(x), fast(x))
+
+
+def test_pytorch_mha_book_signature_and_errors():
+    fast = PyTorchMultiHeadAttention(d_in=4, d_out=8, num_heads=2)  # the book's keywords; dropout 0, no bias
+    assert fast.dropout == 0.0 and fast.qkv.bias is None and fast.context_length is None
+    assert fast(torch.randn(2, 50, 4)).shape == (2, 50, 8)  # no context_length: any length
+    with pytest.raises(ValueError, match="divisible"):
+        PyTorchMultiHeadAttention(4, 9, 2)
+    limited = PyTorchMultiHeadAttention(4, 8, 2, context_length=3)
+    with pytest.raises(ValueError, match="exceeds context_length=3"):
+        limited(torch.randn(1, 4, 4))
+    limited(torch.randn(1, 2, 4), use_cache=True)
+    with pytest.raises(ValueError, match=r"4 tokens \(2 cached \+ 2 new\)"):
+        limited(torch.randn(1, 2, 4), use_cache=True)
+
+
+@pytest.mark.parametrize("chunks", [(6,), (1, 1, 1, 1, 1, 1), (3, 1, 2), (2, 4)])
+def test_pytorch_mha_kv_cache_matches_mha(chunks):
+    mha = make_mha(d_in=6, d_out=12, num_heads=3, qkv_bias=True).eval()
+    fast = fused_copy(mha, qkv_bias=True)
+    x = torch.randn(2, sum(chunks), 6)
+    start, outs, expected = 0, [], []
+    for n in chunks:
+        outs.append(fast(x[:, start:start + n], use_cache=True))
+        expected.append(mha(x[:, start:start + n], use_cache=True))
+        start += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), fast(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outs, dim=1), torch.cat(expected, dim=1), atol=1e-6, rtol=1e-5)
+    fast.reset_cache()
+    assert fast.cache_k is None
+    torch.testing.assert_close(fast(x[:, :2], use_cache=True), fast(x[:, :2]))

@@ -19,6 +19,7 @@ from ch04.gpt import (
     GPT_CONFIG_124M,
     FeedForward,
     GPTModel,
+    GPTModelFast,
     LayerNorm,
     TransformerBlock,
     count_parameters,
@@ -313,3 +314,54 @@ def test_cached_decoding_under_bfloat16_autocast():
         full = model(ids)
     assert last.dtype == torch.bfloat16
     torch.testing.assert_close(last, full[:, 4:], atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- GPTModelFast (the book repository's bonus)
+
+def fast_state_from(model: GPTModel) -> dict:
+    """GPTModel weights renamed for GPTModelFast: Q/K/V stacked into att.qkv, out_proj as att.proj."""
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix, _, rest = key.partition(".att.")
+        if not rest:
+            state[key] = value
+        elif rest.startswith("W_query."):
+            kind = rest.split(".")[1]  # weight or bias
+            parts = [model.state_dict()[f"{prefix}.att.{w}.{kind}"] for w in ("W_query", "W_key", "W_value")]
+            state[f"{prefix}.att.qkv.{kind}"] = torch.cat(parts)
+        elif rest.startswith("out_proj."):
+            state[f"{prefix}.att.proj.{rest.split('.')[1]}"] = value
+    return state
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_gpt_model_fast_equals_gpt_model_with_the_same_weights(qkv_bias):
+    model = tiny_model(qkv_bias=qkv_bias, use_sdpa=False)  # the chapter's explicit attention math
+    fast = GPTModelFast({**TINY, "qkv_bias": qkv_bias}).eval()
+    assert count_parameters(fast) == count_parameters(model)
+    fast.load_state_dict(fast_state_from(model))  # strict: every name accounted for
+    idx = torch.randint(0, TINY["vocab_size"], (2, TINY["context_length"]))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), model(idx), atol=1e-5, rtol=1e-5)
+    out = generate_text_simple(fast, idx[:1, :3], max_new_tokens=20, context_size=TINY["context_length"])
+    assert torch.equal(out, generate_text_simple(model, idx[:1, :3], 20, TINY["context_length"]))
+
+
+def test_gpt_model_fast_trains_and_generates_with_the_kv_cache():
+    torch.manual_seed(123)
+    fast = GPTModelFast({**TINY, "drop_rate": 0.1})
+    assert all(type(block.att).__name__ == "PyTorchMultiHeadAttention" for block in fast.trf_blocks)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 8))
+    loss = nn.functional.cross_entropy(fast(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    assert all(p.grad is not None for p in fast.parameters())
+
+    fast.eval()
+    with torch.no_grad():
+        full = fast(idx)
+        fast.reset_kv_cache()
+        steps = [fast(idx[:, :5], use_cache=True)] + [fast(idx[:, i:i + 1], use_cache=True) for i in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert fast.current_pos == 8
+    fast.reset_kv_cache()
+    assert fast.current_pos == 0 and all(block.att.cache_k is None for block in fast.trf_blocks)

@@ -182,3 +182,46 @@ def test_config_from_state_dict_and_sidecar(tmp_path):
     assert saved_config(tmp_path / "model.pth") == model.cfg
     (tmp_path / "config.json").write_text(json.dumps({"n_embd": 16}))  # a Hugging Face one: ignored
     assert saved_config(tmp_path / "model.pth") is None
+
+
+# --- files saved by the book's own code -----------------------------------------------------------
+
+def book_state_dict(model: GPTModel, mask_dtype=torch.float32) -> dict:
+    """What the book's GPTModel saves: our tensors plus a persistent causal-mask buffer per block
+    (`torch.triu(torch.ones(context_length, context_length), diagonal=1)`)."""
+    n = model.cfg["context_length"]
+    masks = {f"trf_blocks.{i}.att.mask": torch.triu(torch.ones(n, n, dtype=mask_dtype), diagonal=1)
+             for i in range(model.cfg["n_layers"])}
+    return {**model.state_dict(), **masks}
+
+
+def test_books_model_pth_loads_with_a_note_about_the_masks(tmp_path):
+    from ch05.gpt_generate import load_model_for_generation
+
+    source = model_with(seed=1).eval()
+    torch.save(book_state_dict(source), tmp_path / "model.pth")
+    with pytest.warns(UserWarning, match=r"dropped 2 attention-mask buffers \(trf_blocks.N.att.mask\)") as seen:
+        loaded = load_model(model_with(seed=2), tmp_path / "model.pth")
+    assert len(seen) == 1 and str(tmp_path / "model.pth") in str(seen[0].message)
+    assert same_weights(loaded, source)
+
+    with pytest.warns(UserWarning, match="attention-mask buffers"):
+        generator, _ = load_model_for_generation(tmp_path / "model.pth", n_heads=TINY["n_heads"])
+    idx = torch.randint(0, TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        assert torch.equal(generator(idx), source(idx))
+
+    # The book's model_and_optimizer.pth: the masks sit inside model_state_dict.
+    torch.save({"model_state_dict": book_state_dict(source, torch.bool), "optimizer_state_dict": {}},
+               tmp_path / "model_and_optimizer.pth")
+    with pytest.warns(UserWarning, match="attention-mask buffers"):
+        assert same_weights(load_model(model_with(seed=3), tmp_path / "model_and_optimizer.pth"), source)
+
+
+def test_a_mask_that_is_not_causal_is_not_dropped(tmp_path):
+    state = book_state_dict(model_with())
+    state["trf_blocks.1.att.mask"] = torch.zeros(8, 8)  # not the causal mask: keep it and refuse the file
+    torch.save(state, tmp_path / "model.pth")
+    with pytest.warns(UserWarning, match="dropped 1 attention-mask"):
+        with pytest.raises(CheckpointMismatchError, match=r"unexpected keys: \['trf_blocks.1.att.mask'\]"):
+            load_model(model_with(), tmp_path / "model.pth")

@@ -7,10 +7,12 @@ HF_HUB_OFFLINE=1 and an empty cache, and must fail with a clear PretrainedWeight
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,9 +21,13 @@ from ch05 import gpt_download
 from ch05.gpt_download import (
     GPT2_MODEL_NAMES,
     PretrainedWeightsUnavailable,
+    assign,
+    book_params_to_hf,
     canonical_model_name,
+    download_and_load_gpt2,
     download_gpt2_safetensors,
     gpt2_config,
+    hf_params_to_book,
     load_gpt2_params,
     load_pretrained_gpt2,
     load_weights_into_gpt,
@@ -258,3 +264,91 @@ def test_tensorflow_is_never_imported(hf_dir):
     assert proc.returncode == 0, proc.stderr
     for src in (REPO / "ch05").glob("*.py"):
         assert "tensorflow" not in src.read_text().replace("TensorFlow", "")
+
+
+# --- the book's names: download_and_load_gpt2, nested params, assign ---------------------------------
+
+@pytest.fixture
+def book_models_dir(hf_dir, tmp_path):
+    """A models_dir as the book's call expects it, its "124M" folder holding the tiny model's files."""
+    shutil.copytree(hf_dir[0], tmp_path / "gpt2" / "124M")
+    return tmp_path / "gpt2"
+
+
+def book_config(settings: dict) -> dict:
+    """The book's NEW_CONFIG: GPT_CONFIG_124M updated from the settings, with qkv_bias=True."""
+    return {**TINY_CFG, "vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"],
+            "emb_dim": settings["n_embd"], "n_heads": settings["n_head"], "n_layers": settings["n_layer"],
+            "qkv_bias": True, "tie_weights": False}
+
+
+def test_download_and_load_gpt2_returns_the_books_settings_and_params(hf_dir, book_models_dir):
+    settings, params = download_and_load_gpt2(model_size="124M", models_dir=book_models_dir)
+    assert settings == {"n_vocab": 300, "n_ctx": 32, "n_embd": 64, "n_head": 4, "n_layer": 2}
+    hf = hf_dir[1].transformer
+    assert sorted(params) == ["b", "blocks", "g", "wpe", "wte"] and len(params["blocks"]) == 2
+    assert isinstance(params["wte"], np.ndarray) and params["wte"].dtype == np.float32
+    np.testing.assert_array_equal(params["wte"], hf.wte.weight.detach().numpy())
+    np.testing.assert_array_equal(params["g"], hf.ln_f.weight.detach().numpy())
+    block = params["blocks"][1]
+    assert sorted(block) == ["attn", "ln_1", "ln_2", "mlp"]
+    assert block["attn"]["c_attn"]["w"].shape == (64, 192) and block["attn"]["c_attn"]["b"].shape == (192,)
+    assert block["mlp"]["c_fc"]["w"].shape == (64, 256) and block["mlp"]["c_proj"]["w"].shape == (256, 64)
+    np.testing.assert_array_equal(block["ln_2"]["g"], hf.h[1].ln_2.weight.detach().numpy())
+    np.testing.assert_array_equal(block["mlp"]["c_proj"]["b"], hf.h[1].mlp.c_proj.bias.detach().numpy())
+
+
+def test_book_params_load_into_gpt_and_match_huggingface(hf_dir, book_models_dir):
+    settings, params = download_and_load_gpt2("124M", book_models_dir)
+    gpt = GPTModel(book_config(settings))
+    assert load_weights_into_gpt(gpt, params) is gpt
+    idx = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(gpt.eval()(idx), hf_dir[1](idx).logits, atol=1e-4, rtol=0)
+    # The same model as from Hugging Face's flat names: one mapping, two layouts.
+    for (name, a), b in zip(gpt.state_dict().items(), ours_for(load_file(str(book_models_dir / "124M" /
+                                                                         "model.safetensors"))).state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_book_and_huggingface_layouts_convert_both_ways(hf_params):
+    flat = {k.removeprefix("transformer."): v for k, v in hf_params.items()}
+    flat = {k: v for k, v in flat.items() if not gpt_download._IGNORED.search(k)}  # mask buffers, lm_head
+    back = book_params_to_hf(hf_params_to_book(hf_params))
+    assert sorted(back) == sorted(flat)
+    for name, tensor in flat.items():
+        assert torch.equal(back[name], tensor), name
+    broken = hf_params_to_book(hf_params)
+    del broken["blocks"][1]["mlp"]["c_fc"]["b"]
+    with pytest.raises(ValueError, match="mlp/c_fc/b"):
+        load_weights_into_gpt(GPTModel(TINY_CFG), broken)
+
+
+def test_assign_as_in_listing_5_5(hf_params):
+    params = hf_params_to_book(hf_params)
+    gpt = GPTModel(TINY_CFG)
+    gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"])
+    q_w, k_w, v_w = np.split(params["blocks"][0]["attn"]["c_attn"]["w"], 3, axis=-1)
+    gpt.trf_blocks[0].att.W_key.weight = assign(gpt.trf_blocks[0].att.W_key.weight, k_w.T)
+    assert isinstance(gpt.pos_emb.weight, torch.nn.Parameter) and gpt.pos_emb.weight.requires_grad
+    np.testing.assert_array_equal(gpt.pos_emb.weight.detach().numpy(), params["wpe"])
+    assert torch.equal(gpt.trf_blocks[0].att.W_key.weight, ours_for(hf_params).trf_blocks[0].att.W_key.weight)
+    params["wpe"][0, 0] += 1.0  # the Parameter holds its own copy
+    assert gpt.pos_emb.weight[0, 0] != params["wpe"][0, 0]
+    half = torch.zeros(3, 2, dtype=torch.bfloat16)
+    assert assign(half, np.ones((3, 2), dtype=np.float32)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"Shape mismatch. Left: torch.Size\(\[32, 64\]\), Right: \(300, 64\)"):
+        assign(gpt.pos_emb.weight, params["wte"])
+
+
+def test_download_and_load_gpt2_sizes_and_offline_cache(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="Model size not in"):
+        download_and_load_gpt2("gpt2", tmp_path)
+    asked = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(gpt_download, "download_gpt2_safetensors",
+                        lambda name, cache_dir=None: asked.append(name) or download_gpt2_safetensors(
+                            name, cache_dir=tmp_path / "empty-cache"))
+    with pytest.raises(PretrainedWeightsUnavailable, match="HF_HUB_OFFLINE"):
+        download_and_load_gpt2("355M", tmp_path / "models")  # no local copy: the Hugging Face cache is asked
+    assert asked == ["gpt2-medium"]

@@ -28,6 +28,7 @@ from ch06.gpt_class_finetune import (
     count_trainable_parameters,
     create_balanced_dataset,
     create_spam_loaders,
+    download_and_unzip_spam_data,
     last_token_logits,
     load_classifier,
     load_init_checkpoint,
@@ -403,3 +404,22 @@ def test_main_use_onednn_covers_the_final_accuracy_pass(tmp_path, onednn_product
         assert bool(onednn_products) is flag
     assert results[True]["accuracies"] == results[False]["accuracies"]
     assert parse_args(["--no-onednn"]).no_onednn and not parse_args([]).no_onednn
+
+
+def test_download_and_unzip_spam_data_as_in_the_book(tmp_path, capsys):
+    """The book's call (listing 6.1) puts a verified copy at data_file_path; the mirror serves it offline."""
+    from ch02.download import DATA_FILES, get_data_file
+
+    url = DATA_FILES["SMSSpamCollection"].url
+    extracted_path = tmp_path / "sms_spam_collection"
+    data_file_path = extracted_path / "SMSSpamCollection.tsv"
+    download_and_unzip_spam_data(url, tmp_path / "sms_spam_collection.zip", extracted_path, data_file_path)
+    assert data_file_path.read_bytes() == get_data_file("SMSSpamCollection", download=False).read_bytes()
+    assert capsys.readouterr().out == f"File downloaded and saved as {data_file_path}\n"
+    df = pd.read_csv(data_file_path, sep="\t", header=None, names=["Label", "Text"])
+    assert df["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+
+    data_file_path.write_text("kept\n")  # an existing file is never replaced
+    download_and_unzip_spam_data(url, tmp_path / "x.zip", str(extracted_path), str(data_file_path))
+    assert data_file_path.read_text() == "kept\n"
+    assert capsys.readouterr().out == f"{data_file_path} already exists. Skipping download and extraction.\n"

@@ -19,7 +19,10 @@ from ch07.gpt_instruction_finetuning import (
     ALPACA_PREAMBLE,
     InstructionDataset,
     create_instruction_loaders,
+    custom_collate_draft_1,
+    custom_collate_draft_2,
     custom_collate_fn,
+    download_and_load_file,
     extract_response,
     format_input,
     format_response,
@@ -320,3 +323,71 @@ def test_use_onednn_reaches_training_evaluation_and_generation(tmp_path, instruc
     assert fast["train_losses"] == pytest.approx(plain["train_losses"], rel=1e-4)
     assert [r["model_response"] for r in fast["responses"]] == [r["model_response"] for r in plain["responses"]]
     assert ft.parse_args(["--no-onednn"]).no_onednn and not ft.parse_args([]).no_onednn
+
+
+# --- the book's names: listing 7.1 and the collate drafts ------------------------------------------
+
+def test_download_and_load_file_uses_the_data_helper_for_the_chapter_url(tmp_path):
+    from ch02.download import DATA_FILES
+
+    url = DATA_FILES["instruction-data.json"].url
+    file_path = tmp_path / "instruction-data.json"
+    data = download_and_load_file(file_path, url)  # offline: served by the data mirror
+    assert data == load_instruction_data() and len(data) == 1100
+    file_path.write_text('[{"instruction": "kept", "input": "", "output": "x"}]')
+    assert download_and_load_file(str(file_path), url)[0]["instruction"] == "kept"  # an existing file is read
+
+
+def test_download_and_load_file_fetches_any_other_url(tmp_path, monkeypatch):
+    import http.server
+    import threading
+
+    records = [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "mine.json").write_text(json.dumps(records))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(www), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/mine.json"
+        assert download_and_load_file(tmp_path / "mine.json", url) == records
+        assert json.loads((tmp_path / "mine.json").read_text()) == records
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+BOOK_BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]  # the book's example batch in section 7.3
+PAD = 50256
+
+
+def test_custom_collate_drafts_behave_as_in_the_book():
+    inputs = custom_collate_draft_1(BOOK_BATCH)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, PAD, PAD, PAD], [7, 8, 9, PAD, PAD]]
+    inputs2, targets = custom_collate_draft_2(BOOK_BATCH)
+    assert torch.equal(inputs2, inputs)
+    assert targets.tolist() == [[1, 2, 3, 4, PAD], [6, PAD, PAD, PAD, PAD], [8, 9, PAD, PAD, PAD]]
+    assert inputs.dtype == targets.dtype == torch.long
+    assert BOOK_BATCH == [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]  # the items are not modified
+
+    # The final collate function is draft 2 with every pad target after the first one hidden.
+    final_inputs, final_targets = custom_collate_fn(BOOK_BATCH)
+    assert torch.equal(final_inputs, inputs)
+    expected = targets.clone()
+    for row in expected:
+        pads = (row == PAD).nonzero().flatten()
+        row[pads[1:]] = -100
+    assert torch.equal(final_targets, expected)
+    assert custom_collate_draft_1([[1]], pad_token_id=7).tolist() == [[1]]
+    assert [t.tolist() for t in custom_collate_draft_2([[1], [2, 3]], pad_token_id=7)] == [[[1, 7], [2, 3]],
+                                                                                            [[7, 7], [3, 7]]]

@@ -4,6 +4,7 @@ parsing with a retry, the average, and the messages for an unreachable server an
 
 import json
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -282,3 +283,31 @@ def test_error_reply_from_chat_is_reported(responses_file, capsys):
     with FakeOllama([(500, {"unexpected": True})]) as server:
         assert ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress"]) == 1
     assert "HTTP 500" in capsys.readouterr().err
+
+
+# --- the book's names ------------------------------------------------------------------------------
+
+def test_query_model_takes_the_books_url_argument(monkeypatch):
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:1")  # never used: url names the endpoint
+    with FakeOllama(["17", "18", "19"]) as server:
+        assert query_model("Hello?", "judge", f"{server.host}/api/chat") == "17"
+        assert query_model("Hello?", model="judge", url=server.host) == "18"  # a bare server address
+        with pytest.raises(OllamaUnavailable, match="HTTP 404"):
+            query_model("Hello?", url=f"{server.host}/api/generate")
+    assert [p for p in server.paths] == [("POST", "/api/chat")] * 2 + [("POST", "/api/generate")]
+    assert server.chat_requests[0]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
+    with pytest.raises(ValueError, match="not both"):
+        query_model("x", url="http://127.0.0.1:1/api/chat", host="127.0.0.1:1")
+
+
+def test_check_if_running_finds_this_process():
+    psutil = pytest.importorskip("psutil")
+    own_name = psutil.Process().name()
+    assert ev.check_if_running(own_name) is True
+    assert ev.check_if_running("no-such-process-\u2603-name") is False
+
+
+def test_check_if_running_without_psutil_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # makes `import psutil` fail
+    with pytest.raises(ImportError, match="pip install psutil"):
+        ev.check_if_running("ollama")
