@@ -48,8 +48,8 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     return loss
 
 
-def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str,
-                     num_batches: int | None = None) -> float:
+def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str, num_batches: int | None = None,
+                     calc_loss_batch=calc_loss_batch) -> float:  # New: chapter 6 passes its classification loss
     total_loss = 0.
     if len(data_loader) == 0:
         return float("nan")
@@ -107,11 +107,12 @@ def train_model_simple(model: nn.Module, train_loader, val_loader, optimizer: to
     return train_losses, val_losses, track_tokens_seen
 
 
-def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:
+def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int,
+                   calc_loss_batch=calc_loss_batch) -> tuple[float, float]:  # New: as in calc_loss_loader
     model.eval()
     with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, calc_loss_batch)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, calc_loss_batch)
     model.train()
     return train_loss, val_loss
 

@@ -199,6 +199,7 @@ def train(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "training",
+    final_checkpoint: bool = True,
 ) -> dict:
     """The book's loop with the extras of this module; returns the history and counters.
 
@@ -208,6 +209,8 @@ def train(
     (chapter 5 prints a sample; chapter 6 measures accuracies). The result holds
     "train_losses", "val_losses", "tokens_seen" (one entry per evaluation), a list per key
     that epoch_end_fn returned, and the totals "tokens", "examples", "global_step".
+    `final_checkpoint=False` writes no checkpoint at the end (fine-tuning saves its model instead;
+    a checkpoint with optimizer state is three times the weights' size).
     """
     if len(train_loader) == 0:
         raise ValueError("the training loader has no batches: the text is too short for this batch size and "
@@ -326,7 +329,7 @@ def train(
                     recorded = epoch_end_fn(core, epoch) if is_main else None
                 for key, value in (recorded or {}).items():
                     history.setdefault(key, []).append(value)
-            if epoch + 1 == num_epochs:
+            if epoch + 1 == num_epochs and final_checkpoint:
                 # The end: resuming from here with more epochs continues at the start of the next one.
                 # (Not after every epoch: a 124M model's checkpoint with optimizer state is ~2 GB.)
                 checkpoint(epoch + 1, 0, torch.get_rng_state(), gen.get_state() if gen is not None else None)

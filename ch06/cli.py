@@ -1,0 +1,194 @@
+"""Chapter 6's run as a script: fine-tune a GPT model as an SMS spam classifier.
+
+    python -m ch06.gpt_class_finetune                 # the book's run: pretrained GPT-2 124M, 5 epochs
+    python -m ch06.gpt_class_finetune --quick         # offline: small random-init model, about a minute on a CPU
+    python -m ch06.gpt_class_finetune --from-scratch  # GPT-2 124M shape, random init, every layer trained
+    python -m ch06.gpt_class_finetune --quick --init-checkpoint outputs/ch05/model.pth
+
+`finetune` does the work with the chapter's functions (`ch06.spam_data`,
+`ch06.gpt_class_finetune`) inside chapter 5's training layer (`ch05.trainer`: checkpoints on
+Ctrl-C, exact resume, progress bar); `main` is the command line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ch02.runtime import get_device, set_seed
+from ch02.tokenizer import get_gpt2_tokenizer
+from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
+from ch05.cli import Parser, add_common_args, common_overrides, positive_int, run
+from ch05.trainer import make_optimizer, train
+from ch06.finetuning import add_model_source_args, cpu_threads, load_init_checkpoint, load_pretrained
+from ch06.gpt_class_finetune import (
+    MODEL_FILE,
+    TRAINABLE_CHOICES,
+    calc_accuracy_loader,
+    calc_loss_batch,
+    count_trainable_parameters,
+    evaluate_model,
+    plot_values,
+    prepare_classifier,
+    save_classifier,
+)
+from ch06.spam_data import DEFAULT_OUTPUT_DIR, SPLIT_NAMES, create_spam_loaders, prepare_spam_splits
+
+QUICK_CLASSIFIER_CONFIG = {**GPT_CONFIG_124M, "context_length": 128, "emb_dim": 64, "n_heads": 4,
+                           "n_layers": 2, "drop_rate": 0.1}
+
+BOOK_SETTINGS = {
+    "learning_rate": 5e-5, "weight_decay": 0.1, "batch_size": 8, "num_epochs": 5,
+    "eval_freq": 50, "eval_iter": 5, "max_length": None, "trainable": "last_block", "seed": 123,
+    "num_threads": None,  # None: PyTorch's default number of CPU threads
+}
+# Random init learns everything from 1,045 messages: every layer trains, with a higher learning rate.
+QUICK_SETTINGS = {**BOOK_SETTINGS, "learning_rate": 1e-3, "num_epochs": 4, "max_length": 64, "trainable": "all",
+                  "num_threads": 1}
+FROM_SCRATCH_SETTINGS = {**BOOK_SETTINGS, "learning_rate": 1e-4, "trainable": "all"}
+
+OFFLINE_ALTERNATIVES = """\
+Without pretrained weights the chapter still runs offline:
+  python -m ch06.gpt_class_finetune --quick          # small model from random init, about a minute on a CPU
+  python -m ch06.gpt_class_finetune --from-scratch   # GPT-2 124M shape from random init (slow on a CPU, less accurate)
+  python -m ch06.gpt_class_finetune --quick --init-checkpoint outputs/ch05/model.pth   # start from chapter 5"""
+
+
+def finetune(settings: dict, output_dir: str | Path = DEFAULT_OUTPUT_DIR, *, mode: str = "pretrained",
+             model_name: str = "gpt2", init_checkpoint: str | Path | None = None, n_heads: int | None = None,
+             cfg: dict | None = None, device=None, progress: bool = True, resume: str | Path | None = None,
+             checkpoint_every: int | None = None) -> dict:
+    """Prepare the data, build the model, fine-tune, evaluate, save plots and the classifier.
+
+    mode: "pretrained" (the book: GPT-2 weights via chapter 5; PretrainedWeightsUnavailable with
+    instructions when they cannot be had), "quick" (small random-init model, or `init_checkpoint`),
+    "scratch" (GPT-2 shape of `model_name`, random init). `cfg` overrides the model config in the
+    random-init modes. `settings["num_threads"]` (quick: 1) limits CPU threads while it runs.
+    A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
+    """
+    if mode not in ("pretrained", "quick", "scratch"):
+        raise ValueError(f"mode must be 'pretrained', 'quick' or 'scratch', got {mode!r}")
+    device = torch.device(device) if device is not None else get_device()
+    with cpu_threads(settings.get("num_threads") if device.type == "cpu" else None):
+        return _finetune(settings, Path(output_dir), mode, model_name, init_checkpoint, n_heads, cfg, device,
+                         progress, resume, checkpoint_every)
+
+
+def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, cfg, device, progress,
+              resume, checkpoint_every) -> dict:
+    set_seed(settings["seed"])
+    if init_checkpoint is not None:
+        model = load_init_checkpoint(init_checkpoint, n_heads=n_heads)
+        source = f"weights from {init_checkpoint}"
+    elif mode == "pretrained":
+        model = load_pretrained(model_name, device, OFFLINE_ALTERNATIVES)
+        source = f"pretrained {model_name}"
+    else:
+        if cfg is None:
+            cfg = QUICK_CLASSIFIER_CONFIG if mode == "quick" else {**GPT_CONFIG_124M, **GPT2_SIZES.get(model_name, {}),
+                                                                   "drop_rate": 0.0}
+        model = GPTModel(cfg)
+        source = "random init"
+    set_seed(settings["seed"])  # the same head init and batch order, whatever the model source consumed
+    prepare_classifier(model, num_classes=2, trainable=settings["trainable"])
+    model.to(device)
+    paths = prepare_spam_splits(output_dir, seed=settings["seed"])
+
+    context_length = model.pos_emb.weight.shape[0]
+    max_length = settings["max_length"]
+    if max_length is not None and max_length > context_length:
+        raise ValueError(f"max_length {max_length} exceeds the model's context length {context_length}")
+    tokenizer = get_gpt2_tokenizer()
+    train_loader, val_loader, test_loader = create_spam_loaders(
+        paths, tokenizer, batch_size=settings["batch_size"], max_length=max_length, seed=settings["seed"])
+    if train_loader.dataset.max_length > context_length:
+        # The longest message does not fit: truncate every split to the context length.
+        train_loader, val_loader, test_loader = create_spam_loaders(
+            paths, tokenizer, batch_size=settings["batch_size"], max_length=context_length, seed=settings["seed"])
+    max_length = train_loader.dataset.max_length
+    print(f"device: {device}; model: {source}; {count_trainable_parameters(model):,} of "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters trainable ({settings['trainable']}); "
+          f"max_length {max_length}; {len(train_loader)} training batches per epoch")
+
+    eval_iter = settings["eval_iter"]
+
+    def accuracies_after_epoch(m, epoch: int) -> dict:  # the end of the book's epoch loop
+        train_accuracy = calc_accuracy_loader(train_loader, m, device, num_batches=eval_iter)
+        val_accuracy = calc_accuracy_loader(val_loader, m, device, num_batches=eval_iter)
+        print(f"Training accuracy: {train_accuracy * 100:.2f}% | Validation accuracy: {val_accuracy * 100:.2f}%")
+        return {"train_accs": train_accuracy, "val_accs": val_accuracy}
+
+    optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
+    start = time.perf_counter()
+    result = train(model, train_loader, val_loader, optimizer, device, settings["num_epochs"],
+                   settings["eval_freq"], eval_iter,
+                   loss_fn=lambda m, inputs, targets: calc_loss_batch(inputs, targets, m, device),
+                   evaluate_fn=lambda m: evaluate_model(m, train_loader, val_loader, device, eval_iter),
+                   epoch_end_fn=accuracies_after_epoch, checkpoint_path=output_dir / "checkpoint.pth",
+                   checkpoint_every=checkpoint_every, resume_from=resume, final_checkpoint=False,
+                   progress=progress, desc="fine-tuning")
+    seconds = time.perf_counter() - start
+    train_losses, val_losses = result["train_losses"], result["val_losses"]
+    train_accs, val_accs, examples_seen = result.get("train_accs", []), result.get("val_accs", []), result["examples"]
+
+    accuracies = {name: calc_accuracy_loader(loader, model, device)
+                  for name, loader in zip(SPLIT_NAMES, (train_loader, val_loader, test_loader))}
+    for name, acc in accuracies.items():
+        print(f"{name.capitalize()} accuracy: {acc * 100:.2f}%")
+    print(f"Training took {seconds / 60:.2f} minutes")
+
+    import matplotlib.pyplot as plt
+
+    num_epochs = settings["num_epochs"]
+    if train_losses:
+        plot_values(torch.linspace(0, num_epochs, len(train_losses)).tolist(),
+                    torch.linspace(0, examples_seen, len(train_losses)).tolist(),
+                    train_losses, val_losses, label="loss", path=output_dir / "loss-plot.png")
+    plot_values(torch.linspace(0, num_epochs, len(train_accs)).tolist(),
+                torch.linspace(0, examples_seen, len(train_accs)).tolist(),
+                train_accs, val_accs, label="accuracy", path=output_dir / "accuracy-plot.png")
+    plt.close("all")
+    model_path = save_classifier(model, output_dir / MODEL_FILE, max_length=max_length)
+    print(f"saved {model_path} and plots in {output_dir}")
+    return {"model": model, "accuracies": accuracies, "train_losses": train_losses, "val_losses": val_losses,
+            "train_accs": train_accs, "val_accs": val_accs, "examples_seen": examples_seen, "seconds": seconds,
+            "max_length": max_length, "model_path": model_path, "loaders": (train_loader, val_loader, test_loader)}
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m ch06.gpt_class_finetune",
+               description="Fine-tune a GPT model as an SMS spam classifier (chapter 6).")
+    add_model_source_args(p, "gpt2", "offline: a small random-init model (or --init-checkpoint), all layers "
+                                     "trained, ~1 min on a CPU")
+    add_common_args(p, DEFAULT_OUTPUT_DIR)
+    p.add_argument("--trainable", choices=TRAINABLE_CHOICES, help="what trains (default last_block; quick/scratch: all)")
+    p.add_argument("--max-length", type=positive_int,
+                   help="pad/truncate messages to N tokens (default: the longest training message; quick: 64)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint (same other options)")
+    return p
+
+
+def settings_from_args(args) -> tuple[str, dict]:
+    mode = "quick" if args.quick else "scratch" if args.from_scratch else "pretrained"
+    base = {"quick": QUICK_SETTINGS, "scratch": FROM_SCRATCH_SETTINGS, "pretrained": BOOK_SETTINGS}[mode]
+    extra = {k: v for k, v in {"max_length": args.max_length, "trainable": args.trainable}.items() if v is not None}
+    return mode, {**base, **common_overrides(args), **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ch06.gpt_class_finetune [options]`; returns the exit code."""
+    args = parser().parse_args(argv)
+    mode, settings = settings_from_args(args)
+    return run(lambda: finetune(settings, args.output_dir, mode=mode, model_name=args.model,
+                                init_checkpoint=args.init_checkpoint, n_heads=args.n_heads, device=args.device,
+                                progress=not args.no_progress, resume=args.resume,
+                                checkpoint_every=args.checkpoint_every),
+               argv, onednn=args.onednn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
