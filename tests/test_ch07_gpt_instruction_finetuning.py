@@ -3,8 +3,6 @@ batching (padding, -100 masking, truncation, instruction masking), response extr
 the pretrained-weights-unavailable message and a tiny end-to-end fine-tune."""
 
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -12,9 +10,7 @@ import torch.nn.functional as F
 
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
-from ch05.checkpoint import save_checkpoint
 from ch05.gpt_train import calc_loss_batch
-from ch07 import gpt_instruction_finetuning as ft
 from ch07.gpt_instruction_finetuning import (
     ALPACA_PREAMBLE,
     InstructionDataset,
@@ -23,11 +19,8 @@ from ch07.gpt_instruction_finetuning import (
     custom_collate_draft_2,
     custom_collate_fn,
     download_and_load_file,
-    extract_response,
     format_input,
     format_response,
-    load_finetuned_model,
-    load_init_checkpoint,
     load_instruction_data,
     split_data,
     validate_instruction_data,
@@ -96,6 +89,8 @@ def test_validation_accepts_good_records():
     ({"instruction": "x", "output": ["a"]}, r"record 1 has 'output' of type list"),
     ("just a string", r"record 1 is a str"),
 ])
+
+
 def test_validation_names_index_and_key(bad, pattern):
     with pytest.raises(ValueError, match=pattern):
         validate_instruction_data([WITH_INPUT, bad])
@@ -133,8 +128,6 @@ def test_split_sizes_and_order():
     with pytest.raises(ValueError):
         split_data(list(range(10)), train_frac=0.95, test_frac=0.1)
 
-
-# --- 7.3 batching -----------------------------------------------------------------------------------
 
 def test_collate_pads_shifts_and_masks_padding():
     inputs, targets = custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
@@ -217,116 +210,6 @@ def test_loaders_batch_shapes(tokenizer):
         create_instruction_loaders(data[:3], data, None, tokenizer, batch_size=4)
 
 
-# --- 7.7 responses, checkpoints ---------------------------------------------------------------------
-
-def test_extract_response():
-    prompt = format_input(WITHOUT_INPUT)
-    generated = prompt + "\n\n### Response:\nBlue is a color.<|endoftext|>"
-    assert extract_response(generated, prompt) == "Blue is a color."
-    assert extract_response(prompt + "\n\n### Response:\n  Red.  \n", prompt) == "Red."
-    assert extract_response(prompt + " no header here", prompt) == "no header here"
-    assert extract_response(prompt + "\n\n### Response:\n### Response:\nRed.", prompt) == "Red."
-    assert extract_response(prompt, prompt) == ""
-    # Stops at the first end-of-text token, even if more text follows.
-    assert extract_response(prompt + "\n### Response:\nA<|endoftext|>B", prompt) == "A"
-    phi3 = format_input(WITHOUT_INPUT, "phi3")
-    assert extract_response(phi3 + "\n<|assistant|>\nGreen.<|endoftext|>", phi3, "phi3") == "Green."
-
-
-def test_init_checkpoint_from_chapter5_files(tmp_path, instruction_data):
-    torch.manual_seed(123)
-    cfg = {**TINY, "qkv_bias": True, "n_layers": 2}
-    model = GPTModel(cfg).eval()
-    path = save_checkpoint(tmp_path / "checkpoint.pth", model, None, config=cfg)
-    loaded = load_init_checkpoint(path).eval()
-    x = torch.tensor([[1, 2, 3]])
-    assert loaded.cfg["n_layers"] == 2 and torch.equal(loaded(x), model(x))
-    with pytest.raises(FileNotFoundError, match="ch05.gpt_train --quick"):
-        load_init_checkpoint(tmp_path / "missing.pth")
-    # main() starts from it: one optimizer step, one answer.
-    settings = {**ft.QUICK_SETTINGS, "batch_size": 4, "num_train": 4, "num_epochs": 1, "eval_freq": 1,
-                "eval_iter": 1, "num_test": 1, "max_new_tokens": 2}
-    result = ft.main(settings, tmp_path / "out", init_checkpoint=path, data=instruction_data[:20], device="cpu",
-                     progress=False)
-    assert result["model_path"].name == "init-sft.pth" and len(result["responses"]) == 1
-
-
-def test_pretrained_unavailable_gives_clear_message(monkeypatch, capsys, tmp_path):
-    fake = types.ModuleType("ch05.gpt_download")
-
-    class PretrainedWeightsUnavailable(RuntimeError):
-        pass
-
-    def load_pretrained_gpt2(name_or_path="gpt2", drop_rate=0.0, device=None):
-        raise PretrainedWeightsUnavailable("no network")
-
-    fake.PretrainedWeightsUnavailable = PretrainedWeightsUnavailable
-    fake.load_pretrained_gpt2 = load_pretrained_gpt2
-    monkeypatch.setitem(sys.modules, "ch05.gpt_download", fake)
-    assert ft.cli(["--output-dir", str(tmp_path), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "'gpt2-medium'" in err and "no network" in err
-    assert "HF_ENDPOINT" in err and "--quick" in err and "--from-scratch" in err
-    assert not (tmp_path / "instruction-data-with-response.json").exists()
-
-
-def test_missing_loader_module_is_reported_as_unavailable(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ch05.gpt_download", None)  # makes the import fail
-    with pytest.raises(ft.PretrainedUnavailableError, match="cannot be imported"):
-        ft.load_pretrained_model("gpt2")
-
-
-def test_settings_from_args():
-    quick = ft.settings_from_args(ft.parse_args(["--quick", "--lr", "0.01"]))
-    assert quick["learning_rate"] == 0.01 and quick["num_test"] == 3 and quick["max_new_tokens"] == 32
-    book = ft.settings_from_args(ft.parse_args([]))
-    assert (book["learning_rate"], book["weight_decay"], book["batch_size"], book["num_epochs"]) == (5e-5, 0.1, 8, 2)
-    assert (book["eval_freq"], book["eval_iter"], book["max_new_tokens"]) == (5, 5, 256)
-
-
-def test_tiny_end_to_end_fine_tune(tmp_path, instruction_data):
-    settings = {**ft.QUICK_SETTINGS, "learning_rate": 1e-2, "batch_size": 4, "num_train": 16, "num_epochs": 2,
-                "eval_freq": 2, "eval_iter": 1, "num_test": 2, "max_new_tokens": 6}
-    result = ft.main(settings, tmp_path, cfg=TINY, data=instruction_data[:40], device="cpu",
-                     mask_instructions=True, progress=False)
-    losses = result["train_losses"]
-    assert len(losses) == 1 + 4  # before training + every 2nd of 8 steps
-    assert losses[-1] < losses[0] - 1.0
-    records = json.loads(result["responses_path"].read_text())
-    assert [r["instruction"] for r in records] == [e["instruction"] for e in instruction_data[34:36]]
-    assert all(isinstance(r["model_response"], str) for r in records)
-    assert result["plot_path"].is_file()
-    model, meta = load_finetuned_model(result["model_path"])
-    assert meta["config"] == TINY and meta["mask_instructions"] is True
-    x = torch.tensor([[1, 2, 3]])
-    result["model"].eval()
-    assert torch.equal(model(x), result["model"](x))
-
-
-def test_use_onednn_reaches_training_evaluation_and_generation(tmp_path, instruction_data, onednn_products):
-    """main(use_onednn=False) keeps PyTorch's default path everywhere; the default routes through oneDNN
-    with the same losses and answers."""
-    settings = {**ft.QUICK_SETTINGS, "batch_size": 4, "num_train": 8, "num_epochs": 1, "eval_freq": 1,
-                "eval_iter": 1, "num_test": 2, "max_new_tokens": 4, "sample_tokens": 0}
-    runs = {}
-    for flag in (False, True):
-        onednn_products.clear()
-        result = ft.main(settings, tmp_path / str(flag), cfg=TINY, data=instruction_data[:30], device="cpu",
-                         progress=False, use_onednn=flag)
-        runs[flag] = (result, len(onednn_products))
-    (plain, plain_count), (fast, fast_count) = runs[False], runs[True]
-    per_forward = 6 * TINY["n_layers"] + 1
-    assert plain_count == 0
-    # the 2 starting losses, 2 training steps (forward + input gradients), 2 evaluations of 2 batches,
-    # then 1-4 forward calls per answer (an answer may end at <|endoftext|>)
-    assert per_forward * (2 + 2 * 2 + 2 * 2 + 2) <= fast_count <= per_forward * (2 + 2 * 2 + 2 * 2 + 2 * 4)
-    assert fast["train_losses"] == pytest.approx(plain["train_losses"], rel=1e-4)
-    assert [r["model_response"] for r in fast["responses"]] == [r["model_response"] for r in plain["responses"]]
-    assert ft.parse_args(["--no-onednn"]).no_onednn and not ft.parse_args([]).no_onednn
-
-
-# --- the book's names: listing 7.1 and the collate drafts ------------------------------------------
-
 def test_download_and_load_file_uses_the_data_helper_for_the_chapter_url(tmp_path):
     from ch02.download import DATA_FILES
 
@@ -391,3 +274,5 @@ def test_custom_collate_drafts_behave_as_in_the_book():
     assert custom_collate_draft_1([[1]], pad_token_id=7).tolist() == [[1]]
     assert [t.tolist() for t in custom_collate_draft_2([[1], [2, 3]], pad_token_id=7)] == [[[1, 7], [2, 3]],
                                                                                             [[7, 7], [3, 7]]]
+
+

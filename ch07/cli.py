@@ -1,0 +1,195 @@
+"""Chapter 7's run as a script: instruction fine-tuning, then answers to the test instructions.
+
+    python -m ch07.gpt_instruction_finetuning                # the book's run: GPT-2 medium (355M), 2 epochs
+    python -m ch07.gpt_instruction_finetuning --quick        # offline: a small model from scratch, ~1 minute
+    python -m ch07.gpt_instruction_finetuning --quick --init-checkpoint outputs/ch05/model.pth
+
+`finetune` does the work with the chapter's functions (`ch07.gpt_instruction_finetuning`,
+`ch07.responses`) inside chapter 5's training layer (`ch05.trainer`: checkpoints on Ctrl-C,
+exact resume, progress bar), whose loop is the book's `train_model_simple`; `main` is the
+command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ch02.runtime import eval_mode, get_device, set_seed
+from ch02.tokenizer import get_gpt2_tokenizer
+from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
+from ch04.gpt import QUICK_CONFIG as CH05_QUICK_CONFIG
+from ch05.cli import Parser, add_common_args, common_overrides, non_negative_int, positive_int, run
+from ch05.gpt_train import calc_loss_loader, plot_losses
+from ch05.trainer import make_optimizer, print_sample, train
+from ch06.finetuning import add_model_source_args, load_init_checkpoint, load_pretrained
+from ch07.gpt_instruction_finetuning import (
+    PROMPT_STYLES,
+    create_instruction_loaders,
+    format_input,
+    load_instruction_data,
+    split_data,
+    validate_instruction_data,
+)
+from ch07.responses import generate_responses, save_finetuned_model, save_responses
+
+# The offline stand-in for GPT-2: small enough to fine-tune in about a minute on two CPU cores,
+# with a context long enough for every record of the chapter's data (the longest is 91 tokens).
+QUICK_CONFIG = {**CH05_QUICK_CONFIG, "context_length": 256, "drop_rate": 0.0}
+
+DEFAULT_SETTINGS = {
+    "learning_rate": 5e-5, "weight_decay": 0.1, "batch_size": 8, "num_epochs": 2,
+    "eval_freq": 5, "eval_iter": 5, "seed": 123, "allowed_max_length": 1024,
+    "max_new_tokens": 256, "num_train": None, "num_test": None, "sample_tokens": 35,
+    "style": "alpaca",
+}
+# From scratch a small model needs a much larger learning rate; fewer records and tokens keep it ~1 minute.
+QUICK_SETTINGS = {
+    **DEFAULT_SETTINGS, "learning_rate": 2e-3, "num_epochs": 2, "eval_freq": 10, "eval_iter": 2,
+    "num_train": 320, "num_test": 3, "max_new_tokens": 32, "sample_tokens": 0,
+}
+
+OFFLINE_ALTERNATIVES = """\
+Or fine-tune offline, without OpenAI's weights:
+  --quick                  a small model trained from scratch (about a minute on a CPU)
+  --from-scratch           the full-size model, randomly initialized (slow on a CPU)
+  --init-checkpoint FILE   start from a chapter-5 model, e.g. outputs/ch05/model.pth (`python -m ch05.gpt_train --quick`)"""
+
+
+def scratch_config(model_name: str = "gpt2-medium") -> dict:
+    """GPT-2's shape for `model_name` (context 1024, qkv bias, no dropout), for training from scratch."""
+    if model_name not in GPT2_SIZES:
+        raise ValueError(f"unknown GPT-2 size {model_name!r}; choose one of {sorted(GPT2_SIZES)}")
+    return {**GPT_CONFIG_124M, **GPT2_SIZES[model_name], "context_length": 1024, "qkv_bias": True,
+            "drop_rate": 0.0}
+
+
+def finetune(settings: dict, output_dir: str | os.PathLike = "outputs/ch07", *, model_name: str = "gpt2-medium",
+             quick: bool = False, from_scratch: bool = False, init_checkpoint: str | None = None,
+             cfg: dict | None = None, mask_instructions: bool = False, device=None, data: list[dict] | None = None,
+             progress: bool = True, resume: str | os.PathLike | None = None,
+             checkpoint_every: int | None = None) -> dict:
+    """Fine-tune, plot the losses, answer the test records and save everything in `output_dir`.
+
+    The starting model is, in this order: `init_checkpoint`; a fresh model of `cfg`
+    (or QUICK_CONFIG when `quick`, or GPT-2 `model_name`'s shape with `from_scratch`);
+    otherwise OpenAI's pretrained `model_name` (PretrainedWeightsUnavailable when offline).
+    A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    output_dir = Path(output_dir)
+    style = settings.get("style", "alpaca")
+    set_seed(settings["seed"])
+    tokenizer = get_gpt2_tokenizer()
+
+    data = load_instruction_data() if data is None else validate_instruction_data(data)
+    train_data, test_data, val_data = split_data(data)
+    if settings.get("num_train"):
+        train_data = train_data[:settings["num_train"]]
+    if settings.get("num_test"):
+        test_data = test_data[:settings["num_test"]]
+
+    if init_checkpoint:
+        model, tag = load_init_checkpoint(init_checkpoint, device), "init"
+        source = f"weights from {init_checkpoint}"
+    elif cfg is not None or quick or from_scratch:
+        cfg = cfg or (QUICK_CONFIG if quick else scratch_config(model_name))
+        model, tag = GPTModel(cfg).to(device), ("quick" if quick else f"{model_name}-scratch")
+        source = "random initialization"
+    else:
+        model, tag = load_pretrained(model_name, device, OFFLINE_ALTERNATIVES), Path(str(model_name)).name
+        source = f"OpenAI's pretrained {model_name}"
+    model.to(device)
+    context_length = model.cfg["context_length"]
+    allowed = min(settings.get("allowed_max_length") or context_length, context_length)
+
+    train_loader, val_loader, _ = create_instruction_loaders(
+        train_data, val_data, None, tokenizer, batch_size=settings["batch_size"], allowed_max_length=allowed,
+        device="cpu", mask_instructions=mask_instructions, style=style, seed=settings["seed"])
+    too_long = sum(len(ids) + 1 > allowed for ids in train_loader.dataset.encoded_texts)
+    print(f"device: {device}; model: {source}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"records: {len(train_data)} train, {len(val_data)} validation, {len(test_data)} test; "
+          f"{len(train_loader)} batches per epoch" + (f"; {too_long} training examples are longer than "
+                                                     f"{allowed} tokens and get truncated" if too_long else ""))
+
+    with torch.no_grad(), eval_mode(model):  # the losses before fine-tuning, as the chapter shows them
+        start_train = calc_loss_loader(train_loader, model, device, num_batches=settings["eval_iter"])
+        start_val = calc_loss_loader(val_loader, model, device, num_batches=settings["eval_iter"])
+    print(f"before fine-tuning: train loss {start_train:.3f}, val loss {start_val:.3f}")
+
+    sample_tokens = settings.get("sample_tokens", 35)
+
+    def sample(m, epoch: int) -> None:  # the book's generate_and_print_sample at the end of each epoch
+        if sample_tokens:
+            print_sample(m, tokenizer, device, format_input(val_data[0], style), sample_tokens)
+
+    optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
+    start = time.perf_counter()
+    result = train(model, train_loader, val_loader, optimizer, device, settings["num_epochs"],
+                   settings["eval_freq"], settings["eval_iter"], epoch_end_fn=sample,
+                   checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
+                   resume_from=resume, final_checkpoint=False, progress=progress, desc="fine-tuning")
+    train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
+    train_seconds = time.perf_counter() - start
+    print(f"training took {train_seconds / 60:.2f} min")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plot_path = None
+    if train_losses:
+        import matplotlib.pyplot as plt
+
+        epochs_seen = torch.linspace(0, settings["num_epochs"], len(train_losses)).tolist()
+        plot_path = output_dir / "loss-plot.png"
+        plt.close(plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, plot_path))
+
+    responses = generate_responses(model, test_data, tokenizer, device, settings["max_new_tokens"], style,
+                                   progress=progress)
+    responses_path = save_responses(responses, output_dir / "instruction-data-with-response.json")
+    model_path = save_finetuned_model(
+        model, output_dir / f"{tag}-sft.pth", style=style, mask_instructions=mask_instructions, source=source,
+        settings={k: v for k, v in settings.items()})
+    print(f"responses: {responses_path}\nmodel: {model_path}")
+    return {"model": model, "train_losses": [start_train, *train_losses], "val_losses": [start_val, *val_losses],
+            "tokens_seen": [0, *tokens_seen], "responses": responses, "responses_path": responses_path,
+            "model_path": model_path, "plot_path": plot_path, "seconds": train_seconds}
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m ch07.gpt_instruction_finetuning",
+               description="Instruction fine-tune a GPT model (chapter 7) and answer the test instructions.")
+    add_model_source_args(p, "gpt2-medium", "offline: a small model from scratch, 320 records, 3 test answers "
+                                            "(about a minute)")
+    add_common_args(p, "outputs/ch07")
+    p.add_argument("--mask-instructions", action="store_true",
+                   help="compute the loss on the response tokens only (exercise 7.2)")
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default=None, help="prompt format (default alpaca)")
+    p.add_argument("--num-test", type=positive_int, help="answer only the first N test records (default all; quick: 3)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, help="answer length cap (default 256; quick: 32)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint (same other options)")
+    return p
+
+
+def settings_from_args(args) -> dict:
+    extra = {"num_test": args.num_test, "max_new_tokens": args.max_new_tokens, "style": args.prompt_style}
+    return {**(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS), **common_overrides(args),
+            **{k: v for k, v in extra.items() if v is not None}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ch07.gpt_instruction_finetuning [options]`; returns the exit code."""
+    args = parser().parse_args(argv)
+    return run(lambda: finetune(settings_from_args(args), args.output_dir, model_name=args.model, quick=args.quick,
+                                from_scratch=args.from_scratch, init_checkpoint=args.init_checkpoint,
+                                mask_instructions=args.mask_instructions, device=args.device,
+                                progress=not args.no_progress, resume=args.resume,
+                                checkpoint_every=args.checkpoint_every),
+               argv, onednn=args.onednn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
