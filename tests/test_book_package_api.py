@@ -61,13 +61,8 @@ from ch03.attention import MultiHeadAttention
 from ch04.gpt import GPTModel, GPTModelFast, generate_text_simple
 from ch05.gpt_train import train_model_simple
 from ch06 import gpt_class_finetune as ch06_module
-from ch06.gpt_class_finetune import (
-    SpamDataset,
-    create_balanced_dataset,
-    download_and_unzip_spam_data,
-    random_split,
-    train_classifier_simple,
-)
+from ch06.gpt_class_finetune import train_classifier_simple
+from ch06.spam_data import SpamDataset, create_balanced_dataset, download_and_unzip_spam_data, random_split
 from ch07.gpt_instruction_finetuning import (
     InstructionDataset,
     custom_collate_fn,
