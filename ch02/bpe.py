@@ -119,7 +119,7 @@ class PairCounts:
 
     Two ideas make training fast:
     1. Count each *distinct* word once and weigh it by how often it occurs (tinyshakespeare has
-       ~300,000 words but only ~25,000 distinct ones).
+       297,833 words but only 15,057 distinct ones).
     2. Merging (a, b) into n changes only the words that contain (a, b), and in them only the pairs
        around each merged occurrence: in "x a b y", (x, a) and (b, y) lose one occurrence, (x, n) and
        (n, y) gain one. `where` remembers which words contain a pair, so a merge visits just those.
