@@ -82,8 +82,9 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 def new_token(vocab: dict[int, bytes], inverse_vocab: dict[bytes, int], pair: tuple[int, int]) -> int:
     """The id of the token that merging `pair` makes, adding it to the vocabulary if it is new.
 
-    Two different pairs can spell the same bytes ("a"+"bc" and "ab"+"c"); the second then merges
-    into the existing token, as in Hugging Face's trainer, and the vocabulary does not grow.
+    Two different pairs could spell the same bytes ("a"+"bc" and "ab"+"c"). Should that happen, the
+    second merges into the existing token, as in Hugging Face's trainer, so every token's bytes stay
+    unique (tiktoken's files need that) and the vocabulary does not grow.
     """
     merged = vocab[pair[0]] + vocab[pair[1]]
     if merged not in inverse_vocab:
@@ -125,10 +126,11 @@ class PairCounts:
        (n, y) gain one. `where` remembers which words contain a pair, so a merge visits just those.
 
     To find the most frequent pair we keep a heap of (-count, pair) entries. Every pair that gains
-    occurrences contains the new token n and is new, so old pairs only ever lose occurrences: an
-    entry may overstate its pair's count but never understate it. `most_frequent` therefore pops
-    entries until the top one is up to date (re-pushing the stale ones with their true count); that
-    entry is the true maximum, with ties going to the smallest pair, the rule of `most_frequent`.
+    occurrences contains the new token n and gets a fresh entry with its new count; all other pairs
+    only ever lose occurrences. So an entry may overstate its pair's count but never understate it,
+    and `most_frequent` pops entries until the top one is up to date (re-pushing the stale ones with
+    their true count): that entry is the true maximum, ties going to the smallest pair, the rule of
+    the function `most_frequent`.
     """
 
     def __init__(self, word_counts: dict[bytes, int]):
@@ -266,7 +268,9 @@ class BPETokenizerSimple:
         counting. Training stops early when every word is a single token.
         """
         specials = sorted(_check_specials(allowed_special))  # sorted: special ids do not depend on set order
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+        if not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an integer, got {vocab_size!r}")
+        if vocab_size < 256 + len(specials):
             raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level vocabulary holds the 256 "
                              f"single bytes plus {len(specials)} special token(s), so at least "
                              f"{256 + len(specials)}")
@@ -383,7 +387,7 @@ class BPETokenizerSimple:
         (the bundled `ch02/gpt2.tiktoken`) with its end-of-text token, id 50256."""
         path = Path(path)
         if special_tokens is None:
-            special_tokens = {END_OF_TEXT: 50256} if path == GPT2_RANKS_FILE else {}
+            special_tokens = {END_OF_TEXT: 50256} if path.resolve() == GPT2_RANKS_FILE.resolve() else {}
         ranks = {}
         try:
             lines = path.read_text(encoding="ascii").splitlines()

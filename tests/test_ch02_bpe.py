@@ -346,6 +346,10 @@ def test_vocab_size_below_bytes_and_specials_is_refused():
         BPETokenizerSimple().train("hello", vocab_size=256)
     with pytest.raises(ValueError, match="at least 256"):
         BPETokenizerSimple().train("hello", vocab_size=100, allowed_special=())
+    with pytest.raises(TypeError, match="vocab_size must be an integer"):
+        BPETokenizerSimple().train("hello", vocab_size=300.0)
+    with pytest.raises(TypeError, match="not the string"):
+        BPETokenizerSimple().train("hello", vocab_size=300, allowed_special=END_OF_TEXT)
 
 
 def test_special_token_in_text_needs_allowed_special(gpt2, trained):
