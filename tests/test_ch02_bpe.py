@@ -280,6 +280,16 @@ def test_tiktoken_export_is_a_rank_file(tmp_path, trained):
     assert trained.vocab[int(rank)] == base64.b64decode(token)
 
 
+def test_transformers_loads_the_hf_export(tmp_path, trained, verdict):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(trained.to_hf_tokenizer(tmp_path / "tokenizer.json")),
+                                 eos_token=END_OF_TEXT)
+    text = verdict[:2000] + END_OF_TEXT + " 你好"
+    assert hf(text)["input_ids"] == trained.encode(text, allowed_special="all")
+    assert hf.eos_token_id == trained.special_tokens[END_OF_TEXT]
+
+
 # --- files -------------------------------------------------------------------------------------------
 
 def test_save_and_load_round_trip(tmp_path, trained, verdict):
@@ -383,3 +393,4 @@ def test_notebook_defines_the_modules_functions():
                  if isinstance(n, ast.FunctionDef)}
     for name in NOTEBOOK_DEFINES:
         assert in_notebook.get(name) == in_module[name], f"the notebook's {name} differs from ch02/bpe.py's"
+
