@@ -293,13 +293,16 @@ class BPETokenizerSimple:
 
     # -- encoding and decoding --
 
-    def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset()) -> list[int]:
+    def encode(self, text: str, allowed_special: Iterable[str] | str | None = frozenset()) -> list[int]:
         """Text -> token ids, exactly as tiktoken's `encode` for the same ranks.
 
-        A special token in the text is an error unless it is in `allowed_special` (or that is "all"):
-        text from users must not be able to inject control tokens.
+        A special token in the text is an error unless it is in `allowed_special` (or that is "all"; None,
+        the book's default, allows none): text from users must not be able to inject control tokens.
         """
-        allowed = set(self.special_tokens) if allowed_special == "all" else _check_specials(allowed_special)
+        if allowed_special == "all":
+            allowed = set(self.special_tokens)
+        else:
+            allowed = _check_specials(allowed_special or ())
         unknown = allowed - self.special_tokens.keys()
         if unknown:
             raise ValueError(f"allowed_special names {sorted(unknown)}, which this tokenizer does not have; "

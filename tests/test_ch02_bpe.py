@@ -366,6 +366,8 @@ def test_special_token_in_text_needs_allowed_special(gpt2, trained):
     for tok in (gpt2, trained):
         with pytest.raises(ValueError, match="contains the special token '<\\|endoftext\\|>'; pass allowed_special"):
             tok.encode(f"hello {END_OF_TEXT}")
+    with pytest.raises(ValueError, match="contains the special token"):
+        gpt2.encode(END_OF_TEXT, allowed_special=None)  # the book's default: none allowed
     with pytest.raises(ValueError, match="does not have"):
         gpt2.encode("hi", allowed_special={"<|im_start|>"})
     with pytest.raises(TypeError, match="not the string"):
