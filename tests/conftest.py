@@ -42,6 +42,28 @@ def verdict_text() -> str:
     return get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The project's GPT-2 tokenizer (offline, from ch02/gpt2.tiktoken)."""
+    from ch02.tokenizer import get_gpt2_tokenizer
+
+    return get_gpt2_tokenizer()
+
+
+@pytest.fixture
+def short_text(verdict_text) -> str:
+    """The first 1,200 characters of the-verdict: 17 training batches of 2 x 8 tokens, 2 validation batches."""
+    return verdict_text[:1200]
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> dict:
+    """Chapter 6's train/validation/test CSV files, written once per test module into a temporary folder."""
+    from ch06.spam_data import prepare_spam_splits
+
+    return prepare_spam_splits(tmp_path_factory.mktemp("ch06"))
+
+
 @pytest.fixture
 def onednn_products(monkeypatch) -> list:
     """A list that gains one entry per product computed through oneDNN (`ch05.onednn_linear`).

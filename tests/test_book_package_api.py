@@ -56,7 +56,6 @@ from appendix_e import replace_linear_with_lora
 from ch02.dataloader import create_dataloader_v1
 from ch02.download import DATA_FILES, get_data_file
 from ch02.runtime import get_device
-from ch02.tokenizer import get_gpt2_tokenizer
 from ch03.attention import MultiHeadAttention
 from ch04.gpt import GPTModel, GPTModelFast, generate_text_simple
 from ch05.gpt_train import train_model_simple
@@ -81,11 +80,6 @@ BOOK_TEST_CONFIG = {"vocab_size": 50257, "context_length": 120, "drop_rate": 0.0
 # else the same vocabulary and context with a small body.
 TRAIN_CONFIG = ({**BOOK_GPT_CONFIG_124M, "context_length": 256} if FULL else
                 {**BOOK_GPT_CONFIG_124M, "context_length": 256, "emb_dim": 32, "n_heads": 2, "n_layers": 2})
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPTModel
 from ch05.gpt_train import (
     calc_loss_batch,
@@ -26,16 +25,6 @@ from ch05.gpt_train import (
 TINY = {"vocab_size": 50257, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
         "drop_rate": 0.1, "qkv_bias": False}
 
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_gpt2_tokenizer()
-
-
-@pytest.fixture
-def short_text(verdict_text):
-    return verdict_text[:1200]  # 17 training batches of 2 x 8 tokens, 2 validation batches
 
 
 class FixedLogits(nn.Module):

@@ -5,7 +5,6 @@ running it step for step), classify_review, saving/loading. Tiny models througho
 import pytest
 import torch
 
-from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch06.gpt_class_finetune import (
     build_classifier,
@@ -19,23 +18,13 @@ from ch06.gpt_class_finetune import (
     save_classifier,
     sequence_lengths,
 )
-from ch06.spam_data import PAD_TOKEN_ID, create_spam_loaders, prepare_spam_splits
+from ch06.spam_data import PAD_TOKEN_ID, create_spam_loaders
 
 TINY = {**GPT_CONFIG_124M, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
 TEXTS = ["Hi, are we still meeting for lunch today?",
          "WINNER!! You have been selected to receive a $900 prize. Call 09061701461 now",
          "ok",
          "Sorry, I'll call later"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_gpt2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    return prepare_spam_splits(tmp_path_factory.mktemp("ch06"))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 import torch
 
-from ch02.tokenizer import get_gpt2_tokenizer
 from ch06.gpt_class_finetune import sequence_lengths
 from ch06.spam_data import (
     PAD_TOKEN_ID,
@@ -22,16 +21,6 @@ TEXTS = ["Hi, are we still meeting for lunch today?",
          "WINNER!! You have been selected to receive a $900 prize. Call 09061701461 now",
          "ok",
          "Sorry, I'll call later"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_gpt2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    return prepare_spam_splits(tmp_path_factory.mktemp("ch06"))
 
 
 def write_csv(path, rows, columns=("Label", "Text")):

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch05.gpt_train import calc_loss_batch
 from ch07.gpt_instruction_finetuning import (
@@ -33,11 +32,6 @@ WITH_INPUT = {"instruction": "Edit the sentence.", "input": "He go home.", "outp
 WITHOUT_INPUT = {"instruction": "Name a color.", "input": "", "output": "Blue."}
 
 TINY = {**GPT_CONFIG_124M, "context_length": 128, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return get_gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")
