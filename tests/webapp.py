@@ -1,0 +1,96 @@
+"""Helpers for the web-app tests (tests/test_ch0*_app.py): serve a Gradio page in this process
+and drive it in a real headless Chromium (Debian's `chromium` package) with Playwright.
+
+Playwright's own browser downloads are never used: it starts the system's chromium. The tests
+skip, saying why, only where chromium is not installed (`.ci/run` installs it).
+
+Set LLMFS_SCREENSHOT_DIR (e.g. docs/screenshots) to keep a PNG of each page the tests check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+requires_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium package for the browser tests (apt-get install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(demo):
+    """Serve a Gradio app on a free local port; yield its URL; close it afterwards."""
+    from ch05.app_common import launch
+
+    url = launch(demo, port=free_port(), block=False)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+@contextmanager
+def chromium():
+    """A headless system Chromium, started through Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def open_page(browser, url: str):
+    """A page showing `url`; on leaving, checks that the page asked nothing of any other host."""
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    elsewhere: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("data:")
+            else elsewhere.append(r.url))
+    page.goto(url)
+    page.wait_for_selector("#message", state="attached")  # every app has one; Gradio has built the page
+    try:
+        yield page
+    finally:
+        page.close()
+    assert not elsewhere, f"the page reached beyond {url}: {elsewhere}"
+
+
+def wait_for_text(page, selector: str, expected: str, timeout_ms: int = 30_000, prop: str = "value") -> None:
+    """Wait until the element's `prop` equals `expected`; otherwise fail showing both."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"([sel, exp]) => document.querySelector(sel)?.{prop} === exp",
+                               arg=[selector, expected], timeout=timeout_ms)
+    except PlaywrightTimeout:
+        actual = page.eval_on_selector(selector, f"el => el.{prop}") if page.query_selector(selector) else None
+        assert actual == expected, f"{selector} did not show the expected text in {timeout_ms / 1000:.0f} s"
+
+
+def message_text(page) -> str:
+    """The app's message line (#message) once it is not empty."""
+    page.wait_for_function("() => document.querySelector('#message')?.innerText.trim().length > 0",
+                           timeout=20_000)
+    return page.inner_text("#message").strip()
+
+
+def screenshot(page, name: str) -> None:
+    """Save the page as <LLMFS_SCREENSHOT_DIR>/<name>.png when that variable is set."""
+    folder = os.environ.get("LLMFS_SCREENSHOT_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
