@@ -78,7 +78,8 @@ def wait_for_text(page, selector: str, expected: str, timeout_ms: int = 30_000, 
                                arg=[selector, expected], timeout=timeout_ms)
     except PlaywrightTimeout:
         actual = page.eval_on_selector(selector, f"el => el.{prop}") if page.query_selector(selector) else None
-        assert actual == expected, f"{selector} did not show the expected text in {timeout_ms / 1000:.0f} s"
+        assert actual == expected, (f"{selector} did not show the expected text in {timeout_ms / 1000:.0f} s:\n"
+                                    f"expected {expected!r}\nshown    {actual!r}")
 
 
 def message_text(page) -> str:
