@@ -21,7 +21,12 @@ import torch.nn as nn
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch05.app_common import EMPTY_INPUT_MESSAGE, load_app_model, newest_file, serve_app, stream_text
 from ch05.gpt_generate import load_model_for_generation
-from ch07.gpt_instruction_finetuning import END_OF_TEXT_ID, extract_response, format_input, load_finetuned_model
+from ch07.gpt_instruction_finetuning import (
+    END_OF_TEXT_ID,
+    extract_response,
+    format_input,
+    load_finetuned_model,
+)
 
 OUTPUT_DIR = "outputs/ch07"  # the fine-tuning CLI's --output-dir default; it writes <model>-sft.pth there
 HINT = ("Fine-tune one with `python -m ch07.gpt_instruction_finetuning` (`--quick` trains a small one offline "

@@ -17,7 +17,18 @@ from ch05.app_common import EMPTY_INPUT_MESSAGE, stream_text
 from ch05.checkpoint import save_model
 from ch05.gpt_generate import generate, load_model_for_generation
 from ch05.gpt_train import text_to_token_ids, token_ids_to_text
-from webapp import chromium, message_text, open_page, requires_chromium, screenshot, served, wait_for_text
+from webapp import (
+    chromium,
+    message_text,
+    open_page,
+    record_changes,
+    recorded,
+    requires_chromium,
+    screenshot,
+    served,
+    slowed_generation,
+    wait_for_text,
+)
 
 TINY = {**GPT_CONFIG_124M, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
 
@@ -66,31 +77,19 @@ def test_bad_port_is_a_one_line_error(capsys):
 def test_page_streams_the_same_text_as_generate(model_path):
     settings = {"prompt": "Every effort moves you", "max_new_tokens": 30, "temperature": 1.2, "top_k": 20, "seed": 7}
     expected = expected_text(model_path, **settings)
-
-    def slow_down(module, args, output):  # a tiny model is too fast to watch: 20 ms per token
-        if isinstance(module, GPTModel):
-            time.sleep(0.02)
-
-    hook = torch.nn.modules.module.register_module_forward_hook(slow_down)
-    try:
-        with served(ch05_app.build_demo(str(model_path))) as url, chromium() as browser, \
-                open_page(browser, url) as page:
-            assert "2 layers, emb_dim 16" in page.inner_text("body")
-            page.fill("#prompt textarea", settings["prompt"])
-            for control in ("max-new-tokens", "temperature", "top-k"):
-                page.fill(f"#{control} input[type=number]", str(settings[control.replace("-", "_")]))
-                page.press(f"#{control} input[type=number]", "Enter")
-            page.fill("#seed input", str(settings["seed"]))
-            # Record every text the output box shows while the answer streams in.
-            page.evaluate("""() => { window.seen = [];
-                setInterval(() => { const v = document.querySelector('#output textarea').value;
-                                    if (v && window.seen.at(-1) !== v) window.seen.push(v); }, 5); }""")
-            page.click("#generate")
-            wait_for_text(page, "#output textarea", expected)
-            seen = page.evaluate("window.seen")
-            screenshot(page, "ch05-app")
-    finally:
-        hook.remove()
+    with slowed_generation(), served(ch05_app.build_demo(str(model_path))) as url, chromium() as browser, \
+            open_page(browser, url) as page:
+        assert "2 layers, emb_dim 16" in page.inner_text("body")
+        page.fill("#prompt textarea", settings["prompt"])
+        for control in ("max-new-tokens", "temperature", "top-k"):
+            page.fill(f"#{control} input[type=number]", str(settings[control.replace("-", "_")]))
+            page.press(f"#{control} input[type=number]", "Enter")
+        page.fill("#seed input", str(settings["seed"]))
+        record_changes(page, "#output textarea")  # every text the box shows while the answer streams in
+        page.click("#generate")
+        wait_for_text(page, "#output textarea", expected)
+        seen = recorded(page)
+        screenshot(page, "ch05-app")
     assert len(seen) >= 5, f"the text arrived in {len(seen)} step(s), not token by token"
     assert all(expected.startswith(text) for text in seen)
 

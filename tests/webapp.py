@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,6 +70,35 @@ def open_page(browser, url: str):
     assert not elsewhere, f"the page reached beyond {url}: {elsewhere}"
 
 
+@contextmanager
+def slowed_generation(seconds: float = 0.02):
+    """Each GPTModel forward pass takes `seconds` longer: a tiny model is too fast to watch stream."""
+    import torch
+
+    from ch04.gpt import GPTModel
+
+    def slow_down(module, args, output):
+        if isinstance(module, GPTModel):
+            time.sleep(seconds)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(slow_down)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def record_changes(page, selector: str, prop: str = "value") -> None:
+    """Start keeping, in the page, each new non-empty `prop` of `selector`; `recorded` returns them."""
+    page.evaluate("""([sel, prop]) => { window.seen = [];
+        setInterval(() => { const v = document.querySelector(sel)?.[prop];
+                            if (v && window.seen.at(-1) !== v) window.seen.push(v); }, 5); }""", [selector, prop])
+
+
+def recorded(page) -> list[str]:
+    return page.evaluate("window.seen")
+
+
 def wait_for_text(page, selector: str, expected: str, timeout_ms: int = 30_000, prop: str = "value") -> None:
     """Wait until the element's `prop` equals `expected`; otherwise fail showing both."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -82,11 +112,14 @@ def wait_for_text(page, selector: str, expected: str, timeout_ms: int = 30_000, 
                                     f"expected {expected!r}\nshown    {actual!r}")
 
 
+MESSAGE = "#message [data-testid=markdown]"  # the text, not the progress timer Gradio lays over it
+
+
 def message_text(page) -> str:
-    """The app's message line (#message) once it is not empty."""
-    page.wait_for_function("() => document.querySelector('#message')?.innerText.trim().length > 0",
+    """The app's message line once it is not empty."""
+    page.wait_for_function(f"() => document.querySelector('{MESSAGE}')?.innerText.trim().length > 0",
                            timeout=20_000)
-    return page.inner_text("#message").strip()
+    return page.inner_text(MESSAGE).strip()
 
 
 def screenshot(page, name: str) -> None:
