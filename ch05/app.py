@@ -52,7 +52,7 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
             yield "", EMPTY_INPUT_MESSAGE
             return
         for text in stream_text(app.model, tokenizer, prompt, max_new_tokens, temperature,
-                                top_k=int(top_k) or None, seed=seed):  # top-k 0: no filtering
+                                top_k=int(top_k) or None, seed=int(seed or 0)):  # top-k 0: off
             yield text, ""
 
     with gr.Blocks(title="Chapter 5: generate text") as demo:

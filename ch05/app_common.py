@@ -98,7 +98,7 @@ def serve_app(build_demo: Callable[[str, torch.device], gr.Blocks], description:
               model_help: str, argv=None) -> int:
     """Each app's `main`: read the command line, build the page, serve it until Ctrl-C.
 
-    Exit code 2 with a one-line `error:` for a bad device or port; a model that cannot be
+    Exit code 2 with a one-line `error:` for a bad device or a port that is taken; a model that cannot be
     loaded is reported in the page instead, where the user is looking.
     """
     from ch02.runtime import get_device
@@ -117,7 +117,12 @@ def serve_app(build_demo: Callable[[str, torch.device], gr.Blocks], description:
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    launch(build_demo(args.model, device), args.host, args.port)
+    demo = build_demo(args.model, device)
+    try:
+        launch(demo, args.host, args.port)
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

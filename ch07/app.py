@@ -71,7 +71,7 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
     with gr.Blocks(title="Chapter 7: chat") as demo:
         source = "none (see the message below)" if app.error else f"`{model_spec}`, {style} prompts"
         gr.Markdown(f"## Chapter 7: chat with the instruction-tuned model\nModel: {source}")
-        chat = gr.Chatbot(label="Conversation", render_markdown=False, elem_id="chat")
+        chat = gr.Chatbot(label="Conversation", render_markdown=False, buttons=["copy", "copy_all"], elem_id="chat")
         message = gr.Markdown(app.error or "", elem_id="message")
         with gr.Row():
             box = gr.Textbox(placeholder="Give an instruction, e.g. Rewrite the sentence using a simile.",

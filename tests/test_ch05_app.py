@@ -5,6 +5,7 @@ empty prompt and a missing model. A tiny random model saved to tmp_path stands i
 
 import json
 import os
+import socket
 import time
 
 import pytest
@@ -68,9 +69,14 @@ def test_default_model_is_what_gpt_train_wrote_last(tmp_path, monkeypatch):
     assert ch05_app.default_model() == "outputs/ch05/checkpoint.pth"
 
 
-def test_bad_port_is_a_one_line_error(capsys):
+def test_bad_or_taken_port_is_a_one_line_error(model_path, capsys):
     assert ch05_app.main(["--model", "gpt2", "--port", "70000"]) == 2
     assert capsys.readouterr().err.startswith("error: --port")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert ch05_app.main(["--model", str(model_path), "--port", str(taken.getsockname()[1])]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot serve on 127.0.0.1:")
 
 
 @requires_chromium
