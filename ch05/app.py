@@ -29,7 +29,8 @@ OUTPUT_DIR = "outputs/ch05"  # ch05.gpt_train's --output-dir default
 HINT = ("Train one with `python -m ch05.gpt_train` (add `--quick` for a one-minute run), "
         "or start the app with `--model gpt2` for OpenAI's weights.")
 # The controls' starting values: sampling as in section 5.3, seeded so an answer can be repeated.
-DEFAULTS = {"prompt": "Every effort moves you", "max_new_tokens": 50, "temperature": 0.7, "top_k": 50, "seed": 123}
+DEFAULTS = {"prompt": "Every effort moves you", "max_new_tokens": 50,
+            "temperature": 0.7, "top_k": 50, "seed": 123}
 
 
 def default_model() -> str:
@@ -40,7 +41,7 @@ def default_model() -> str:
 
 def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
     """The page: a prompt, the sampling controls of section 5.3, and the growing text."""
-    app = load_app_model(lambda spec, dev: load_model_for_generation(spec, device=dev), model_spec, device, HINT)
+    app = load_app_model(load_model_for_generation, model_spec, device, HINT)
     tokenizer = get_gpt2_tokenizer()
 
     def complete(prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int):

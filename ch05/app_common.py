@@ -27,12 +27,12 @@ from typing import Any
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio: no telemetry, no version check
 
-import gradio as gr  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import gradio as gr
+import torch
+import torch.nn as nn
 
-from ch05.generate_stream import generate_stream  # noqa: E402
-from ch05.gpt_train import text_to_token_ids, token_ids_to_text  # noqa: E402
+from ch05.generate_stream import generate_stream
+from ch05.gpt_train import text_to_token_ids, token_ids_to_text
 
 EMPTY_INPUT_MESSAGE = "Please type some text first."
 
@@ -106,7 +106,7 @@ def serve_app(build_demo: Callable[[str, torch.device], gr.Blocks], description:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=default_model, help=f"{model_help} (default: {default_model})")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to the network)")
+                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Chapter 6 in the browser: is a text message spam? Asks the classifier `python -m ch06.gpt_class_finetune` trained.
+"""Chapter 6 in the browser: is a text message spam? Asks the classifier chapter 6's CLI trained.
 
     python -m ch06.app                                        # outputs/ch06/review_classifier.pth
     python -m ch06.app --model path/to/review_classifier.pth
@@ -34,14 +34,15 @@ EXAMPLES = ["You are a winner you have been specially selected to receive $1000 
             "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"]  # section 6.8's two
 
 
-def class_probabilities(text: str, model: nn.Module, tokenizer, max_length: int | None = None) -> dict[str, float]:
+def class_probabilities(text: str, model: nn.Module, tokenizer,
+                        max_length: int | None = None) -> dict[str, float]:
     """{"not spam": p, "spam": 1 - p}: softmax over the class logits at the text's last token.
 
     Truncated like `classify_review` (to `max_length`, and never beyond the context length);
     padding is left out because it would not change the logits at the last real token.
     """
-    limit = model.pos_emb.weight.shape[0] if max_length is None else min(max_length, model.pos_emb.weight.shape[0])
-    input_ids = encode_text(text, tokenizer)[:limit]
+    supported = model.pos_emb.weight.shape[0]
+    input_ids = encode_text(text, tokenizer)[:supported if max_length is None else min(max_length, supported)]
     device = next(model.parameters()).device
     with evaluation(model):
         logits = last_token_logits(model, torch.tensor([input_ids], device=device))  # (1, num_classes)
@@ -75,8 +76,8 @@ def build_demo(model_path: str, device="cpu") -> gr.Blocks:
 
 
 def main(argv=None) -> int:
-    return serve_app(build_demo, "Chapter 6's spam classifier in the browser.", f"{DEFAULT_OUTPUT_DIR}/{MODEL_FILE}",
-                     "review_classifier.pth from ch06.gpt_class_finetune", argv)
+    return serve_app(build_demo, "Chapter 6's spam classifier in the browser.",
+                     f"{DEFAULT_OUTPUT_DIR}/{MODEL_FILE}", "review_classifier.pth from ch06.gpt_class_finetune", argv)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
     with gr.Blocks(title="Chapter 7: chat") as demo:
         source = "none (see the message below)" if app.error else f"`{model_spec}`, {style} prompts"
         gr.Markdown(f"## Chapter 7: chat with the instruction-tuned model\nModel: {source}")
-        chat = gr.Chatbot(label="Conversation", render_markdown=False, buttons=["copy", "copy_all"], elem_id="chat")
+        chat = gr.Chatbot(label="Conversation", render_markdown=False, buttons=["copy", "copy_all"],
+                          elem_id="chat")
         message = gr.Markdown(app.error or "", elem_id="message")
         with gr.Row():
             box = gr.Textbox(placeholder="Give an instruction, e.g. Rewrite the sentence using a simile.",
@@ -82,7 +83,7 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
 
 
 def main(argv=None) -> int:
-    return serve_app(build_demo, "Chapter 7's instruction-tuned model as a chat in the browser.", default_model(),
+    return serve_app(build_demo, "Chapter 7's instruction-tuned model in the browser.", default_model(),
                      "*-sft.pth from ch07.gpt_instruction_finetuning (with its .json beside it), a GPT-2 name "
                      "or folder, or chapter 5's model.pth / checkpoint.pth", argv)
 

@@ -6,6 +6,7 @@ test split correctly in the page, with the probabilities `class_probabilities` g
 
 import pytest
 
+import webapp
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch05.app_common import EMPTY_INPUT_MESSAGE
@@ -19,7 +20,9 @@ from ch06.gpt_class_finetune import (
     main,
     read_labeled_csv,
 )
-from webapp import chromium, message_text, open_page, requires_chromium, screenshot, served, wait_for_text
+
+# Gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 
 
 @pytest.fixture(scope="module")
@@ -41,32 +44,32 @@ def test_class_probabilities_agree_with_classify_review(trained):
         assert max(probas, key=probas.get) == classify_review(text, model, tokenizer, "cpu", meta["max_length"])
 
 
-@requires_chromium
+@webapp.requires_chromium
 def test_page_labels_known_spam_and_ham(trained):
     model_path, test = trained
     model, meta = load_classifier(model_path)
     tokenizer = get_gpt2_tokenizer()
-    with served(ch06_app.build_demo(str(model_path))) as url, chromium() as browser, open_page(browser, url) as page:
+    with webapp.app_page(ch06_app.build_demo(str(model_path))) as page:
         for label in (1, 0):  # the first spam and the first ham message of the test split
             text = test.loc[test["Label"] == label, "Text"].iloc[0]
             expected = ch06_app.class_probabilities(text, model, tokenizer, meta["max_length"])
             page.fill("#text textarea", text)
             page.click("#classify")
-            wait_for_text(page, "#verdict h2", CLASS_NAMES[label], prop="innerText")
+            webapp.wait_for_text(page, "#verdict h2", CLASS_NAMES[label], prop="innerText")
             assert classify_review(text, model, tokenizer, "cpu", meta["max_length"]) == CLASS_NAMES[label]
             shown = float(page.get_attribute("#verdict meter[aria-label='spam']", "value"))
             assert shown == pytest.approx(expected["spam"], abs=1e-6)
-            screenshot(page, f"ch06-app-{CLASS_NAMES[label].replace(' ', '-')}")
+            webapp.screenshot(page, f"ch06-app-{CLASS_NAMES[label].replace(' ', '-')}")
         page.fill("#text textarea", "")
         page.click("#classify")
-        assert message_text(page) == EMPTY_INPUT_MESSAGE
+        assert webapp.message_text(page) == EMPTY_INPUT_MESSAGE
 
 
-@requires_chromium
+@webapp.requires_chromium
 def test_page_says_when_the_file_is_not_a_classifier(tmp_path):
     lm = tmp_path / "model.pth"  # a chapter-5 language model has no classifier metadata beside it
     save_model(GPTModel({**GPT_CONFIG_124M, "context_length": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 1}), lm)
-    with served(ch06_app.build_demo(str(lm))) as url, chromium() as browser, open_page(browser, url) as page:
-        text = message_text(page)
+    with webapp.app_page(ch06_app.build_demo(str(lm))) as page:
+        text = webapp.message_text(page)
         assert text.startswith(f"Could not load {lm}") and "model.json" in text
         assert "python -m ch06.gpt_class_finetune" in text

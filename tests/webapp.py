@@ -99,6 +99,17 @@ def recorded(page) -> list[str]:
     return page.evaluate("window.seen")
 
 
+@contextmanager
+def app_page(demo, browser=None):
+    """Serve `demo` and yield a page showing it, in `browser` or in a Chromium started for it."""
+    if browser is None:
+        with chromium() as browser, app_page(demo, browser) as page:
+            yield page
+        return
+    with served(demo) as url, open_page(browser, url) as page:
+        yield page
+
+
 def wait_for_text(page, selector: str, expected: str, timeout_ms: int = 30_000, prop: str = "value") -> None:
     """Wait until the element's `prop` equals `expected`; otherwise fail showing both."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
