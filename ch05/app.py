@@ -67,7 +67,7 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
             top_k = gr.Slider(0, 200, DEFAULTS["top_k"], step=1, label="Top-k (0: off)", elem_id="top-k")
             seed = gr.Number(DEFAULTS["seed"], precision=0, label="Seed", elem_id="seed")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
-        message = gr.Markdown(app.error or "", elem_id="message")
+        message = gr.Markdown(app.error or app.note, elem_id="message")
         output = gr.Textbox(label="Text", lines=8, interactive=False, elem_id="output")
         gr.on([button.click, prompt.submit], complete, [prompt, max_new_tokens, temperature, top_k, seed],
               [output, message])

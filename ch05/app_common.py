@@ -20,6 +20,7 @@ import argparse
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class AppModel:
     model: nn.Module | None
     info: Any = None         # the loader's second value: a description or the saved metadata
     error: str | None = None  # shown in the page instead of answers
+    note: str = ""           # warnings from loading (e.g. a guessed config), shown until the first answer
 
     @property
     def device(self) -> torch.device:
@@ -69,10 +71,13 @@ def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, devi
     if Path(spec).suffix in (".pth", ".safetensors", ".json") and not Path(spec).exists():
         return AppModel(None, error=f"**No model:** `{spec}` does not exist. {hint}")
     try:
-        model, info = loader(spec, device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = loader(spec, device)
     except LOAD_ERRORS as exc:
         return AppModel(None, error=f"**Could not load `{spec}`:** {exc}\n\n{hint}")
-    return AppModel(model.eval(), info)
+    note = " ".join(f"**Note:** {w.message}" for w in caught)
+    return AppModel(model.eval(), info, note=note)
 
 
 def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
@@ -103,7 +108,7 @@ def serve_app(build_demo: Callable[[str, torch.device], gr.Blocks], description:
     """
     from ch02.runtime import get_device
 
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(prog=f"python -m {build_demo.__module__}", description=description)
     p.add_argument("--model", default=default_model, help=f"{model_help} (default: {default_model})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: the network)")
@@ -131,5 +136,8 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bo
     # Gradio queues each event with a concurrency limit of 1: two visitors never run the
     # model (and its KV cache) at the same time.
     demo.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False,
-                        prevent_thread_lock=not block, quiet=not block, footer_links=["settings"])
+                        prevent_thread_lock=True, quiet=True, footer_links=["settings"])
+    if block:
+        print(f"Open {demo.local_url} in your browser; Ctrl-C stops the app.")
+        demo.block_thread()
     return demo.local_url

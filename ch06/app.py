@@ -68,7 +68,7 @@ def build_demo(model_path: str, device="cpu") -> gr.Blocks:
         gr.Markdown(f"## Chapter 6: spam or not spam?\nClassifier: {source}")
         text = gr.Textbox(label="Text message", lines=3, elem_id="text")
         button = gr.Button("Classify", variant="primary", elem_id="classify")
-        message = gr.Markdown(app.error or "", elem_id="message")
+        message = gr.Markdown(app.error or app.note, elem_id="message")
         verdict = gr.Label(label="Verdict", num_top_classes=2, elem_id="verdict")
         gr.Examples(EXAMPLES, text)
         gr.on([button.click, text.submit], classify, text, [verdict, message])

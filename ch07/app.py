@@ -73,7 +73,7 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
         gr.Markdown(f"## Chapter 7: chat with the instruction-tuned model\nModel: {source}")
         chat = gr.Chatbot(label="Conversation", render_markdown=False, buttons=["copy", "copy_all"],
                           elem_id="chat")
-        message = gr.Markdown(app.error or "", elem_id="message")
+        message = gr.Markdown(app.error or app.note, elem_id="message")
         with gr.Row():
             box = gr.Textbox(placeholder="Give an instruction, e.g. Rewrite the sentence using a simile.",
                              show_label=False, scale=4, elem_id="prompt")

@@ -15,7 +15,7 @@ import webapp
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch05 import app as ch05_app
-from ch05.app_common import EMPTY_INPUT_MESSAGE, stream_text
+from ch05.app_common import EMPTY_INPUT_MESSAGE, load_app_model, stream_text
 from ch05.checkpoint import save_model
 from ch05.gpt_generate import generate, load_model_for_generation
 from ch05.gpt_train import text_to_token_ids, token_ids_to_text
@@ -48,6 +48,27 @@ def test_stream_text_ends_with_generates_text(model_path):
     texts = list(stream_text(model, get_gpt2_tokenizer(), "Every effort moves you", 40, 1.0, top_k=20, seed=7))
     assert len(texts) == 40  # one text per token; the window slides past the 32-token context
     assert texts[-1] == expected_text(model_path, "Every effort moves you", 40, 1.0, 20, 7)
+
+
+def test_load_app_model_turns_failures_and_warnings_into_page_text(model_path, tmp_path):
+    hint = "Train one first."
+    missing = load_app_model(load_model_for_generation, str(tmp_path / "model.pth"), "cpu", hint)
+    assert missing.model is None and "does not exist" in missing.error and missing.error.endswith(hint)
+    (tmp_path / "model.pth").write_bytes(b"not a model")
+    broken = load_app_model(load_model_for_generation, str(tmp_path / "model.pth"), "cpu", hint)
+    assert broken.model is None and broken.error.startswith(f"**Could not load `{tmp_path / 'model.pth'}`:**")
+    weights_only = tmp_path / "weights" / "model.pth"  # no config.json beside it: the head count is guessed
+    save_model(GPTModel({**TINY, "emb_dim": 64, "n_heads": 1}), weights_only)
+    loaded = load_app_model(load_model_for_generation, str(weights_only), "cpu", hint)
+    assert loaded.error is None and not loaded.model.training and "n_heads" in loaded.note
+    good = load_app_model(load_model_for_generation, str(model_path), "cpu", hint)
+    assert good.error is None and good.note == "" and good.info.endswith("(2 layers, emb_dim 16)")
+
+
+def test_gradio_analytics_are_off():
+    from gradio.analytics import analytics_enabled
+
+    assert not analytics_enabled()  # ch05.app_common turns them off before gradio is imported
 
 
 def test_default_model_is_what_gpt_train_wrote_last(tmp_path, monkeypatch):
