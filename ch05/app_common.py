@@ -52,10 +52,6 @@ class AppModel:
     error: str | None = None  # shown in the page instead of answers
     note: str = ""           # warnings from loading (e.g. a guessed config), shown until the first answer
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
 
 # What loading a user's file can raise: a missing file, the wrong kind of file, a state dict
 # that does not fit the config (ch05.checkpoint.CheckpointMismatchError is a ValueError), no
