@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ch05.generate_stream import generate_stream
-from ch05.gpt_train import text_to_token_ids, token_ids_to_text
+from ch05.gpt_train import text_to_token_ids
 
 EMPTY_INPUT_MESSAGE = "Please type some text first."
 
@@ -92,7 +92,7 @@ def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, t
                                  temperature=float(temperature), top_k=top_k, eos_id=eos_id,
                                  generator=generator):
         token_ids.append(token)
-        yield token_ids_to_text(token_ids, tokenizer)
+        yield tokenizer.decode(token_ids)
 
 
 def serve_app(build_demo: Callable[[str, torch.device], gr.Blocks], description: str, default_model: str,

@@ -71,7 +71,7 @@ def open_page(browser, url: str):
 
 
 @contextmanager
-def slowed_generation(seconds: float = 0.02):
+def slowed_generation(seconds: float = 0.04):
     """Each GPTModel forward pass takes `seconds` longer: a tiny model is too fast to watch stream."""
     import torch
 
