@@ -175,9 +175,9 @@ class TextGeneration:
                     yield piece
                     return
                 yield piece
-            piece, stopped, _ = self._cut(held + decoder.decode(b"", final=True))
+            piece, stopped, held = self._cut(held + decoder.decode(b"", final=True))
             self.done_reason = "length" if self.eval_count == self.options.num_predict and not stopped else "stop"
-            yield piece
+            yield piece + held  # the answer is over: what was held back can no longer become a stop string
         finally:
             self.tokens.close()
 
