@@ -72,8 +72,10 @@ def _number(options: dict, key: str, kind: type, default):
     value = options.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ValueError(f"option {key!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    if wrong_type or (kind is int and value != int(value)):
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"option {key!r} must be {what}, got {value!r}")
     return kind(value)
 
 
@@ -87,8 +89,8 @@ def parse_options(options: dict | None, defaults: dict | None = None) -> Generat
     defaults = {**DEFAULT_OPTIONS, **(defaults or {})}
     unknown = sorted(set(options) - set(GenerationOptions.__dataclass_fields__) - IGNORED_OPTIONS)
     if unknown:
-        raise ValueError(f"unsupported option(s) {', '.join(map(repr, unknown))}; this server knows temperature, "
-                         "top_k, top_p, seed, num_predict, stop and truncate")
+        raise ValueError(f"unsupported option(s) {', '.join(map(repr, unknown))}; this server knows "
+                         "temperature, top_k, top_p, seed, num_predict, stop and truncate")
     temperature = _number(options, "temperature", float, defaults["temperature"])
     top_k = _number(options, "top_k", int, defaults["top_k"])
     top_p = _number(options, "top_p", float, defaults["top_p"])
@@ -113,8 +115,9 @@ def parse_options(options: dict | None, defaults: dict | None = None) -> Generat
     truncate = options.get("truncate", False)
     if not isinstance(truncate, bool):
         raise ValueError(f"option 'truncate' must be true or false, got {truncate!r}")
-    return GenerationOptions(temperature=temperature, top_k=top_k or None, top_p=None if top_p == 1 else top_p,
-                             seed=seed, num_predict=num_predict, stop=tuple(stop), truncate=truncate)
+    return GenerationOptions(temperature=temperature, top_k=top_k or None,
+                             top_p=None if top_p == 1 else top_p, seed=seed, num_predict=num_predict,
+                             stop=tuple(stop), truncate=truncate)
 
 
 class PromptTooLong(ValueError):
@@ -165,18 +168,20 @@ class TextGeneration:
 
     def _run(self) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        token_bytes = self.chat.tokenizer.decode_single_token_bytes
         held = ""
         try:
             for token in self.tokens:
                 self.eval_count += 1
-                piece, stopped, held = self._cut(held + decoder.decode(self.chat.tokenizer.decode_single_token_bytes(token)))
+                piece, stopped, held = self._cut(held + decoder.decode(token_bytes(token)))
                 if stopped:
                     self.done_reason = "stop"
                     yield piece
                     return
                 yield piece
             piece, stopped, held = self._cut(held + decoder.decode(b"", final=True))
-            self.done_reason = "length" if self.eval_count == self.options.num_predict and not stopped else "stop"
+            at_limit = self.eval_count == self.options.num_predict
+            self.done_reason = "length" if at_limit and not stopped else "stop"
             yield piece + held  # the answer is over: what was held back can no longer become a stop string
         finally:
             self.tokens.close()
@@ -213,8 +218,10 @@ class ChatModel:
 
     def generate_prompt(self, prompt: str, system: str | None = None, raw: bool = False) -> str:
         """The text for /api/generate: an instruction-tuned model gets the Alpaca format unless `raw`."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return prompt if raw else self.chat_prompt(messages)
+        if raw:
+            return prompt
+        system_message = [{"role": "system", "content": system}] if system else []
+        return self.chat_prompt(system_message + [{"role": "user", "content": prompt}])
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The text for a conversation (dicts with "role" and "content").
@@ -226,7 +233,8 @@ class ChatModel:
         one after another, separated by blank lines, for the model to continue.
         """
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content", ""), str):
+            if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES
+                    and isinstance(m.get("content", ""), str)):
                 raise ValueError(f"message {i} must have a role ({', '.join(CHAT_ROLES)}) and string content")
         if self.style is None:
             return "\n\n".join(m.get("content") or "" for m in messages)
@@ -245,13 +253,14 @@ class ChatModel:
         return "\n\n".join(parts)
 
     def encode(self, text: str, truncate: bool = False) -> list[int]:
-        """Token ids of `text`; longer than the context: its last tokens when `truncate`, else PromptTooLong."""
+        """Token ids of `text`. Longer than the context: its last tokens if `truncate`, else PromptTooLong."""
         ids = self.tokenizer.encode(text, allowed_special={"<|endoftext|>"})
         if len(ids) > self.context_length:
             if not truncate:
-                raise PromptTooLong(
-                    f"the prompt is {len(ids)} tokens, longer than the model's context of {self.context_length} "
-                    f"tokens; shorten it, or send \"truncate\": true to keep its last {self.context_length} tokens")
+                n = self.context_length
+                raise PromptTooLong(f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                                    f"{n} tokens; shorten it, or send \"truncate\": true to keep its last "
+                                    f"{n} tokens")
             ids = ids[-self.context_length:]
         return ids
 
@@ -273,14 +282,16 @@ class ChatModel:
     def details(self) -> dict:
         n = sum(p.numel() for p in self.model.parameters())
         dtype = next(self.model.parameters()).dtype
-        return {"parent_model": "", "format": Path(self.source).suffix.lstrip(".") or "pytorch", "family": "gpt2",
-                "families": ["gpt2"], "parameter_size": f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.1f}B",
-                "quantization_level": {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(
-                    dtype, str(dtype))}
+        dtypes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+        return {"parent_model": "", "format": Path(self.source).suffix.lstrip(".") or "pytorch",
+                "family": "gpt2", "families": ["gpt2"],
+                "parameter_size": f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.1f}B",
+                "quantization_level": dtypes.get(dtype, str(dtype))}
 
     def model_info(self) -> dict:
         cfg = self.model.cfg
-        return {"general.architecture": "gpt2", "general.parameter_count": sum(p.numel() for p in self.model.parameters()),
+        return {"general.architecture": "gpt2",
+                "general.parameter_count": sum(p.numel() for p in self.model.parameters()),
                 "gpt2.context_length": cfg["context_length"], "gpt2.embedding_length": cfg["emb_dim"],
                 "gpt2.block_count": cfg["n_layers"], "gpt2.attention.head_count": cfg["n_heads"],
                 "gpt2.vocab_size": cfg["vocab_size"], "llmfs.prompt_style": self.style or "none"}
@@ -290,7 +301,7 @@ class ChatModel:
         return self.instruction_prompt("{{ .Prompt }}", "{{ .Response }}") if self.style else "{{ .Prompt }}"
 
     def file_size_and_digest(self) -> tuple[int, str]:
-        """Size of the weights file and a sha256 of its path, size and time (hashing gigabytes would be slow)."""
+        """Size of the weights file, and a sha256 of its path, size and time (hashing gigabytes is slow)."""
         path = Path(self.source)
         stat = path.stat() if path.is_file() else None
         size = stat.st_size if stat else sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -309,7 +320,8 @@ def _finetuned_file(path: Path) -> Path | None:
 
     if path.is_file():
         return path if path.suffix in (".pth", ".safetensors") and has_meta(path) else None
-    if not path.is_dir() or any((path / n).is_file() for n in ("model.safetensors", "model.pth", "checkpoint.pth")):
+    chapter5_files = ("model.safetensors", "model.pth", "checkpoint.pth")
+    if not path.is_dir() or any((path / n).is_file() for n in chapter5_files):
         return None
     found = sorted(p for ext in ("*.pth", "*.safetensors") for p in path.glob(ext) if has_meta(p))
     if len(found) > 1:
@@ -325,14 +337,15 @@ def default_model_name(spec: str | os.PathLike) -> str:
     if path.is_dir():
         base = path.resolve().name
     elif path.is_file():
-        base = path.stem if path.stem not in ("model", "checkpoint") else f"{path.resolve().parent.name}-{path.stem}"
+        generic = path.stem in ("model", "checkpoint")
+        base = f"{path.resolve().parent.name}-{path.stem}" if generic else path.stem
     else:
         base = str(spec)
     return (re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._") or "model") + ":latest"
 
 
-def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None, name: str | None = None,
-                    style: str | None = "auto") -> ChatModel:
+def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
+                    name: str | None = None, style: str | None = "auto") -> ChatModel:
     """Load the model `spec` names (see the module docstring) for chatting.
 
     `style` "auto" uses the chapter-7 prompt style saved with an instruction-tuned model (and no
@@ -349,7 +362,8 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     if finetuned is not None:
         model, metadata = load_finetuned_model(finetuned, device=device)
         saved_style = metadata.get("style", "alpaca")
-        described, source = f"{finetuned} (instruction-tuned, {metadata.get('source', 'chapter 7')})", str(finetuned)
+        described = f"{finetuned} (instruction-tuned, {metadata.get('source', 'chapter 7')})"
+        source = str(finetuned)
     else:
         model, described = load_model_for_generation(spec, device=device)
         metadata, saved_style, source = {}, None, str(spec)

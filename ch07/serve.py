@@ -168,7 +168,7 @@ async def _reply(worker: ModelWorker, body: dict, ids: list[int], opts: Generati
                 done = isinstance(event, dict)
                 line = {**chunk(""), "done": True, **event} if done else {**chunk(event), "done": False}
                 yield (json.dumps(line) + "\n").encode()
-        except Exception as exc:  # the headers are gone: report the failure the way Ollama does, in the stream
+        except Exception as exc:  # the headers are sent: report the failure in the stream, as Ollama does
             yield (json.dumps({"error": f"generation failed: {type(exc).__name__}: {exc}"}) + "\n").encode()
         finally:
             await events.aclose()
@@ -212,7 +212,8 @@ def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
     async def show(request: Request) -> dict:
         _check_model(worker, await _read_json(request))
         params = {**parse_options({}, worker.defaults).__dict__}
-        return {"modelfile": f"# served by ch07.serve\nFROM {chat.source}\nTEMPLATE \"\"\"{chat.template()}\"\"\"\n",
+        modelfile = f'# served by ch07.serve\nFROM {chat.source}\nTEMPLATE """{chat.template()}"""\n'
+        return {"modelfile": modelfile,
                 "parameters": "\n".join(f"{k} {v}" for k, v in params.items() if k in ("temperature", "top_k",
                                                                                      "top_p", "num_predict")),
                 "template": chat.template(), "details": chat.details(), "model_info": chat.model_info(),
@@ -242,8 +243,9 @@ def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
         if not isinstance(messages, list):
             raise OllamaError(400, "messages must be a list")
         if not messages:
-            return JSONResponse({"model": name, "created_at": _now(),
-                                 "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+            empty = {"role": "assistant", "content": ""}
+            return JSONResponse({"model": name, "created_at": _now(), "message": empty, "done": True,
+                                 "done_reason": "load"})
         try:
             prompt = chat.chat_prompt(messages)
         except ValueError as exc:
@@ -260,8 +262,9 @@ def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve a GPT model of this book over the Ollama API.")
     p.add_argument("--model", required=True,
-                   help="a chapter-7 fine-tuned model (.pth with its .json), a chapter-5 checkpoint.pth / model.pth "
-                        "/ model.safetensors or their folder, a Hugging Face GPT-2 folder, or a GPT-2 name")
+                   help="a chapter-7 fine-tuned model (.pth with its .json), a chapter-5 checkpoint.pth / "
+                        "model.pth / model.safetensors or their folder, a Hugging Face GPT-2 folder, "
+                        "or a GPT-2 name")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this "
                                                        "machine only; the server has no authentication)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
@@ -317,7 +320,8 @@ def main(argv=None) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"model: {chat.name} = {chat.description}; prompt style: {chat.style or 'none'}; device: {chat.device}\n"
+    print(f"model: {chat.name} = {chat.description}; prompt style: {chat.style or 'none'}; "
+          f"device: {chat.device}\n"
           f"Ollama API at http://{shown}:{port} -- point clients at it with OLLAMA_HOST={shown}:{port}",
           file=sys.stderr, flush=True)
     if host not in ("127.0.0.1", "::1", "localhost"):
