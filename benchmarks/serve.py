@@ -1,6 +1,6 @@
 """Benchmark `ch07.serve`: requests per second and time to first token, against the model called directly.
 
-    python -m benchmarks.serve            # GPT-2 124M shape, random weights (no download), ~2 minutes
+    python -m benchmarks.serve            # GPT-2 124M shape, random weights (no download), 2-4 minutes
     python -m benchmarks.serve --quick    # a tiny model: a smoke test of the harness
 
 The server runs as `python -m ch07.serve` in its own process; clients stream /api/generate
@@ -117,15 +117,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Requests/s and time to first token of ch07.serve.")
     p.add_argument("--quick", action="store_true", help="tiny model, few requests (a smoke test)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per answer (default 32; quick: 8)")
-    p.add_argument("--requests", type=int, default=None, help="requests per round (default 8; quick: 4)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per round, at least one per client (default 4; quick: 4)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per round")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of each measurement")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of each measurement")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, on both sides (default 1: steadier on a shared machine)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     tokens = args.tokens or (8 if args.quick else 32)
-    requests = args.requests or (4 if args.quick else 8)
+    requests = args.requests or 4
     cfg = QUICK_CONFIG if args.quick else {**GPT_CONFIG_124M, "drop_rate": 0.0}
     torch.set_num_threads(args.threads)
 

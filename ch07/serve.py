@@ -194,7 +194,7 @@ def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def root() -> PlainTextResponse:
         return PlainTextResponse("Ollama is running")
 
@@ -327,7 +327,9 @@ def main(argv=None) -> int:
     if host not in ("127.0.0.1", "::1", "localhost"):
         print("warning: listening beyond this machine; the server has no authentication", file=sys.stderr)
     defaults = {"num_predict": args.num_predict} if args.num_predict is not None else None
-    config = uvicorn.Config(create_app(chat, defaults), log_level="info", lifespan="off")
+    # On Ctrl-C, streams still running get 5 seconds, then their connections are closed.
+    config = uvicorn.Config(create_app(chat, defaults), log_level="info", lifespan="off",
+                            timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

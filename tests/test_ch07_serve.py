@@ -127,6 +127,7 @@ def test_version_list_and_show(base_server):
     assert name == f"{Path(app.state.worker.chat.source).parent.name}-model:latest"
     assert [m.model for m in client.list().models] == [name]
     assert httpx.get(f"{host}/api/version").json()["version"]
+    assert httpx.get(host).text == "Ollama is running" and httpx.head(host).status_code == 200
     shown = client.show(name.removesuffix(":latest"))  # a name without a tag means :latest
     assert shown.modelinfo["gpt2.context_length"] == 32 and shown.modelinfo["gpt2.block_count"] == 2
     assert shown.details.family == "gpt2" and shown.template == "{{ .Prompt }}"
