@@ -69,15 +69,18 @@ def served_request(client: httpx.Client, payload: dict) -> dict:
 
 def served_round(host: str, payload: dict, requests: int, clients: int) -> dict:
     """`requests` requests from `clients` threads at once (each with its own connection)."""
-    results, lock = [], threading.Lock()
+    results, errors, lock = [], [], threading.Lock()
     per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
 
     def run(n):
-        with httpx.Client(base_url=host, timeout=600) as client:
-            for _ in range(n):
-                r = served_request(client, payload)
-                with lock:
-                    results.append(r)
+        try:
+            with httpx.Client(base_url=host, timeout=600) as client:
+                for _ in range(n):
+                    r = served_request(client, payload)
+                    with lock:
+                        results.append(r)
+        except Exception as exc:  # re-raised below: an exception in a thread would be lost
+            errors.append(exc)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=run, args=(n,)) for n in per_client]
@@ -85,6 +88,8 @@ def served_round(host: str, payload: dict, requests: int, clients: int) -> dict:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {clients} clients failed; the first: {errors[0]!r}")
     return {"wall": time.perf_counter() - start, "results": results}
 
 

@@ -278,7 +278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket, bound before the (slow) model load so a busy port fails at once."""
+    """A listening socket, bound before the (slow) model load so that a busy port fails at once. Clients
+    that connect before uvicorn runs wait in the backlog instead of being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say they are
     # TCP, and without it Nagle's algorithm holds each reply's body back ~40 ms behind its headers.
@@ -290,6 +291,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server using it? "
                       "Choose another --port") from None
+    sock.listen(128)
     return sock
 
 
