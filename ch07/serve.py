@@ -332,7 +332,10 @@ def main(argv=None) -> int:
     # On Ctrl-C, streams still running get 5 seconds, then their connections are closed.
     config = uvicorn.Config(create_app(chat, defaults), log_level="info", lifespan="off",
                             timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: no traceback for that
+        pass
     return 0
 
 
