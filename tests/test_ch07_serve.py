@@ -311,27 +311,23 @@ def test_cli_errors_before_serving(tmp_path, capsys):
     assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
 
 
-def test_ollama_evaluate_runs_against_the_server(sft_path, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFS_DEVICE": "cpu"}
-    server = subprocess.Popen([sys.executable, "-m", "ch07.serve", "--model", str(sft_path), "--port", "0",
-                               "--num-predict", "8"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    try:
-        line = server.stderr.readline()
-        while "OLLAMA_HOST=" not in line:
-            assert line, f"the server exited: {server.stderr.read()}"
-            line = server.stderr.readline()
-        address = re.search(r"OLLAMA_HOST=(\S+)", line).group(1)
-        responses = tmp_path / "responses.json"
-        responses.write_text(json.dumps([
-            {"instruction": "Name a color.", "input": "", "output": "Blue.", "model_response": "Blue."},
-            {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "6"}]))
-        judge = subprocess.run([sys.executable, "-m", "ch07.ollama_evaluate", "--file", str(responses),
-                                "--model", "tiny-sft", "--no-progress"], capture_output=True, text=True,
-                               env={**env, "OLLAMA_HOST": address}, timeout=120)
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+def test_ollama_evaluate_runs_against_the_server(sft_server, tmp_path):
+    """The chapter's judge script, unchanged, finds the server through OLLAMA_HOST (as any client does).
+
+    (`python -m ch07.serve` itself runs as a subprocess in tests/test_benchmarks_serve.py.)"""
+    host, app = sft_server
+    before = app.state.worker.stats["requests"]
+    address = host.removeprefix("http://")
+    responses = tmp_path / "responses.json"
+    responses.write_text(json.dumps([
+        {"instruction": "Name a color.", "input": "", "output": "Blue.", "model_response": "Blue."},
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "6"}]))
+    judge = subprocess.run([sys.executable, "-m", "ch07.ollama_evaluate", "--file", str(responses),
+                            "--model", "tiny-sft", "--no-progress"], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "OLLAMA_HOST": address}, timeout=120)
     assert judge.returncode == 0, judge.stderr
     assert f"at http://{address}; judge: tiny-sft; 2 entries" in judge.stdout
     assert re.search(r"Number of scores: \d of 2", judge.stdout)
     assert "Replies that could not be parsed:" in judge.stdout
+    # One chat per entry, and a second, stricter one for each reply without a score.
+    assert 2 <= app.state.worker.stats["requests"] - before <= 4
