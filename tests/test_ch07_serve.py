@@ -27,12 +27,8 @@ from ch04.gpt import GPTModel
 from ch05.checkpoint import save_model
 from ch05.gpt_generate import generate, load_model_for_generation
 from ch07.chat import load_chat_model
-from ch07.gpt_instruction_finetuning import (
-    END_OF_TEXT_ID,
-    format_input,
-    load_finetuned_model,
-    save_finetuned_model,
-)
+from ch07.gpt_instruction_finetuning import END_OF_TEXT_ID, format_input
+from ch07.responses import load_finetuned_model, save_finetuned_model
 from ch07.serve import bind_socket, create_app
 from ch07.serve import main as serve_main
 
