@@ -336,3 +336,61 @@ def test_check_env_download_failure_is_reported(monkeypatch, tmp_path, capsys):
     assert len(report.errors) == 4
     assert all("http://127.0.0.1:1/x" in e for e in report.errors)
     assert any("is not a folder" in w for w in report.warnings)
+
+
+# --- import structure --------------------------------------------------------------------------------
+
+def _chapter_import_graph() -> dict[str, set[str]]:
+    """Module -> the chapter modules it imports, at module level or inside functions (an import hidden in
+    a function is still a dependency), leaving out `if __name__ == "__main__":` blocks, which run only
+    when the file is the program and so never take part in importing it."""
+    import ast
+
+    packages = {"ch02": "ch02", "ch03": "ch03", "ch04": "ch04", "ch05": "ch05", "ch06": "ch06", "ch07": "ch07",
+                "appendix_a": "appendix-A", "appendix_d": "appendix-D", "appendix_e": "appendix-E"}
+    modules = {(name if py.stem == "__init__" else f"{name}.{py.stem}"): py
+               for name, folder in packages.items() for py in (REPO / folder).glob("*.py")}
+
+    def is_main_block(node) -> bool:
+        return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tree.body = [node for node in tree.body if not is_main_block(node)]
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} & modules.keys()
+                deps |= {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names} & modules.keys()
+        graph[module] = deps - {module}
+    return graph
+
+
+def test_no_import_cycles_inside_or_between_chapters():
+    graph = _chapter_import_graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    cycles = []
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, f"import cycles: {cycles}"
+    # and later chapters build on earlier ones, never the other way round
+    order = ["ch02", "ch03", "ch04", "ch05", "ch06", "ch07"]
+    backwards = [(m, d) for m, deps in graph.items() for d in deps
+                 if m.split(".")[0] in order and d.split(".")[0] in order
+                 and order.index(d.split(".")[0]) > order.index(m.split(".")[0])]
+    assert not backwards, f"an earlier chapter imports a later one: {backwards}"
