@@ -62,7 +62,7 @@ class SimpleTokenizerV1:
         return text
 
 
-class SimpleTokenizerV2:
+class SimpleTokenizerV2(SimpleTokenizerV1):  # New: subclass, so `decode` is V1's (the book repeats it)
     """Like V1, but unknown words become `<|unk|>` (section 2.4).
 
     The vocabulary must contain `<|unk|>`; build it with
@@ -73,8 +73,7 @@ class SimpleTokenizerV2:
         # New: a vocabulary without <|unk|> would fail on the first unknown word; say so now.
         if UNKNOWN not in vocab:
             raise ValueError(f"SimpleTokenizerV2 needs {UNKNOWN!r} in the vocabulary")
-        self.str_to_int = vocab
-        self.int_to_str = {i: s for s, i in vocab.items()}
+        super().__init__(vocab)
 
     def encode(self, text: str) -> list[int]:
         preprocessed = re.split(r'([,.:;?_!"()\']|--|\s)', text)
@@ -82,12 +81,6 @@ class SimpleTokenizerV2:
         preprocessed = [item if item in self.str_to_int else "<|unk|>" for item in preprocessed]
         ids = [self.str_to_int[s] for s in preprocessed]
         return ids
-
-    def decode(self, ids: list[int]) -> str:
-        text = " ".join([self.int_to_str[i] for i in ids])
-        # Remove the space before punctuation.
-        text = re.sub(r'\s+([,.:;?!"()\'])', r"\1", text)
-        return text
 
 
 # GPT-2's pre-tokenisation regex: contractions, letters, numbers, other symbols, spaces.
