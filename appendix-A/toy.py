@@ -40,20 +40,24 @@ class NeuralNetwork(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch_size, num_inputs) -> logits: (batch_size, num_outputs)
-        return self.layers(x)
+        logits = self.layers(x)
+        return logits
 
 
 class ToyDataset(Dataset):
     """A.6: wraps a feature matrix (num_examples, num_features) and a label vector (num_examples,)."""
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor):
+        # New: mismatched features and labels fail here, not at some later index.
         if len(X) != len(y):
             raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
         self.features = X
         self.labels = y
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[index], self.labels[index]
+        one_x = self.features[index]
+        one_y = self.labels[index]
+        return one_x, one_y
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -66,16 +70,16 @@ def make_toy_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     X_train (5, 2), y_train (5,), X_test (2, 2), y_test (2,).
     """
     X_train = torch.tensor([
-        [-1.5, 2.8],
-        [-0.7, 2.1],
-        [-2.2, 1.9],
-        [2.1, -1.6],
-        [2.9, -2.4],
+        [-1.2, 3.1],
+        [-0.9, 2.9],
+        [-0.5, 2.6],
+        [2.3, -1.1],
+        [2.7, -1.5],
     ])
     y_train = torch.tensor([0, 0, 0, 1, 1])
     X_test = torch.tensor([
-        [-0.9, 2.5],
-        [2.5, -1.9],
+        [-0.8, 2.8],
+        [2.6, -1.6],
     ])
     y_test = torch.tensor([0, 1])
     return X_train, y_train, X_test, y_test
@@ -115,25 +119,32 @@ def train(model: torch.nn.Module, train_loader: DataLoader, num_epochs: int = 3,
             optimizer.step()
             losses.append(loss.item())
             if verbose:
-                print(f"Epoch {epoch + 1:03d}/{num_epochs:03d} | batch {batch_idx + 1:03d}/{len(train_loader):03d}"
-                      f" | train loss {loss.item():.4f}")
+                print(f"Epoch: {epoch + 1:03d}/{num_epochs:03d}"
+                      f" | Batch {batch_idx + 1:03d}/{len(train_loader):03d}"
+                      f" | Train/Val Loss: {loss:.2f}")
     model.eval()
     return losses
 
 
-@torch.no_grad()
 def compute_accuracy(model: torch.nn.Module, dataloader: DataLoader,
                      device: torch.device | str | None = None) -> float:
-    """A.7: fraction of examples whose highest logit is the true label (1.0 = 100%)."""
+    """A.7 (with A.9's `device`): fraction of examples whose highest logit is the true label (1.0 = 100%)."""
+    # New: `device` is optional and defaults to where the model's parameters are.
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    correct, total = 0, 0
-    for features, labels in dataloader:
+    model = model.eval()
+    correct = 0.0
+    total_examples = 0
+
+    for idx, (features, labels) in enumerate(dataloader):
         features, labels = features.to(device), labels.to(device)
-        predictions = model(features).argmax(dim=-1)  # (batch_size,)
-        correct += (predictions == labels).sum().item()
-        total += labels.numel()
-    return correct / total
+        with torch.no_grad():
+            logits = model(features)
+        predictions = torch.argmax(logits, dim=1)  # (batch_size,)
+        compare = labels == predictions
+        correct += torch.sum(compare)
+        total_examples += len(compare)
+
+    return (correct / total_examples).item()
 
 
 def flat_weights(model: torch.nn.Module) -> torch.Tensor:

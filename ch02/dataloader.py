@@ -16,6 +16,7 @@ class GPTDatasetV1(Dataset):
     """All (input, target) windows of a text, pre-tokenized once."""
 
     def __init__(self, txt: str, tokenizer, max_length: int, stride: int):
+        # New: clear errors for sizes that would give no (or endless) windows.
         if max_length <= 0 or stride <= 0:
             raise ValueError(f"max_length and stride must be positive, got max_length={max_length}, stride={stride}")
         token_ids = tokenizer.encode(txt, allowed_special={END_OF_TEXT})
@@ -24,6 +25,7 @@ class GPTDatasetV1(Dataset):
                 f"the text has {len(token_ids)} tokens, but a window of max_length={max_length} needs at least "
                 f"{max_length + 1} (inputs plus the one-token-shifted target); use a longer text or a smaller max_length"
             )
+        # New: one (num_windows, max_length) tensor instead of a list of small tensors (one copy, fast indexing).
         ids = torch.tensor(token_ids, dtype=torch.long)
         starts = range(0, len(token_ids) - max_length, stride)
         # (num_windows, max_length): targets are the inputs shifted by one token.
@@ -49,6 +51,9 @@ def create_dataloader_v1(
     generator: torch.Generator | None = None,
 ) -> DataLoader:
     """A DataLoader of GPT-2-tokenized sliding windows over `txt`."""
-    dataset = GPTDatasetV1(txt, tokenizer or get_gpt2_tokenizer(), max_length, stride)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, generator=generator)
+    # New: the offline GPT-2 tokenizer (or any other one passed in), and a seeded `generator` for the shuffling.
+    tokenizer = tokenizer or get_gpt2_tokenizer()
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                            num_workers=num_workers, generator=generator)
+    return dataloader

@@ -18,8 +18,6 @@ import tiktoken.load
 
 # Split on punctuation, double dashes and whitespace; keep the separators as tokens.
 SPLIT_PATTERN = re.compile(r'([,.:;?_!"()\']|--|\s)')
-# No space before punctuation when turning tokens back into text.
-JOIN_FIX = re.compile(r'\s+([,.:;?!"()\'])')
 
 END_OF_TEXT = "<|endoftext|>"
 UNKNOWN = "<|unk|>"
@@ -44,23 +42,27 @@ class SimpleTokenizerV1:
         self.str_to_int = vocab
         self.int_to_str = {i: s for s, i in vocab.items()}
 
-    def _lookup(self, tok: str) -> int:
-        try:
-            return self.str_to_int[tok]
-        except KeyError:
-            raise KeyError(
-                f"the word {tok!r} is not in the vocabulary; use SimpleTokenizerV2 "
-                f"(maps unknown words to {UNKNOWN}) or build the vocabulary from more text"
-            ) from None
-
     def encode(self, text: str) -> list[int]:
-        return [self._lookup(tok) for tok in split_text(text)]
+        preprocessed = re.split(r'([,.:;?_!"()\']|--|\s)', text)
+        preprocessed = [item.strip() for item in preprocessed if item.strip()]
+        # New: name the unknown word and the way out instead of a bare KeyError.
+        unknown = [s for s in preprocessed if s not in self.str_to_int]
+        if unknown:
+            raise KeyError(
+                f"the word {unknown[0]!r} is not in the vocabulary; use SimpleTokenizerV2 "
+                f"(maps unknown words to {UNKNOWN}) or build the vocabulary from more text"
+            )
+        ids = [self.str_to_int[s] for s in preprocessed]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
-        return JOIN_FIX.sub(r"\1", " ".join(self.int_to_str[i] for i in ids))
+        text = " ".join([self.int_to_str[i] for i in ids])
+        # Remove the space before punctuation (New: ':' and ';' too, as V2 does in the book).
+        text = re.sub(r'\s+([,.:;?!"()\'])', r"\1", text)
+        return text
 
 
-class SimpleTokenizerV2(SimpleTokenizerV1):
+class SimpleTokenizerV2(SimpleTokenizerV1):  # New: subclass, so `decode` is V1's (the book repeats it)
     """Like V1, but unknown words become `<|unk|>` (section 2.4).
 
     The vocabulary must contain `<|unk|>`; build it with
@@ -68,12 +70,17 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
     """
 
     def __init__(self, vocab: dict[str, int]):
+        # New: a vocabulary without <|unk|> would fail on the first unknown word; say so now.
         if UNKNOWN not in vocab:
             raise ValueError(f"SimpleTokenizerV2 needs {UNKNOWN!r} in the vocabulary")
         super().__init__(vocab)
 
-    def _lookup(self, tok: str) -> int:
-        return self.str_to_int.get(tok, self.str_to_int[UNKNOWN])
+    def encode(self, text: str) -> list[int]:
+        preprocessed = re.split(r'([,.:;?_!"()\']|--|\s)', text)
+        preprocessed = [item.strip() for item in preprocessed if item.strip()]
+        preprocessed = [item if item in self.str_to_int else "<|unk|>" for item in preprocessed]
+        ids = [self.str_to_int[s] for s in preprocessed]
+        return ids
 
 
 # GPT-2's pre-tokenisation regex: contractions, letters, numbers, other symbols, spaces.

@@ -72,11 +72,13 @@ class CausalAttention(nn.Module):
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.dropout = nn.Dropout(dropout)
-        # A buffer moves with the module to the GPU but is not trained.
+        # A buffer moves with the module to the GPU but is not trained. New: a boolean mask, kept out of
+        # the state dict (persistent=False), since it is rebuilt from context_length and never learned.
         self.register_buffer("mask", causal_mask(context_length), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, num_tokens, d_in)
         num_tokens = x.shape[1]
+        # New: a clear error instead of a shape mismatch inside masked_fill.
         if num_tokens > self.mask.shape[0]:
             raise ValueError(f"input of {num_tokens} tokens exceeds context_length={self.mask.shape[0]}")
         keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
@@ -115,37 +117,39 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
                  qkv_bias: bool = False, use_sdpa: bool = True):
         super().__init__()
+        # New: a ValueError (the book: assert, which `python -O` skips).
         if num_heads <= 0 or d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.context_length = context_length
-        self.use_sdpa = use_sdpa
+        self.context_length = context_length  # New: to check cache + new tokens against it
+        self.use_sdpa = use_sdpa  # New: PyTorch's fused attention kernel (default) or the explicit math
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)  # mixes the heads' outputs
         self.dropout = nn.Dropout(dropout)
-        self.register_buffer("mask", causal_mask(context_length), persistent=False)
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)  # New: bool, not saved
+        # New: the key/value cache, so generation can feed one new token at a time (chapter 5).
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
-    def reset_cache(self) -> None:
+    def reset_cache(self) -> None:  # New
         self.cache_k, self.cache_v = None, None
 
     @property
-    def cache_len(self) -> int:
+    def cache_len(self) -> int:  # New: how many tokens the cache holds
         return 0 if self.cache_k is None else self.cache_k.shape[2]
 
-    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:  # New: the book's view + transpose, once for Q, K, V
         b, num_tokens, _ = t.shape
         # (b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)
         return t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:  # New: use_cache
         b, num_tokens, _ = x.shape
-        past = self.cache_len if use_cache else 0
+        past = self.cache_len if use_cache else 0  # New: tokens already in the cache
         if past + num_tokens > self.context_length:
             raise ValueError(
                 f"attention over {past + num_tokens} tokens ({past} cached + {num_tokens} new) exceeds "
@@ -154,7 +158,7 @@ class MultiHeadAttention(nn.Module):
         queries = self._split_heads(self.W_query(x))
         keys = self._split_heads(self.W_key(x))
         values = self._split_heads(self.W_value(x))
-        if use_cache:
+        if use_cache:  # New: append this call's keys and values to the cache
             if self.cache_k is not None:
                 keys = torch.cat([self.cache_k, keys], dim=2)  # (b, num_heads, past + num_tokens, head_dim)
                 values = torch.cat([self.cache_v, values], dim=2)
@@ -162,7 +166,7 @@ class MultiHeadAttention(nn.Module):
 
         # Query i sits at absolute position past + i and may see keys 0 .. past + i.
         future = self.mask[past:past + num_tokens, :past + num_tokens]  # (num_tokens, past + num_tokens)
-        if self.use_sdpa:
+        if self.use_sdpa:  # New: one fused kernel for the masked softmax, dropout and weighted sum
             dropout_p = self.dropout.p if self.training else 0.0
             if past == 0 or num_tokens == 1:
                 # Square case: the kernel builds the causal mask itself (fastest path). A single
