@@ -34,6 +34,7 @@ import copy
 import functools
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -576,8 +577,8 @@ def cli(argv=None) -> int:
         device = torch.device(args.device) if args.device else get_device()
         try:
             model = load_sft_model(args.model, device)  # a file that is not a model fails here, before any work
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            problem = f"--model {args.model} cannot be loaded: {exc}"
+        except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+            problem = f"--model {args.model} cannot be loaded: {str(exc).splitlines()[0] if str(exc) else exc!r}"
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
