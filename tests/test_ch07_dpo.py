@@ -2,8 +2,10 @@
 hand-made batch, the log-probabilities, the reference model's frozen state, the CLI's errors, and a
 quick-mode end-to-end run in which the validation reward margin and reward accuracy rise."""
 
+import ast
 import json
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -225,3 +227,21 @@ def test_quick_run_raises_validation_margin_and_accuracy(sft_model_file, tmp_pat
     tuned = dpo.load_sft_model(out / "quick-sft-dpo.pth")
     start = dpo.load_sft_model(sft_model_file)
     assert not torch.equal(tuned.tok_emb.weight, start.tok_emb.weight)
+
+
+def test_notebook_defines_the_modules_listings():
+    """dpo-from-scratch.ipynb builds each listing in a cell; they must be the module's code, token for token."""
+    def definitions(source: str) -> dict:
+        return {node.name: ast.dump(node) for node in ast.parse(source).body
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+    notebook = json.loads((Path(dpo.__file__).parent / "dpo-from-scratch.ipynb").read_text(encoding="utf-8"))
+    in_notebook = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            in_notebook.update(definitions("".join(cell["source"])))
+    in_module = definitions(Path(dpo.__file__).read_text(encoding="utf-8"))
+    listings = ["PreferenceDataset", "preference_collate_fn", "compute_dpo_loss", "compute_logprobs",
+                "compute_dpo_loss_batch"]
+    for name in listings:
+        assert in_notebook.get(name) == in_module[name], f"the notebook's {name} differs from ch07/dpo.py's"

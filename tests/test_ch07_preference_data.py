@@ -4,7 +4,6 @@ that dies part-way, a rerun that continues (also after a half-written line), and
 Ollama-API server `ch07.serve` exists, a run against it."""
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,11 @@ import torch
 from ch04.gpt import GPTModel
 from ch07 import preference_data as pd
 from ch07.gpt_instruction_finetuning import QUICK_CONFIG, format_input, save_finetuned_model
-from test_ch07_ollama_evaluate import FakeOllama, _no_proxy_for_localhost  # noqa: F401 (autouse fixture)
+from test_ch07_ollama_evaluate import (  # noqa: F401 (fixtures: the proxy switch-off and a closed port)
+    FakeOllama,
+    _no_proxy_for_localhost,
+    closed_port,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,12 +202,9 @@ def test_output_from_other_data_is_refused(data_file, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {out}: record 0 does not belong to this input data")
 
 
-def test_server_problems_before_any_work(data_file, tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+def test_server_problems_before_any_work(data_file, tmp_path, capsys, closed_port):  # noqa: F811 (fixture)
     out = tmp_path / "pairs.jsonl"
-    assert pd.main(["--data", str(data_file), "--output", str(out), "--host", f"127.0.0.1:{closed}"]) == 1
+    assert pd.main(["--data", str(data_file), "--output", str(out), "--host", f"127.0.0.1:{closed_port}"]) == 1
     assert "error: Could not list the models" in capsys.readouterr().err
     with FakeOllama(models=["mistral:latest"]) as fake:
         assert pd.main(["--data", str(data_file), "--output", str(out), "--host", fake.host]) == 1
@@ -216,13 +216,11 @@ def test_server_problems_before_any_work(data_file, tmp_path, capsys):
 
 # --- against chapter 7's own Ollama-API server ----------------------------------------------------------
 
-def test_generator_against_ch07_serve(data_file, tmp_path, capsys):
+def test_generator_against_ch07_serve(data_file, tmp_path, capsys, closed_port):  # noqa: F811 (fixture)
     pytest.importorskip("ch07.serve")
     torch.manual_seed(123)
     model_file = save_finetuned_model(GPTModel(QUICK_CONFIG), tmp_path / "model.safetensors")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port  # free now: the server takes it
     host = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "ch07.serve", "--model", str(model_file), "--host", "127.0.0.1",
                              "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
