@@ -479,6 +479,7 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
     answers = [{**entry, "reference_response": generate_response(reference_model, entry, tokenizer, device,
                                                                   settings["max_new_tokens"])}
                for entry in answer_entries]
+    policy_model.eval()
     before = compute_dpo_loss_loader(val_loader, policy_model, reference_model, settings["beta"])
 
     optimizer = make_optimizer(policy_model, settings["learning_rate"], settings["weight_decay"])
