@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ch02.atomic import atomic_path, atomic_write
-from ch02.download import get_data_file
+from ch02.download import ChecksumError, DataUnavailableError, get_data_file
 from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch05.gpt_train import generate_and_print_sample, make_optimizer
@@ -571,7 +571,10 @@ def cli(argv=None) -> int:
     problem = check_args(args)
     if problem is None:
         try:
-            data = load_preference_data(args.data) if args.data else None
+            data = load_preference_data(args.data)
+        except (DataUnavailableError, ChecksumError) as exc:  # no copy of the book's file, and no network
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except ValueError as exc:
             problem = str(exc)
     if problem is None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import requests
 
+from ch02.download import ChecksumError, DataUnavailableError
 from ch07.gpt_instruction_finetuning import format_input, load_instruction_data
 from ch07.ollama_evaluate import (
     DEFAULT_MODEL,
@@ -251,6 +252,9 @@ def main(argv=None) -> int:
         data = load_instruction_data(args.data)
         data = data[:args.limit] if args.limit else data
         done = records_done(Path(args.output), data)
+    except (DataUnavailableError, ChecksumError) as exc:  # no copy of the chapter's file, and no network
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

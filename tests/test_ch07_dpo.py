@@ -245,3 +245,20 @@ def test_notebook_defines_the_modules_listings():
                 "compute_dpo_loss_batch"]
     for name in listings:
         assert in_notebook.get(name) == in_module[name], f"the notebook's {name} differs from ch07/dpo.py's"
+
+
+def test_cli_without_the_data_file_says_where_to_get_it(sft_model_file, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from ch02.download import DATA_FILES
+
+    monkeypatch.setenv("LLMFS_DATA_MIRROR", str(tmp_path / "no-mirror"))
+    monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
+    spec = DATA_FILES[dpo.PREFERENCE_DATA_FILE]
+    monkeypatch.setitem(DATA_FILES, spec.name, dataclasses.replace(spec, url="http://127.0.0.1:1/x"))
+    assert dpo.cli(["--model", str(sft_model_file), "--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    # (pooch reports its download attempt before the error)
+    assert any(line.startswith("error: Could not get 'instruction-data-with-preference.json'")
+               for line in err.splitlines())
+    assert "LLMFS_DATA_MIRROR" in err and not (tmp_path / "out").exists()

@@ -262,3 +262,18 @@ def test_generator_request_is_plain_ollama_chat():
     assert request["model"] == "quick-sft" and request["stream"] is False
     assert request["messages"] == [{"role": "user", "content": pd.make_rewrite_prompt(DATA[2], "polite")}]
     assert ("POST", "/api/chat") in fake.paths
+
+
+def test_without_the_instruction_data_file(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from ch02.download import DATA_FILES
+
+    monkeypatch.setenv("LLMFS_DATA_MIRROR", str(tmp_path / "no-mirror"))
+    monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
+    spec = DATA_FILES["instruction-data.json"]
+    monkeypatch.setitem(DATA_FILES, spec.name, dataclasses.replace(spec, url="http://127.0.0.1:1/x"))
+    assert pd.main(["--output", str(tmp_path / "pairs.jsonl")]) == 1
+    err = capsys.readouterr().err
+    # (pooch reports its download attempt before the error)
+    assert any(line.startswith("error: Could not get 'instruction-data.json'") for line in err.splitlines())
