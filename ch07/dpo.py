@@ -49,7 +49,7 @@ from ch02.atomic import atomic_path, atomic_write
 from ch02.download import ChecksumError, DataUnavailableError, get_data_file
 from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
-from ch05.gpt_train import generate_and_print_sample, make_optimizer
+from ch05.gpt_train import generate_and_print_sample
 from ch07.gpt_instruction_finetuning import (
     END_OF_TEXT_ID,
     format_input,
@@ -339,14 +339,14 @@ def train_model_dpo_simple(
     eval_iter: int,
     start_context: str,
     tokenizer,
-    sample_tokens: int = 50,
+    print_sample: bool = True,
 ) -> dict:
     """The bonus notebook's training loop: DPO steps on the policy, the reference stays frozen.
 
     Every `eval_freq` steps it evaluates `eval_iter` batches of both loaders and records,
     in lists, train_/val_ loss, chosen and rejected rewards, reward margins and reward
     accuracies, plus tokens_seen; after each epoch it prints a sample answer to
-    `start_context` (`sample_tokens=0`: no sample).
+    `start_context` (unless `print_sample=False`).
     """
     if eval_freq < 1:
         raise ValueError(f"eval_freq must be >= 1, got {eval_freq}")
@@ -378,8 +378,8 @@ def train_model_dpo_simple(
                       f"Train reward margins {res['train_reward_margin']:.3f}, "
                       f"Val reward margins {res['val_reward_margin']:.3f}")
 
-        if sample_tokens:
-            generate_and_print_sample(policy_model, tokenizer, device, start_context, sample_tokens)
+        if print_sample:
+            generate_and_print_sample(policy_model, tokenizer, device, start_context)
     return tracking
 
 
@@ -432,13 +432,13 @@ def plot_dpo_metrics(tracking: dict, num_epochs: int, path: str | os.PathLike | 
 DEFAULT_SETTINGS = {
     "learning_rate": 5e-6, "weight_decay": 0.01, "beta": 0.1, "batch_size": 8, "num_epochs": 1,
     "eval_freq": 5, "eval_iter": 5, "seed": 123, "allowed_max_length": 1024, "max_new_tokens": 256,
-    "num_train": None, "num_val": None, "num_answers": 3, "sample_tokens": 0,
+    "num_train": None, "num_val": None, "num_answers": 3, "print_sample": True,
 }
 # A small model from scratch barely moves at 5e-6; few pairs keep it well under a minute on a CPU
 # (each step runs four forward passes over a 50,257-token output layer: two models, two answers).
 QUICK_SETTINGS = {
     **DEFAULT_SETTINGS, "learning_rate": 3e-3, "num_train": 64, "num_val": 16, "eval_freq": 2, "eval_iter": 1,
-    "max_new_tokens": 24, "num_answers": 2,
+    "max_new_tokens": 24, "num_answers": 2, "print_sample": False,
 }
 
 
@@ -482,12 +482,13 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
     policy_model.eval()
     before = compute_dpo_loss_loader(val_loader, policy_model, reference_model, settings["beta"])
 
-    optimizer = make_optimizer(policy_model, settings["learning_rate"], settings["weight_decay"])
+    optimizer = torch.optim.AdamW(policy_model.parameters(), lr=settings["learning_rate"],
+                                  weight_decay=settings["weight_decay"])
     start = time.perf_counter()
     tracking = train_model_dpo_simple(
         policy_model, reference_model, train_loader, val_loader, optimizer, num_epochs=settings["num_epochs"],
         beta=settings["beta"], eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"],
-        start_context=format_input(val_data[0]), tokenizer=tokenizer, sample_tokens=settings["sample_tokens"])
+        start_context=format_input(val_data[0]), tokenizer=tokenizer, print_sample=settings["print_sample"])
     seconds = time.perf_counter() - start
     policy_model.eval()
     after = compute_dpo_loss_loader(val_loader, policy_model, reference_model, settings["beta"])
