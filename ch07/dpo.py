@@ -21,7 +21,7 @@ What this module holds, in the bonus notebook's order:
 From chapter 7 it imports the prompt format (`format_input`, `format_response`),
 the 85/10/5 split (`split_data`), record validation, model loading and
 `generate_response`; from chapter 5 the model loading for other checkpoint
-formats, the optimizer and the sample printer.
+formats and the sample printer.
 
     python -m ch07.dpo --model outputs/ch07/gpt2-medium-sft.pth   # the book's run: 1 epoch, beta 0.1, lr 5e-6
     python -m ch07.dpo --model outputs/ch07/quick-sft.pth --quick # a small run, about a minute on a CPU
