@@ -56,6 +56,12 @@ DATA_FILES: dict[str, DataFile] = {
             "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
         ),
         DataFile(
+            "instruction-data-with-preference.json",
+            "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+            "instruction-data-with-preference.json",
+            "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+        ),
+        DataFile(
             "tinyshakespeare.txt",
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",

@@ -165,7 +165,7 @@ def test_sha256sum(tmp_path):
 
 def test_data_file_table_is_well_formed():
     assert set(DATA_FILES) == {"the-verdict.txt", "SMSSpamCollection", "instruction-data.json",
-                               "tinyshakespeare.txt"}
+                               "instruction-data-with-preference.json", "tinyshakespeare.txt"}
     for name, spec in DATA_FILES.items():
         assert spec.name == name
         assert spec.url.startswith("https://")

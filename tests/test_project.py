@@ -157,7 +157,7 @@ def chapter_rows(text: str) -> list[list[str]]:
 
 def test_readmes_are_in_step():
     en, zh = (read(p) for p in READMES)
-    assert len(chapter_rows(en)) == 9
+    assert len(chapter_rows(en)) == 10
     assert chapter_rows(en) == chapter_rows(zh)
     assert len(re.findall(r"^## ", en, re.M)) == len(re.findall(r"^## ", zh, re.M))
     # Same commands in the same order; only the comments are translated.
@@ -260,7 +260,9 @@ def test_check_env_missing_data_is_only_a_note(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LLMFS_DATA_MIRROR", str(empty))
     monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
     assert load_check_env().main([]) == 0
-    assert capsys.readouterr().out.count("will download on first use") == 4
+    from ch02.download import DATA_FILES
+
+    assert capsys.readouterr().out.count("will download on first use") == len(DATA_FILES)
     assert not (tmp_path / "cache").exists()  # nothing was downloaded
 
 
@@ -333,7 +335,7 @@ def test_check_env_download_failure_is_reported(monkeypatch, tmp_path, capsys):
     check_env = load_check_env()
     report = check_env.Report()
     check_env.check_data(report, download=True)
-    assert len(report.errors) == 4
+    assert len(report.errors) == len(DATA_FILES)
     assert all("http://127.0.0.1:1/x" in e for e in report.errors)
     assert any("is not a folder" in w for w in report.warnings)
 
