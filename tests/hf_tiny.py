@@ -75,3 +75,40 @@ def write_model_dir(path: Path, family: str, text: str, max_shard_size: str | No
     model.save_pretrained(path, **kwargs)
     train_tokenizer(path, LLAMA_SPECIAL if family == "llama" else QWEN_SPECIAL, text)
     return model
+
+
+def verdict() -> str:
+    from ch02.download import get_data_file
+
+    return get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")
+
+
+def check_parity(ours, hf, ids: torch.Tensor, atol: float = 1e-4) -> None:
+    """Our logits equal transformers' for `ids` (batch, n): in one pass and fed through our KV cache
+    in uneven chunks (a multi-token prefill, single tokens, then a multi-token chunk after the cache)."""
+    with torch.no_grad():
+        expected = hf(ids).logits
+        torch.testing.assert_close(ours(ids), expected, atol=atol, rtol=0)
+        ours.reset_kv_cache()
+        n = ids.shape[1]
+        cuts = [0, n // 2, n // 2 + 1, n // 2 + 2, n]
+        chunks = [ours(ids[:, a:b], use_cache=True) for a, b in zip(cuts, cuts[1:])]
+        ours.reset_kv_cache()
+    torch.testing.assert_close(torch.cat(chunks, dim=1), expected, atol=atol, rtol=0)
+
+
+def check_greedy_text(ours, hf, tokenizer, prompt: str, new_tokens: int = 24, prompt_tokens: int = 60) -> None:
+    """Greedy continuation of the first `prompt_tokens` tokens of `prompt` (prompt and continuation
+    within the context) with and without our cache equals transformers' generate."""
+    from ch05.gpt_generate import generate
+
+    ids = torch.tensor([tokenizer.encode(prompt)[:prompt_tokens]])
+    assert ids.shape[1] == prompt_tokens and prompt_tokens + new_tokens <= ours.cfg["context_length"]
+    with torch.no_grad():
+        reference = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)
+    for use_cache in (True, False):
+        out = generate(ours, ids, max_new_tokens=new_tokens, context_size=ours.cfg["context_length"],
+                       use_cache=use_cache)
+        assert out.tolist() == reference.tolist(), f"use_cache={use_cache}"
+        assert tokenizer.decode(out[0].tolist()) == tokenizer.decode(reference[0].tolist())
