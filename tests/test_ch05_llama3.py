@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from hf_tiny import check_greedy_text, check_parity, verdict, write_model_dir
 
 from ch05.checkpoint import CheckpointMismatchError
 from ch05.llama3 import (
@@ -25,6 +24,7 @@ from ch05.llama3 import (
     load_llama3,
     resolve_model_dir,
 )
+from hf_tiny import check_greedy_text, check_parity, verdict, write_model_dir
 
 
 @pytest.fixture(scope="module")

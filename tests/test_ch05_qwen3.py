@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-from hf_tiny import check_greedy_text, check_parity, verdict, write_model_dir
 
 from ch05.llama3 import GroupedQueryAttention, Llama3Model, hf_to_ours
 from ch05.qwen3 import QWEN3_CONFIGS, MoEFeedForward, Qwen3Attention, Qwen3Model, Qwen3Tokenizer, load_qwen3
+from hf_tiny import check_greedy_text, check_parity, verdict, write_model_dir
 
 
 @pytest.fixture(scope="module")
