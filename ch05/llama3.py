@@ -526,8 +526,10 @@ class Llama3Tokenizer:
     def plain_prompt(self, text: str) -> str:
         return (self.bos if self.token_id(self.bos) is not None else "") + text
 
-    def chat_prompt(self, message: str, system: str | None = None) -> str:
-        parts = [self.bos]
+    @classmethod
+    def chat_prompt(cls, message: str, system: str | None = None) -> str:
+        """The prompt text of one user turn (no file needed: a class method)."""
+        parts = [cls.bos]
         if system:
             parts.append(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
         parts.append(f"<|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>")

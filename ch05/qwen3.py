@@ -180,7 +180,8 @@ class Qwen3Tokenizer(Llama3Tokenizer):
     def plain_prompt(self, text: str) -> str:
         return text
 
-    def chat_prompt(self, message: str, system: str | None = None, thinking: bool = False) -> str:
+    @classmethod
+    def chat_prompt(cls, message: str, system: str | None = None, thinking: bool = False) -> str:
         parts = [f"<|im_start|>system\n{system}<|im_end|>\n"] if system else []
         parts.append(f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
         if not thinking:
