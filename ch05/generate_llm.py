@@ -26,7 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch05.gpt_generate import _check_sampling_args, generate, load_model_for_generation
+from ch05.gpt_generate import (
+    _check_sampling_args,
+    add_sampling_arguments,
+    generate,
+    load_model_for_generation,
+)
 from ch05.llama3 import Llama3Tokenizer, LLMUnavailable, load_llama3, read_hf_config, resolve_model_dir
 from ch05.qwen3 import Qwen3Tokenizer, load_qwen3
 
@@ -154,10 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--think", action="store_true", help="Qwen3 chat: let the model reason in <think> first")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add at most (default 100)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 samples")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of mass p")
-    p.add_argument("--seed", type=int, default=123, help="random seed for sampling (default 123)")
+    add_sampling_arguments(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="weights' dtype: auto keeps the file's (no copy); bfloat16 halves float32 weights")
     p.add_argument("--context-length", type=int, default=None,

@@ -207,6 +207,14 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
     return model.to(device).eval(), f"{path} ({cfg['n_layers']} layers, emb_dim {cfg['emb_dim']})"
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p and --seed, shared with `ch05.generate_llm`."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of mass p (0 < p <= 1)")
+    p.add_argument("--seed", type=int, default=123, help="random seed for sampling (default 123)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate text with GPT-2 or a model trained in chapter 5.")
     p.add_argument("--model", default="gpt2",
@@ -214,10 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "folder or .safetensors file; or checkpoint.pth / model.pth from ch05.gpt_train")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add (default 50)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.7 samples")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample only from the nucleus of mass p (0 < p <= 1)")
-    p.add_argument("--seed", type=int, default=123, help="random seed for sampling (default 123)")
+    add_sampling_arguments(p)
     p.add_argument("--no-cache", action="store_true", help="recompute all tokens each step (no KV cache)")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
     p.add_argument("--n-heads", type=int, default=None,

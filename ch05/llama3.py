@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ch03.attention import MultiHeadAttention
 from ch04.gpt import GPTModel
 from ch05.checkpoint import check_state_dict
 
@@ -164,12 +165,9 @@ class GroupedQueryAttention(nn.Module):
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
-    def reset_cache(self) -> None:
-        self.cache_k, self.cache_v = None, None
-
-    @property
-    def cache_len(self) -> int:
-        return 0 if self.cache_k is None else self.cache_k.shape[2]
+    # The KV cache works as in chapter 3's MultiHeadAttention (cache_k/cache_v, grown by torch.cat).
+    reset_cache = MultiHeadAttention.reset_cache
+    cache_len = MultiHeadAttention.cache_len
 
     def normalize_qk(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Llama leaves queries and keys as they are; Qwen3 normalises them here."""

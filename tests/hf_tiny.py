@@ -77,6 +77,12 @@ def write_model_dir(path: Path, family: str, text: str, max_shard_size: str | No
     return model
 
 
+def model_dir_fixture(tmp_path_factory, family: str):
+    """(folder, transformers model) of a tiny `family` model, for a module-scoped fixture."""
+    path = tmp_path_factory.mktemp(family)
+    return path, write_model_dir(path, family, verdict())
+
+
 def verdict() -> str:
     from ch02.download import get_data_file
 

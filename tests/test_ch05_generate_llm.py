@@ -8,21 +8,19 @@ import torch
 
 from ch05 import generate_llm
 from ch05.generate_llm import generate_text, load_llm, main
-from hf_tiny import verdict, write_model_dir
+from hf_tiny import model_dir_fixture
 
 PROMPT = "I had always thought Jack Gisburn rather a cheap genius"
 
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3")
-    return path, write_model_dir(path, "qwen3", verdict())
+    return model_dir_fixture(tmp_path_factory, "qwen3")
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    return path, write_model_dir(path, "llama", verdict())
+    return model_dir_fixture(tmp_path_factory, "llama")
 
 
 def _hf_continuation(hf, ids, n):

@@ -24,14 +24,12 @@ from ch05.llama3 import (
     load_llama3,
     resolve_model_dir,
 )
-from hf_tiny import check_greedy_text, check_parity, verdict, write_model_dir
+from hf_tiny import check_greedy_text, check_parity, model_dir_fixture, verdict
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    hf = write_model_dir(path, "llama", verdict())
-    return path, hf
+    return model_dir_fixture(tmp_path_factory, "llama")
 
 
 def _prompt_ids(tokenizer, n=60):

@@ -8,19 +8,17 @@ import torch
 
 from ch05.llama3 import GroupedQueryAttention, Llama3Model, hf_to_ours
 from ch05.qwen3 import QWEN3_CONFIGS, MoEFeedForward, Qwen3Attention, Qwen3Model, Qwen3Tokenizer, load_qwen3
-from hf_tiny import check_greedy_text, check_parity, verdict, write_model_dir
+from hf_tiny import check_greedy_text, check_parity, model_dir_fixture, verdict
 
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3")
-    return path, write_model_dir(path, "qwen3", verdict())
+    return model_dir_fixture(tmp_path_factory, "qwen3")
 
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3_moe")
-    return path, write_model_dir(path, "qwen3_moe", verdict())
+    return model_dir_fixture(tmp_path_factory, "qwen3_moe")
 
 
 def _prompt_ids(tokenizer, n=50):
