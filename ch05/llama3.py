@@ -247,7 +247,8 @@ class Llama3Model(nn.Module):
         self.current_pos = 0  # how many tokens the KV cache already holds
 
     def init_rope(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the RoPE tables; after building on the meta device they are computed here for real."""
+        """(Re)compute the RoPE tables, on the CPU (or `device`) even inside `with torch.device("meta")`,
+        since they are computed, not loaded."""
         head_dim = self.cfg.get("head_dim") or self.cfg["emb_dim"] // self.cfg["n_heads"]
         with torch.device(device or "cpu"):
             cos, sin = compute_rope_params(head_dim, self.cfg["rope_base"], self.cfg["context_length"],
@@ -458,11 +459,10 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
 
 def build_and_load(model_cls: type[nn.Module], cfg: dict, model_dir: str | os.PathLike,
                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """Build `model_cls(cfg)` on the meta device (no memory), then give it the folder's weights."""
+    """Build `model_cls(cfg)` on the meta device (no memory for weights), then give it the folder's weights."""
     with torch.device("meta"):
         model = model_cls(cfg)
     load_hf_weights(model, model_dir, dtype=dtype)
-    model.init_rope()
     return model.to(device).eval()
 
 
