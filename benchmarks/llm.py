@@ -48,6 +48,12 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: a child started by fork + exec
+    inherits its parent's ru_maxrss (here the parent that built the model), but not its VmHWM."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -160,7 +166,7 @@ def summarize(results: dict, machine: dict, quick: bool, new_tokens: int) -> tup
     goals: list[tuple[str, bool]] = []
     gen = {(r["impl"], r["dtype"]): r for r in results["generate"]}
     names = {"ours": "ours (`generate`)", "ours-stream": "ours (`generate_stream`)", "hf": "transformers"}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if gen else ():
         hf = gen[("hf", dtype)]
         for impl, name in names.items():
             r = gen[(impl, dtype)]
@@ -192,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="processes per measurement (default 2; --quick: 1)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the model folders here and reuse them (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--only", choices=("generate", "load"), default=None, help="run one of the two sections")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
@@ -216,8 +223,9 @@ def main(argv=None) -> int:
                 for impl, dt, fdt in (("ours", "float32", "float32"), ("hf", "float32", "float32"),
                                       ("ours", "bfloat16", "bfloat16"), ("hf", "bfloat16", "bfloat16"),
                                       ("ours", "bfloat16", "float32"))]
-        results = {"generate": measure(gen, repeats, "tokens_per_s"),
-                   "load": measure(load, 1, "peak_rss_mib", better=min)}  # memory varies little between runs
+        results = {"generate": [] if args.only == "load" else measure(gen, repeats, "tokens_per_s"),
+                   # memory varies little between runs: one process each
+                   "load": [] if args.only == "generate" else measure(load, 1, "peak_rss_mib", better=min)}
     table, goals = summarize(results, machine, args.quick, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / "llm.json") as f:
