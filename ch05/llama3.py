@@ -384,13 +384,21 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
 
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(Path(model_dir)):
+        to_convert = []
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                ours = hf_to_ours(name)
-                if ours is None:
+                if hf_to_ours(name) is None:
                     continue
-                t = f.get_tensor(name)
-                state[ours] = t if dtype is None or t.dtype == dtype else t.to(dtype)
+                t = f.get_tensor(name)  # a view of the mapped file: nothing read yet
+                if dtype is None or t.dtype == dtype:
+                    state[hf_to_ours(name)] = t
+                else:
+                    to_convert.append(name)
+        # A dtype change: convert tensor by tensor, each from a mapping of its own that closes at
+        # once, so the file's pages do not all stay resident next to the converted copies.
+        for name in to_convert:
+            with safe_open(str(file), framework="pt") as f:
+                state[hf_to_ours(name)] = f.get_tensor(name).to(dtype)
     tied = model.cfg.get("tie_weights", False)
     if tied:
         if "out_head.weight" in state and "tok_emb.weight" in state:
