@@ -171,6 +171,16 @@ def train_main(argv: list[str] | None = None) -> int:
 
 # --- python -m ch05.gpt_generate -----------------------------------------------------------------------
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p and --seed, shared with `ch05.generate_llm`."""
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="0 = greedy (default); e.g. 0.7 samples")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=positive_float, default=None,
+                   help="sample only from the nucleus of mass p (0 < p <= 1)")
+    p.add_argument("--seed", type=int, default=123, help="random seed for sampling (default 123)")
+
+
 def generate_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m ch05.gpt_generate",
                description="Generate text with GPT-2 or a model trained in chapter 5.")
@@ -179,12 +189,7 @@ def generate_parser() -> argparse.ArgumentParser:
                         "folder or .safetensors file; or checkpoint.pth / model.pth from ch05.gpt_train")
     p.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=50, help="tokens to add (default 50)")
-    p.add_argument("--temperature", type=non_negative_float, default=0.0,
-                   help="0 = greedy (default); e.g. 0.7 samples")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=positive_float, default=None,
-                   help="sample only from the nucleus of mass p (0 < p <= 1)")
-    p.add_argument("--seed", type=int, default=123, help="random seed for sampling (default 123)")
+    add_sampling_arguments(p)
     p.add_argument("--no-cache", action="store_true", help="recompute all tokens each step (no KV cache)")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
     p.add_argument("--n-heads", type=positive_int, default=None,
