@@ -309,7 +309,7 @@ def train(
         if is_main:
             writes = f"; checkpoints go to {checkpoint_path}" if checkpoint_path else ""
             print(f"resumed from {resume_from} at epoch {start_epoch + 1}, step {global_step + 1} "
-                  f"(batch {skip_batches} of {steps_per_epoch}){writes}")
+                  f"({skip_batches} of the epoch's {steps_per_epoch} batches done){writes}")
 
     def checkpoint(epoch: int, batch_in_epoch: int, rng_epoch_start, loader_rng_epoch_start) -> Path | None:
         if not (checkpoint_path and is_main):
