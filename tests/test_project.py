@@ -7,6 +7,7 @@ versions in requirements.txt, pyproject.toml and setup/check_env.py must agree.
 
 import importlib
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -259,9 +260,49 @@ def test_check_env_missing_data_is_only_a_note(monkeypatch, tmp_path, capsys):
     empty.mkdir()
     monkeypatch.setenv("LLMFS_DATA_MIRROR", str(empty))
     monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
-    assert load_check_env().main([]) == 0
+    check_env = load_check_env()
+    monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: True)  # online; no real network
+    assert check_env.main([]) == 0
     assert capsys.readouterr().out.count("will download on first use") == 4
     assert not (tmp_path / "cache").exists()  # nothing was downloaded
+
+
+def test_check_env_says_plainly_when_offline_without_the_data(monkeypatch, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("LLMFS_DATA_MIRROR", str(empty))
+    monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
+    check_env = load_check_env()
+    asked = []
+    monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: asked.append(host) and False)
+    assert check_env.main([]) == 1
+    out = capsys.readouterr().out
+    assert "All required checks passed" not in out
+    assert re.search(r"offline: 4 files missing; .*LLMFS_DATA_MIRROR.*check_env\.py --download", out)
+    assert asked and all(isinstance(h, str) and h for h in asked)
+
+
+def test_cpu_requirements_point_pip_at_pytorchs_cpu_wheels():
+    lines = [line.strip() for line in read(REPO / "requirements-cpu.txt").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines == ["--extra-index-url https://download.pytorch.org/whl/cpu", "-r requirements.txt"]
+    for readme in READMES:
+        text = read(readme)
+        assert "pip install -r requirements-cpu.txt" in text and "6 GB" in text and "python3 -m venv" in text
+
+
+def test_license_is_an_spdx_string_with_a_setuptools_that_reads_it():
+    text = read(REPO / "pyproject.toml")
+    assert re.search(r'^license = "Apache-2\.0"$', text, re.M)
+    m = re.search(r'requires = \["setuptools>=(\d+)', text)
+    assert m and int(m.group(1)) >= 77  # PEP 639 license strings need setuptools 77
+
+
+def test_outputs_go_to_the_environments_folder_during_tests():
+    from ch02.runtime import outputs_dir
+
+    root = Path(os.environ["LLMFS_OUTPUT_DIR"])
+    assert outputs_dir("ch05") == root / "ch05" and REPO not in root.parents
 
 
 def test_check_env_fails_on_a_missing_package(monkeypatch, capsys):
