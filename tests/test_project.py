@@ -377,3 +377,12 @@ def test_check_env_download_failure_is_reported(monkeypatch, tmp_path, capsys):
     assert len(report.errors) == 4
     assert all("http://127.0.0.1:1/x" in e for e in report.errors)
     assert any("is not a folder" in w for w in report.warnings)
+
+
+def test_ci_also_runs_the_fast_suite_on_the_oldest_and_newest_python():
+    ci = read(REPO / ".ci" / "run")
+    assert re.search(r'-m pytest -q -m "not notebook"', ci)
+    assert "SUPPORTED_MIN=10" in ci and "SUPPORTED_MAX=13" in ci and "CI_EXTRA_TIMEOUT" in ci
+    assert 'requires-python = ">=3.10"' in read(REPO / "pyproject.toml")
+    result = run(["bash", "-n", str(REPO / ".ci" / "run")])
+    assert result.returncode == 0, result.stderr
