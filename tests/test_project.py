@@ -255,23 +255,25 @@ def test_check_env_passes_here():
     assert "All required checks passed." in out
 
 
-def test_check_env_missing_data_is_only_a_note(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def no_data(monkeypatch, tmp_path):
+    """An empty data mirror and an empty cache folder (returned; not created)."""
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("LLMFS_DATA_MIRROR", str(empty))
     monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_check_env_missing_data_is_only_a_note(monkeypatch, no_data, capsys):
     check_env = load_check_env()
     monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: True)  # online; no real network
     assert check_env.main([]) == 0
     assert capsys.readouterr().out.count("will download on first use") == 4
-    assert not (tmp_path / "cache").exists()  # nothing was downloaded
+    assert not no_data.exists()  # nothing was downloaded
 
 
-def test_check_env_says_plainly_when_offline_without_the_data(monkeypatch, tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    monkeypatch.setenv("LLMFS_DATA_MIRROR", str(empty))
-    monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
+def test_check_env_says_plainly_when_offline_without_the_data(monkeypatch, no_data, capsys):
     check_env = load_check_env()
     asked = []
     monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: asked.append(host) and False)
