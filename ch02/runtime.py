@@ -35,8 +35,13 @@ def outputs_dir(chapter: str) -> Path:
     if override:
         return Path(override).expanduser() / chapter
     checkout = Path(__file__).resolve().parents[1]
-    root = checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
-    return root / "outputs" / chapter
+    if not (checkout / "pyproject.toml").is_file():  # installed, not a checkout
+        return Path("outputs") / chapter
+    folder = checkout / "outputs" / chapter
+    cwd = Path.cwd().resolve()
+    if cwd == checkout or checkout in cwd.parents:  # short and readable: outputs/ch05, ../outputs/ch06
+        return Path(os.path.relpath(folder, cwd))
+    return folder
 
 
 class DeviceUnavailableError(RuntimeError):

@@ -94,8 +94,8 @@ def add_common_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     p.add_argument("--eval-iter", type=positive_int, help="batches per evaluation")
     p.add_argument("--seed", type=int, help="random seed (default 123)")
     p.add_argument("--output-dir", default=output_dir,
-                   help=f"where the outputs go (default {output_dir}: outputs/<chapter> in the repository, or "
-                        "under $LLMFS_OUTPUT_DIR)")
+                   help=f"where the outputs go (default {output_dir}: outputs/<chapter> at the repository "
+                        "root, or under $LLMFS_OUTPUT_DIR)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a trained model already in --output-dir (without it such a folder is refused)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")

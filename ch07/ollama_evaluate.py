@@ -13,8 +13,11 @@ Talks to Ollama's REST API with `requests`: GET /api/version and /api/tags to
 check the server and the model, POST /api/chat (stream false) with fixed options
 (seed 123, temperature 0, num_ctx 2048) so scores are repeatable. Judges
 sometimes answer with a sentence instead of a number: `parse_score` reads
-"85", "Score: 92/100" or "I'd give it 85 out of 100"; a reply it cannot read
-triggers one retry with a stricter prompt and is otherwise counted as unparsed.
+"85", "Score: 92/100" or "I'd give it 85 out of 100", and converts a score on a
+5- or 10-point scale ("8.5/10" -> 85, "4.5 out of 5" -> 90); a reply it cannot
+read triggers one retry with a stricter prompt and is otherwise counted as unparsed.
+Each score is appended to a JSONL file as it arrives (`--scores`, by default beside
+the responses file), so a run stopped part-way continues where it stopped.
 """
 
 from __future__ import annotations

@@ -388,3 +388,20 @@ def test_ci_also_runs_the_fast_suite_on_the_oldest_and_newest_python():
     assert 'requires-python = ">=3.10"' in read(REPO / "pyproject.toml")
     result = run(["bash", "-n", str(REPO / ".ci" / "run")])
     assert result.returncode == 0, result.stderr
+
+
+def test_check_env_recommends_the_cpu_build_without_a_gpu(monkeypatch, capsys):
+    import torch
+
+    check_env = load_check_env()
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(check_env.platform, "system", lambda: "Linux")
+    monkeypatch.delenv("LLMFS_DEVICE", raising=False)
+    report = check_env.Report()
+    check_env.check_device(report)
+    assert any("pip install -r requirements-cpu.txt" in note and "6 GB" in note for note in report.notes)
+    monkeypatch.setattr(torch.version, "cuda", None)  # the CPU build: nothing to recommend
+    report = check_env.Report()
+    check_env.check_device(report)
+    assert not any("requirements-cpu.txt" in note for note in report.notes)
