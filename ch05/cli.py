@@ -163,18 +163,20 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, model_pat
     `overwrite`, or unless the run resumes a checkpoint from that same folder.
     """
     folder = Path(path)
+    probe = folder / f".write-probe.{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe.{os.getpid()}"
         with open(probe, "wb") as f:
             f.write(b"probe")
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise PermissionError(f"{option} {folder} cannot be written ({reason}); nothing was trained. "
+        raise PermissionError(f"{option} {folder} cannot be written ({reason}); nothing was started. "
                               f"Choose a folder you can write to with {option}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
     removed = remove_stale_temporary_files(folder)
     if removed:
         print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted write", file=sys.stderr)
