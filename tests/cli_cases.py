@@ -173,18 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="cases run at once (default 2)")
     args = p.parse_args(argv)
     cases = [c for c in CASES if args.k in c[1]]
+    failed = 0
     with tempfile.TemporaryDirectory(prefix="cli-cases-") as tmp:
         folder = Path(tmp)
         files = make_fixtures(folder)
         env = case_env(folder)
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda c: run_subprocess(c[0], fill(c[2], files), env), cases))
-    failed = 0
-    for (module, name, _), (rc, stderr, seconds) in zip(cases, results):
-        wrong = problems(rc, stderr)
-        failed += bool(wrong)
-        first = stderr.strip().splitlines()[0][:90] if stderr.strip() else ""
-        print(f"{'FAIL' if wrong else 'ok  '} {seconds:5.1f}s  {name}\n      {'; '.join(wrong) or first}")
+            results = pool.map(lambda c: run_subprocess(c[0], fill(c[2], files), env), cases)
+            for (module, name, _), (rc, stderr, seconds) in zip(cases, results):  # in order, as they finish
+                wrong = problems(rc, stderr)
+                failed += bool(wrong)
+                first = stderr.strip().splitlines()[0][:90] if stderr.strip() else ""
+                print(f"{'FAIL' if wrong else 'ok  '} {seconds:5.1f}s  {name}\n      {'; '.join(wrong) or first}",
+                      flush=True)
     print(f"\n{len(cases) - failed} of {len(cases)} cases exit 2 with one error line and no traceback")
     return 1 if failed else 0
 
