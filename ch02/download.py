@@ -112,8 +112,10 @@ def _download(spec: DataFile, target: Path) -> None:
     download_name = target.name + (".zip" if spec.archive_member else "")
     try:
         # pooch writes to a temporary file and moves it into place only after the hash matched.
+        # A bounded wait: 10 s to connect, 30 s without data, instead of an unresponsive server's minutes.
+        downloader = pooch.HTTPDownloader(progressbar=True, timeout=(10, 30))
         fetched = Path(pooch.retrieve(spec.url, known_hash=known_hash, fname=download_name,
-                                      path=target.parent, progressbar=True))
+                                      path=target.parent, downloader=downloader))
     except Exception as exc:
         # pooch signals a hash mismatch with a plain ValueError (it has already deleted the
         # bad download). Some requests errors (InvalidURL, MissingSchema) are ValueErrors
@@ -143,9 +145,12 @@ def _download(spec: DataFile, target: Path) -> None:
 
 
 def _unavailable_message(spec: DataFile, target: Path, exc: BaseException | None) -> str:
-    reason = f" ({type(exc).__name__}: {exc})" if exc else ""
+    reason = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})" if exc else ""
+    mirror = os.environ.get(MIRROR_ENV)
+    where = ("the data mirror or the cache" if not mirror or Path(mirror).expanduser().is_dir()
+             else f"the cache, and the data mirror {MIRROR_ENV}={mirror} is not a folder")
     return (
-        f"Could not get {spec.name!r}: it is not in the data mirror or the cache, and downloading "
+        f"Could not get {spec.name!r}: it is not in {where}, and downloading "
         f"{spec.url} failed{reason}.\n"
         f"What to do:\n"
         f"  * download it by other means and put it at {target}, or\n"

@@ -10,12 +10,38 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 QUICK_ENV = "LLMFS_QUICK"
 DEVICE_ENV = "LLMFS_DEVICE"
+
+
+OUTPUT_ENV = "LLMFS_OUTPUT_DIR"
+
+
+def outputs_dir(chapter: str) -> Path:
+    """Where a chapter's scripts and notebooks write what they produce: `<root>/outputs/<chapter>`.
+
+    One convention for both: the root is the repository's checkout (found from this package's
+    location, so a notebook run from `ch06/` and `python -m ch06.gpt_class_finetune` run from
+    the repository root write to the same `outputs/ch06/`), or the current folder when the
+    package is installed elsewhere. `$LLMFS_OUTPUT_DIR` replaces `<root>/outputs` (the tests
+    point it at a temporary folder, so they never write into the checkout).
+    """
+    override = os.environ.get(OUTPUT_ENV, "").strip()
+    if override:
+        return Path(override).expanduser() / chapter
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "pyproject.toml").is_file():  # installed, not a checkout
+        return Path("outputs") / chapter
+    folder = checkout / "outputs" / chapter
+    cwd = Path.cwd().resolve()
+    if cwd == checkout or checkout in cwd.parents:  # short and readable: outputs/ch05, ../outputs/ch06
+        return Path(os.path.relpath(folder, cwd))
+    return folder
 
 
 class DeviceUnavailableError(RuntimeError):

@@ -50,23 +50,60 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
 
 
 def load_state_file(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The tensors (and plain values) of a .pth or .safetensors file, never unpickling arbitrary objects.
+
+    A file that is missing, empty, truncated or not a PyTorch/safetensors file raises
+    CheckpointFileError (a ValueError) naming the file, instead of the loader's own error.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if not path.is_file():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointFileError(f"{path} is empty (0 bytes): not a checkpoint; was its writer killed?")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device=str(map_location))
+        try:
+            return load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointFileError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
     try:
         # weights_only=True: only tensors, numbers, strings and containers of them are rebuilt;
         # a file that needs arbitrary Python objects (which could run code) is refused.
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(
-            f"{path} holds more than tensors and plain Python values, so it was not loaded "
-            f"(torch.load(..., weights_only=True) refuses arbitrary objects): {exc}"
-        ) from exc
+        if is_torch_file(path):
+            raise pickle.UnpicklingError(
+                f"{path} holds more than tensors and plain Python values, so it was not loaded "
+                f"(torch.load(..., weights_only=True) refuses arbitrary objects): {_first_line(exc)}"
+            ) from None
+        raise CheckpointFileError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except (EOFError, RuntimeError, KeyError, IndexError, ValueError, OSError, TypeError,
+            AttributeError, ImportError) as exc:
+        kind = "a truncated or damaged PyTorch file" if is_torch_file(path) else "not a PyTorch checkpoint"
+        raise CheckpointFileError(f"{path} is {kind} ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointFileError(f"{path} holds a {type(data).__name__}, not a dict of tensors (a state dict)")
     return _drop_book_masks(data, path)
+
+
+class CheckpointFileError(ValueError):
+    """A file given as a checkpoint is empty, damaged or of another kind."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def is_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive; the legacy format starts with a pickle protocol byte."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 _BOOK_MASK = re.compile(r"^trf_blocks\.\d+\.att\.mask$")
@@ -127,10 +164,13 @@ def saved_config(path: str | os.PathLike) -> dict | None:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointFileError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
         if "config" in meta:
             return json.loads(meta["config"])
     elif path.is_file():
@@ -144,7 +184,10 @@ def sidecar_config(path: str | os.PathLike) -> dict | None:
     """Our GPT config from `config.json` beside `path`, or None (also for a Hugging Face config.json)."""
     sidecar = Path(path).parent / "config.json"
     if sidecar.is_file():
-        cfg = json.loads(sidecar.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointFileError(f"{sidecar} (the model's config) is not valid JSON ({exc})") from None
         if isinstance(cfg, dict) and "emb_dim" in cfg:  # ours, not Hugging Face's (n_embd, ...)
             return cfg
     return None

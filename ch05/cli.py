@@ -14,24 +14,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import pickle
 import shlex
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from ch02.atomic import remove_stale_temporary_files
 from ch02.download import DataUnavailableError
-from ch02.runtime import DeviceUnavailableError
-from ch05.checkpoint import CheckpointMismatchError
+from ch02.runtime import DeviceUnavailableError, outputs_dir
+from ch05.checkpoint import CheckpointFileError, CheckpointMismatchError, is_torch_file
 from ch05.gpt_download import PretrainedWeightsUnavailable
 from ch05.onednn_linear import onednn_linear
 from ch05.trainer import TrainingInterrupted
 
 # Exceptions that mean "the user asked for something that cannot be done": one line, exit 2.
-USER_ERRORS = (PretrainedWeightsUnavailable, DeviceUnavailableError, CheckpointMismatchError, DataUnavailableError, FileNotFoundError,
-               NotADirectoryError, PermissionError, IsADirectoryError, ValueError, pickle.UnpicklingError)
+USER_ERRORS = (PretrainedWeightsUnavailable, DeviceUnavailableError, CheckpointMismatchError, DataUnavailableError,
+               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError, ValueError,
+               pickle.UnpicklingError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,6 +73,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def device_name(text: str) -> str:
+    """A device PyTorch knows and this machine has (cpu, cuda, cuda:1, mps), checked when parsed."""
+    from ch02.runtime import get_device
+
+    try:
+        get_device(text)
+    except (DeviceUnavailableError, RuntimeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(one_line(exc)) from None
+    return text
+
+
 def add_common_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     """Options every training script has (defaults None: the script's settings decide)."""
     p.add_argument("--epochs", type=positive_int, help="number of epochs")
@@ -78,8 +93,12 @@ def add_common_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     p.add_argument("--eval-freq", type=positive_int, help="evaluate the loss every N steps")
     p.add_argument("--eval-iter", type=positive_int, help="batches per evaluation")
     p.add_argument("--seed", type=int, help="random seed (default 123)")
-    p.add_argument("--output-dir", default=output_dir, help=f"where the outputs go (default {output_dir})")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--output-dir", default=output_dir,
+                   help=f"where the outputs go (default {output_dir}: outputs/<chapter> at the repository "
+                        "root, or under $LLMFS_OUTPUT_DIR)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a trained model already in --output-dir (without it such a folder is refused)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--onednn", action="store_true",
                    help="x86 CPUs, float32: compute linear layers with oneDNN instead of PyTorch's default "
@@ -94,9 +113,18 @@ def common_overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, onednn: bool = False) -> int:
-    """Call `main()`; return the exit code. User mistakes print `error: ...` (exit 2); Ctrl-C or
-    SIGTERM during training print how to resume (exit 130 / 143)."""
+def one_line(exc: BaseException | str) -> str:
+    """A message on one line: an error's advice lines joined with '; '."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, onednn: bool = False,
+        other_errors: dict[type[BaseException], int] | None = None) -> int:
+    """Call `main()`; return the exit code. User mistakes print `error: ...` on one line (exit 2);
+    Ctrl-C or SIGTERM during training print how to resume (exit 130 / 143). `other_errors` maps
+    more exception types to their exit code (e.g. a server that does not answer: 1); anything
+    else keeps its traceback."""
     try:
         with onednn_linear(onednn) if onednn else contextlib.nullcontext():
             main()
@@ -107,13 +135,86 @@ def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, on
             if "--resume" in args:  # resuming again: replace the old --resume value
                 i = args.index("--resume")
                 del args[i:i + 2]
+            args = [a for a in args if not a.startswith("--resume=")]
             command = " ".join(shlex.quote(a) for a in [*args, "--resume", str(exc.checkpoint)])
             print(f"resume with: python -m {_module_name()} {command}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # outside training (loading, answering): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except tuple(other_errors or ()) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return next(code for kind, code in other_errors.items() if isinstance(exc, kind))
     return 0
+
+
+# --- Checks before the work starts ------------------------------------------------------------------
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, model_patterns: tuple[str, ...] = (),
+                     resume: str | os.PathLike | None = None, option: str = "--output-dir") -> Path:
+    """Make sure the run can write its results, before it spends any time on training.
+
+    Creates the folder, writes and removes a probe file (PermissionError with the folder's
+    name otherwise), removes temporary files left by a killed earlier write, and refuses a
+    folder that already holds a finished model (a file matching `model_patterns`) unless
+    `overwrite`, or unless the run resumes a checkpoint from that same folder.
+    """
+    folder = Path(path)
+    probe = folder / f".write-probe.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise PermissionError(f"{option} {folder} cannot be written ({reason}); nothing was started. "
+                              f"Choose a folder you can write to with {option}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    removed = remove_stale_temporary_files(folder)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted write", file=sys.stderr)
+    resuming_here = resume is not None and Path(resume).resolve().parent == folder.resolve()
+    finished = sorted({p.name for pattern in model_patterns for p in folder.glob(pattern)})
+    if finished and not overwrite and not resuming_here:
+        raise FileExistsError(f"{option} {folder} already holds a trained model ({', '.join(finished)}); "
+                              f"pass --overwrite to replace it, or choose another {option}")
+    return folder
+
+
+def check_input_file(path: str | os.PathLike | None, option: str) -> Path | None:
+    """A model or checkpoint file given on the command line exists and is of a kind we read.
+
+    Cheap (reads a few bytes, or a .safetensors header): the full load comes later and names the
+    file too if the rest is damaged.
+    """
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{option} {file} does not exist")
+    if file.is_dir():
+        raise IsADirectoryError(f"{option} {file} is a folder; give the checkpoint file inside it")
+    if file.stat().st_size == 0:
+        raise CheckpointFileError(f"{option} {file} is empty (0 bytes): not a checkpoint")
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointFileError(f"{option} {file} is not a readable .safetensors file ({exc})") from None
+    elif not is_torch_file(file):
+        raise CheckpointFileError(f"{option} {file} is not a PyTorch checkpoint (torch.save writes a zip "
+                                  "archive); give the checkpoint.pth or model.pth a run wrote")
+    return file
 
 
 def _module_name() -> str:
@@ -128,7 +229,7 @@ def train_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m ch05.gpt_train",
                description="Pretrain the chapter-5 GPT model on the-verdict and sample text.")
     p.add_argument("--quick", action="store_true", help="small model and few epochs (about a minute on a CPU)")
-    add_common_args(p, "outputs/ch05")
+    add_common_args(p, str(outputs_dir("ch05")))
     p.add_argument("--context-length", type=positive_int, help="context length (default 256; quick: 64)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
@@ -162,6 +263,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
     def main():
         cfg, settings = train_settings(args)
+        check_output_dir(args.output_dir, args.overwrite, ("model.pth",), resume=args.resume)
+        check_input_file(args.resume, "--resume")
         pretrain(cfg, settings, args.output_dir, device=args.device, resume=args.resume,
                  checkpoint_every=args.checkpoint_every, dtype=args.dtype, max_steps=args.max_steps,
                  progress=not args.no_progress, keep_freed_memory=not args.release_freed_memory)
@@ -194,7 +297,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
     p.add_argument("--n-heads", type=positive_int, default=None,
                    help="attention heads, for a weights-only file without config (normally inferred)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--onednn", action="store_true",
                    help="x86 CPUs, float32: compute linear layers with oneDNN (see benchmarks/README.md)")
     return p
@@ -211,8 +314,10 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     def main():
         _check_sampling_args(args.temperature, args.top_k, args.top_p)
-        if not args.prompt:
+        if not args.prompt.strip():
             raise ValueError("--prompt is empty: give some text to continue")
+        if Path(args.model).is_file():  # a missing file gets the loader's message (it lists the other forms)
+            check_input_file(args.model, "--model")
         device = get_device(args.device)
         with warnings.catch_warnings():
             warnings.simplefilter("always")

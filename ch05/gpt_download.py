@@ -32,7 +32,6 @@ OpenAI's settings and nested params (from the same safetensors files), which
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -104,18 +103,42 @@ def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
 
 
+# The longest a download waits for an endpoint to answer at all before using the local cache or
+# giving up (huggingface_hub's own retries on an endpoint that accepts connections but never
+# answers can take minutes).
+ENDPOINT_WAIT_S = 20.0
+
+
 def _endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """A quick TCP check, so that a machine without network fails in seconds instead of
-    half a minute of HTTP retries. Behind a proxy the direct check means nothing: assume yes."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return True
+    """Does `endpoint` answer HTTP within ENDPOINT_WAIT_S seconds in all (DNS, connection and reply)?
+
+    A quick TCP check first, so that a machine without network fails in seconds; then one HEAD
+    request, in a thread so that even a hanging DNS lookup cannot stretch the wait. Behind a
+    proxy the direct TCP check means nothing and is skipped.
+    """
     url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                      timeout=timeout):
-            return True
-    except OSError:
-        return False
+    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        try:
+            with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                          timeout=timeout):
+                pass
+        except (OSError, ValueError):
+            return False
+    import threading
+
+    import requests
+
+    answered = threading.Event()
+
+    def probe():
+        try:
+            requests.head(endpoint, timeout=(min(timeout, ENDPOINT_WAIT_S), ENDPOINT_WAIT_S), allow_redirects=False)
+            answered.set()
+        except requests.RequestException:
+            pass
+
+    threading.Thread(target=probe, daemon=True).start()
+    return answered.wait(ENDPOINT_WAIT_S)
 
 
 def download_gpt2_safetensors(model_name: str = "gpt2", cache_dir: str | os.PathLike | None = None) -> Path:
@@ -142,7 +165,8 @@ def download_gpt2_safetensors(model_name: str = "gpt2", cache_dir: str | os.Path
         if offline:
             cause = "HF_HUB_OFFLINE=1 is set and they are not in the local Hugging Face cache"
         elif local_only:
-            cause = f"{endpoint} cannot be reached and they are not in the local Hugging Face cache"
+            cause = (f"{endpoint} (HF_ENDPOINT) cannot be reached or did not answer within {ENDPOINT_WAIT_S:.0f} s, "
+                     "and they are not in the local Hugging Face cache")
         else:
             cause = f"downloading {repo_id}/{WEIGHTS_FILE} from {endpoint} failed ({type(exc).__name__}: {exc})"
         raise PretrainedWeightsUnavailable(_unavailable_message(f"{name!r} ({repo_id})", cause)) from exc
@@ -417,18 +441,30 @@ def assign(left: torch.Tensor, right) -> nn.Parameter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Download GPT-2 weights (safetensors) into the Hugging Face cache.")
+    """`python -m ch05.gpt_download [models] [--cache-dir DIR]`; returns the exit code."""
+    from ch05.cli import Parser, run
+
+    parser = Parser(prog="python -m ch05.gpt_download",
+                    description="Download GPT-2 weights (safetensors) into the Hugging Face cache.")
     parser.add_argument("models", nargs="*", default=["gpt2"],
                         help=f"any of {', '.join(GPT2_MODEL_NAMES)} or 124M/355M/774M/1558M (default: gpt2)")
     parser.add_argument("--cache-dir", default=None, help="instead of the default Hugging Face cache")
     args = parser.parse_args(argv)
-    for name in args.models:
+    for name in args.models:  # every name is checked before anything is downloaded
         try:
-            print(download_gpt2_safetensors(name, cache_dir=args.cache_dir))
-        except (PretrainedWeightsUnavailable, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return 0
+            canonical_model_name(name)
+        except ValueError as exc:
+            parser.error(f"argument models: {exc}")
+    if args.cache_dir is not None:
+        from ch05.cli import check_output_dir
+
+        return run(lambda: check_output_dir(args.cache_dir, option="--cache-dir") and _download_all(args), argv)
+    return run(lambda: _download_all(args), argv)
+
+
+def _download_all(args) -> None:
+    for name in args.models:
+        print(download_gpt2_safetensors(name, cache_dir=args.cache_dir))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ from ch02.download import get_data_file
 from ch02.runtime import DeviceUnavailableError, get_device, reuse_freed_memory, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPTModel
-from ch05.checkpoint import CheckpointMismatchError, load_checkpoint, save_checkpoint, save_model
+from ch05.checkpoint import (
+    CheckpointMismatchError,
+    check_state_dict,
+    load_state_file,
+    save_checkpoint,
+    save_model,
+)
 from ch05.distributed import DistInfo, cleanup, init_distributed, launched_by_torchrun, shard_loader
 from ch05.gpt_generate import generate
 from ch05.gpt_train import (
@@ -168,6 +174,43 @@ def _deferred_signals(signals=(signal.SIGINT, signal.SIGTERM)):
             signal.signal(s, h)
 
 
+# --- Resuming ----------------------------------------------------------------------------------------
+
+def _plain(settings: dict | None) -> dict | None:
+    """The settings values torch.load(weights_only=True) can read back (numbers, strings, None, lists)."""
+    if settings is None:
+        return None
+    ok = (int, float, str, bool, type(None))
+    return {k: v for k, v in settings.items() if isinstance(v, ok) or
+            (isinstance(v, (list, tuple)) and all(isinstance(x, ok) for x in v))}
+
+
+# Settings a resumed run may change: more epochs, and how much it prints.
+RESUMABLE_CHANGES = ("num_epochs", "num_threads", "max_new_tokens", "num_test", "sample_tokens")
+
+
+def check_resume_settings(state: dict, path: str | Path, cfg: dict | None, settings: dict | None) -> None:
+    """Refuse to resume the checkpoint `state` (read from `path`) with another model config or other
+    training settings, naming what differs. One written before settings were stored is checked by its config.
+    """
+    if "model_state_dict" not in state:
+        raise CheckpointMismatchError(f"{path} is not a training checkpoint (it holds weights only); resume needs "
+                                      "the checkpoint.pth a run writes")
+    differ = []
+    saved_cfg = state.get("config")
+    if isinstance(saved_cfg, dict) and cfg is not None:
+        differ += [f"model {k}: checkpoint {saved_cfg.get(k)!r}, now {cfg.get(k)!r}"
+                   for k in sorted(set(saved_cfg) | set(cfg)) if saved_cfg.get(k) != cfg.get(k)]
+    saved = state.get("run_settings")
+    if isinstance(saved, dict) and settings is not None:
+        now = _plain(settings)
+        differ += [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+                   for k in sorted(set(saved) | set(now)) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)]
+    if differ:
+        raise CheckpointMismatchError(f"cannot resume {path}: it was written with other settings ("
+                                      + "; ".join(differ) + "); resume with the options of the interrupted run")
+
+
 # --- The loop ------------------------------------------------------------------------------------------
 
 def print_sample(model: nn.Module, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
@@ -200,6 +243,7 @@ def train(
     progress: bool = True,
     desc: str = "training",
     final_checkpoint: bool = True,
+    run_settings: dict | None = None,
 ) -> dict:
     """The book's loop with the extras of this module; returns the history and counters.
 
@@ -210,7 +254,9 @@ def train(
     "train_losses", "val_losses", "tokens_seen" (one entry per evaluation), a list per key
     that epoch_end_fn returned, and the totals "tokens", "examples", "global_step".
     `final_checkpoint=False` writes no checkpoint at the end (fine-tuning saves its model instead;
-    a checkpoint with optimizer state is three times the weights' size).
+    a checkpoint with optimizer state is three times the weights' size). `run_settings` (the
+    run's settings dict) is stored in checkpoints; resuming with different values (other than
+    num_epochs) raises CheckpointMismatchError naming them.
     """
     if len(train_loader) == 0:
         raise ValueError("the training loader has no batches: the text is too short for this batch size and "
@@ -233,7 +279,13 @@ def train(
     if resume_from is not None:
         # Load to the CPU: RNG states must stay CPU tensors; weights and optimizer state are
         # copied onto the model's device by load_state_dict.
-        state = load_checkpoint(resume_from, core, optimizer, map_location="cpu")
+        state = load_state_file(resume_from, map_location="cpu")
+        check_resume_settings(state, resume_from, getattr(core, "cfg", None), run_settings)
+        check_state_dict(core, state["model_state_dict"], source=str(resume_from))
+        core.load_state_dict(state["model_state_dict"])
+        if "optimizer_state_dict" not in state:
+            raise CheckpointMismatchError(f"{resume_from} has no optimizer state to resume from")
+        optimizer.load_state_dict(state["optimizer_state_dict"])
         saved_steps = state.get("steps_per_epoch")
         if saved_steps is not None and saved_steps != steps_per_epoch:
             raise CheckpointMismatchError(
@@ -254,6 +306,10 @@ def train(
         if gen is not None and state.get("loader_rng_epoch_start") is not None:
             gen.set_state(state["loader_rng_epoch_start"].cpu())
         _set_device_rng_state(device, state.get("device_rng_state"))
+        if is_main:
+            writes = f"; checkpoints go to {checkpoint_path}" if checkpoint_path else ""
+            print(f"resumed from {resume_from} at epoch {start_epoch + 1}, step {global_step + 1} "
+                  f"({skip_batches} of the epoch's {steps_per_epoch} batches done){writes}")
 
     def checkpoint(epoch: int, batch_in_epoch: int, rng_epoch_start, loader_rng_epoch_start) -> Path | None:
         if not (checkpoint_path and is_main):
@@ -267,6 +323,7 @@ def train(
             # Evaluations iterate the (shuffled) training loader too, moving its generator on.
             loader_rng_state=gen.get_state() if gen is not None else None,
             device_rng_state=_device_rng_state(device), config=getattr(core, "cfg", None),
+            run_settings=_plain(run_settings),
         )
 
     bar = tqdm(total=num_epochs * steps_per_epoch, initial=global_step + 1, disable=not (progress and is_main),
@@ -393,7 +450,8 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     result = train(model, train_loader, val_loader, optimizer, device, num_epochs=settings["num_epochs"],
                    eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"], epoch_end_fn=sample,
                    checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
-                   resume_from=resume, max_steps=max_steps, autocast_dtype=autocast_dtype, progress=progress)
+                   resume_from=resume, max_steps=max_steps, autocast_dtype=autocast_dtype, progress=progress,
+                   run_settings=settings)
     elapsed = time.perf_counter() - start
     model = getattr(model, "module", model)
     train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
@@ -416,5 +474,6 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         plt.close(fig)  # saved to loss.png; don't keep (or, in a notebook, display) the figure
         print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}, "
               f"perplexity {math.exp(val_losses[-1]):.1f}; {elapsed / 60:.1f} min")
-    print(f"wrote {output_dir / 'model.pth'}, config.json, checkpoint.pth and loss.png in {output_dir}")
+    beside = "config.json, checkpoint.pth" + (" and loss.png" if train_losses else "")
+    print(f"wrote {output_dir / 'model.pth'}, {beside} in {output_dir.resolve()}")
     return out

@@ -21,7 +21,15 @@ import torch
 from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
-from ch05.cli import Parser, add_common_args, common_overrides, positive_int, run
+from ch05.cli import (
+    Parser,
+    add_common_args,
+    check_input_file,
+    check_output_dir,
+    common_overrides,
+    positive_int,
+    run,
+)
 from ch05.trainer import make_optimizer, train
 from ch06.finetuning import add_model_source_args, cpu_threads, load_init_checkpoint, load_pretrained
 from ch06.gpt_class_finetune import (
@@ -129,7 +137,7 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
                    evaluate_fn=lambda m: evaluate_model(m, train_loader, val_loader, device, eval_iter),
                    epoch_end_fn=accuracies_after_epoch, checkpoint_path=output_dir / "checkpoint.pth",
                    checkpoint_every=checkpoint_every, resume_from=resume, final_checkpoint=False,
-                   progress=progress, desc="fine-tuning")
+                   progress=progress, desc="fine-tuning", run_settings={**settings, "max_length": max_length})
     seconds = time.perf_counter() - start
     train_losses, val_losses = result["train_losses"], result["val_losses"]
     train_accs, val_accs, examples_seen = result.get("train_accs", []), result.get("val_accs", []), result["examples"]
@@ -183,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m ch06.gpt_class_finetune [options]`; returns the exit code."""
     args = parser().parse_args(argv)
     mode, settings = settings_from_args(args)
-    return run(lambda: finetune(settings, args.output_dir, mode=mode, model_name=args.model,
-                                init_checkpoint=args.init_checkpoint, n_heads=args.n_heads, device=args.device,
-                                progress=not args.no_progress, resume=args.resume,
-                                checkpoint_every=args.checkpoint_every),
-               argv, onednn=args.onednn)
+
+    def main_run():
+        check_output_dir(args.output_dir, args.overwrite, (MODEL_FILE,), resume=args.resume)
+        check_input_file(args.init_checkpoint, "--init-checkpoint")
+        check_input_file(args.resume, "--resume")
+        finetune(settings, args.output_dir, mode=mode, model_name=args.model, init_checkpoint=args.init_checkpoint,
+                 n_heads=args.n_heads, device=args.device, progress=not args.no_progress, resume=args.resume,
+                 checkpoint_every=args.checkpoint_every)
+
+    return run(main_run, argv, onednn=args.onednn)
 
 
 if __name__ == "__main__":

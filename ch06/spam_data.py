@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ch02.atomic import atomic_write
 from ch02.download import get_data_file
+from ch02.runtime import outputs_dir
 
 SPAM_FILE = "SMSSpamCollection"
 LABEL_MAP = {"ham": 0, "spam": 1}          # text label in the raw file -> class index
 PAD_TOKEN_ID = 50256                       # GPT-2's <|endoftext|>, used as the padding token
 SPLIT_NAMES = ("train", "validation", "test")
-DEFAULT_OUTPUT_DIR = "outputs/ch06"
+DEFAULT_OUTPUT_DIR = outputs_dir("ch06")  # outputs/ch06 in the checkout (see ch02.runtime.outputs_dir)
 
 
 # --- 6.2 Preparing the dataset --------------------------------------------------------------------

@@ -19,11 +19,20 @@ from pathlib import Path
 
 import torch
 
-from ch02.runtime import eval_mode, get_device, set_seed
+from ch02.runtime import eval_mode, get_device, outputs_dir, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
 from ch04.gpt import QUICK_CONFIG as CH05_QUICK_CONFIG
-from ch05.cli import Parser, add_common_args, common_overrides, non_negative_int, positive_int, run
+from ch05.cli import (
+    Parser,
+    add_common_args,
+    check_input_file,
+    check_output_dir,
+    common_overrides,
+    non_negative_int,
+    positive_int,
+    run,
+)
 from ch05.gpt_train import calc_loss_loader, plot_losses
 from ch05.trainer import make_optimizer, print_sample, train
 from ch06.finetuning import add_model_source_args, load_init_checkpoint, load_pretrained
@@ -68,7 +77,7 @@ def scratch_config(model_name: str = "gpt2-medium") -> dict:
             "drop_rate": 0.0}
 
 
-def finetune(settings: dict, output_dir: str | os.PathLike = "outputs/ch07", *, model_name: str = "gpt2-medium",
+def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, model_name: str = "gpt2-medium",
              quick: bool = False, from_scratch: bool = False, init_checkpoint: str | None = None,
              cfg: dict | None = None, mask_instructions: bool = False, device=None, data: list[dict] | None = None,
              progress: bool = True, resume: str | os.PathLike | None = None,
@@ -81,7 +90,7 @@ def finetune(settings: dict, output_dir: str | os.PathLike = "outputs/ch07", *, 
     A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
     """
     device = torch.device(device) if device is not None else get_device()
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch07")
     style = settings.get("style", "alpaca")
     set_seed(settings["seed"])
     tokenizer = get_gpt2_tokenizer()
@@ -132,7 +141,8 @@ def finetune(settings: dict, output_dir: str | os.PathLike = "outputs/ch07", *, 
     result = train(model, train_loader, val_loader, optimizer, device, settings["num_epochs"],
                    settings["eval_freq"], settings["eval_iter"], epoch_end_fn=sample,
                    checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
-                   resume_from=resume, final_checkpoint=False, progress=progress, desc="fine-tuning")
+                   resume_from=resume, final_checkpoint=False, progress=progress, desc="fine-tuning",
+                   run_settings={**settings, "mask_instructions": mask_instructions, "allowed_max_length": allowed})
     train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
     train_seconds = time.perf_counter() - start
     print(f"training took {train_seconds / 60:.2f} min")
@@ -163,7 +173,7 @@ def parser() -> Parser:
                description="Instruction fine-tune a GPT model (chapter 7) and answer the test instructions.")
     add_model_source_args(p, "gpt2-medium", "offline: a small model from scratch, 320 records, 3 test answers "
                                             "(about a minute)")
-    add_common_args(p, "outputs/ch07")
+    add_common_args(p, str(outputs_dir("ch07")))
     p.add_argument("--mask-instructions", action="store_true",
                    help="compute the loss on the response tokens only (exercise 7.2)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default=None, help="prompt format (default alpaca)")
@@ -183,12 +193,17 @@ def settings_from_args(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`python -m ch07.gpt_instruction_finetuning [options]`; returns the exit code."""
     args = parser().parse_args(argv)
-    return run(lambda: finetune(settings_from_args(args), args.output_dir, model_name=args.model, quick=args.quick,
-                                from_scratch=args.from_scratch, init_checkpoint=args.init_checkpoint,
-                                mask_instructions=args.mask_instructions, device=args.device,
-                                progress=not args.no_progress, resume=args.resume,
-                                checkpoint_every=args.checkpoint_every),
-               argv, onednn=args.onednn)
+
+    def main_run():
+        check_output_dir(args.output_dir, args.overwrite, ("*-sft.pth",), resume=args.resume)
+        check_input_file(args.init_checkpoint, "--init-checkpoint")
+        check_input_file(args.resume, "--resume")
+        finetune(settings_from_args(args), args.output_dir, model_name=args.model, quick=args.quick,
+                 from_scratch=args.from_scratch, init_checkpoint=args.init_checkpoint,
+                 mask_instructions=args.mask_instructions, device=args.device, progress=not args.no_progress,
+                 resume=args.resume, checkpoint_every=args.checkpoint_every)
+
+    return run(main_run, argv, onednn=args.onednn)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,18 @@ Talks to Ollama's REST API with `requests`: GET /api/version and /api/tags to
 check the server and the model, POST /api/chat (stream false) with fixed options
 (seed 123, temperature 0, num_ctx 2048) so scores are repeatable. Judges
 sometimes answer with a sentence instead of a number: `parse_score` reads
-"85", "Score: 92/100" or "I'd give it 85 out of 100"; a reply it cannot read
-triggers one retry with a stricter prompt and is otherwise counted as unparsed.
+"85", "Score: 92/100" or "I'd give it 85 out of 100", and converts a score on a
+5- or 10-point scale ("8.5/10" -> 85, "4.5 out of 5" -> 90); a reply it cannot
+read triggers one retry with a stricter prompt and is otherwise counted as unparsed.
+Each score is appended to a JSONL file as it arrives (`--scores`, by default beside
+the responses file), so a run stopped part-way continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import sys
@@ -83,28 +88,45 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def check_server(host: str | None = None, timeout: float = 5.0, model: str = DEFAULT_MODEL) -> str:
-    """The server's version string; raises OllamaUnavailable when nothing answers."""
-    base = ollama_host(host)
+def _answered(resp: requests.Response) -> str:
+    """What a server sent back, on one short line (for error messages)."""
+    text = " ".join(resp.text.split())
+    return f"HTTP {resp.status_code}" + (f": {text[:120]}" if text else " with an empty body")
+
+
+def _get_json(url: str, timeout: float, model: str, what: str) -> dict:
+    """GET `url` and return its JSON object; OllamaUnavailable saying what was answered otherwise."""
     try:
-        resp = requests.get(f"{base}/api/version", timeout=timeout)
-        resp.raise_for_status()
-        return str(resp.json().get("version", "unknown"))
-    except (requests.RequestException, ValueError) as exc:
-        raise OllamaUnavailable(f"No Ollama server answers at {base} ({_reason(exc)}).\n"
+        resp = requests.get(url, timeout=timeout)
+    except requests.RequestException as exc:
+        raise OllamaUnavailable(f"No Ollama server answers at {url} ({_reason(exc)}).\n"
                                 + _start_advice(model)) from None
+    if resp.status_code != 200:
+        raise OllamaUnavailable(f"{url} answered {_answered(resp)}; is an Ollama server running there? "
+                                + _start_advice(model))
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise OllamaUnavailable(f"{url} answered {_answered(resp)}, not Ollama's JSON object with {what}; "
+                                "is --host / OLLAMA_HOST an Ollama server?")
+    return body
+
+
+def check_server(host: str | None = None, timeout: float = 5.0, model: str = DEFAULT_MODEL) -> str:
+    """The server's version string; raises OllamaUnavailable when nothing answers or the answer is not Ollama's."""
+    body = _get_json(f"{ollama_host(host)}/api/version", timeout, model, "a 'version'")
+    return str(body.get("version", "unknown"))
 
 
 def list_models(host: str | None = None, timeout: float = 5.0) -> list[str]:
     """Names of the locally installed models (GET /api/tags), e.g. ["llama3:latest"]."""
-    base = ollama_host(host)
-    try:
-        resp = requests.get(f"{base}/api/tags", timeout=timeout)
-        resp.raise_for_status()
-        return [m.get("name") or m.get("model", "") for m in resp.json().get("models", [])]
-    except (requests.RequestException, ValueError) as exc:
-        raise OllamaUnavailable(f"Could not list the models of the Ollama server at {base} "
-                                f"({_reason(exc)}).\n" + _start_advice(DEFAULT_MODEL)) from None
+    url = f"{ollama_host(host)}/api/tags"
+    models = _get_json(url, timeout, DEFAULT_MODEL, "a 'models' list").get("models", [])
+    if not isinstance(models, list):
+        raise OllamaUnavailable(f"{url} answered 'models': {str(models)[:80]}, not a list of models")
+    return [str(m.get("name") or m.get("model", "")) for m in models if isinstance(m, dict)]
 
 
 def model_available(model: str, installed: list[str]) -> bool:
@@ -156,9 +178,9 @@ def query_model(prompt: str, model: str = DEFAULT_MODEL, url: str | None = None,
     except ValueError:
         body = None
     if resp.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("message"), dict):
-        detail = body.get("error") if isinstance(body, dict) and body.get("error") else resp.text[:200]
+        detail = body.get("error") if isinstance(body, dict) and body.get("error") else _answered(resp)
         raise OllamaUnavailable(f"{url} answered HTTP {resp.status_code} without a chat message: "
-                                f"{detail}")
+                                f"{' '.join(str(detail).split())[:200]}")
     return str(body["message"].get("content") or "")
 
 
@@ -179,40 +201,61 @@ def check_if_running(process_name: str) -> bool:
 # --- Reading a score out of the judge's reply -----------------------------------------------------
 
 _NUMBER = r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?!\d)"  # 0-999, optional decimals, not inside a longer number
-# "92/100", "92 / 100", "85 out of 100"
-_FRACTION = re.compile(_NUMBER + r"\s*(?:/|out of)\s*100(?![\d.]*\d)", re.IGNORECASE)
+# "92/100", "8.5 / 10", "4.5 out of 5": a score on a 5-, 10- or 100-point scale (or another "/N": unreadable)
+_FRACTION = re.compile(_NUMBER + r"\s*(?:/|out of)\s*(\d+(?:\.\d+)?)(?![\d.]*\d)", re.IGNORECASE)
+SCALES = (5, 10, 100)
 # "Score: 92", "score is 92", "scored 70", "rating of 80", "I'd rate it a 75", "I would give this response 85"
 _LABELLED = re.compile(
     r"\b(?:score[ds]?|rating|rate[ds]?|give|gave|giving)(?:\s+(?:it|this|that|the))?"
     r"(?:\s+(?:model response|response|answer))?(?:\s+(?:an?|as))?(?:\s+(?:score|rating))?"
-    r"\s*(?:is|of|:|=|would be)?\s*\**\s*" + _NUMBER + r"(?!\s*%?\s*-\s*\d)(?!\s*/\s*\d)",
+    r"\s*(?:is|of|:|=|would be)?\s*\**\s*" + _NUMBER + r"(?!\s*%?\s*-\s*\d)(?!\s*(?:/|out of)\s*\d)",
     re.IGNORECASE)
 # Numbers that are not the score: the scale ("scale of 100") and ranges ("0 to 100", "60-70").
-_SCALE = re.compile(r"\bscale of 100\b|\b\d+(?:\.\d+)?\s*(?:-|–|to)\s*\d+(?:\.\d+)?", re.IGNORECASE)
+_SCALE = re.compile(r"\bscale of \d+\b|\b\d+(?:\.\d+)?\s*(?:-|–|to)\s*\d+(?:\.\d+)?", re.IGNORECASE)
 # A stand-alone number that is not part of a fraction such as 8/10.
-_ANY_NUMBER = re.compile(r"(?<![\w.\-/])" + _NUMBER + r"(?![\w])(?!\s*/\s*\d)")
+_ANY_NUMBER = re.compile(r"(?<![\w.\-/])" + _NUMBER + r"(?![\w])(?!\s*(?:/|out of)\s*\d)")
 
 
-def _to_score(text: str) -> int | None:
+def _to_score(text: str, scale: float = 100) -> int | None:
+    """`text` on a 0-`scale` scale, as a whole number of the 0-100 scale (rounded, never truncated)."""
     value = float(text)
-    return int(round(value)) if 0 <= value <= 100 else None
+    if scale not in SCALES or not 0 <= value <= scale:
+        return None
+    return int(round(value * 100 / scale))
+
+
+def _fraction_scores(text: str) -> tuple[set[int], bool]:
+    """Scores written as fractions, and whether some fraction was on a scale we cannot read."""
+    found, unreadable = set(), False
+    for m in _FRACTION.finditer(text):
+        score = _to_score(m.group(1), float(m.group(2)))
+        if score is None:
+            unreadable = True
+        else:
+            found.add(score)
+    return found, unreadable
 
 
 def parse_score(text: str) -> int | None:
-    """An integer score 0-100 read from a judge's reply, or None when there is none (or it is ambiguous).
+    """A score on the 0-100 scale read from a judge's reply, or None when there is none (or it is ambiguous).
 
     "85" -> 85; "Score: 92/100" -> 92; "I'd give it 85 out of 100." -> 85;
-    "On a scale from 0 to 100 I'd give it 70" -> 70; "87.6" -> 88; "great answer!" -> None;
-    "somewhere between 60 and 70" -> None (two different numbers).
+    "On a scale from 0 to 100 I'd give it 70" -> 70; "87.6" -> 88; other scales are converted:
+    "Score: 8.5/10" -> 85, "4.5 out of 5" -> 90; a scale other than 5, 10 or 100 ("3/4"),
+    "great answer!" or "somewhere between 60 and 70" (two different numbers) -> None.
     """
     if not isinstance(text, str):
         return None
-    for pattern in (_FRACTION, _LABELLED):
-        found = {s for m in pattern.finditer(text) if (s := _to_score(m.group(1))) is not None}
-        if len(found) == 1:
-            return found.pop()
-        if len(found) > 1:
-            return None
+    found, unreadable = _fraction_scores(text)
+    if unreadable or len(found) > 1:
+        return None
+    if found:
+        return found.pop()
+    found = {s for m in _LABELLED.finditer(text) if (s := _to_score(m.group(1))) is not None}
+    if len(found) == 1:
+        return found.pop()
+    if len(found) > 1:
+        return None
     remaining = _SCALE.sub(" ", text)
     found = {s for m in _ANY_NUMBER.finditer(remaining) if (s := _to_score(m.group(1))) is not None}
     return found.pop() if len(found) == 1 else None
@@ -246,12 +289,77 @@ def score_entry(entry: dict, json_key: str = "model_response", model: str = DEFA
 
 def generate_model_scores(json_data: list[dict], json_key: str = "model_response", model: str = DEFAULT_MODEL,
                           host: str | None = None, options: dict | None = None, timeout: float = 300.0,
-                          progress: bool = True) -> list[int | None]:
-    """One score per record, None where the judge's replies held no readable score."""
+                          progress: bool = True, scores_path: str | os.PathLike | None = None) -> list[int | None]:
+    """One score per record, None where the judge's replies held no readable score.
+
+    With `scores_path`, each score is appended to that JSONL file as it arrives (one line per
+    record), and records already scored there are not asked again: a run stopped part-way
+    (server gone, Ctrl-C) continues where it stopped.
+    """
     from tqdm.auto import tqdm
 
-    return [score_entry(entry, json_key, model, host, options, timeout)
-            for entry in tqdm(json_data, desc="Scoring entries", unit="entry", disable=not progress)]
+    done = read_scores(scores_path, json_data, json_key, model) if scores_path is not None else {}
+    scores = []
+    log = open(scores_path, "a", encoding="utf-8") if scores_path is not None else None
+    try:
+        for i, entry in enumerate(tqdm(json_data, desc="Scoring entries", unit="entry", disable=not progress,
+                                       initial=0)):
+            if i in done:
+                scores.append(done[i])
+                continue
+            score = score_entry(entry, json_key, model, host, options, timeout)
+            scores.append(score)
+            if log is not None:
+                log.write(json.dumps({"index": i, "record": _record_id(entry, json_key), "model": model,
+                                      "score": score}) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+    finally:
+        if log is not None:
+            log.close()
+    return scores
+
+
+def _record_id(entry: dict, json_key: str) -> str:
+    """A short fingerprint of what the judge is asked about one record."""
+    text = json.dumps([entry.get("instruction"), entry.get("input"), entry.get("output"), entry.get(json_key)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def default_scores_path(responses: str | os.PathLike, model: str = DEFAULT_MODEL) -> Path:
+    """Where the scores of `responses` by judge `model` are kept: beside it, e.g. `x.scores-llama3.jsonl`."""
+    path = Path(responses)
+    return path.with_name(f"{path.stem}.scores-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.jsonl")
+
+
+def read_scores(path: str | os.PathLike, json_data: list[dict], json_key: str, model: str) -> dict[int, int | None]:
+    """The scores already in a JSONL file written by `generate_model_scores`: {record index: score}.
+
+    A last line cut short by a crash is dropped (and cut off the file). Lines for other records or
+    another judge raise ValueError: the file belongs to another run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # the writer died mid-line: keep the complete lines only
+        raw = raw[: raw.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(raw))
+    done = {}
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            i, record, judge, score = row["index"], row["record"], row["model"], row["score"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} line {n} is not a score record; delete the file to score again") from None
+        if judge != model or not (0 <= i < len(json_data)) or record != _record_id(json_data[i], json_key):
+            raise ValueError(f"{path} holds scores of other responses or another judge (line {n}); delete it "
+                             "or choose another --scores file")
+        done[i] = score
+    return done
 
 
 def summarize_scores(scores: list[int | None]) -> dict:
@@ -268,52 +376,73 @@ def load_responses(path: str | os.PathLike, json_key: str = "model_response") ->
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Score a fine-tuned model's responses 0-100 with an Ollama judge.")
-    p.add_argument("--file", default="outputs/ch07/instruction-data-with-response.json",
+    from ch05.cli import Parser, positive_float
+
+    p = Parser(prog="python -m ch07.ollama_evaluate",
+               description="Score a fine-tuned model's responses 0-100 with an Ollama judge.")
+    from ch02.runtime import outputs_dir
+
+    p.add_argument("--file", default=str(outputs_dir("ch07") / "instruction-data-with-response.json"),
                    help="JSON list of records with instruction, input, output and model_response")
     p.add_argument("--model", default=DEFAULT_MODEL, help="judge model served by Ollama (default llama3)")
     p.add_argument("--host", default=None,
                    help=f"Ollama server (default $OLLAMA_HOST or {DEFAULT_HOST}); '127.0.0.1:11434' works too")
     p.add_argument("--key", default="model_response", help="which field holds the answer to score")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each judge reply")
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for each judge reply")
+    p.add_argument("--scores", default=None,
+                   help="JSONL file the scores are appended to as they arrive; a rerun continues from it "
+                        "(default: beside --file, e.g. instruction-data-with-response.scores-llama3.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.model.strip():
+        p.error("argument --model: must name a judge model, e.g. llama3")
+    if not args.key.strip():
+        p.error("argument --key: must name the field that holds the answers")
+    try:
+        ollama_host(args.host)
+    except ValueError as exc:
+        p.error(f"argument --host: {exc}")
+    return args
 
 
 def main(argv=None) -> int:
+    """`python -m ch07.ollama_evaluate [options]`; returns the exit code (2: bad input, 1: server trouble)."""
+    from ch05.cli import run
+
     args = parse_args(argv)
-    path = Path(args.file)
-    if not path.is_file():
-        print(f"{path} does not exist; create it with `python -m ch07.gpt_instruction_finetuning` "
-              "(or --quick).", file=sys.stderr)
-        return 2
-    try:
+
+    def evaluate():
+        path = Path(args.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; create it with `python -m ch07.gpt_instruction_finetuning` "
+                                    "(or --quick)")
         data = load_responses(path, args.key)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    try:
+        scores_path = Path(args.scores) if args.scores else default_scores_path(path, args.model)
+        done = read_scores(scores_path, data, args.key, args.model)
         version = check_ollama(args.model, args.host)
-    except OllamaUnavailable as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(f"Ollama {version} at {ollama_host(args.host)}; judge: {args.model}; {len(data)} entries")
-    try:
-        scores = generate_model_scores(data, args.key, args.model, args.host, timeout=args.timeout,
-                                       progress=not args.no_progress)
-    except requests.RequestException as exc:
-        print(f"The Ollama server stopped answering ({_reason(exc)}).\n" + _start_advice(args.model),
-              file=sys.stderr)
-        return 1
-    except OllamaUnavailable as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    summary = summarize_scores(scores)
-    print(f"Number of scores: {summary['num_scored']} of {summary['num_entries']}")
-    if summary["average"] is not None:
-        print(f"Average score: {summary['average']:.2f}")
-    print(f"Replies that could not be parsed: {summary['num_unparsed']}")
-    return 0
+        print(f"Ollama {version} at {ollama_host(args.host)}; judge: {args.model}; {len(data)} entries"
+              + (f"; {len(done)} already scored in {scores_path}" if done else ""))
+        try:
+            scores = generate_model_scores(data, args.key, args.model, args.host, timeout=args.timeout,
+                                           progress=not args.no_progress, scores_path=scores_path)
+        except (requests.RequestException, OllamaUnavailable) as exc:
+            kept = len(read_scores(scores_path, data, args.key, args.model))
+            reason = (f"The Ollama server stopped answering ({_reason(exc)})"
+                      if isinstance(exc, requests.RequestException) else one_line_reason(exc))
+            raise OllamaUnavailable(f"{reason}; {kept} of {len(data)} scores are kept in {scores_path}: rerun the "
+                                    "same command to continue") from None
+        summary = summarize_scores(scores)
+        print(f"Number of scores: {summary['num_scored']} of {summary['num_entries']}")
+        if summary["average"] is not None:
+            print(f"Average score: {summary['average']:.2f}")
+        print(f"Replies that could not be parsed: {summary['num_unparsed']}")
+        print(f"scores: {scores_path}")
+
+    return run(evaluate, argv, other_errors={OllamaUnavailable: 1})
+
+
+def one_line_reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -165,9 +165,9 @@ def ask_rewrite(entry: dict, politeness: str, model: str, host: str | None = Non
                 timeout: float = 300.0) -> tuple[str | None, str]:
     """A validated rewrite (or None and why), asking a second time, more strictly, after a bad reply."""
     prompt = make_rewrite_prompt(entry, politeness)
-    text, why = clean_reply(query_model(prompt, model, host, options, timeout), entry["output"])
+    text, why = clean_reply(query_model(prompt, model, host=host, options=options, timeout=timeout), entry["output"])
     if text is None:
-        text, why = clean_reply(query_model(prompt + STRICT_SUFFIX, model, host, options, timeout),
+        text, why = clean_reply(query_model(prompt + STRICT_SUFFIX, model, host=host, options=options, timeout=timeout),
                                 entry["output"])
     return text, why
 

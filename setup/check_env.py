@@ -22,6 +22,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,6 +184,10 @@ def check_device(report: Report) -> None:
     if forced:
         detail += f"  [forced by {DEVICE_ENV}={forced}]"
     report.line("ok", "device", detail)
+    if torch.version.cuda is not None and not torch.cuda.is_available() and platform.system() == "Linux":
+        report.notes.append("This PyTorch is the CUDA build (with its NVIDIA libraries, a ~6 GB virtual environment), "
+                            "but there is no GPU: the CPU build is enough and far smaller. In a new virtual "
+                            "environment: pip install -r requirements-cpu.txt")
     if device.type == "cpu":
         report.notes.append("No GPU in use: every chapter runs on CPU; set LLMFS_QUICK=1 for small, fast runs. "
                             "For an NVIDIA GPU, install a CUDA build of PyTorch (setup/README.md).")
@@ -229,6 +234,7 @@ def check_data(report: Report, download: bool = False) -> None:
     print(f"  data cache  ({CACHE_ENV}): {cache_dir()}")
     if mirror and not Path(mirror).expanduser().is_dir():
         report.warnings.append(f"{MIRROR_ENV}={mirror} is not a folder; it is ignored.")
+    missing = []
     for name, spec in DATA_FILES.items():
         where = data_file_status(name)
         if where is None and download:
@@ -241,6 +247,7 @@ def check_data(report: Report, download: bool = False) -> None:
                 continue
         if where is None:
             report.line("note", name, f"will download on first use ({spec.url})")
+            missing.append(spec)
             continue
         try:
             path = get_data_file(name, download=False)  # verifies the sha256
@@ -249,6 +256,29 @@ def check_data(report: Report, download: bool = False) -> None:
             report.errors.append(f"{exc}")
             continue
         report.line("ok", name, f"{where}: {path}")
+    hosts = sorted({urlparse(spec.url).hostname for spec in missing})
+    unreachable = [h for h in hosts if not host_reachable(h)]
+    if unreachable:
+        report.errors.append(
+            f"offline: {len(missing)} {'file' if len(missing) == 1 else 'files'} missing; "
+            f"{', '.join(s.name for s in missing)} are in neither "
+            f"the mirror ({MIRROR_ENV}: {mirror or 'not set'}) nor the cache ({cache_dir()}), and "
+            f"{', '.join(unreachable)} cannot be reached, so the first notebook that needs them will fail. "
+            f"Set {MIRROR_ENV} to a folder that holds them, or connect and run "
+            "`python setup/check_env.py --download`.")
+
+
+def host_reachable(host: str | None, timeout: float = 3.0) -> bool:
+    """Can a TCP connection to `host`'s HTTPS port be opened (a proxy counts as yes)?"""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except (OSError, TypeError, UnicodeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Shared test set-up: make `tests/` importable, keep downloads local, seed torch."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,17 @@ if "LLMFS_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["LLMFS_DATA_MIRROR"] = str(SHARED_DATA)
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Scripts and notebooks write to `outputs/<chapter>/` (ch02.runtime.outputs_dir): during the tests
+# (and the notebooks and subprocesses they start) that is a temporary folder, never the checkout.
+_OUTPUTS = None
+if "LLMFS_OUTPUT_DIR" not in os.environ:
+    _OUTPUTS = tempfile.mkdtemp(prefix="llmfs-test-outputs-")
+    os.environ["LLMFS_OUTPUT_DIR"] = _OUTPUTS
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OUTPUTS is not None:
+        shutil.rmtree(_OUTPUTS, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """ch02/runtime.py (device choice, quick mode, seeding) and ch02/atomic.py (atomic writes)."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,19 @@ def test_reuse_freed_memory_on_glibc_keeps_allocations_working():
         t = torch.ones(64, 1024, 1024)  # 256 MiB
         assert float(t[-1, -1, -1]) == 1.0
         del t
+
+
+def test_outputs_dir_is_one_folder_for_scripts_and_notebooks(monkeypatch, tmp_path):
+    from ch02.runtime import outputs_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("LLMFS_OUTPUT_DIR", raising=False)
+    monkeypatch.chdir(repo)  # `python -m ch05.gpt_train` from the repository root
+    assert outputs_dir("ch05") == Path("outputs/ch05")
+    monkeypatch.chdir(repo / "ch06")  # a notebook runs in its chapter folder: the same place
+    assert outputs_dir("ch06") == Path("../outputs/ch06")
+    assert (Path.cwd() / outputs_dir("ch06")).resolve() == repo / "outputs" / "ch06"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the checkout's folder, spelled out
+    assert outputs_dir("ch07") == repo / "outputs" / "ch07"
+    monkeypatch.setenv("LLMFS_OUTPUT_DIR", str(tmp_path / "runs"))
+    assert outputs_dir("ch07") == tmp_path / "runs" / "ch07"

@@ -1,8 +1,11 @@
 """Tests for ch05/cli.py: the chapter-5 command lines (`python -m ch05.gpt_train`, `python -m
 ch05.gpt_generate`), their one-line errors and the opt-in oneDNN path."""
 
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,92 @@ def test_train_cli_runs_as_a_module(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "model.pth").is_file() and "wrote" in proc.stdout
+
+
+# --- checks before the work; never overwrite a finished run ------------------------------------
+
+def one_error_line(rc, err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    return rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err
+
+
+def test_unwritable_output_dir_fails_in_seconds_before_training(tmp_path, capsys, monkeypatch):
+    import ch05.trainer
+
+    calls = []
+    monkeypatch.setattr(ch05.trainer, "pretrain", lambda *a, **k: calls.append(a))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    targets = [blocker / "out"]
+    if os.geteuid() != 0:  # root writes anywhere: a read-only folder only stops other users
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        targets.append(locked / "out")
+    for target in targets:
+        start = time.perf_counter()
+        rc, out, err = run_cli(capsys, "--quick", "--output-dir", str(target), main=train_main)
+        assert one_error_line(rc, err), err
+        assert "cannot be written" in err and str(target) in err and time.perf_counter() - start < 5
+    assert calls == []
+
+
+def test_epochs_0_refused_and_a_finished_model_needs_overwrite(trained_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_dir, run_dir)
+    before = (run_dir / "model.pth").read_bytes()
+    rc, out, err = run_cli(capsys, "--quick", "--epochs", "0", "--output-dir", str(run_dir), main=train_main)
+    assert one_error_line(rc, err) and "--epochs" in err
+    rc, out, err = run_cli(capsys, "--quick", "--epochs", "1", "--output-dir", str(run_dir), main=train_main)
+    assert one_error_line(rc, err) and "already holds a trained model (model.pth)" in err and "--overwrite" in err
+    assert (run_dir / "model.pth").read_bytes() == before
+    rc, out, err = run_cli(capsys, "--quick", "--epochs", "1", "--max-steps", "1", "--output-dir", str(run_dir),
+                           "--overwrite", "--no-progress", "--device", "cpu", main=train_main)
+    assert rc == 0, err
+    assert (run_dir / "model.pth").read_bytes() != before
+    assert f"wrote {run_dir / 'model.pth'}" in out
+
+
+def test_stale_temporary_files_are_removed_at_the_start(tmp_path, capsys):
+    from ch05.cli import check_output_dir
+
+    dead = tmp_path / f".checkpoint.pth.{2 ** 22 + 99}.abc123.partial.pth"
+    dead.write_bytes(b"1.5 GB of a killed write")
+    mine = tmp_path / "keep.partial"
+    mine.write_text("not ours")
+    check_output_dir(tmp_path)
+    assert not dead.exists() and mine.exists()
+    assert "removed 1 temporary file" in capsys.readouterr().err
+
+
+def test_resume_says_where_it_resumed_and_refuses_other_settings(trained_dir, tmp_path, capsys):
+    from ch02.download import get_data_file
+    from ch05.checkpoint import CheckpointMismatchError
+    from ch05.gpt_train import DEFAULT_SETTINGS
+    from ch05.trainer import pretrain
+
+    text = get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")[:3000]
+    settings = {**DEFAULT_SETTINGS, "num_epochs": 1, "eval_freq": 5, "eval_iter": 1, "learning_rate": 1e-3}
+    ckpt = tmp_path / "checkpoint.pth"
+    shutil.copy(trained_dir / "checkpoint.pth", ckpt)
+    with pytest.raises(CheckpointMismatchError) as info:
+        pretrain(TRAIN_CFG, {**settings, "learning_rate": 5e-4, "batch_size": 4}, tmp_path, device="cpu",
+                 text=text, resume=ckpt, progress=False, sample_tokens=0)
+    assert "batch_size: checkpoint 2, now 4" in str(info.value) and "learning_rate: checkpoint 0.001, now 0.0005" in str(info.value)
+    with pytest.raises(CheckpointMismatchError, match="model emb_dim: checkpoint 16, now 32"):
+        pretrain({**TRAIN_CFG, "emb_dim": 32}, settings, tmp_path, device="cpu", text=text, resume=ckpt,
+                 progress=False, sample_tokens=0)
+    capsys.readouterr()
+    pretrain(TRAIN_CFG, settings, tmp_path, device="cpu", text=text, resume=ckpt, max_steps=9, progress=False,
+             sample_tokens=0)
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt} at epoch 1, step 8 (8 of the epoch's 21 batches done)" in out
+    assert f"checkpoints go to {ckpt}" in out and "wrote" in out
+
+
+def test_resume_file_errors_are_one_line(tmp_path, capsys):
+    for name, data in [("empty.pth", b""), ("notes.pth", b"my notes\n"), ("bad.safetensors", b"\xff" * 50)]:
+        (tmp_path / name).write_bytes(data)
+        rc, out, err = run_cli(capsys, "--quick", "--output-dir", str(tmp_path / "out"), "--resume",
+                               str(tmp_path / name), main=train_main)
+        assert one_error_line(rc, err) and name in err, err

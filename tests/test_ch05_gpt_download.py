@@ -352,3 +352,28 @@ def test_download_and_load_gpt2_sizes_and_offline_cache(monkeypatch, tmp_path):
     with pytest.raises(PretrainedWeightsUnavailable, match="HF_HUB_OFFLINE"):
         download_and_load_gpt2("355M", tmp_path / "models")  # no local copy: the Hugging Face cache is asked
     assert asked == ["gpt2-medium"]
+
+
+def test_an_endpoint_that_never_answers_is_given_up_on_in_bounded_time(monkeypatch, tmp_path, capsys):
+    """A server that accepts connections but never replies: a bounded wait, then one line naming it."""
+    import socket
+    import time
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(gpt_download, "ENDPOINT_WAIT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        start = time.perf_counter()
+        with pytest.raises(PretrainedWeightsUnavailable, match="did not answer within 1 s"):
+            download_gpt2_safetensors("gpt2", cache_dir=tmp_path)
+        assert time.perf_counter() - start < 10
+        assert gpt_download.main(["gpt2", "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and endpoint in err
+    assert "HF_HUB_OFFLINE" in err and "local path" in err

@@ -34,11 +34,15 @@ ENTRIES = [
 ]
 
 
+DIE = object()  # a reply that makes FakeOllama drop the connection and stop
+
+
 class FakeOllama:
     """A threaded HTTP server on a free port; replies to /api/chat come from a queue, in order."""
 
-    def __init__(self, replies=(), models=("llama3:latest",)):
+    def __init__(self, replies=(), models=("llama3:latest",), version=(200, {"version": "0.0.test"})):
         self.replies = list(replies)
+        self.version = version
         self.models = list(models)
         self.chat_requests = []
         self.paths = []
@@ -56,7 +60,7 @@ class FakeOllama:
             def do_GET(self):
                 fake.paths.append(("GET", self.path))
                 if self.path == "/api/version":
-                    self._send(200, {"version": "0.0.test"})
+                    self._send(*fake.version)
                 elif self.path == "/api/tags":
                     self._send(200, {"models": [{"name": m, "model": m} for m in fake.models]})
                 else:
@@ -70,6 +74,10 @@ class FakeOllama:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.chat_requests.append(request)
                 reply = fake.replies.pop(0) if fake.replies else "no more replies"
+                if reply is DIE:  # the server goes away mid-run: drop this connection, stop serving
+                    self.close_connection = True
+                    threading.Thread(target=fake.server.shutdown, daemon=True).start()
+                    return
                 if isinstance(reply, tuple):  # (HTTP status, JSON payload): an error reply
                     self._send(*reply)
                     return
@@ -134,7 +142,17 @@ def responses_file(tmp_path):
     ("", None),
     ("150", None),
     ("-5", None),
-    ("Rating: 8/10", None),
+    ("Rating: 8/10", 80),
+    # other scales are converted to 0-100, never truncated
+    ("Score: 8.5/10", 85),
+    ("Rating: 7.5/10", 75),
+    ("I would give it 4.5 out of 5", 90),
+    ("3/5", 60),
+    ("Score: 9.5 out of 10.", 95),
+    ("I'd say 99.5/100", 100),
+    ("Score: 3/4", None),  # a scale we cannot read: unparsed, not 3
+    ("11/10", None),
+    ("8/10, or maybe 9/10", None),
     ("somewhere between 60 and 70", None),
     ("60-70", None),
 ])
@@ -311,3 +329,53 @@ def test_check_if_running_without_psutil_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "psutil", None)  # makes `import psutil` fail
     with pytest.raises(ImportError, match="pip install psutil"):
         ev.check_if_running("ollama")
+
+
+# --- scores kept as they arrive; odd server replies -----------------------------------------------------
+
+def test_scores_are_appended_and_a_rerun_continues_after_the_server_died(responses_file, capsys):
+    scores_path = ev.default_scores_path(responses_file, "llama3")
+    with FakeOllama(["90", "Score: 8/10", DIE]) as server:
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "stopped answering" in err and "2 of 4 scores are kept" in err and "rerun" in err
+    rows = [json.loads(line) for line in scores_path.read_text().splitlines()]
+    assert [(r["index"], r["score"]) for r in rows] == [(0, 90), (1, 80)]
+    # A crash mid-line leaves a partial last line: it is dropped, not read as a score.
+    with open(scores_path, "a") as f:
+        f.write('{"index": 2, "rec')
+    with FakeOllama(["4.5 out of 5", "70"]) as server:
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert len(server.chat_requests) == 2  # only the two records not yet scored were asked
+    assert format_input(ENTRIES[2]) in server.chat_requests[0]["messages"][0]["content"]
+    assert "Number of scores: 4 of 4" in out and f"Average score: {(90 + 80 + 90 + 70) / 4:.2f}" in out
+    rows = [json.loads(line) for line in scores_path.read_text().splitlines()]
+    assert [(r["index"], r["score"]) for r in rows] == [(0, 90), (1, 80), (2, 90), (3, 70)]
+
+
+def test_scores_file_of_other_responses_is_refused(responses_file, tmp_path, capsys):
+    scores_path = tmp_path / "scores.jsonl"
+    scores_path.write_text(json.dumps({"index": 0, "record": "0" * 16, "model": "llama3", "score": 50}) + "\n")
+    with FakeOllama(["90"] * 4) as server:
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "other responses or another judge" in err
+    assert server.chat_requests == []
+
+
+@pytest.mark.parametrize("version, expected", [
+    ((200, ["0.1.0"]), r"answered HTTP 200: \[\"0.1.0\"\], not Ollama's JSON object"),
+    ((500, {"error": "boom"}), r"answered HTTP 500: \{\"error\": \"boom\"\}"),
+    ((200, "just text"), r"answered HTTP 200: \"just text\""),
+])
+def test_odd_version_replies_say_what_the_server_answered(version, expected, responses_file, capsys):
+    with FakeOllama(version=version) as server:
+        with pytest.raises(OllamaUnavailable, match=expected):
+            check_server(server.host)
+        rc = ev.main(["--file", str(responses_file), "--host", server.host])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error:")
+    assert "Traceback" not in err and server.chat_requests == []

@@ -7,6 +7,7 @@ versions in requirements.txt, pyproject.toml and setup/check_env.py must agree.
 
 import importlib
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -254,16 +255,60 @@ def test_check_env_passes_here():
     assert "All required checks passed." in out
 
 
-def test_check_env_missing_data_is_only_a_note(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def no_data(monkeypatch, tmp_path):
+    """An empty data mirror and an empty cache folder (returned; not created)."""
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("LLMFS_DATA_MIRROR", str(empty))
     monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
-    assert load_check_env().main([]) == 0
+    return tmp_path / "cache"
+
+
+def test_check_env_missing_data_is_only_a_note(monkeypatch, no_data, capsys):
+    check_env = load_check_env()
+    monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: True)  # online; no real network
+    assert check_env.main([]) == 0
     from ch02.download import DATA_FILES
 
     assert capsys.readouterr().out.count("will download on first use") == len(DATA_FILES)
-    assert not (tmp_path / "cache").exists()  # nothing was downloaded
+    assert not no_data.exists()  # nothing was downloaded
+
+
+def test_check_env_says_plainly_when_offline_without_the_data(monkeypatch, no_data, capsys):
+    check_env = load_check_env()
+    asked = []
+    monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: asked.append(host) and False)
+    assert check_env.main([]) == 1
+    out = capsys.readouterr().out
+    assert "All required checks passed" not in out
+    from ch02.download import DATA_FILES
+
+    assert re.search(rf"offline: {len(DATA_FILES)} files missing; .*LLMFS_DATA_MIRROR.*check_env\.py --download", out)
+    assert asked and all(isinstance(h, str) and h for h in asked)
+
+
+def test_cpu_requirements_point_pip_at_pytorchs_cpu_wheels():
+    lines = [line.strip() for line in read(REPO / "requirements-cpu.txt").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines == ["--extra-index-url https://download.pytorch.org/whl/cpu", "-r requirements.txt"]
+    for readme in READMES:
+        text = read(readme)
+        assert "pip install -r requirements-cpu.txt" in text and "6 GB" in text and "python3 -m venv" in text
+
+
+def test_license_is_an_spdx_string_with_a_setuptools_that_reads_it():
+    text = read(REPO / "pyproject.toml")
+    assert re.search(r'^license = "Apache-2\.0"$', text, re.M)
+    m = re.search(r'requires = \["setuptools>=(\d+)', text)
+    assert m and int(m.group(1)) >= 77  # PEP 639 license strings need setuptools 77
+
+
+def test_outputs_go_to_the_environments_folder_during_tests():
+    from ch02.runtime import outputs_dir
+
+    root = Path(os.environ["LLMFS_OUTPUT_DIR"])
+    assert outputs_dir("ch05") == root / "ch05" and REPO not in root.parents
 
 
 def test_check_env_fails_on_a_missing_package(monkeypatch, capsys):
@@ -396,3 +441,29 @@ def test_no_import_cycles_inside_or_between_chapters():
                  if m.split(".")[0] in order and d.split(".")[0] in order
                  and order.index(d.split(".")[0]) > order.index(m.split(".")[0])]
     assert not backwards, f"an earlier chapter imports a later one: {backwards}"
+
+
+def test_ci_also_runs_the_fast_suite_on_the_oldest_and_newest_python():
+    ci = read(REPO / ".ci" / "run")
+    assert re.search(r'-m pytest -q -m "not notebook"', ci)
+    assert "SUPPORTED_MIN=10" in ci and "SUPPORTED_MAX=13" in ci and "CI_EXTRA_TIMEOUT" in ci
+    assert 'requires-python = ">=3.10"' in read(REPO / "pyproject.toml")
+    result = run(["bash", "-n", str(REPO / ".ci" / "run")])
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_env_recommends_the_cpu_build_without_a_gpu(monkeypatch, capsys):
+    import torch
+
+    check_env = load_check_env()
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(check_env.platform, "system", lambda: "Linux")
+    monkeypatch.delenv("LLMFS_DEVICE", raising=False)
+    report = check_env.Report()
+    check_env.check_device(report)
+    assert any("pip install -r requirements-cpu.txt" in note and "6 GB" in note for note in report.notes)
+    monkeypatch.setattr(torch.version, "cuda", None)  # the CPU build: nothing to recommend
+    report = check_env.Report()
+    check_env.check_device(report)
+    assert not any("requirements-cpu.txt" in note for note in report.notes)
