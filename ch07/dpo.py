@@ -49,6 +49,7 @@ from ch02.atomic import atomic_path, atomic_write
 from ch02.download import ChecksumError, DataUnavailableError, get_data_file
 from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
+from ch05.cli import one_line
 from ch05.gpt_train import generate_and_print_sample
 from ch07.gpt_instruction_finetuning import (
     END_OF_TEXT_ID,
@@ -572,7 +573,7 @@ def cli(argv=None) -> int:
         try:
             data = load_preference_data(args.data)
         except (DataUnavailableError, ChecksumError) as exc:  # no copy of the book's file, and no network
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return 1
         except ValueError as exc:
             problem = str(exc)
@@ -583,7 +584,7 @@ def cli(argv=None) -> int:
         except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
             problem = f"--model {args.model} cannot be loaded: {str(exc).splitlines()[0] if str(exc) else exc!r}"
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {one_line(problem)}", file=sys.stderr)
         return 2
     main(settings_from_args(args), model, args.output_dir, data=data, device=device, source=args.model)
     return 0

@@ -35,6 +35,7 @@ from pathlib import Path
 import requests
 
 from ch02.download import ChecksumError, DataUnavailableError
+from ch05.cli import one_line
 from ch07.gpt_instruction_finetuning import format_input, load_instruction_data
 from ch07.ollama_evaluate import (
     DEFAULT_MODEL,
@@ -253,10 +254,10 @@ def main(argv=None) -> int:
         data = data[:args.limit] if args.limit else data
         done = records_done(Path(args.output), data)
     except (DataUnavailableError, ChecksumError) as exc:  # no copy of the chapter's file, and no network
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     if len(done) == len(data):
         print(f"{args.output} already holds all {len(data)} records; nothing to do")
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
                                     f"(installed: {', '.join(installed) or 'none'}); pull it with "
                                     f"`ollama pull {args.model}` or choose one with --model.")
     except OllamaUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(f"{ollama_host(args.host)}, model {args.model}: {len(data) - len(done)} of {len(data)} records to do "
           f"-> {args.output}")

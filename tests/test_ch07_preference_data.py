@@ -207,7 +207,8 @@ def test_output_from_other_data_is_refused(data_file, tmp_path, capsys):
 def test_server_problems_before_any_work(data_file, tmp_path, capsys, closed_port):  # noqa: F811 (fixture)
     out = tmp_path / "pairs.jsonl"
     assert pd.main(["--data", str(data_file), "--output", str(out), "--host", f"127.0.0.1:{closed_port}"]) == 1
-    assert "error: Could not list the models" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: No Ollama server answers at") and len(err.strip().splitlines()) == 1
     with FakeOllama(models=["mistral:latest"]) as fake:
         assert pd.main(["--data", str(data_file), "--output", str(out), "--host", fake.host]) == 1
     assert "does not have the model 'llama3'" in capsys.readouterr().err
