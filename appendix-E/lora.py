@@ -35,24 +35,24 @@ class LoRALayer(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float,
                  device=None, dtype=None):
         super().__init__()
-        if rank < 1:
+        if rank < 1:  # New: a clear error instead of an empty matrix
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": dtype}  # New: created where the wrapped layer lives
         self.A = nn.Parameter(torch.empty(in_dim, rank, **factory))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(rank, out_dim, **factory))
-        self.rank = rank
+        self.rank = rank  # New: kept for printing
         self.alpha = alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in_dim) @ (in_dim, rank) @ (rank, out_dim) -> (..., out_dim)
         return self.alpha * (x @ self.A @ self.B)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:  # New: for merging the update into the weight
         """The update in `nn.Linear`'s (out_dim, in_dim) weight layout: alpha * (A @ B).T."""
         return self.alpha * (self.A @ self.B).T
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # New: rank and alpha in print(model)
         return f"in_dim={self.A.shape[0]}, out_dim={self.B.shape[1]}, rank={self.rank}, alpha={self.alpha}"
 
 
@@ -67,13 +67,13 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha,
-                              device=linear.weight.device, dtype=linear.weight.dtype)
+                              device=linear.weight.device, dtype=linear.weight.dtype)  # New: device, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.lora(x)
 
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
+    def merge(self) -> nn.Linear:  # New: fold the adapter back in for inference
         """A new plain `nn.Linear` with weight W + alpha * (A @ B).T and the same bias.
 
         It computes what this module computes (up to floating-point rounding) without the
@@ -97,13 +97,13 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Mo
     Returns the model for convenience.
     """
     for name, module in model.named_children():
-        if isinstance(module, LinearWithLoRA):
+        if isinstance(module, LinearWithLoRA):  # New: never wrap a wrapped layer twice
             continue
         if isinstance(module, nn.Linear):
             setattr(model, name, LinearWithLoRA(module, rank, alpha))
         else:
             replace_linear_with_lora(module, rank, alpha)
-    return model
+    return model  # New: returned for convenience
 
 
 def freeze_parameters(model: nn.Module) -> nn.Module:
