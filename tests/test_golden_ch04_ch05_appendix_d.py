@@ -195,6 +195,13 @@ def test_appendix_d_schedule_and_run():
     assert steps == list(range(0, steps[-1] + 1, 5))
     assert float(log[-1][1]) < float(log[0][1])  # the run trains
     assert "same losses and learning rates as the book's function over 4 steps" in text
+    if not quick:  # the book's run: 15 epochs of 9 steps, warm-up 27 steps, peak 0.001
+        losses = {int(s): (float(t), float(v)) for s, t, v in log}
+        assert steps[-1] == 130
+        book = {0: (10.934, 10.939), 5: (9.151, 9.461), 10: (7.949, 8.184), 15: (6.362, 6.876),
+                130: (0.041, 6.915)}
+        for step, (train, val) in book.items():
+            assert abs(losses[step][0] - train) <= 0.005 and abs(losses[step][1] - val) <= 0.005, (step, losses[step])
 
 
 def test_ch05_exercise_5_1_sampling_frequencies():
