@@ -65,6 +65,7 @@ class LayerNorm(nn.Module):
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # New: PyTorch's fused kernel runs the book's three lines (mean, biased variance, scale/shift) in one op
         return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
 
 
@@ -73,7 +74,7 @@ class GELU(nn.Module):
     0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))), run as one fused op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
+        return F.gelu(x, approximate="tanh")  # New: the same tanh formula as one fused op
 
 
 def gelu_formula(x: torch.Tensor) -> torch.Tensor:
@@ -105,18 +106,18 @@ class TransformerBlock(nn.Module):
             d_in=cfg["emb_dim"],
             d_out=cfg["emb_dim"],
             context_length=cfg["context_length"],
-            dropout=cfg.get("drop_rate_attn", cfg["drop_rate"]),
+            dropout=cfg.get("drop_rate_attn", cfg["drop_rate"]),  # New: optional rate of its own (exercise 4.3)
             num_heads=cfg["n_heads"],
             qkv_bias=cfg["qkv_bias"],
-            use_sdpa=cfg.get("use_sdpa", True),
+            use_sdpa=cfg.get("use_sdpa", True),  # New: PyTorch's fused attention kernel by default
         )
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"])
         self.norm2 = LayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = nn.Dropout(cfg.get("drop_rate_shortcut", cfg["drop_rate"]))
+        self.drop_shortcut = nn.Dropout(cfg.get("drop_rate_shortcut", cfg["drop_rate"]))  # New: as drop_rate_attn
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
-        # x: (b, num_tokens, emb_dim) in and out
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:  # New: use_cache (chapter 5)
+        # x: (b, num_tokens, emb_dim) in and out; the book's shortcut = x ... x = x + shortcut, in one line each
         x = x + self.drop_shortcut(self.att(self.norm1(x), use_cache=use_cache))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
@@ -132,22 +133,22 @@ class GPTModel(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        check_config(cfg)
-        self.cfg = dict(cfg)
+        check_config(cfg)  # New: name a missing config key up front
+        self.cfg = dict(cfg)  # New: kept for saving and for generation
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg.get("drop_rate_emb", cfg["drop_rate"]))
-        # ModuleList (not Sequential) so `use_cache` can be passed to each block;
+        self.drop_emb = nn.Dropout(cfg.get("drop_rate_emb", cfg["drop_rate"]))  # New: optional rate (exercise 4.3)
+        # New: ModuleList (not Sequential) so `use_cache` can be passed to each block;
         # parameter names (trf_blocks.0.att.W_query.weight, ...) are the same.
         self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        if cfg.get("tie_weights", False):
+        if cfg.get("tie_weights", False):  # New: GPT-2's weight tying, optional
             # nn.Embedding starts at N(0, 1), far too large for an output head (initial loss
             # would be ~35 instead of ~11); GPT-2 initialises the shared matrix with std 0.02.
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
             self.tie_weights()
-        self.current_pos = 0  # how many tokens the KV cache already holds
+        self.current_pos = 0  # New: how many tokens the KV cache already holds
 
     def tie_weights(self) -> None:
         """Share one matrix between the token embedding and the output head, as GPT-2 does.
@@ -178,9 +179,9 @@ class GPTModel(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is out of range for vocab_size {vocab} (valid ids: 0..{vocab - 1})")
 
-    def forward(self, in_idx: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
-        past = self.current_pos if use_cache else 0
-        self._check_input(in_idx, past)
+    def forward(self, in_idx: torch.Tensor, use_cache: bool = False) -> torch.Tensor:  # New: use_cache
+        past = self.current_pos if use_cache else 0  # New: positions continue after the cached tokens
+        self._check_input(in_idx, past)  # New: clear errors for a too-long input or a bad token id
         num_tokens = in_idx.shape[1]
         pos = torch.arange(past, past + num_tokens, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (b, num_tokens, emb_dim)

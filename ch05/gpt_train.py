@@ -22,14 +22,13 @@ import torch.nn as nn
 
 from ch02.atomic import atomic_path
 from ch02.dataloader import create_dataloader_v1
-from ch02.tokenizer import END_OF_TEXT
 from ch04.gpt import generate_text_simple
 
 # --- 5.1 Evaluating generative text models ----------------------------------------------------
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
-    encoded = tokenizer.encode(text, allowed_special={END_OF_TEXT})
+    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
     encoded_tensor = torch.tensor(encoded).unsqueeze(0)  # add batch dimension
     return encoded_tensor
 
