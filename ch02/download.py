@@ -110,6 +110,9 @@ def _download(spec: DataFile, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     known_hash = None if spec.archive_member else f"sha256:{spec.sha256}"
     download_name = target.name + (".zip" if spec.archive_member else "")
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel("WARNING")  # its "Downloading data from ..." line: the progress bar says as much
     try:
         # pooch writes to a temporary file and moves it into place only after the hash matched.
         # A bounded wait: 10 s to connect, 30 s without data, instead of an unresponsive server's minutes.
@@ -127,6 +130,8 @@ def _download(spec: DataFile, target: Path) -> None:
             ) from exc
         # no network, DNS failure, HTTP error, bad URL, ...
         raise DataUnavailableError(_unavailable_message(spec, target, exc)) from exc
+    finally:
+        logger.setLevel(level)
 
     if spec.archive_member:
         tmp = target.with_name(f".{target.name}.part")
