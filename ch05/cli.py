@@ -336,3 +336,30 @@ def generate_main(argv: list[str] | None = None) -> int:
         print(token_ids_to_text(out, tokenizer))
 
     return run(main, argv, onednn=args.onednn)
+
+
+# --- python -m ch05.gpt_download -----------------------------------------------------------------------
+
+def download_main(argv: list[str] | None = None) -> int:
+    """`python -m ch05.gpt_download [models] [--cache-dir DIR]`; returns the exit code."""
+    from ch05.gpt_download import GPT2_MODEL_NAMES, canonical_model_name, download_gpt2_safetensors
+
+    parser = Parser(prog="python -m ch05.gpt_download",
+                    description="Download GPT-2 weights (safetensors) into the Hugging Face cache.")
+    parser.add_argument("models", nargs="*", default=["gpt2"],
+                        help=f"any of {', '.join(GPT2_MODEL_NAMES)} or 124M/355M/774M/1558M (default: gpt2)")
+    parser.add_argument("--cache-dir", default=None, help="instead of the default Hugging Face cache")
+    args = parser.parse_args(argv)
+    for name in args.models:  # every name is checked before anything is downloaded
+        try:
+            canonical_model_name(name)
+        except ValueError as exc:
+            parser.error(f"argument models: {exc}")
+
+    def download_all() -> None:
+        if args.cache_dir is not None:
+            check_output_dir(args.cache_dir, option="--cache-dir")
+        for name in args.models:
+            print(download_gpt2_safetensors(name, cache_dir=args.cache_dir))
+
+    return run(download_all, argv)

@@ -440,32 +440,7 @@ def assign(left: torch.Tensor, right) -> nn.Parameter:
     return nn.Parameter(torch.as_tensor(right).detach().to(left.device, left.dtype, copy=True))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ch05.gpt_download [models] [--cache-dir DIR]`; returns the exit code."""
-    from ch05.cli import Parser, run
-
-    parser = Parser(prog="python -m ch05.gpt_download",
-                    description="Download GPT-2 weights (safetensors) into the Hugging Face cache.")
-    parser.add_argument("models", nargs="*", default=["gpt2"],
-                        help=f"any of {', '.join(GPT2_MODEL_NAMES)} or 124M/355M/774M/1558M (default: gpt2)")
-    parser.add_argument("--cache-dir", default=None, help="instead of the default Hugging Face cache")
-    args = parser.parse_args(argv)
-    for name in args.models:  # every name is checked before anything is downloaded
-        try:
-            canonical_model_name(name)
-        except ValueError as exc:
-            parser.error(f"argument models: {exc}")
-    if args.cache_dir is not None:
-        from ch05.cli import check_output_dir
-
-        return run(lambda: check_output_dir(args.cache_dir, option="--cache-dir") and _download_all(args), argv)
-    return run(lambda: _download_all(args), argv)
-
-
-def _download_all(args) -> None:
-    for name in args.models:
-        print(download_gpt2_safetensors(name, cache_dir=args.cache_dir))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from ch05.cli import download_main  # the command line lives with the other chapter-5 CLIs
+
+    sys.exit(download_main())

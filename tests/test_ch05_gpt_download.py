@@ -18,6 +18,7 @@ import torch
 
 from ch04.gpt import GPTModel, count_parameters
 from ch05 import gpt_download
+from ch05.cli import download_main
 from ch05.gpt_download import (
     GPT2_MODEL_NAMES,
     PretrainedWeightsUnavailable,
@@ -252,7 +253,7 @@ def test_download_arguments(monkeypatch, hf_dir):
 
 def test_download_cli_exit_code(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert gpt_download.main(["gpt2", "--cache-dir", str(tmp_path)]) == 2
+    assert download_main(["gpt2", "--cache-dir", str(tmp_path)]) == 2
     assert "HF_ENDPOINT" in capsys.readouterr().err
 
 
@@ -372,7 +373,7 @@ def test_an_endpoint_that_never_answers_is_given_up_on_in_bounded_time(monkeypat
         with pytest.raises(PretrainedWeightsUnavailable, match="did not answer within 1 s"):
             download_gpt2_safetensors("gpt2", cache_dir=tmp_path)
         assert time.perf_counter() - start < 10
-        assert gpt_download.main(["gpt2", "--cache-dir", str(tmp_path / "cache")]) == 2
+        assert download_main(["gpt2", "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and endpoint in err

@@ -14,7 +14,7 @@ from cli_cases import CASES, case_env, fill, make_fixtures, problems, run_subpro
 MAINS = {
     cli_cases.TRAIN: ("ch05.cli", "train_main"),
     cli_cases.GENERATE: ("ch05.cli", "generate_main"),
-    cli_cases.DOWNLOAD: ("ch05.gpt_download", "main"),
+    cli_cases.DOWNLOAD: ("ch05.cli", "download_main"),
     cli_cases.CLASSIFY: ("ch06.cli", "main"),
     cli_cases.INSTRUCT: ("ch07.cli", "main"),
     cli_cases.JUDGE: ("ch07.ollama_evaluate", "main"),
