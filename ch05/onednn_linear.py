@@ -33,7 +33,6 @@ measures the default path.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import platform
@@ -135,11 +134,3 @@ def onednn_linear(enabled: bool = True):
     if not (enabled and onednn_linear_supported()) or _cpu_autocast_enabled():
         return contextlib.nullcontext()
     return _LinearToOneDNN()
-
-
-def add_no_onednn_argument(parser: argparse.ArgumentParser) -> None:
-    """The `--no-onednn` switch of the chapter scripts (read it as `not args.no_onednn`)."""
-    parser.add_argument("--no-onednn", action="store_true",
-                        help="float32 on an x86 CPU: keep PyTorch's default BLAS (oneMKL) for linear layers instead "
-                             "of oneDNN (same results; on the benchmark machine oneDNN trained ~10%% and generated "
-                             "~1.4x faster)")
