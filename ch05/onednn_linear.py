@@ -25,10 +25,9 @@ skipping the autograd Function's bookkeeping.
 
 It is a pure speed choice: results agree with the default path to float32 rounding
 (~1e-6 relative). It is used only where it was checked to work (`onednn_linear_supported`):
-an x86 CPU whose PyTorch has the op and computes the same numbers with it. The
-chapter-5 trainer turns it on for CPU float32 training and evaluation, and
-`ch05.gpt_generate.generate` for generation; `--no-onednn` (and `use_onednn=False`)
-measures the default path.
+an x86 CPU whose PyTorch has the op and computes the same numbers with it. It is opt-in:
+the chapter scripts enter it around the whole run with `--onednn` (`ch05.cli.run`), because
+it is faster on the AMD EPYC measured here and slower on an Intel Xeon (benchmarks/README.md).
 """
 
 from __future__ import annotations
