@@ -8,7 +8,8 @@ in bfloat16 (into --workdir, a temp folder by default). Every measurement then r
 process, in rounds over ours / transformers (A B A B, not A A B B), and the fastest of
 --repeats processes is kept:
 
-- decoding: load the folder, greedy decoding with the KV cache of `--new-tokens` tokens after a
+- decoding: load the folder (ours: laid out for decoding by `ch05.decoding_layout`, as
+  `python -m ch05.generate_llm` does; "ours-stored-layout" without it), greedy decoding with the KV cache of `--new-tokens` tokens after a
   16-token prompt (ours: chapter 5's `generate`; theirs: `model.generate`), after one warm-up run;
 - loading: peak RSS of loading the folder and running one token through the model (so every
   weight page has been read), minus the RSS of the process before loading, against the size
@@ -83,14 +84,15 @@ def _load(impl: str, model_dir: str, dtype_name: str):
     if impl.startswith("ours"):
         from ch05.qwen3 import load_qwen3
 
-        return load_qwen3(model_dir, dtype=dtype)
+        # Laid out for CPU decoding as it is read, as `python -m ch05.generate_llm` loads it.
+        return load_qwen3(model_dir, dtype=dtype, decoding_layout=impl != "ours-stored-layout")
     from transformers import Qwen3ForCausalLM
 
     return Qwen3ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
 
 def _decode(impl: str, model, ids, new_tokens: int) -> list[int]:
-    if impl == "ours":
+    if impl in ("ours", "ours-stored-layout"):
         from ch05.gpt_generate import generate
 
         out = generate(model, ids, max_new_tokens=new_tokens, context_size=model.cfg["context_length"],
@@ -165,10 +167,13 @@ def summarize(results: dict, machine: dict, quick: bool, new_tokens: int) -> tup
              "|---|---|---:|---:|---|---|"]
     goals: list[tuple[str, bool]] = []
     gen = {(r["impl"], r["dtype"]): r for r in results["generate"]}
-    names = {"ours": "ours (`generate`)", "ours-stream": "ours (`generate_stream`)", "hf": "transformers"}
+    names = {"ours": "ours (`generate`)", "ours-stream": "ours (`generate_stream`)",
+             "ours-stored-layout": "ours (`generate`, without `ch05.decoding_layout`)", "hf": "transformers"}
     for dtype in ("float32", "bfloat16") if gen else ():
         hf = gen[("hf", dtype)]
         for impl, name in names.items():
+            if (impl, dtype) not in gen:
+                continue
             r = gen[(impl, dtype)]
             ratio = r["tokens_per_s"] / hf["tokens_per_s"]
             runs = ", ".join(f"{v:.1f}" for v in r["runs_tokens_per_s"])
@@ -218,7 +223,8 @@ def main(argv=None) -> int:
         vocab = (TINY_HF if args.quick else QWEN3_06B_HF)["vocab_size"]
         base = {"vocab_size": vocab, "new_tokens": args.new_tokens}
         gen = [{**base, "kind": "generate", "impl": impl, "dtype": dt, "file_dtype": dt, "dir": str(dirs[dt])}
-               for dt in ("float32", "bfloat16") for impl in ("ours", "ours-stream", "hf")]
+               for dt in ("float32", "bfloat16")
+               for impl in ("ours", "ours-stream", "hf") + (("ours-stored-layout",) if dt == "float32" else ())]
         load = [{**base, "kind": "load", "impl": impl, "dtype": dt, "file_dtype": fdt, "dir": str(dirs[fdt])}
                 for impl, dt, fdt in (("ours", "float32", "float32"), ("hf", "float32", "float32"),
                                       ("ours", "bfloat16", "bfloat16"), ("hf", "bfloat16", "bfloat16"),

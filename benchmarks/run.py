@@ -96,7 +96,8 @@ def plan(quick: bool, shapes: list[tuple[int, int]] | None = None) -> dict:
                   for impl in (("ours", "hf", "ours-onednn", "ours-untied", "ours-explicit") if i == 0
                                else ("ours", "hf"))],
         "generate": [{**gen, "impl": "ours", "cache": True}, {**gen, "impl": "ours", "cache": False},
-                     {**gen, "impl": "hf", "cache": True}, {**gen, "impl": "ours-onednn", "cache": True}],
+                     {**gen, "impl": "hf", "cache": True}, {**gen, "impl": "ours-onednn", "cache": True},
+                     {**gen, "impl": "ours-stored-layout", "cache": True}],
         "scaling": [{**base, "impl": "ours", "batch": 1, "ctx": n} for n in ctxs],
         "amp": [{**base, "impl": impl, "batch": shapes[0][0], "ctx": shapes[0][1], "dtype": dt, "steps": 8}
                 for impl in ("ours", "hf") for dt in ("float32", "bfloat16")],
@@ -186,8 +187,9 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
 
     g = {(f"{r['impl']}-cache" if r["impl"] != "hf" and r["cache"] else "ours-no-cache" if r["impl"] != "hf"
           else "hf"): r for r in results["generate"] if "skipped" not in r}
-    gen_path = ("Ours: `ch05.gpt_generate.generate` on PyTorch's default path; ours-onednn-cache: the same "
-                "under the opt-in `--onednn` path.")
+    gen_path = ("Ours: `ch05.gpt_generate.generate` on PyTorch's default path, with the weight layout the "
+                "generation commands use (`ch05.decoding_layout`); ours-stored-layout-cache: without it "
+                "(nn.Linear's own [out, in] weights); ours-onednn-cache: under the opt-in `--onednn` path.")
     lines += ["", f"## Generation (greedy, batch 1, 10-token prompt, {g['hf']['new_tokens']} new tokens)", "",
               gen_path, "",
               "| model | tokens/s | ratio vs HF | latency 10th token (ms) | latency last token (ms) |",

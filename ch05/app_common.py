@@ -32,6 +32,7 @@ import gradio as gr
 import torch
 import torch.nn as nn
 
+from ch05.decoding_layout import layout_for_decoding
 from ch05.generate_stream import generate_stream
 from ch05.gpt_train import text_to_token_ids
 
@@ -73,7 +74,8 @@ def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, devi
     except LOAD_ERRORS as exc:
         return AppModel(None, error=f"**Could not load `{spec}`:** {exc}\n\n{hint}")
     note = " ".join(f"**Note:** {w.message}" for w in caught)
-    return AppModel(model.eval(), info, note=note)
+    # Text apps decode token by token: the faster weight layout for that (ch05.decoding_layout).
+    return AppModel(layout_for_decoding(model.eval()), info, note=note)
 
 
 def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,

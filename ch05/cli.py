@@ -307,6 +307,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     """Print the prompt and its continuation; returns the exit code."""
     from ch02.runtime import get_device
     from ch02.tokenizer import get_gpt2_tokenizer
+    from ch05.decoding_layout import layout_for_decoding
     from ch05.gpt_generate import _check_sampling_args, generate, load_model_for_generation
     from ch05.gpt_train import text_to_token_ids, token_ids_to_text
 
@@ -322,6 +323,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             model, described = load_model_for_generation(args.model, device=device, n_heads=args.n_heads)
+        layout_for_decoding(model)  # same numbers, faster one-token products on the CPU
         tokenizer = get_gpt2_tokenizer()
         idx = text_to_token_ids(args.prompt, tokenizer).to(device)
         context = model.cfg["context_length"]

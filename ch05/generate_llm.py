@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ch05.cli import Parser, add_sampling_arguments, non_negative_int
+from ch05.decoding_layout import layout_for_decoding
 from ch05.gpt_generate import _check_sampling_args, generate, load_model_for_generation
 from ch05.llama3 import Llama3Tokenizer, LLMUnavailable, load_llama3, read_hf_config, resolve_model_dir
 from ch05.qwen3 import Qwen3Tokenizer, load_qwen3
@@ -77,24 +78,28 @@ class LoadedLLM:
     description: str
 
 
-def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device) -> LoadedLLM:
+def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device, decoding_layout: bool) -> LoadedLLM:
     model, described = load_model_for_generation(spec, device=device)
     if dtype is not None:
         model = model.to(dtype)
+    if decoding_layout:
+        layout_for_decoding(model)
     return LoadedLLM(model, GPT2Tokenizer(), "gpt2", described)
 
 
-def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_length: int | None) -> LoadedLLM:
+def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_length: int | None,
+               decoding_layout: bool) -> LoadedLLM:
     hf = read_hf_config(model_dir)
     family = hf.get("model_type")
     if family == "gpt2" or (family is None and "emb_dim" in hf):  # Hugging Face GPT-2, or our chapter-5 folder
-        return _gpt_family(model_dir, dtype, device)
+        return _gpt_family(model_dir, dtype, device, decoding_layout)
     if family not in FAMILIES:
         raise ValueError(f"{model_dir}/config.json describes a {family!r} model; this command runs "
                          f"{', '.join(sorted(FAMILIES))} and gpt2")
     loader, tokenizer_cls = FAMILIES[family]
     tokenizer = tokenizer_cls(model_dir)  # a missing tokenizer.json fails here, before the weights load
-    model = loader(model_dir, dtype=dtype, device=device, context_length=context_length)
+    model = loader(model_dir, dtype=dtype, device=device, context_length=context_length,
+                   decoding_layout=decoding_layout)
     n_params = sum(p.numel() for p in model.parameters())
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     return LoadedLLM(model, tokenizer, family,
@@ -102,21 +107,23 @@ def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_lengt
 
 
 def load_llm(spec: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             context_length: int | None = None) -> LoadedLLM:
-    """Model, tokenizer and family for what `--model` names (see the module docstring)."""
+             context_length: int | None = None, decoding_layout: bool = True) -> LoadedLLM:
+    """Model, tokenizer and family for what `--model` names (see the module docstring).
+
+    `decoding_layout` stores float32 linear weights for faster CPU decoding (ch05.decoding_layout)."""
     from ch05.gpt_download import canonical_model_name
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return _hf_folder(path, dtype, device, context_length)
+        return _hf_folder(path, dtype, device, context_length, decoding_layout)
     if path.exists():  # our checkpoint file, or a folder holding one
-        return _gpt_family(path, dtype, device)
+        return _gpt_family(path, dtype, device, decoding_layout)
     try:
         canonical_model_name(str(spec))
-        return _gpt_family(str(spec), dtype, device)  # a GPT-2 name
+        return _gpt_family(str(spec), dtype, device, decoding_layout)  # a GPT-2 name
     except ValueError:
         pass
-    return _hf_folder(resolve_model_dir(spec), dtype, device, context_length)  # a Hub id
+    return _hf_folder(resolve_model_dir(spec), dtype, device, context_length, decoding_layout)  # a Hub id
 
 
 def generate_text(llm: LoadedLLM, prompt: str, max_new_tokens: int = 100, chat: bool = False,

@@ -371,7 +371,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                    decoding_layout: bool = False) -> nn.Module:
     """Put a folder's safetensors into `model` (which may live on the meta device), without copies.
 
     safetensors memory-maps each file, so a tensor is a view of the file's pages, read only when
@@ -379,9 +380,17 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
     copying them into freshly allocated ones. Only a dtype change (`dtype` differs from the
     file's) makes new tensors, one at a time. A tied output head ends up as the token embedding's
     Parameter itself. Every name and shape is checked before anything is assigned.
+
+    `decoding_layout` stores the float32 linear weights the way `ch05.decoding_layout` does (for
+    CPU decoding), converting them one at a time like a dtype change.
     """
     from safetensors import safe_open
 
+    from ch05.decoding_layout import laid_out_for_decoding
+
+    tied = model.cfg.get("tie_weights", False)
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    relayout = (linear | ({"tok_emb.weight"} if tied else set())) if decoding_layout else set()
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(Path(model_dir)):
         to_convert = []
@@ -390,16 +399,17 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
                 if hf_to_ours(name) is None:
                     continue
                 t = f.get_tensor(name)  # a view of the mapped file: nothing read yet
-                if dtype is None or t.dtype == dtype:
+                if (dtype is None or t.dtype == dtype) and hf_to_ours(name) not in relayout:
                     state[hf_to_ours(name)] = t
                 else:
                     to_convert.append(name)
-        # A dtype change: convert tensor by tensor, each from a mapping of its own that closes at
-        # once, so the file's pages do not all stay resident next to the converted copies.
+        # A dtype change (or layout): convert tensor by tensor, each from a mapping of its own that
+        # closes at once, so the file's pages do not all stay resident next to the converted copies.
         for name in to_convert:
             with safe_open(str(file), framework="pt") as f:
-                state[hf_to_ours(name)] = f.get_tensor(name).to(dtype)
-    tied = model.cfg.get("tie_weights", False)
+                t = f.get_tensor(name)
+                t = t if dtype is None else t.to(dtype)
+                state[hf_to_ours(name)] = laid_out_for_decoding(t) if hf_to_ours(name) in relayout else t
     if tied:
         if "out_head.weight" in state and "tok_emb.weight" in state:
             del state["out_head.weight"]  # a file may store the tied matrix twice; the embedding's copy wins
@@ -466,19 +476,25 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
 
 
 def build_and_load(model_cls: type[nn.Module], cfg: dict, model_dir: str | os.PathLike,
-                   dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """Build `model_cls(cfg)` on the meta device (no memory for weights), then give it the folder's weights."""
+                   dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                   decoding_layout: bool = False) -> nn.Module:
+    """Build `model_cls(cfg)` on the meta device (no memory for weights), then give it the folder's weights.
+
+    `decoding_layout`: lay the weights out for decoding on the CPU (ch05.decoding_layout)."""
     with torch.device("meta"):
         model = model_cls(cfg)
-    load_hf_weights(model, model_dir, dtype=dtype)
+    load_hf_weights(model, model_dir, dtype=dtype,
+                    decoding_layout=decoding_layout and torch.device(device).type == "cpu")
     return model.to(device).eval()
 
 
 def load_llama3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = None,
-                device: torch.device | str = "cpu", context_length: int | None = None) -> Llama3Model:
+                device: torch.device | str = "cpu", context_length: int | None = None,
+                decoding_layout: bool = False) -> Llama3Model:
     """A Llama3Model with the weights of a Hugging Face Llama folder or Hub id, in eval mode.
 
-    `dtype` None keeps the file's dtype (zero-copy); `context_length` shortens the RoPE tables.
+    `dtype` None keeps the file's dtype (zero-copy); `context_length` shortens the RoPE tables;
+    `decoding_layout` stores float32 linear weights for faster CPU decoding (ch05.decoding_layout).
     """
     model_dir = resolve_model_dir(model_dir_or_id)
     hf = read_hf_config(model_dir)
@@ -487,7 +503,7 @@ def load_llama3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = 
     cfg = config_from_hf(hf)
     if context_length:
         cfg["context_length"] = context_length
-    return build_and_load(Llama3Model, cfg, model_dir, dtype=dtype, device=device)
+    return build_and_load(Llama3Model, cfg, model_dir, dtype=dtype, device=device, decoding_layout=decoding_layout)
 
 
 # --- Tokenizer and chat format -----------------------------------------------------------------

@@ -152,8 +152,10 @@ def qwen3_config_from_hf(hf: dict) -> dict:
 
 
 def load_qwen3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu", context_length: int | None = None) -> Qwen3Model:
-    """A Qwen3Model (dense or MoE) with the weights of a Hugging Face folder or Hub id, in eval mode."""
+               device: torch.device | str = "cpu", context_length: int | None = None,
+               decoding_layout: bool = False) -> Qwen3Model:
+    """A Qwen3Model (dense or MoE) with the weights of a Hugging Face folder or Hub id, in eval mode
+    (`decoding_layout`: as in `ch05.llama3.load_llama3`)."""
     model_dir = resolve_model_dir(model_dir_or_id)
     hf = read_hf_config(model_dir)
     if hf.get("model_type") not in ("qwen3", "qwen3_moe"):
@@ -162,7 +164,7 @@ def load_qwen3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = N
     cfg = qwen3_config_from_hf(hf)
     if context_length:
         cfg["context_length"] = context_length
-    return build_and_load(Qwen3Model, cfg, model_dir, dtype=dtype, device=device)
+    return build_and_load(Qwen3Model, cfg, model_dir, dtype=dtype, device=device, decoding_layout=decoding_layout)
 
 
 class Qwen3Tokenizer(Llama3Tokenizer):

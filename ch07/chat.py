@@ -348,6 +348,7 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     ValueError (also CheckpointMismatchError) or ch05's PretrainedWeightsUnavailable.
     """
     from ch02.runtime import get_device
+    from ch05.decoding_layout import layout_for_decoding
     from ch05.gpt_generate import load_model_for_generation
 
     if style not in ("auto", None, *PROMPT_STYLES):
@@ -365,6 +366,7 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
         raise ValueError(f"model name {name!r} may only hold letters, digits and . _ : / -")
     name = (name or default_model_name(spec)).lower()
+    layout_for_decoding(model)  # same numbers, faster one-token products on the CPU (ch05.decoding_layout)
     return ChatModel(model=model.eval(), name=name if ":" in name else f"{name}:latest",
                      style=saved_style if style == "auto" else style, description=described, source=source,
                      device=device, metadata=metadata)

@@ -18,10 +18,11 @@ def test_quick_llm_benchmark_writes_tables_and_json(tmp_path, monkeypatch):
         assert len({row.count("|") for row in block.strip().splitlines()}) == 1, block
     data = json.loads((tmp_path / "llm.json").read_text())
     gen = {(r["impl"], r["dtype"]): r for r in data["results"]["generate"]}
-    assert len(gen) == 6 and all(len(r["tokens"]) == 5 and r["tokens_per_s"] > 0 for r in gen.values())
-    # Same random weights, greedy: our two loops and transformers pick the same float32 tokens.
+    assert len(gen) == 7 and all(len(r["tokens"]) == 5 and r["tokens_per_s"] > 0 for r in gen.values())
+    # Same random weights, greedy: our two loops (with and without the decoding layout) and
+    # transformers pick the same float32 tokens.
     assert gen[("ours", "float32")]["tokens"] == gen[("ours-stream", "float32")]["tokens"] \
-        == gen[("hf", "float32")]["tokens"]
+        == gen[("ours-stored-layout", "float32")]["tokens"] == gen[("hf", "float32")]["tokens"]
     loads = data["results"]["load"]
     assert [(r["impl"], r["file_dtype"], r["dtype"]) for r in loads][-1] == ("ours", "float32", "bfloat16")
 
