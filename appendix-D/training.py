@@ -1,9 +1,9 @@
 """Appendix D: a training loop with learning-rate warm-up, cosine decay and gradient clipping.
 
-D.1-D.2 `lr_at_step` (one function for the whole schedule), D.3 `total_grad_norm` and
-`find_highest_gradient` (to see what clipping does), D.4 `train_model`, which is chapter 5's
-`train_model_simple` with the three additions. Losses, evaluation and text samples are
-imported from chapter 5 (`ch05.gpt_train`), not copied.
+D.1-D.2 `lr_at_step` (the schedule as one function, for plots and tests), D.3 `total_grad_norm`
+and `find_highest_gradient` (to see what clipping does), D.4 `train_model`: the book's listing,
+chapter 5's `train_model_simple` with the three additions, and two `# New:` lines. Losses,
+evaluation and text samples are imported from chapter 5 (`ch05.gpt_train`), not copied.
 """
 
 from __future__ import annotations
@@ -68,63 +68,76 @@ def find_highest_gradient(model: nn.Module) -> float:
 # --- D.4 The modified training function ---------------------------------------------------------
 
 
-def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, device,
-                n_epochs: int, eval_freq: int, eval_iter: int, start_context: str, tokenizer,
-                warmup_steps: int, initial_lr: float = 3e-05, min_lr: float = 1e-6,
-                max_norm: float | None = 1.0, *, peak_lr: float | None = None,
-                print_samples: bool = True) -> tuple[list[float], list[float], list[int], list[float]]:
-    """Chapter 5's training loop plus warm-up, cosine decay and gradient clipping.
+def train_model(model, train_loader, val_loader, optimizer, device,
+                n_epochs, eval_freq, eval_iter, start_context, tokenizer,
+                warmup_steps, initial_lr=3e-05, min_lr=1e-6,
+                print_samples=True):  # New: print_samples=False skips the samples (tests, quick runs)
 
-    The peak learning rate is the one the optimizer was created with (or `peak_lr`). Before
-    every step the rate from `lr_at_step` is written into all parameter groups and recorded.
-    After warm-up (steps >= warmup_steps) the gradients are clipped to a total norm of
-    `max_norm` (None turns clipping off); during warm-up the small rates already keep the
-    updates small, so the gradients are left as they are.
-
-    Returns (train_losses, val_losses, track_tokens_seen, track_lrs): one loss pair and token
-    count per evaluation (every `eval_freq` steps), and one learning rate per optimizer step.
-    """
-    train_losses: list[float] = []
-    val_losses: list[float] = []
-    track_tokens_seen: list[int] = []
-    track_lrs: list[float] = []
+    train_losses, val_losses, track_tokens_seen, track_lrs = [], [], [], []
     tokens_seen, global_step = 0, -1
 
-    if peak_lr is None:
-        peak_lr = optimizer.param_groups[0]["lr"]
-    total_steps = len(train_loader) * n_epochs
+    # Retrieve the maximum learning rate from the optimizer
+    peak_lr = optimizer.param_groups[0]["lr"]
+
+    # Calculate the total number of iterations in the training process
+    total_training_steps = len(train_loader) * n_epochs
+
+    # Calculate the learning rate increment during the warmup phase
+    lr_increment = (peak_lr - initial_lr) / warmup_steps
 
     for epoch in range(n_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             global_step += 1
 
-            # New: set this step's learning rate (warm-up, then cosine decay) and record it.
-            lr = lr_at_step(global_step, total_steps, warmup_steps, peak_lr, initial_lr, min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            track_lrs.append(lr)
+            # Adjust the learning rate based on the current phase (warmup or cosine annealing)
+            if global_step < warmup_steps:
+                # Linear warmup
+                lr = initial_lr + global_step * lr_increment
+            else:
+                # Cosine annealing after warmup
+                progress = ((global_step - warmup_steps) /
+                            (total_training_steps - warmup_steps))
+                lr = min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
+            # Apply the calculated learning rate to the optimizer
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            track_lrs.append(lr)  # Store the current learning rate
+
+            # Calculate and backpropagate the loss
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
 
-            # New: clip the gradient norm once warm-up is over.
-            if max_norm is not None and global_step >= warmup_steps:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+            # Apply gradient clipping after the warmup phase to avoid exploding gradients
+            # New: `>=` clips from the first step after warm-up; the book's `>` skipped that step
+            # (the book repository's correction).
+            if global_step >= warmup_steps:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
 
             optimizer.step()
             tokens_seen += input_batch.numel()
 
+            # Periodically evaluate the model on the training and validation sets
             if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_loss, val_loss = evaluate_model(
+                    model, train_loader, val_loader,
+                    device, eval_iter
+                )
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
-                print(f"Ep {epoch + 1} (Iter {global_step:06d}): "
-                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}, lr {lr:.2e}")
+                # Print the current losses
+                print(f"Ep {epoch+1} (Iter {global_step:06d}): "
+                      f"Train loss {train_loss:.3f}, "
+                      f"Val loss {val_loss:.3f}"
+                )
 
-        if print_samples:  # New: a switch, so tests and quick runs can skip the samples
-            generate_and_print_sample(model, tokenizer, device, start_context)
+        # Generate and print a sample from the model to monitor progress
+        if print_samples:  # New
+            generate_and_print_sample(
+                model, tokenizer, device, start_context
+            )
 
     return train_losses, val_losses, track_tokens_seen, track_lrs

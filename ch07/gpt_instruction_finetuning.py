@@ -260,32 +260,70 @@ def custom_collate_fn(
     return inputs_tensor, targets_tensor
 
 
-def custom_collate_draft_1(batch: Sequence, pad_token_id: int = END_OF_TEXT_ID,
-                           device: str | torch.device = "cpu") -> torch.Tensor:
-    """The book's first draft of the collate function: inputs only, padded per batch.
+def custom_collate_draft_1(
+    batch,
+    pad_token_id=50256,
+    device="cpu"
+):
+    """The book's first draft of the collate function: inputs only, padded per batch."""
+    # Find the longest sequence in the batch
+    # and increase the max length by +1, which will add one extra
+    # padding token below
+    batch_max_length = max(len(item)+1 for item in batch)
 
-    Every item gets one end-of-text token, then all are padded to the longest
-    item + 1 and the last position is dropped, so the longest item keeps its
-    end-of-text token only in the targets (which draft 2 adds).
-    """
-    batch_max_length = max(len(item) + 1 for item in batch)
+    # Pad and prepare inputs
     inputs_lst = []
+
     for item in batch:
-        padded = list(item) + [pad_token_id] * (batch_max_length - len(item))
-        inputs_lst.append(torch.tensor(padded[:-1]))
-    return torch.stack(inputs_lst).to(device)  # (batch, batch_max_length - 1)
+        new_item = item.copy()
+        # Add an <|endoftext|> token
+        new_item += [pad_token_id]
+        # Pad sequences to batch_max_length
+        padded = (
+            new_item + [pad_token_id] *
+            (batch_max_length - len(new_item))
+        )
+        # Via padded[:-1], we remove the extra padded token
+        # that has been added via the +1 setting in batch_max_length
+        # (the extra padding token will be relevant in later codes)
+        inputs = torch.tensor(padded[:-1])
+        inputs_lst.append(inputs)
+
+    # Convert list of inputs to tensor and transfer to target device
+    inputs_tensor = torch.stack(inputs_lst).to(device)
+    return inputs_tensor
 
 
-def custom_collate_draft_2(batch: Sequence, pad_token_id: int = END_OF_TEXT_ID,
-                           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def custom_collate_draft_2(
+    batch,
+    pad_token_id=50256,
+    device="cpu"
+):
     """The book's second draft: (inputs, targets), targets shifted by one; padding not yet masked."""
-    batch_max_length = max(len(item) + 1 for item in batch)
+    # Find the longest sequence in the batch
+    batch_max_length = max(len(item)+1 for item in batch)
+
+    # Pad and prepare inputs
     inputs_lst, targets_lst = [], []
+
     for item in batch:
-        padded = list(item) + [pad_token_id] * (batch_max_length - len(item))
-        inputs_lst.append(torch.tensor(padded[:-1]))
-        targets_lst.append(torch.tensor(padded[1:]))
-    return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)  # (batch, length) each
+        new_item = item.copy()
+        # Add an <|endoftext|> token
+        new_item += [pad_token_id]
+        # Pad sequences to max_length
+        padded = (
+            new_item + [pad_token_id] *
+            (batch_max_length - len(new_item))
+        )
+        inputs = torch.tensor(padded[:-1])  # Truncate the last token for inputs
+        targets = torch.tensor(padded[1:])  # Shift +1 to the right for targets
+        inputs_lst.append(inputs)
+        targets_lst.append(targets)
+
+    # Convert list of inputs to tensor and transfer to target device
+    inputs_tensor = torch.stack(inputs_lst).to(device)
+    targets_tensor = torch.stack(targets_lst).to(device)
+    return inputs_tensor, targets_tensor
 
 
 # --- 7.4 Creating data loaders for an instruction dataset ----------------------------------------

@@ -111,13 +111,39 @@ def test_clipping_only_after_warmup():
     assert all(n <= 1.0 + 1e-4 for n in norms[warmup:])  # and are clipped to norm 1 afterwards
 
 
-def test_max_norm_none_disables_clipping():
+def test_a_run_that_is_all_warmup_never_clips():
     model = Scaled(GPTModel(TINY), factor=1000.0)
     optimizer = RecordingSGD(model, lr=1e-6)
     train_model(model, repeated_batches(3), repeated_batches(1), optimizer, "cpu", n_epochs=1,
-                eval_freq=100, eval_iter=1, start_context="", tokenizer=None, warmup_steps=0,
-                max_norm=None, print_samples=False)
-    assert all(n > 10.0 for n in optimizer.norms)
+                eval_freq=100, eval_iter=1, start_context="", tokenizer=None, warmup_steps=3,
+                initial_lr=1e-7, print_samples=False)
+    assert len(optimizer.norms) == 3 and all(n > 10.0 for n in optimizer.norms)
+
+
+def test_the_book_clipped_one_step_later():
+    """The book's printed `global_step > warmup_steps` left the first step after warm-up unclipped;
+    ours (`>=`, the book repository's fix) clips it. Everything before that step is identical."""
+    import inspect
+
+    from appendix_d import training
+
+    source = inspect.getsource(training.train_model)
+    assert source.count("global_step >= warmup_steps") == 1
+    book_source = source.replace("global_step >= warmup_steps", "global_step > warmup_steps")
+    namespace = dict(vars(training))
+    exec(compile(book_source, "book_train_model", "exec"), namespace)
+    book = namespace["train_model"]
+    norms = {}
+    for name, fn in (("ours", train_model), ("book", book)):
+        torch.manual_seed(123)
+        model = Scaled(GPTModel(TINY), factor=1000.0)
+        optimizer = RecordingSGD(model, lr=1e-6)
+        fn(model, repeated_batches(5), repeated_batches(1), optimizer, "cpu", n_epochs=1, eval_freq=100,
+           eval_iter=1, start_context="", tokenizer=None, warmup_steps=2, initial_lr=1e-7, print_samples=False)
+        norms[name] = optimizer.norms
+    assert norms["book"][2] > 10.0 >= 1.0 + 1e-4 >= norms["ours"][2]  # step 2: the first after warm-up
+    assert norms["book"][:2] == norms["ours"][:2]
+    assert all(n <= 1.0 + 1e-4 for n in norms["book"][3:] + norms["ours"][3:])
 
 
 def test_train_model_loss_falls_and_tracks_lr(capsys):
