@@ -18,15 +18,13 @@ identical ids. Writes results.md and results.json into --out and prints whether 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.run import machine_description
-from ch02.atomic import atomic_write
+from benchmarks.run import machine_description, write_report
 from ch02.bpe import BPETokenizerSimple, bytes_to_unicode, train_naive
 from ch02.download import get_data_file
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
@@ -216,13 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                "train": bench_training(text, plan["vocab_sizes"], plan["rounds"]),
                "naive": bench_naive(text, plan["naive"], plan["rounds"]),
                "encode": bench_encoding(text, plan["rounds"], args.out)}
-    with atomic_write(args.out / "results.json") as f:
-        json.dump({"machine": machine, "quick": args.quick, "plan": plan, "results": results}, f, indent=1)
     table, goals = summarize(results, machine, args.quick)
-    with atomic_write(args.out / "results.md") as f:
-        f.write(table)
-    print(table)
-    print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {args.out}")
+    write_report(args.out, "results.json", "results.md",
+                 {"machine": machine, "quick": args.quick, "plan": plan, "results": results}, table, goals)
     return 0
 
 

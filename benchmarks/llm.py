@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from ch02.atomic import atomic_write
-
 QWEN3_06B_HF = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                 "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
                 "max_position_embeddings": 40960, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
@@ -215,7 +213,7 @@ def main(argv=None) -> int:
 
     import transformers
 
-    from benchmarks.run import machine_description
+    from benchmarks.run import machine_description, write_report
 
     machine = {**machine_description(), "transformers": transformers.__version__, "repeats": repeats}
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,13 +231,8 @@ def main(argv=None) -> int:
                    # memory varies little between runs: one process each
                    "load": [] if args.only == "generate" else measure(load, 1, "peak_rss_mib", better=min)}
     table, goals = summarize(results, machine, args.quick, args.new_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "llm.json") as f:
-        json.dump({"machine": machine, "quick": args.quick, "results": results}, f, indent=1)
-    with atomic_write(args.out / "llm.md") as f:
-        f.write(table)
-    print(table)
-    print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {args.out}")
+    write_report(args.out, "llm.json", "llm.md", {"machine": machine, "quick": args.quick, "results": results},
+                 table, goals)
     return 0
 
 

@@ -28,6 +28,18 @@ TINY_CONFIG = {"vocab_size": 1000, "context_length": 64, "emb_dim": 64, "n_heads
                "drop_rate": 0.1, "qkv_bias": False}
 
 
+def write_report(out: Path, json_name: str, md_name: str, data: dict, table: str,
+                 goals: list[tuple[str, bool]]) -> None:
+    """Write the results (JSON) and the table (Markdown) atomically into `out`; print the table and the goals met."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / json_name) as f:
+        json.dump(data, f, indent=1)
+    with atomic_write(out / md_name) as f:
+        f.write(table)
+    print(table)
+    print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {out}")
+
+
 def machine_description() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: all notebooks")
     parser.add_argument("--save", action="store_true", help="write the outputs back into the notebook")
     parser.add_argument("--full", action="store_true", help="full settings instead of quick mode")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default 900)")
     args = parser.parse_args(argv)
     for nb in args.notebooks or discover():
         print(f"executing {nb} ({'full' if args.full else 'quick'} mode)", flush=True)
-        execute(nb, quick=not args.full, save=args.save)
+        execute(nb, quick=not args.full, save=args.save, timeout=args.timeout)
     return 0
 
 

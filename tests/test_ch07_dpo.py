@@ -39,6 +39,8 @@ def trl_sigmoid_dpo(policy_chosen, policy_rejected, reference_chosen, reference_
     is the sequence log-probability we give, and the reference values come in as precomputed
     (`precompute_ref_log_probs`), exactly as trl takes them.
     """
+    pytest.importorskip("trl", minversion="1.16",
+                        reason="trl >= 1.16 (Python 3.11+) is the reference for the DPO loss")
     from trl.trainer.dpo_trainer import DPOTrainer
 
     n = len(policy_chosen)
