@@ -71,8 +71,9 @@ def open_page(browser, url: str):
 
 
 @contextmanager
-def slowed_generation(seconds: float = 0.04):
-    """Each GPTModel forward pass takes `seconds` longer: a tiny model is too fast to watch stream."""
+def slowed_generation(seconds: float = 0.1):
+    """Each GPTModel forward pass takes `seconds` longer: a tiny model is too fast to watch stream
+    (0.1 s, so a browser on a loaded machine still sees the text grow in several steps)."""
     import torch
 
     from ch04.gpt import GPTModel
