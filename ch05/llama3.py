@@ -386,11 +386,13 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
     """
     from safetensors import safe_open
 
-    from ch05.decoding_layout import laid_out_for_decoding
+    from ch05.decoding_layout import decoding_layout_enabled, laid_out_for_decoding
 
     tied = model.cfg.get("tie_weights", False)
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    relayout = (linear | ({"tok_emb.weight"} if tied else set())) if decoding_layout else set()
+    relayout = set()
+    if decoding_layout and decoding_layout_enabled():
+        relayout = linear | ({"tok_emb.weight"} if tied else set())
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(Path(model_dir)):
         to_convert = []
@@ -399,7 +401,10 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
                 if hf_to_ours(name) is None:
                     continue
                 t = f.get_tensor(name)  # a view of the mapped file: nothing read yet
-                if (dtype is None or t.dtype == dtype) and hf_to_ours(name) not in relayout:
+                final_dtype = dtype or t.dtype
+                # Only float32 weights get the decoding layout; everything else that keeps its
+                # dtype stays a zero-copy view of the file.
+                if final_dtype == t.dtype and not (hf_to_ours(name) in relayout and final_dtype == torch.float32):
                     state[hf_to_ours(name)] = t
                 else:
                     to_convert.append(name)

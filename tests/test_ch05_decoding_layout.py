@@ -109,3 +109,15 @@ def test_hugging_face_folders_load_laid_out_and_match_transformers(tmp_path, fam
     ids = torch.randint(0, model.cfg["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
     check_parity(model, hf, ids)
     assert all(w.is_contiguous() for w in linear_weights(load(tmp_path)))  # off unless asked for
+
+
+def test_a_bfloat16_folder_keeps_its_zero_copy_weights(tmp_path):
+    from ch05.qwen3 import load_qwen3
+    from hf_tiny import verdict, write_model_dir
+
+    hf = write_model_dir(tmp_path / "fp32", "qwen3", verdict())
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = load_qwen3(tmp_path / "bf16", decoding_layout=True)
+    weights = linear_weights(model)
+    assert all(w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights)
+    assert model.out_head.weight is model.tok_emb.weight
