@@ -4,7 +4,7 @@ One cached decoding step multiplies a single token's vector by every weight matr
 so its time goes to reading the weights from memory. `nn.Linear` keeps its weight as [out, in] and
 computes `x @ W.T`; PyTorch's CPU BLAS (oneMKL) streams a float32 weight faster for one row when
 the same matrix lies in memory the other way round, [in, out], which is how Hugging Face's GPT-2
-stores its block weights. On this project's AMD EPYC: ~19 vs ~16 GB/s, and GPT-2 124M decodes
+stores its block weights. On this project's AMD EPYC: 15-19 vs 13-16 GB/s, and GPT-2 124M decodes
 ~1.2x faster (`benchmarks/README.md`). bfloat16 weights are left alone (there the stored order is
 the faster one), as are weights on other devices.
 
