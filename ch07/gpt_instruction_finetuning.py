@@ -1,7 +1,7 @@
 """Chapter 7: fine-tuning a GPT model to follow instructions, sections 7.2-7.4, the book's listings.
 
 * 7.2 the instruction data: `download_and_load_file` (the book's listing, offline-first),
-  `load_instruction_data` (validated records), the Alpaca-style prompt (`format_input`,
+  `load_instruction_data` (validated records, `ch07.instruction_data`), the Alpaca-style prompt (`format_input`,
   `format_response`) and the 85/10/5 split (`split_data`);
 * 7.3 batching: `InstructionDataset` (pre-tokenized prompt + response), the book's two drafts
   and `custom_collate_fn` (pad per batch, shift targets, hide padding -- and optionally the
@@ -20,7 +20,6 @@ Training reuses chapter 5 unchanged (`train_model_simple`, `calc_loss_loader`:
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,8 +30,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ch02.atomic import atomic_write
 from ch02.download import data_file_for_url, get_data_file
+from ch07.instruction_data import (  # noqa: F401  (checked reading of the data files; imported from here too)
+    INSTRUCTION_DATA_FILE,
+    load_instruction_data,
+    read_json_file,
+    validate_instruction_data,
+)
 
-INSTRUCTION_DATA_FILE = "instruction-data.json"
 END_OF_TEXT_ID = 50256  # GPT-2's <|endoftext|>, used as padding and as the stop token
 IGNORE_INDEX = -100     # targets with this value add nothing to F.cross_entropy's loss
 
@@ -50,55 +54,6 @@ RESPONSE_HEADERS = {"alpaca": "### Response:", "phi3": "<|assistant|>"}
 def _check_style(style: str) -> None:
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; choose one of {PROMPT_STYLES}")
-
-
-def validate_instruction_data(data, source: str = "instruction data",
-                              required: Sequence[str] = ("instruction", "output"),
-                              optional: Sequence[str] = ("input",)) -> list[dict]:
-    """Check that `data` is a list of records with string fields; return it unchanged.
-
-    Every key in `required` must be present and a string; keys in `optional` may be
-    missing but must be strings when present. The error names the record's index
-    and the key, so a broken record in a file of thousands is easy to find.
-    """
-    if not isinstance(data, list):
-        raise ValueError(f"{source}: expected a JSON list of records, got {type(data).__name__}")
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{source}: record {i} is a {type(entry).__name__}, expected an object with "
-                             f"keys {list(required)}")
-        for key in required:
-            if key not in entry:
-                raise ValueError(f"{source}: record {i} is missing the key {key!r}")
-            if not isinstance(entry[key], str):
-                raise ValueError(f"{source}: record {i} has {key!r} of type {type(entry[key]).__name__}, "
-                                 "expected a string")
-        for key in optional:
-            if key in entry and not isinstance(entry[key], str):
-                raise ValueError(f"{source}: record {i} has {key!r} of type {type(entry[key]).__name__}, "
-                                 "expected a string")
-    return data
-
-
-def read_json_file(path: str | os.PathLike):
-    """Parse a JSON file; a syntax error names the file, line, column and character offset."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno} "
-                         f"(char {exc.pos})") from None
-
-
-def load_instruction_data(path: str | os.PathLike | None = None) -> list[dict]:
-    """Read and validate an instruction file (default: the chapter's `instruction-data.json`).
-
-    Each record is `{"instruction": str, "input": str (optional, may be ""), "output": str}`.
-    """
-    if path is None:
-        path = get_data_file(INSTRUCTION_DATA_FILE)
-    return validate_instruction_data(read_json_file(path), source=str(path))
 
 
 def format_input(entry: dict, style: str = "alpaca") -> str:
