@@ -30,7 +30,7 @@ REQUIRED = {
     "ch07/ch07.ipynb": ["format_input", "InstructionDataset", "custom_collate_draft_1", "custom_collate_draft_2",
                         "custom_collate_fn"],
     "appendix-A/code-part1.ipynb": ["NeuralNetwork", "ToyDataset"],
-    "appendix-D/appendix-D.ipynb": ["train_model"],
+    "appendix-D/appendix-D.ipynb": ["find_highest_gradient", "train_model"],
     "appendix-E/appendix-E.ipynb": ["LoRALayer", "LinearWithLoRA", "replace_linear_with_lora"],
 }
 
