@@ -44,7 +44,7 @@ try:
         make_toy_data,
         weights_fingerprint,
     )
-    from ch02.runtime import distributed_backend, get_device, set_seed
+    from llmfs.runtime import distributed_backend, get_device, set_seed
 except ImportError:  # project not installed: import the files next to this script instead
     HERE = Path(__file__).resolve().parent
     sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -57,7 +57,7 @@ except ImportError:  # project not installed: import the files next to this scri
         weights_fingerprint,
     )
 
-    from ch02.runtime import distributed_backend, get_device, set_seed
+    from llmfs.runtime import distributed_backend, get_device, set_seed
 
 
 def log(message: str) -> None:

@@ -3,7 +3,7 @@
 `appendix_a.toy` holds the pieces the appendix builds (a small multilayer perceptron, a
 toy two-feature data set, the training loop and an accuracy helper); the notebooks and
 `DDP-script.py` import them from there. Device choice comes from chapter 2
-(`ch02.runtime.get_device`).
+(`llmfs.runtime.get_device`).
 """
 
 from appendix_a.toy import NeuralNetwork, ToyDataset, compute_accuracy, make_toy_data, make_toy_loaders, train

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.run import machine_description, write_report
-from ch02.bpe import BPETokenizerSimple, bytes_to_unicode, train_naive
-from ch02.download import get_data_file
+from ch02.bpe.bpe import BPETokenizerSimple, bytes_to_unicode, train_naive
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
+from llmfs.download import get_data_file
 
 # naive: (vocab size, characters) for the naive trainer, whose time grows with merges x characters.
 # At 5,000 tokens the naive trainer would need minutes even on a slice (201 s for 4,176 merges on 50,000

@@ -1,4 +1,4 @@
-"""Benchmark ch05.qwen3 against transformers' Qwen3ForCausalLM: cached greedy decoding and loading memory.
+"""Benchmark ch05.llama.qwen3 against transformers' Qwen3ForCausalLM: cached greedy decoding and loading memory.
 
     python -m benchmarks.llm            # a random-init Qwen3-0.6B-shaped model (a few minutes, ~4 GB disk)
     python -m benchmarks.llm --quick    # tiny config, a smoke test of the harness
@@ -8,8 +8,8 @@ in bfloat16 (into --workdir, a temp folder by default). Every measurement then r
 process, in rounds over ours / transformers (A B A B, not A A B B), and the fastest of
 --repeats processes is kept:
 
-- decoding: load the folder (ours: laid out for decoding by `ch05.decoding_layout`, as
-  `python -m ch05.generate_llm` does; "ours-stored-layout" without it), greedy decoding with the KV cache of `--new-tokens` tokens after a
+- decoding: load the folder (ours: laid out for decoding by `llmfs.decoding_layout`, as
+  `python -m ch05.llama.generate_llm` does; "ours-stored-layout" without it), greedy decoding with the KV cache of `--new-tokens` tokens after a
   16-token prompt (ours: chapter 5's `generate`; theirs: `model.generate`), after one warm-up run;
 - loading: peak RSS of loading the folder and running one token through the model (so every
   weight page has been read), minus the RSS of the process before loading, against the size
@@ -80,9 +80,9 @@ def _load(impl: str, model_dir: str, dtype_name: str):
 
     dtype = getattr(torch, dtype_name)
     if impl.startswith("ours"):
-        from ch05.qwen3 import load_qwen3
+        from ch05.llama.qwen3 import load_qwen3
 
-        # Laid out for CPU decoding as it is read, as `python -m ch05.generate_llm` loads it.
+        # Laid out for CPU decoding as it is read, as `python -m ch05.llama.generate_llm` loads it.
         return load_qwen3(model_dir, dtype=dtype, decoding_layout=impl != "ours-stored-layout")
     from transformers import Qwen3ForCausalLM
 
@@ -96,7 +96,7 @@ def _decode(impl: str, model, ids, new_tokens: int) -> list[int]:
         out = generate(model, ids, max_new_tokens=new_tokens, context_size=model.cfg["context_length"],
                        use_cache=True)
     elif impl == "ours-stream":
-        from ch05.generate_stream import generate_stream
+        from llmfs.generate_stream import generate_stream
 
         return list(generate_stream(model, ids, max_new_tokens=new_tokens, context_size=model.cfg["context_length"]))
     else:
@@ -111,7 +111,7 @@ def worker(spec: dict) -> dict:
     if spec["impl"] == "hf":
         import transformers  # noqa: F401  (imports count as the process's baseline, not as loading)
     else:
-        import ch05.qwen3  # noqa: F401
+        import ch05.llama.qwen3  # noqa: F401
     ids = torch.randint(0, spec["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(123))
     before = _rss_mib()
     t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def summarize(results: dict, machine: dict, quick: bool, new_tokens: int) -> tup
     goals: list[tuple[str, bool]] = []
     gen = {(r["impl"], r["dtype"]): r for r in results["generate"]}
     names = {"ours": "ours (`generate`)", "ours-stream": "ours (`generate_stream`)",
-             "ours-stored-layout": "ours (`generate`, without `ch05.decoding_layout`)", "hf": "transformers"}
+             "ours-stored-layout": "ours (`generate`, without `llmfs.decoding_layout`)", "hf": "transformers"}
     for dtype in ("float32", "bfloat16") if gen else ():
         hf = gen[("hf", dtype)]
         for impl, name in names.items():

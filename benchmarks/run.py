@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ch02.atomic import atomic_path, atomic_write
 from ch04.gpt import GPT_CONFIG_124M
-from ch05.onednn_linear import onednn_linear_supported
+from llmfs.atomic import atomic_path, atomic_write
+from llmfs.onednn_linear import onednn_linear_supported
 
 TINY_CONFIG = {"vocab_size": 1000, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                "drop_rate": 0.1, "qkv_bias": False}
@@ -164,7 +164,7 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
              f"{machine['threads']} threads, Python {machine['python']}, native bf16: {machine['bf16_cpu']}", ""]
     memory = ("handed back to the OS at once (glibc default)." if machine["freed_memory"] == "released" else
               "kept for reuse in every process, as the chapter-5 trainer does by default "
-              "(`ch02.runtime.reuse_freed_memory`).")
+              "(`llmfs.runtime.reuse_freed_memory`).")
     lines += [f"Each figure: the fastest of {machine['repeats']} separate processes"
               f"{' (all runs in results.json)' if machine['repeats'] > 1 else ''}; freed memory {memory}", ""]
     goals: list[tuple[str, bool]] = []
@@ -173,7 +173,7 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
         return r["tokens_per_s"], r["peak_rss_mib"]
 
     onednn = ("every model uses PyTorch's default path, as the chapter scripts do; ours-onednn is `ours` "
-              "with the opt-in `--onednn` path (`ch05.onednn_linear`)."
+              "with the opt-in `--onednn` path (`llmfs.onednn_linear`)."
               if machine.get("onednn_linear") else "every model uses PyTorch's default path (the opt-in oneDNN "
               "linear path is not available here).")
     lines += ["## Training step (forward + backward + fused AdamW, the same for every model; fp32, dropout 0.1)", "",
@@ -200,7 +200,7 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
     g = {(f"{r['impl']}-cache" if r["impl"] != "hf" and r["cache"] else "ours-no-cache" if r["impl"] != "hf"
           else "hf"): r for r in results["generate"] if "skipped" not in r}
     gen_path = ("Ours: `ch05.gpt_generate.generate` on PyTorch's default path, with the weight layout the "
-                "generation commands use (`ch05.decoding_layout`); ours-stored-layout-cache: without it "
+                "generation commands use (`llmfs.decoding_layout`); ours-stored-layout-cache: without it "
                 "(nn.Linear's own [out, in] weights); ours-onednn-cache: under the opt-in `--onednn` path.")
     lines += ["", f"## Generation (greedy, batch 1, 10-token prompt, {g['hf']['new_tokens']} new tokens)", "",
               gen_path, "",

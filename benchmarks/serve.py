@@ -5,7 +5,7 @@
 
 The server runs as `python -m ch07.serve` in its own process; clients stream /api/generate
 with httpx (greedy, a fixed prompt and answer length). The reference is the same generation
-run in this process through `ch07.chat` with no HTTP at all, measured in the same run and
+run in this process through `llmfs.chat` with no HTTP at all, measured in the same run and
 interleaved with the served rounds, so a busy machine slows both alike. Concurrent clients
 queue on the server's one model, so requests/s stays about the same while the time to first
 token grows with the queue.
@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.run import TINY_CONFIG, machine_description
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
-from ch05.checkpoint import save_model
+from llmfs.checkpoint import save_model
 
 PROMPT = "Every effort moves you"
 QUICK_CONFIG = {**TINY_CONFIG, "vocab_size": 50257, "drop_rate": 0.0}  # the GPT-2 tokenizer's ids must fit
@@ -117,7 +117,8 @@ def summarize(rounds: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from ch07.chat import load_chat_model, parse_options
+    from ch07.cli import load_chat_model
+    from llmfs.chat import parse_options
 
     p = argparse.ArgumentParser(description="Requests/s and time to first token of ch07.serve.")
     p.add_argument("--quick", action="store_true", help="tiny model, few requests (a smoke test)")

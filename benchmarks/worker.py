@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ch02.runtime import reuse_freed_memory
 from ch04.gpt import GPTModel
-from ch05.decoding_layout import layout_for_decoding
-from ch05.onednn_linear import onednn_linear
-from ch05.trainer import autocast_context, make_optimizer
+from llmfs.decoding_layout import layout_for_decoding
+from llmfs.onednn_linear import onednn_linear
+from llmfs.runtime import reuse_freed_memory
+from llmfs.trainer import autocast_context, make_optimizer
 
 
 def peak_rss_mib() -> float:
@@ -55,7 +55,7 @@ def build(spec: dict) -> nn.Module:
     variant = {
         "ours": {"tie_weights": True},                  # same parameter count as GPT-2 / HF
         "ours-onednn": {"tie_weights": True},           # the same, with the opt-in oneDNN fp32 linear path
-        "ours-stored-layout": {"tie_weights": True},    # generation without ch05.decoding_layout
+        "ours-stored-layout": {"tie_weights": True},    # generation without llmfs.decoding_layout
         "ours-untied": {"tie_weights": False},          # the book's chapter-4 layout
         "ours-explicit": {"tie_weights": True, "use_sdpa": False},  # the chapter's hand-written attention
     }[spec["impl"]]
@@ -105,7 +105,7 @@ def measure_generate(spec: dict) -> dict:
     torch.manual_seed(spec.get("seed", 123))
     model = build(spec).eval()
     if spec["impl"] in ("ours", "ours-onednn"):
-        # What the generation commands do after loading (ch05.decoding_layout); "ours-stored-layout"
+        # What the generation commands do after loading (llmfs.decoding_layout); "ours-stored-layout"
         # keeps nn.Linear's own [out, in] weights, to show what the layout brings on this CPU.
         layout_for_decoding(model)
     prompt = torch.randint(0, spec["cfg"]["vocab_size"], (1, spec["prompt_len"]),

@@ -1,2 +1,1 @@
-"""Chapter 2: working with text data (tokenizers, data loaders) and the shared helpers
-(data download, device choice, quick mode, atomic writes) that every later chapter imports."""
+"""Chapter 2: working with text data (tokenizers, data loaders, embeddings); bonus: BPE from scratch in `ch02.bpe`."""

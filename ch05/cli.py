@@ -1,226 +1,162 @@
-"""Command lines of the chapter scripts, kept apart from the teaching code.
+"""Chapter 5's commands: the chapter's listings wired to the project's machinery (`llmfs`).
 
-    python -m ch05.gpt_train [--quick] [...]       # -> train_main (runs ch05.trainer.pretrain)
+    python -m ch05.gpt_train [--quick] [...]       # -> train_main -> pretrain (llmfs.trainer.train)
     python -m ch05.gpt_generate --model gpt2 ...   # -> generate_main
+    python -m ch05.gpt_download gpt2               # -> download_main
 
-The helpers at the top are shared by chapters 6 and 7: a parser whose errors are one line
-(`error: ...`, exit code 2), the options every training script has, and `run`, which turns
-a user's mistake into that one line and an interruption into a resume hint, while an
-unexpected failure keeps its traceback.
+`pretrain` is the chapter-5 run: the book's data loaders, loss and evaluation (`ch05.gpt_train`)
+inside the training layer (`llmfs.trainer`: checkpoints on Ctrl-C, exact resume, torchrun), and
+`print_sample`, the book's `generate_and_print_sample` decoded with the KV cache. The listing
+modules are looked up with `llmfs.cli.chapter_module`, so `python -m ch05.gpt_train` runs
+gpt_train.py once.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import math
-import os
-import pickle
-import shlex
 import sys
+import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
-from ch02.atomic import remove_stale_temporary_files
-from ch02.download import DataUnavailableError
-from ch02.runtime import DeviceUnavailableError, outputs_dir
-from ch05.checkpoint import CheckpointFileError, CheckpointMismatchError, is_torch_file
-from ch05.gpt_download import PretrainedWeightsUnavailable
-from ch05.onednn_linear import onednn_linear
-from ch05.trainer import TrainingInterrupted
-
-# Exceptions that mean "the user asked for something that cannot be done": one line, exit 2.
-USER_ERRORS = (PretrainedWeightsUnavailable, DeviceUnavailableError, CheckpointMismatchError, DataUnavailableError,
-               FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError, ValueError,
-               pickle.UnpicklingError)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: argument --lr: ...` instead of usage + message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
+from ch02.tokenizer import get_gpt2_tokenizer
+from ch04.gpt import GPT_CONFIG_124M, QUICK_CONFIG, GPTModel
+from llmfs.atomic import atomic_write
+from llmfs.checkpoint import save_model
+from llmfs.cli import (
+    Parser,
+    add_common_args,
+    add_sampling_arguments,
+    chapter_module,
+    check_input_file,
+    check_output_dir,
+    common_overrides,
+    device_name,
+    non_negative_int,
+    positive_int,
+    run,
+)
+from llmfs.decoding_layout import layout_for_decoding
+from llmfs.distributed import DistInfo, cleanup, init_distributed, launched_by_torchrun, shard_loader
+from llmfs.download import get_data_file
+from llmfs.errors import InvalidInput
+from llmfs.runtime import get_device, outputs_dir, reuse_freed_memory, set_seed
+from llmfs.trainer import check_autocast_support, make_optimizer, parse_dtype, train
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
+def gpt_train():
+    """Chapter 5's training listings (`ch05.gpt_train`)."""
+    return chapter_module("ch05.gpt_train")
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def gpt_generate():
+    """Chapter 5's decoding listings (`ch05.gpt_generate`)."""
+    return chapter_module("ch05.gpt_generate")
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+# --- The chapter-5 run: python -m ch05.gpt_train -------------------------------------------------------------------------------------
+
+def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume: str | None = None,
+             checkpoint_every: int | None = None, dtype: str | None = None, text: str | None = None,
+             max_steps: int | None = None, progress: bool = True, keep_freed_memory: bool = True,
+             sample_tokens: int = 50) -> dict:
+    """Train on the-verdict (or `text`); write checkpoint.pth, model.pth, config.json and loss.png to `output_dir`.
+
+    checkpoint.pth holds everything needed to resume (`resume=` that path); model.pth
+    only the weights, with the model's config beside it in config.json (so
+    `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
+    `keep_freed_memory` (default on) trades ~0.3-0.5 GB of peak memory for far fewer page
+    faults (see `llmfs.runtime.reuse_freed_memory`); turn it off where memory is tight.
+    """
+    if keep_freed_memory:
+        reuse_freed_memory()
+    dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
+    if dist_info is not None:
+        device = dist_info.device
+    device = torch.device(device) if device is not None else get_device()
+    autocast_dtype = parse_dtype(dtype)
+    check_autocast_support(device, autocast_dtype)
+    output_dir = Path(output_dir)
+    set_seed(settings["seed"])
+    if text is None:
+        text = get_data_file("the-verdict.txt").read_text(encoding="utf-8")
+    tokenizer = get_gpt2_tokenizer()
+    train_loader, val_loader = gpt_train().create_train_val_loaders(text, cfg, settings["batch_size"], settings["train_ratio"])
+    if len(train_loader) == 0 or len(val_loader) == 0:
+        raise InvalidInput(
+            f"the text ({len(text):,} characters) is too short for context_length {cfg['context_length']} and "
+            f"batch_size {settings['batch_size']}: the {'training' if len(train_loader) == 0 else 'validation'} "
+            "split has no full batch. Use more text or lower context_length / batch_size."
+        )
+    model = GPTModel(cfg).to(device)
+    optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
+    is_main = dist_info is None or dist_info.is_main
+    if dist_info is not None:
+        # Every rank starts from the same weights (same seed); DDP averages gradients across ranks,
+        # and each rank trains on its own shard of the batches: global batch = batch_size x ranks.
+        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"])
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if is_main:
+        ranks = f", {dist_info.world_size} processes ({torch.distributed.get_backend()})" if dist_info else ""
+        precision = "bfloat16 autocast" if autocast_dtype else "float32"
+        print(f"device: {device}{ranks} ({precision}); {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(train_loader)} training batches per epoch (per process)")
+
+    def sample(m: nn.Module, epoch: int) -> None:
+        if sample_tokens:
+            print_sample(m, tokenizer, device, settings["start_context"], sample_tokens)
+
+    listings = gpt_train()
+    start = time.perf_counter()
+    result = train(model, train_loader, val_loader, optimizer, device, num_epochs=settings["num_epochs"],
+                   eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"],
+                   loss_fn=lambda m, inputs, targets: listings.calc_loss_batch(inputs, targets, m, device),
+                   evaluate_fn=lambda m: listings.evaluate_model(m, train_loader, val_loader, device,
+                                                                 settings["eval_iter"]),
+                   epoch_end_fn=sample,
+                   checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
+                   resume_from=resume, max_steps=max_steps, autocast_dtype=autocast_dtype, progress=progress,
+                   run_settings=settings)
+    elapsed = time.perf_counter() - start
+    model = getattr(model, "module", model)
+    train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
+    out = {"model": model, "train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
+           "seconds": elapsed, "output_dir": output_dir}
+    if dist_info is not None:
+        cleanup()
+    if not is_main:
+        return out
+    save_model(model, output_dir / "model.pth")
+    with atomic_write(output_dir / "config.json") as f:
+        json.dump(model.cfg, f, indent=2)
+    if train_losses:
+        # Fractional epochs from the tokens seen (also right for runs stopped early or resumed).
+        tokens_per_epoch = len(train_loader) * settings["batch_size"] * cfg["context_length"]
+        epochs_seen = [t / tokens_per_epoch for t in tokens_seen]
+        fig = gpt_train().plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, output_dir / "loss.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # saved to loss.png; don't keep (or, in a notebook, display) the figure
+        print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}, "
+              f"perplexity {math.exp(val_losses[-1]):.1f}; {elapsed / 60:.1f} min")
+    beside = "config.json, checkpoint.pth" + (" and loss.png" if train_losses else "")
+    print(f"wrote {output_dir / 'model.pth'}, {beside} in {output_dir.resolve()}")
+    return out
 
 
-def device_name(text: str) -> str:
-    """A device PyTorch knows and this machine has (cpu, cuda, cuda:1, mps), checked when parsed."""
-    from ch02.runtime import get_device
-
-    try:
-        get_device(text)
-    except (DeviceUnavailableError, RuntimeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(one_line(exc)) from None
+def print_sample(model: nn.Module, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
+    """`generate_and_print_sample` with the KV cache: the same greedy tokens, each for one token's work."""
+    listings = gpt_train()
+    encoded = listings.text_to_token_ids(start_context, tokenizer).to(device)
+    token_ids = gpt_generate().generate(model, encoded, max_new_tokens, model.pos_emb.weight.shape[0], use_cache=True)
+    text = listings.token_ids_to_text(token_ids, tokenizer)
+    print(text.replace("\n", " "))
     return text
-
-
-def add_common_args(p: argparse.ArgumentParser, output_dir: str) -> None:
-    """Options every training script has (defaults None: the script's settings decide)."""
-    p.add_argument("--epochs", type=positive_int, help="number of epochs")
-    p.add_argument("--lr", type=positive_float, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=non_negative_float, help="AdamW weight decay")
-    p.add_argument("--batch-size", type=positive_int, help="batch size")
-    p.add_argument("--eval-freq", type=positive_int, help="evaluate the loss every N steps")
-    p.add_argument("--eval-iter", type=positive_int, help="batches per evaluation")
-    p.add_argument("--seed", type=int, help="random seed (default 123)")
-    p.add_argument("--output-dir", default=output_dir,
-                   help=f"where the outputs go (default {output_dir}: outputs/<chapter> at the repository "
-                        "root, or under $LLMFS_OUTPUT_DIR)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a trained model already in --output-dir (without it such a folder is refused)")
-    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--onednn", action="store_true",
-                   help="x86 CPUs, float32: compute linear layers with oneDNN instead of PyTorch's default "
-                        "(faster on some AMD EPYC CPUs, slower on Intel Xeon; see benchmarks/README.md)")
-
-
-def common_overrides(args: argparse.Namespace) -> dict:
-    """The settings the common options change, under the chapters' settings keys."""
-    values = {"num_epochs": args.epochs, "learning_rate": args.lr, "weight_decay": args.weight_decay,
-              "batch_size": args.batch_size, "eval_freq": args.eval_freq, "eval_iter": args.eval_iter,
-              "seed": args.seed}
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def one_line(exc: BaseException | str) -> str:
-    """A message on one line: an error's advice lines joined with '; '."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines) or type(exc).__name__
-
-
-def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, onednn: bool = False,
-        other_errors: dict[type[BaseException], int] | None = None) -> int:
-    """Call `main()`; return the exit code. User mistakes print `error: ...` on one line (exit 2);
-    Ctrl-C or SIGTERM during training print how to resume (exit 130 / 143). `other_errors` maps
-    more exception types to their exit code (e.g. a server that does not answer: 1); anything
-    else keeps its traceback."""
-    try:
-        with onednn_linear(onednn) if onednn else contextlib.nullcontext():
-            main()
-    except TrainingInterrupted as exc:
-        print(f"\ninterrupted: {exc}", file=sys.stderr)
-        if exc.checkpoint is not None:
-            args = list(sys.argv[1:] if argv_for_resume is None else argv_for_resume)
-            if "--resume" in args:  # resuming again: replace the old --resume value
-                i = args.index("--resume")
-                del args[i:i + 2]
-            args = [a for a in args if not a.startswith("--resume=")]
-            command = " ".join(shlex.quote(a) for a in [*args, "--resume", str(exc.checkpoint)])
-            print(f"resume with: python -m {_module_name()} {command}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:  # outside training (loading, answering): nothing to save
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except tuple(other_errors or ()) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return next(code for kind, code in other_errors.items() if isinstance(exc, kind))
-    return 0
-
-
-# --- Checks before the work starts ------------------------------------------------------------------
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False, model_patterns: tuple[str, ...] = (),
-                     resume: str | os.PathLike | None = None, option: str = "--output-dir") -> Path:
-    """Make sure the run can write its results, before it spends any time on training.
-
-    Creates the folder, writes and removes a probe file (PermissionError with the folder's
-    name otherwise), removes temporary files left by a killed earlier write, and refuses a
-    folder that already holds a finished model (a file matching `model_patterns`) unless
-    `overwrite`, or unless the run resumes a checkpoint from that same folder.
-    """
-    folder = Path(path)
-    probe = folder / f".write-probe.{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"probe")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise PermissionError(f"{option} {folder} cannot be written ({reason}); nothing was started. "
-                              f"Choose a folder you can write to with {option}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-    removed = remove_stale_temporary_files(folder)
-    if removed:
-        print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted write", file=sys.stderr)
-    resuming_here = resume is not None and Path(resume).resolve().parent == folder.resolve()
-    finished = sorted({p.name for pattern in model_patterns for p in folder.glob(pattern)})
-    if finished and not overwrite and not resuming_here:
-        raise FileExistsError(f"{option} {folder} already holds a trained model ({', '.join(finished)}); "
-                              f"pass --overwrite to replace it, or choose another {option}")
-    return folder
-
-
-def check_input_file(path: str | os.PathLike | None, option: str) -> Path | None:
-    """A model or checkpoint file given on the command line exists and is of a kind we read.
-
-    Cheap (reads a few bytes, or a .safetensors header): the full load comes later and names the
-    file too if the rest is damaged.
-    """
-    if path is None:
-        return None
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"{option} {file} does not exist")
-    if file.is_dir():
-        raise IsADirectoryError(f"{option} {file} is a folder; give the checkpoint file inside it")
-    if file.stat().st_size == 0:
-        raise CheckpointFileError(f"{option} {file} is empty (0 bytes): not a checkpoint")
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointFileError(f"{option} {file} is not a readable .safetensors file ({exc})") from None
-    elif not is_torch_file(file):
-        raise CheckpointFileError(f"{option} {file} is not a PyTorch checkpoint (torch.save writes a zip "
-                                  "archive); give the checkpoint.pth or model.pth a run wrote")
-    return file
-
-
-def _module_name() -> str:
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    return spec.name if spec is not None else "<module>"
 
 
 # --- python -m ch05.gpt_train --------------------------------------------------------------------------
@@ -243,22 +179,18 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_settings(args: argparse.Namespace) -> tuple[dict, dict]:
-    from ch04.gpt import GPT_CONFIG_124M, QUICK_CONFIG
-    from ch05.gpt_train import DEFAULT_SETTINGS, QUICK_SETTINGS
-
+    listings = gpt_train()
     cfg = dict(QUICK_CONFIG if args.quick else {**GPT_CONFIG_124M, "context_length": 256})
-    settings = {**(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS), **common_overrides(args)}
+    settings = {**(listings.QUICK_SETTINGS if args.quick else listings.DEFAULT_SETTINGS), **common_overrides(args)}
     if args.context_length:
         if args.context_length > GPT_CONFIG_124M["context_length"]:
-            raise ValueError(f"--context-length {args.context_length} is longer than GPT-2's 1024 positions")
+            raise InvalidInput(f"--context-length {args.context_length} is longer than GPT-2's 1024 positions")
         cfg["context_length"] = args.context_length
     return cfg, settings
 
 
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m ch05.gpt_train [options]`; returns the exit code."""
-    from ch05.trainer import pretrain
-
     args = train_parser().parse_args(argv)
 
     def main():
@@ -270,18 +202,6 @@ def train_main(argv: list[str] | None = None) -> int:
                  progress=not args.no_progress, keep_freed_memory=not args.release_freed_memory)
 
     return run(main, argv, onednn=args.onednn)
-
-
-# --- python -m ch05.gpt_generate -----------------------------------------------------------------------
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """--temperature, --top-k, --top-p and --seed, shared with `ch05.generate_llm`."""
-    p.add_argument("--temperature", type=non_negative_float, default=0.0,
-                   help="0 = greedy (default); e.g. 0.7 samples")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=positive_float, default=None,
-                   help="sample only from the nucleus of mass p (0 < p <= 1)")
-    p.add_argument("--seed", type=int, default=123, help="random seed for sampling (default 123)")
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -305,37 +225,32 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def generate_main(argv: list[str] | None = None) -> int:
     """Print the prompt and its continuation; returns the exit code."""
-    from ch02.runtime import get_device
-    from ch02.tokenizer import get_gpt2_tokenizer
-    from ch05.decoding_layout import layout_for_decoding
-    from ch05.gpt_generate import _check_sampling_args, generate, load_model_for_generation
-    from ch05.gpt_train import text_to_token_ids, token_ids_to_text
-
     args = generate_parser().parse_args(argv)
+    listings, generation = gpt_train(), gpt_generate()
 
     def main():
-        _check_sampling_args(args.temperature, args.top_k, args.top_p)
+        generation.check_sampling_args(args.temperature, args.top_k, args.top_p)
         if not args.prompt.strip():
-            raise ValueError("--prompt is empty: give some text to continue")
+            raise InvalidInput("--prompt is empty: give some text to continue")
         if Path(args.model).is_file():  # a missing file gets the loader's message (it lists the other forms)
             check_input_file(args.model, "--model")
         device = get_device(args.device)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            model, described = load_model_for_generation(args.model, device=device, n_heads=args.n_heads)
+            model, described = generation.load_model_for_generation(args.model, device=device, n_heads=args.n_heads)
         layout_for_decoding(model)  # same numbers, faster one-token products on the CPU
         tokenizer = get_gpt2_tokenizer()
-        idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+        idx = listings.text_to_token_ids(args.prompt, tokenizer).to(device)
         context = model.cfg["context_length"]
         if idx.shape[1] > context:
-            raise ValueError(f"the prompt has {idx.shape[1]} tokens, more than the model's context of {context}")
+            raise InvalidInput(f"the prompt has {idx.shape[1]} tokens, more than the model's context of {context}")
         generator = torch.Generator(device=device).manual_seed(args.seed)
         print(f"model: {described}; device: {device}", file=sys.stderr)
-        out = generate(model, idx, max_new_tokens=args.max_new_tokens, context_size=context,
+        out = generation.generate(model, idx, max_new_tokens=args.max_new_tokens, context_size=context,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        eos_id=tokenizer.eot_token if args.stop_at_eos else None,
                        use_cache=not args.no_cache, generator=generator)
-        print(token_ids_to_text(out, tokenizer))
+        print(listings.token_ids_to_text(out, tokenizer))
 
     return run(main, argv, onednn=args.onednn)
 
@@ -344,7 +259,9 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 def download_main(argv: list[str] | None = None) -> int:
     """`python -m ch05.gpt_download [models] [--cache-dir DIR]`; returns the exit code."""
-    from ch05.gpt_download import GPT2_MODEL_NAMES, canonical_model_name, download_gpt2_safetensors
+    download = chapter_module("ch05.gpt_download")
+    GPT2_MODEL_NAMES, canonical_model_name = download.GPT2_MODEL_NAMES, download.canonical_model_name
+    download_gpt2_safetensors = download.download_gpt2_safetensors
 
     parser = Parser(prog="python -m ch05.gpt_download",
                     description="Download GPT-2 weights (safetensors) into the Hugging Face cache.")

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
+from llmfs.errors import InvalidInput, PretrainedWeightsUnavailable  # noqa: F401  (raised here; imported from here too)
 
 GPT2_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # The book names the sizes by parameter count ("124M", ...) and, in chapters 6-7, "gpt2-small (124M)".
@@ -52,10 +53,6 @@ BOOK_SIZE_ALIASES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large"
                      "gpt2-small": "gpt2"}
 HF_ORGANIZATION = "openai-community"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """The GPT-2 weights could neither be downloaded nor found locally."""
 
 
 def _unavailable_message(what: str, cause: object) -> str:
@@ -83,7 +80,7 @@ def canonical_model_name(name: str) -> str:
     key = BOOK_SIZE_ALIASES.get(key, key)
     if key not in GPT2_MODEL_NAMES:
         aliases = ", ".join(k for k in BOOK_SIZE_ALIASES if k[0].isdigit())
-        raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_MODEL_NAMES)} "
+        raise InvalidInput(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_MODEL_NAMES)} "
                          f"(or the book's sizes {aliases}), or pass a local path")
     return key
 
@@ -177,13 +174,13 @@ def _config_from_hf_json(path: Path) -> dict:
     """GPTModel config from a Hugging Face GPT-2 config.json (n_embd, n_layer, n_head, n_positions)."""
     hf = json.loads(path.read_text(encoding="utf-8"))
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{path} describes a {hf['model_type']!r} model; only GPT-2 checkpoints can be loaded")
+        raise InvalidInput(f"{path} describes a {hf['model_type']!r} model; only GPT-2 checkpoints can be loaded")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{path}: activation_function {act!r} differs from GPT-2's tanh-approximated GELU")
+        raise InvalidInput(f"{path}: activation_function {act!r} differs from GPT-2's tanh-approximated GELU")
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
-        raise ValueError(f"{path}: layer_norm_epsilon {eps} differs from the 1e-5 our LayerNorm uses")
+        raise InvalidInput(f"{path}: layer_norm_epsilon {eps} differs from the 1e-5 our LayerNorm uses")
     return {**GPT_CONFIG_124M, "vocab_size": hf["vocab_size"],
             "context_length": hf.get("n_positions", hf.get("n_ctx")), "emb_dim": hf["n_embd"],
             "n_heads": hf["n_head"], "n_layers": hf["n_layer"], "qkv_bias": True, "tie_weights": True}
@@ -199,7 +196,7 @@ def _config_from_params(params: dict[str, torch.Tensor]) -> dict:
     params = _strip_prefix(params)
     for key in ("wte.weight", "wpe.weight"):
         if key not in params:
-            raise ValueError(f"not a GPT-2 checkpoint: tensor {key!r} is missing")
+            raise InvalidInput(f"not a GPT-2 checkpoint: tensor {key!r} is missing")
     vocab_size, emb_dim = params["wte.weight"].shape
     layers = {int(m.group(1)) for k in params if (m := re.match(r"h\.(\d+)\.", k))}
     by_width = {size["emb_dim"]: size["n_heads"] for size in GPT2_SIZES.values()}
@@ -210,7 +207,7 @@ def _config_from_params(params: dict[str, torch.Tensor]) -> dict:
         warnings.warn(f"no config.json: assuming {n_heads} heads of 64 dimensions for n_embd {emb_dim}",
                       stacklevel=3)
     else:
-        raise ValueError(f"no config.json next to the weights and n_embd {emb_dim} is no GPT-2 size: "
+        raise InvalidInput(f"no config.json next to the weights and n_embd {emb_dim} is no GPT-2 size: "
                          "the number of attention heads is unknown; put the config.json beside the file")
     return {**GPT_CONFIG_124M, "vocab_size": int(vocab_size), "context_length": int(params["wpe.weight"].shape[0]),
             "emb_dim": int(emb_dim), "n_heads": n_heads, "n_layers": max(layers) + 1 if layers else 0,
@@ -270,20 +267,20 @@ def load_weights_into_gpt(gpt: GPTModel, params: dict) -> GPTModel:
 
     def fetch(name: str) -> torch.Tensor:
         if name not in params:
-            raise ValueError(f"tensor {name!r} is missing from the GPT-2 checkpoint "
+            raise InvalidInput(f"tensor {name!r} is missing from the GPT-2 checkpoint "
                              f"(does the model have more layers than the file? n_layers={len(gpt.trf_blocks)})")
         used.add(name)
         return params[name]
 
     def expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dest: str) -> torch.Tensor:
         if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} but the model's {dest} needs "
+            raise InvalidInput(f"tensor {name!r} has shape {tuple(tensor.shape)} but the model's {dest} needs "
                              f"{tuple(shape)}: the checkpoint and the model config disagree")
         return tensor
 
     def schedule(dest_name: str, dest: torch.Tensor | None, tensor: torch.Tensor, source: str) -> None:
         if dest is None:
-            raise ValueError(f"the checkpoint has {source!r} but the model has no {dest_name} "
+            raise InvalidInput(f"the checkpoint has {source!r} but the model has no {dest_name} "
                              "(GPT-2 uses biases in the query/key/value projections: set qkv_bias=True)")
         plan.append((dest_name, dest, tensor, source))
 
@@ -329,7 +326,7 @@ def load_weights_into_gpt(gpt: GPTModel, params: dict) -> GPTModel:
 
     surplus = sorted(k for k in params if k not in used and not _IGNORED.search(k))
     if surplus:
-        raise ValueError(f"the GPT-2 checkpoint has tensors the model has no place for: {surplus[:8]}"
+        raise InvalidInput(f"the GPT-2 checkpoint has tensors the model has no place for: {surplus[:8]}"
                          f"{' ...' if len(surplus) > 8 else ''} (does the file have more layers than "
                          f"n_layers={len(gpt.trf_blocks)}?)")
 
@@ -375,7 +372,7 @@ def hf_params_to_book(params: dict[str, torch.Tensor]) -> dict:
 
     def array(name: str):
         if name not in params:
-            raise ValueError(f"tensor {name!r} is missing from the GPT-2 checkpoint")
+            raise InvalidInput(f"tensor {name!r} is missing from the GPT-2 checkpoint")
         return params[name].detach().to("cpu", torch.float32).numpy()
 
     book = {"wte": array("wte.weight"), "wpe": array("wpe.weight"), "blocks": [],
@@ -397,7 +394,7 @@ def book_params_to_hf(params: dict) -> dict[str, torch.Tensor]:
     def tensor(node, *path: str) -> torch.Tensor:
         for key in path:
             if not isinstance(node, dict) or key not in node:
-                raise ValueError(f"the GPT-2 params have no {'/'.join(path)!r} (expected the layout of "
+                raise InvalidInput(f"the GPT-2 params have no {'/'.join(path)!r} (expected the layout of "
                                  "download_and_load_gpt2)")
             node = node[key]
         return torch.as_tensor(node)

@@ -1,7 +1,8 @@
 """Chapter 5, section 5.3: decoding strategies, plus a key/value cache for fast generation.
 
 `generate` extends chapter 4's greedy loop with temperature scaling, top-k and
-top-p (nucleus) filtering and an end-of-text stop. With `use_cache=True` each
+top-p (nucleus) filtering and an end-of-text stop; the step functions it shares with the
+project's streaming generation (`next_token`, `next_logits`) are `llmfs.sampling`. With `use_cache=True` each
 step feeds only the newest token and reuses the keys/values of earlier ones,
 so a token costs the same whether it is the 10th or the 200th.
 `load_model_for_generation` builds a model from whatever a reader has: a GPT-2 name,
@@ -23,66 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch02.runtime import eval_mode
-
-
-def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set every logit outside the top-k / nucleus to -inf so softmax gives it probability 0.
-
-    logits: (batch, vocab_size).
-    """
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (batch, 1)
-        logits = logits.masked_fill(logits < kth_best, -torch.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the best always stays.
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, -torch.inf)
-    return logits
-
-
-def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token id from last-position logits (batch, vocab) -> (batch, 1).
-
-    Order of operations (as in most libraries): scale by the temperature, then keep the
-    top-k, then the nucleus (top-p) of the *scaled* distribution, then sample.
-    """
-    _check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0.0:
-        # Greedy: filtering cannot change the argmax, so skip it.
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
-    # Subtracting the row maximum first changes no probability but keeps a tiny temperature
-    # from overflowing to inf (inf - inf = nan): the best token becomes 0, the rest -large.
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-def next_logits(model: nn.Module, idx: torch.Tensor, step: int, context_size: int,
-                use_cache: bool) -> torch.Tensor:
-    """The last position's logits (batch, vocab) for generation step `step`, with or without the KV cache."""
-    if not use_cache:
-        return model(idx[:, -context_size:])[:, -1, :]
-    if step == 0 or idx.shape[1] > context_size:
-        # (Re)fill the cache with the current window of at most context_size tokens.
-        model.reset_kv_cache()
-        return model(idx[:, -context_size:], use_cache=True)[:, -1, :]
-    # The cache holds every token but the newest one: feed just that.
-    return model(idx[:, -1:], use_cache=True)[:, -1, :]
+from llmfs.runtime import eval_mode
+from llmfs.sampling import check_sampling_args, filter_logits, next_logits, next_token  # noqa: F401
 
 
 # no_grad rather than inference_mode: under torch.autocast, inference mode turns off autocast's
@@ -103,7 +46,7 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     positions, so once the text is longer than `context_size` the window slides and the
     cache is rebuilt from the cropped window each step (then a step costs as much as without).
     """
-    _check_sampling_args(temperature, top_k, top_p)  # New: clear errors for bad settings
+    check_sampling_args(temperature, top_k, top_p)  # New: clear errors for bad settings
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if context_size < 1:
@@ -136,6 +79,48 @@ def _is_hf_gpt2_file(path: Path) -> bool:
     return bool(keys & {"wte.weight", "transformer.wte.weight"})
 
 
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], n_heads: int | None = None) -> dict:
+    """Rebuild a GPTModel config from the tensor shapes of a weights-only state dict.
+
+    Shapes give vocab_size, context_length, emb_dim, n_layers and qkv_bias. They cannot tell
+    the number of attention heads (the projections are emb_dim x emb_dim for any head count),
+    so `n_heads` is taken from the argument, else from the GPT-2 size with this width, else
+    from this chapter's quick config, else head_dim 64 (GPT-2's); a guess triggers a warning.
+    """
+    import re
+    import warnings
+
+    from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, QUICK_CONFIG
+    from llmfs.checkpoint import CheckpointMismatchError, fill_tied
+
+    state_dict = fill_tied(state_dict)
+    if "tok_emb.weight" not in state_dict or "pos_emb.weight" not in state_dict:
+        raise CheckpointMismatchError("not a GPTModel state dict: tok_emb.weight / pos_emb.weight are missing")
+    vocab_size, emb_dim = state_dict["tok_emb.weight"].shape
+    context_length = state_dict["pos_emb.weight"].shape[0]
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
+    n_layers = max(blocks) + 1 if blocks else 0
+    if n_heads is None:
+        by_width = {size["emb_dim"]: size["n_heads"] for size in GPT2_SIZES.values()}
+        by_width.setdefault(QUICK_CONFIG["emb_dim"], QUICK_CONFIG["n_heads"])
+        if emb_dim in by_width:
+            n_heads = by_width[emb_dim]
+        elif emb_dim % 64 == 0:
+            n_heads = emb_dim // 64
+        else:
+            raise CheckpointMismatchError(
+                f"cannot tell the number of attention heads of a model with emb_dim {emb_dim}; "
+                "pass n_heads (the generate CLI: --n-heads) or keep config.json next to the weights")
+        warnings.warn(f"the file stores no config: assuming n_heads={n_heads} for emb_dim {emb_dim} "
+                      "(a wrong guess gives garbage text; pass n_heads / --n-heads to be sure)", stacklevel=2)
+    return {
+        **GPT_CONFIG_124M,
+        "vocab_size": int(vocab_size), "context_length": int(context_length), "emb_dim": int(emb_dim),
+        "n_heads": int(n_heads), "n_layers": n_layers,
+        "qkv_bias": "trf_blocks.0.att.W_query.bias" in state_dict,
+    }
+
+
 def load_model_for_generation(spec: str | os.PathLike, device: torch.device | str = "cpu",
                               n_heads: int | None = None) -> tuple[nn.Module, str]:
     """A GPTModel in eval mode from what `--model` names, and a short description of it.
@@ -149,15 +134,14 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
     from safetensors.torch import load_file
 
     from ch04.gpt import GPTModel
-    from ch05.checkpoint import (
+    from ch05.gpt_download import load_pretrained_gpt2
+    from llmfs.checkpoint import (
         check_state_dict,
-        config_from_state_dict,
         fill_tied,
         load_state_file,
         saved_config,
         sidecar_config,
     )
-    from ch05.gpt_download import load_pretrained_gpt2
 
     path = Path(spec).expanduser()
     if path.is_dir():

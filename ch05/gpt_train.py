@@ -4,7 +4,7 @@
 `calc_loss_loader`), `evaluate_model`, `generate_and_print_sample`, the training loop
 `train_model_simple` and the loss plot, as the chapter writes them. The chapter's run
 as a headless job, with resumable checkpoints, DDP, mixed precision and progress bars,
-is `ch05.trainer`, which wraps these listings; its command line is `ch05.cli`:
+is `llmfs.trainer`, which wraps these listings; its command line is `ch05.cli`:
 
     python -m ch05.gpt_train            # the chapter's run: GPT-2 124M shape, context 256, 10 epochs
     python -m ch05.gpt_train --quick    # a small model, about a minute on a laptop CPU
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch02.atomic import atomic_path
 from ch02.dataloader import create_dataloader_v1
 from ch04.gpt import generate_text_simple
+from llmfs.atomic import atomic_path
 
 # --- 5.1 Evaluating generative text models ----------------------------------------------------
 

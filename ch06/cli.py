@@ -5,45 +5,67 @@
     python -m ch06.gpt_class_finetune --from-scratch  # GPT-2 124M shape, random init, every layer trained
     python -m ch06.gpt_class_finetune --quick --init-checkpoint outputs/ch05/model.pth
 
-`finetune` does the work with the chapter's functions (`ch06.spam_data`,
-`ch06.gpt_class_finetune`) inside chapter 5's training layer (`ch05.trainer`: checkpoints on
-Ctrl-C, exact resume, progress bar); `main` is the command line.
+`finetune` does the work with the chapter's listings (`ch06.gpt_class_finetune`) inside the
+project's training layer (`llmfs.trainer`: checkpoints on Ctrl-C, exact resume, progress bar);
+`main` is the command line. `load_pretrained` and `load_init_checkpoint` (where the model to
+fine-tune comes from) serve chapter 7 too.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ch02.runtime import get_device, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
-from ch05.cli import (
+from ch05.gpt_download import PretrainedWeightsUnavailable, load_pretrained_gpt2
+from ch05.gpt_generate import load_model_for_generation
+from llmfs.cli import (
     Parser,
     add_common_args,
+    chapter_module,
     check_input_file,
     check_output_dir,
     common_overrides,
     positive_int,
     run,
 )
-from ch05.trainer import make_optimizer, train
-from ch06.finetuning import add_model_source_args, cpu_threads, load_init_checkpoint, load_pretrained
-from ch06.gpt_class_finetune import (
-    MODEL_FILE,
-    TRAINABLE_CHOICES,
-    calc_accuracy_loader,
-    calc_loss_batch,
-    count_trainable_parameters,
-    evaluate_model,
-    plot_values,
-    prepare_classifier,
-    save_classifier,
-)
-from ch06.spam_data import DEFAULT_OUTPUT_DIR, SPLIT_NAMES, create_spam_loaders, prepare_spam_splits
+from llmfs.errors import InvalidInput
+from llmfs.finetuning import add_model_source_args, cpu_threads
+from llmfs.runtime import get_device, outputs_dir, set_seed
+from llmfs.trainer import make_optimizer, train
+
+# The chapter's listings, looked up so that `python -m ch06.gpt_class_finetune` runs its file once.
+book = chapter_module("ch06.gpt_class_finetune")
+
+
+# --- Where the model to fine-tune comes from (chapters 6 and 7) ---------------------------------------
+
+def load_pretrained(model_name: str, device, offline_alternatives: str) -> GPTModel:
+    """OpenAI's GPT-2 weights (dropout off, as both chapters do); when they cannot be had, chapter 5's
+    message (how to get them) plus the chapter's `offline_alternatives`."""
+    try:
+        return load_pretrained_gpt2(model_name, drop_rate=0.0, device=device)
+    except PretrainedWeightsUnavailable as exc:
+        raise PretrainedWeightsUnavailable(f"{exc}\n{offline_alternatives}") from exc
+
+
+def load_init_checkpoint(path: str | os.PathLike, device="cpu", n_heads: int | None = None) -> GPTModel:
+    """A GPTModel (dropout off) from a file chapter 5 wrote: checkpoint.pth, model.pth or .safetensors.
+
+    The config comes from the file (or config.json beside it), else from the tensor shapes
+    (`n_heads` settles the head count); see `ch05.gpt_generate.load_model_for_generation`.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--init-checkpoint {path} does not exist (create one with "
+                                "`python -m ch05.gpt_train --quick`, which writes outputs/ch05/model.pth)")
+    model, _ = load_model_for_generation(path, device=device, n_heads=n_heads)
+    return model
+
 
 QUICK_CLASSIFIER_CONFIG = {**GPT_CONFIG_124M, "context_length": 128, "emb_dim": 64, "n_heads": 4,
                            "n_layers": 2, "drop_rate": 0.1}
@@ -65,7 +87,7 @@ Without pretrained weights the chapter still runs offline:
   python -m ch06.gpt_class_finetune --quick --init-checkpoint outputs/ch05/model.pth   # start from chapter 5"""
 
 
-def finetune(settings: dict, output_dir: str | Path = DEFAULT_OUTPUT_DIR, *, mode: str = "pretrained",
+def finetune(settings: dict, output_dir: str | Path | None = None, *, mode: str = "pretrained",
              model_name: str = "gpt2", init_checkpoint: str | Path | None = None, n_heads: int | None = None,
              cfg: dict | None = None, device=None, progress: bool = True, resume: str | Path | None = None,
              checkpoint_every: int | None = None) -> dict:
@@ -78,10 +100,11 @@ def finetune(settings: dict, output_dir: str | Path = DEFAULT_OUTPUT_DIR, *, mod
     A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
     """
     if mode not in ("pretrained", "quick", "scratch"):
-        raise ValueError(f"mode must be 'pretrained', 'quick' or 'scratch', got {mode!r}")
+        raise InvalidInput(f"mode must be 'pretrained', 'quick' or 'scratch', got {mode!r}")
     device = torch.device(device) if device is not None else get_device()
     with cpu_threads(settings.get("num_threads") if device.type == "cpu" else None):
-        return _finetune(settings, Path(output_dir), mode, model_name, init_checkpoint, n_heads, cfg, device,
+        output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch06")
+        return _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, cfg, device,
                          progress, resume, checkpoint_every)
 
 
@@ -101,31 +124,31 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
         model = GPTModel(cfg)
         source = "random init"
     set_seed(settings["seed"])  # the same head init and batch order, whatever the model source consumed
-    prepare_classifier(model, num_classes=2, trainable=settings["trainable"])
+    book.prepare_classifier(model, num_classes=2, trainable=settings["trainable"])
     model.to(device)
-    paths = prepare_spam_splits(output_dir, seed=settings["seed"])
+    paths = book.prepare_spam_splits(output_dir, seed=settings["seed"])
 
     context_length = model.pos_emb.weight.shape[0]
     max_length = settings["max_length"]
     if max_length is not None and max_length > context_length:
-        raise ValueError(f"max_length {max_length} exceeds the model's context length {context_length}")
+        raise InvalidInput(f"max_length {max_length} exceeds the model's context length {context_length}")
     tokenizer = get_gpt2_tokenizer()
-    train_loader, val_loader, test_loader = create_spam_loaders(
+    train_loader, val_loader, test_loader = book.create_spam_loaders(
         paths, tokenizer, batch_size=settings["batch_size"], max_length=max_length, seed=settings["seed"])
     if train_loader.dataset.max_length > context_length:
         # The longest message does not fit: truncate every split to the context length.
-        train_loader, val_loader, test_loader = create_spam_loaders(
+        train_loader, val_loader, test_loader = book.create_spam_loaders(
             paths, tokenizer, batch_size=settings["batch_size"], max_length=context_length, seed=settings["seed"])
     max_length = train_loader.dataset.max_length
-    print(f"device: {device}; model: {source}; {count_trainable_parameters(model):,} of "
+    print(f"device: {device}; model: {source}; {book.count_trainable_parameters(model):,} of "
           f"{sum(p.numel() for p in model.parameters()):,} parameters trainable ({settings['trainable']}); "
           f"max_length {max_length}; {len(train_loader)} training batches per epoch")
 
     eval_iter = settings["eval_iter"]
 
     def accuracies_after_epoch(m, epoch: int) -> dict:  # the end of the book's epoch loop
-        train_accuracy = calc_accuracy_loader(train_loader, m, device, num_batches=eval_iter)
-        val_accuracy = calc_accuracy_loader(val_loader, m, device, num_batches=eval_iter)
+        train_accuracy = book.calc_accuracy_loader(train_loader, m, device, num_batches=eval_iter)
+        val_accuracy = book.calc_accuracy_loader(val_loader, m, device, num_batches=eval_iter)
         print(f"Training accuracy: {train_accuracy * 100:.2f}% | Validation accuracy: {val_accuracy * 100:.2f}%")
         return {"train_accs": train_accuracy, "val_accs": val_accuracy}
 
@@ -133,8 +156,8 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     start = time.perf_counter()
     result = train(model, train_loader, val_loader, optimizer, device, settings["num_epochs"],
                    settings["eval_freq"], eval_iter,
-                   loss_fn=lambda m, inputs, targets: calc_loss_batch(inputs, targets, m, device),
-                   evaluate_fn=lambda m: evaluate_model(m, train_loader, val_loader, device, eval_iter),
+                   loss_fn=lambda m, inputs, targets: book.calc_loss_batch(inputs, targets, m, device),
+                   evaluate_fn=lambda m: book.evaluate_model(m, train_loader, val_loader, device, eval_iter),
                    epoch_end_fn=accuracies_after_epoch, checkpoint_path=output_dir / "checkpoint.pth",
                    checkpoint_every=checkpoint_every, resume_from=resume, final_checkpoint=False,
                    progress=progress, desc="fine-tuning", run_settings={**settings, "max_length": max_length})
@@ -142,8 +165,8 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     train_losses, val_losses = result["train_losses"], result["val_losses"]
     train_accs, val_accs, examples_seen = result.get("train_accs", []), result.get("val_accs", []), result["examples"]
 
-    accuracies = {name: calc_accuracy_loader(loader, model, device)
-                  for name, loader in zip(SPLIT_NAMES, (train_loader, val_loader, test_loader))}
+    accuracies = {name: book.calc_accuracy_loader(loader, model, device)
+                  for name, loader in zip(book.SPLIT_NAMES, (train_loader, val_loader, test_loader))}
     for name, acc in accuracies.items():
         print(f"{name.capitalize()} accuracy: {acc * 100:.2f}%")
     print(f"Training took {seconds / 60:.2f} minutes")
@@ -152,14 +175,14 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
 
     num_epochs = settings["num_epochs"]
     if train_losses:
-        plot_values(torch.linspace(0, num_epochs, len(train_losses)).tolist(),
+        book.plot_values(torch.linspace(0, num_epochs, len(train_losses)).tolist(),
                     torch.linspace(0, examples_seen, len(train_losses)).tolist(),
                     train_losses, val_losses, label="loss", path=output_dir / "loss-plot.png")
-    plot_values(torch.linspace(0, num_epochs, len(train_accs)).tolist(),
+    book.plot_values(torch.linspace(0, num_epochs, len(train_accs)).tolist(),
                 torch.linspace(0, examples_seen, len(train_accs)).tolist(),
                 train_accs, val_accs, label="accuracy", path=output_dir / "accuracy-plot.png")
     plt.close("all")
-    model_path = save_classifier(model, output_dir / MODEL_FILE, max_length=max_length)
+    model_path = book.save_classifier(model, output_dir / book.MODEL_FILE, max_length=max_length)
     print(f"saved {model_path} and plots in {output_dir}")
     return {"model": model, "accuracies": accuracies, "train_losses": train_losses, "val_losses": val_losses,
             "train_accs": train_accs, "val_accs": val_accs, "examples_seen": examples_seen, "seconds": seconds,
@@ -171,8 +194,8 @@ def parser() -> Parser:
                description="Fine-tune a GPT model as an SMS spam classifier (chapter 6).")
     add_model_source_args(p, "gpt2", "offline: a small random-init model (or --init-checkpoint), all layers "
                                      "trained, ~1 min on a CPU")
-    add_common_args(p, DEFAULT_OUTPUT_DIR)
-    p.add_argument("--trainable", choices=TRAINABLE_CHOICES, help="what trains (default last_block; quick/scratch: all)")
+    add_common_args(p, str(outputs_dir("ch06")))
+    p.add_argument("--trainable", choices=book.TRAINABLE_CHOICES, help="what trains (default last_block; quick/scratch: all)")
     p.add_argument("--max-length", type=positive_int,
                    help="pad/truncate messages to N tokens (default: the longest training message; quick: 64)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
@@ -193,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     mode, settings = settings_from_args(args)
 
     def main_run():
-        check_output_dir(args.output_dir, args.overwrite, (MODEL_FILE,), resume=args.resume)
+        check_output_dir(args.output_dir, args.overwrite, (book.MODEL_FILE,), resume=args.resume)
         check_input_file(args.init_checkpoint, "--init-checkpoint")
         check_input_file(args.resume, "--resume")
         finetune(settings, args.output_dir, mode=mode, model_name=args.model, init_checkpoint=args.init_checkpoint,

@@ -4,28 +4,39 @@
     python -m ch07.gpt_instruction_finetuning --quick        # offline: a small model from scratch, ~1 minute
     python -m ch07.gpt_instruction_finetuning --quick --init-checkpoint outputs/ch05/model.pth
 
-`finetune` does the work with the chapter's functions (`ch07.gpt_instruction_finetuning`,
-`ch07.responses`) inside chapter 5's training layer (`ch05.trainer`: checkpoints on Ctrl-C,
-exact resume, progress bar), whose loop is the book's `train_model_simple`; `main` is the
-command line.
+`finetune` does the work with the chapter's listings (`ch07.gpt_instruction_finetuning`) inside the
+project's training layer (`llmfs.trainer`: checkpoints on Ctrl-C, exact resume, progress bar), whose
+loop is the book's `train_model_simple`; `main` is the command line.
+
+    python -m ch07.serve --model outputs/ch07/quick-sft.pth   # the Ollama-API server (`serve_main`)
+
+`load_chat_model` hands chapter 7's models and prompt format to the project's chat layer
+(`llmfs.chat`), which the server, the chat web page and the DPO data generator use.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ch02.runtime import eval_mode, get_device, outputs_dir, set_seed
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
 from ch04.gpt import QUICK_CONFIG as CH05_QUICK_CONFIG
-from ch05.cli import (
+from ch05.cli import print_sample
+from ch05.gpt_generate import load_model_for_generation
+from ch05.gpt_train import calc_loss_batch, calc_loss_loader, evaluate_model, plot_losses
+from ch06.cli import load_init_checkpoint, load_pretrained
+from llmfs import serve
+from llmfs.chat import ChatModel, PromptFormat, default_model_name, finetuned_file
+from llmfs.cli import (
     Parser,
     add_common_args,
+    chapter_module,
     check_input_file,
     check_output_dir,
     common_overrides,
@@ -33,18 +44,11 @@ from ch05.cli import (
     positive_int,
     run,
 )
-from ch05.gpt_train import calc_loss_loader, plot_losses
-from ch05.trainer import make_optimizer, print_sample, train
-from ch06.finetuning import add_model_source_args, load_init_checkpoint, load_pretrained
-from ch07.gpt_instruction_finetuning import (
-    PROMPT_STYLES,
-    create_instruction_loaders,
-    format_input,
-    load_instruction_data,
-    split_data,
-    validate_instruction_data,
-)
-from ch07.responses import generate_responses, save_finetuned_model, save_responses
+from llmfs.decoding_layout import layout_for_decoding
+from llmfs.errors import InvalidInput
+from llmfs.finetuning import add_model_source_args
+from llmfs.runtime import eval_mode, get_device, outputs_dir, set_seed
+from llmfs.trainer import make_optimizer, train
 
 # The offline stand-in for GPT-2: small enough to fine-tune in about a minute on two CPU cores,
 # with a context long enough for every record of the chapter's data (the longest is 91 tokens).
@@ -68,11 +72,14 @@ Or fine-tune offline, without OpenAI's weights:
   --from-scratch           the full-size model, randomly initialized (slow on a CPU)
   --init-checkpoint FILE   start from a chapter-5 model, e.g. outputs/ch05/model.pth (`python -m ch05.gpt_train --quick`)"""
 
+# The chapter's listings, looked up so that `python -m ch07.gpt_instruction_finetuning` runs its file once.
+book = chapter_module("ch07.gpt_instruction_finetuning")
+
 
 def scratch_config(model_name: str = "gpt2-medium") -> dict:
     """GPT-2's shape for `model_name` (context 1024, qkv bias, no dropout), for training from scratch."""
     if model_name not in GPT2_SIZES:
-        raise ValueError(f"unknown GPT-2 size {model_name!r}; choose one of {sorted(GPT2_SIZES)}")
+        raise InvalidInput(f"unknown GPT-2 size {model_name!r}; choose one of {sorted(GPT2_SIZES)}")
     return {**GPT_CONFIG_124M, **GPT2_SIZES[model_name], "context_length": 1024, "qkv_bias": True,
             "drop_rate": 0.0}
 
@@ -95,8 +102,8 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
     set_seed(settings["seed"])
     tokenizer = get_gpt2_tokenizer()
 
-    data = load_instruction_data() if data is None else validate_instruction_data(data)
-    train_data, test_data, val_data = split_data(data)
+    data = book.load_instruction_data() if data is None else book.validate_instruction_data(data)
+    train_data, test_data, val_data = book.split_data(data)
     if settings.get("num_train"):
         train_data = train_data[:settings["num_train"]]
     if settings.get("num_test"):
@@ -116,7 +123,7 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
     context_length = model.cfg["context_length"]
     allowed = min(settings.get("allowed_max_length") or context_length, context_length)
 
-    train_loader, val_loader, _ = create_instruction_loaders(
+    train_loader, val_loader, _ = book.create_instruction_loaders(
         train_data, val_data, None, tokenizer, batch_size=settings["batch_size"], allowed_max_length=allowed,
         device="cpu", mask_instructions=mask_instructions, style=style, seed=settings["seed"])
     too_long = sum(len(ids) + 1 > allowed for ids in train_loader.dataset.encoded_texts)
@@ -134,12 +141,16 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
 
     def sample(m, epoch: int) -> None:  # the book's generate_and_print_sample at the end of each epoch
         if sample_tokens:
-            print_sample(m, tokenizer, device, format_input(val_data[0], style), sample_tokens)
+            print_sample(m, tokenizer, device, book.format_input(val_data[0], style), sample_tokens)
 
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     start = time.perf_counter()
+    eval_iter = settings["eval_iter"]
     result = train(model, train_loader, val_loader, optimizer, device, settings["num_epochs"],
-                   settings["eval_freq"], settings["eval_iter"], epoch_end_fn=sample,
+                   settings["eval_freq"], eval_iter,
+                   loss_fn=lambda m, inputs, targets: calc_loss_batch(inputs, targets, m, device),
+                   evaluate_fn=lambda m: evaluate_model(m, train_loader, val_loader, device, eval_iter),
+                   epoch_end_fn=sample,
                    checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
                    resume_from=resume, final_checkpoint=False, progress=progress, desc="fine-tuning",
                    run_settings={**settings, "mask_instructions": mask_instructions, "allowed_max_length": allowed})
@@ -156,10 +167,10 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
         plot_path = output_dir / "loss-plot.png"
         plt.close(plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, plot_path))
 
-    responses = generate_responses(model, test_data, tokenizer, device, settings["max_new_tokens"], style,
+    responses = book.generate_responses(model, test_data, tokenizer, device, settings["max_new_tokens"], style,
                                    progress=progress)
-    responses_path = save_responses(responses, output_dir / "instruction-data-with-response.json")
-    model_path = save_finetuned_model(
+    responses_path = book.save_responses(responses, output_dir / "instruction-data-with-response.json")
+    model_path = book.save_finetuned_model(
         model, output_dir / f"{tag}-sft.pth", style=style, mask_instructions=mask_instructions, source=source,
         settings={k: v for k, v in settings.items()})
     print(f"responses: {responses_path}\nmodel: {model_path}")
@@ -176,7 +187,7 @@ def parser() -> Parser:
     add_common_args(p, str(outputs_dir("ch07")))
     p.add_argument("--mask-instructions", action="store_true",
                    help="compute the loss on the response tokens only (exercise 7.2)")
-    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default=None, help="prompt format (default alpaca)")
+    p.add_argument("--prompt-style", choices=book.PROMPT_STYLES, default=None, help="prompt format (default alpaca)")
     p.add_argument("--num-test", type=positive_int, help="answer only the first N test records (default all; quick: 3)")
     p.add_argument("--max-new-tokens", type=non_negative_int, help="answer length cap (default 256; quick: 32)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
@@ -204,6 +215,51 @@ def main(argv: list[str] | None = None) -> int:
                  resume=args.resume, checkpoint_every=args.checkpoint_every)
 
     return run(main_run, argv, onednn=args.onednn)
+
+
+
+# --- The chat layer and the Ollama-API server (python -m ch07.serve) -----------------------------------
+
+# Chapter 7's instruction format, handed to the project's chat layer (llmfs.chat).
+PROMPT_FORMAT = PromptFormat(styles=book.PROMPT_STYLES, format_input=book.format_input,
+                             format_response=book.format_response)
+
+
+def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
+                    name: str | None = None, style: str | None = "auto") -> ChatModel:
+    """A `llmfs.chat.ChatModel` for the model `spec` names: a chapter-7 instruction-tuned model (the
+    `.pth` plus `.json` that `book.save_finetuned_model` writes) or anything chapter 5's
+    `load_model_for_generation` reads (GPT-2 weights, chapter-5 checkpoints).
+
+    `style` "auto" uses the chapter-7 prompt style saved with an instruction-tuned model (and no
+    template for other models); "alpaca"/"phi3" or None force one. Raises FileNotFoundError,
+    ValueError (also CheckpointMismatchError) or ch05's PretrainedWeightsUnavailable.
+    """
+    if style not in ("auto", None, *book.PROMPT_STYLES):
+        raise InvalidInput(f"unknown prompt style {style!r}; choose auto, none or one of {book.PROMPT_STYLES}")
+    device = torch.device(device) if device is not None else get_device()
+    finetuned = finetuned_file(Path(spec).expanduser())
+    if finetuned is not None:
+        model, metadata = book.load_finetuned_model(finetuned, device=device)
+        saved_style = metadata.get("style", "alpaca")
+        described = f"{finetuned} (instruction-tuned, {metadata.get('source', 'chapter 7')})"
+        source = str(finetuned)
+    else:
+        model, described = load_model_for_generation(spec, device=device)
+        metadata, saved_style, source = {}, None, str(spec)
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
+        raise InvalidInput(f"model name {name!r} may only hold letters, digits and . _ : / -")
+    name = (name or default_model_name(spec)).lower()
+    layout_for_decoding(model)  # same numbers, faster one-token products on the CPU (llmfs.decoding_layout)
+    return ChatModel(model=model.eval(), name=name if ":" in name else f"{name}:latest",
+                     style=saved_style if style == "auto" else style, description=described, source=source,
+                     device=device, tokenizer=get_gpt2_tokenizer(), eos_id=book.END_OF_TEXT_ID,
+                     prompt_format=PROMPT_FORMAT, metadata=metadata)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """`python -m ch07.serve [options]`: the Ollama-API server (`llmfs.serve`) with this chapter's models."""
+    return serve.main(load_chat_model, argv, prog="python -m ch07.serve")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Chapter 7: fine-tuning a GPT model to follow instructions, sections 7.2-7.4, the book's listings.
+"""Chapter 7: fine-tuning a GPT model to follow instructions, sections 7.2-7.7, the book's listings.
 
 * 7.2 the instruction data: `download_and_load_file` (the book's listing, offline-first),
-  `load_instruction_data` (validated records, `ch07.instruction_data`), the Alpaca-style prompt (`format_input`,
+  `load_instruction_data` (validated records, `llmfs.instruction_data`), the Alpaca-style prompt (`format_input`,
   `format_response`) and the 85/10/5 split (`split_data`);
 * 7.3 batching: `InstructionDataset` (pre-tokenized prompt + response), the book's two drafts
   and `custom_collate_fn` (pad per batch, shift targets, hide padding -- and optionally the
@@ -9,8 +9,8 @@
 * 7.4 `create_instruction_loaders`.
 
 Training reuses chapter 5 unchanged (`train_model_simple`, `calc_loss_loader`:
-`F.cross_entropy` skips targets equal to -100). Answers and the fine-tuned model's files are
-`ch07.responses` (7.7); the chapter's run as a script is `ch07.cli`:
+`F.cross_entropy` skips targets equal to -100). Answers and the fine-tuned model's files
+follow (7.6-7.7); the chapter's run as a script is `ch07.cli`:
 
     python -m ch07.gpt_instruction_finetuning                # the book's run: GPT-2 medium (355M), 2 epochs
     python -m ch07.gpt_instruction_finetuning --quick        # offline: a small model from scratch, ~1 minute
@@ -20,17 +20,23 @@ Training reuses chapter 5 unchanged (`train_model_simple`, `calc_loss_loader`:
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 import requests
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ch02.atomic import atomic_write
-from ch02.download import data_file_for_url, get_data_file
-from ch07.instruction_data import (  # noqa: F401  (checked reading of the data files; imported from here too)
+from ch04.gpt import GPTModel
+from ch05.gpt_generate import generate
+from ch05.gpt_train import text_to_token_ids
+from llmfs.atomic import atomic_write
+from llmfs.download import data_file_for_url, get_data_file
+from llmfs.finetuning import load_with_config, save_with_config
+from llmfs.instruction_data import (  # noqa: F401  (checked reading of the data files; imported from here too)
     INSTRUCTION_DATA_FILE,
     load_instruction_data,
     read_json_file,
@@ -109,7 +115,7 @@ def split_data(data: list, train_frac: float = 0.85, test_frac: float = 0.10) ->
 def download_and_load_file(file_path: str | os.PathLike, url: str):
     """The book's listing 7.1: keep a copy of `url` at `file_path` (once) and return its parsed JSON.
 
-    The chapter's URL is served by `ch02.download.get_data_file` (offline mirror, cache, or a
+    The chapter's URL is served by `llmfs.download.get_data_file` (offline mirror, cache, or a
     download checked by sha256); any other URL is fetched as is. Unlike `load_instruction_data`,
     the records are returned unchecked, as in the book.
     """
@@ -305,6 +311,75 @@ def create_instruction_loaders(train_data: list[dict], val_data: list[dict], tes
         raise ValueError(f"{len(train_data)} training records make no full batch of {batch_size}; "
                          "use more records or a smaller batch size")
     return train_loader, loader(val_data, False), (loader(test_data, False) if test_data is not None else None)
+
+
+# --- 7.6-7.7 Answers, and the fine-tuned model's files ----------------------------------------------
+# `generate_response` answers one record with chapter 5's `generate` (KV cache, stops at <|endoftext|>),
+# `extract_response` cuts the answer out of the generated text; the weights are saved with their config
+# beside them (`save_finetuned_model`), so other tools (the server, the apps, DPO) rebuild the model from
+# one file name.
+
+def extract_response(generated_text: str, input_text: str, style: str = "alpaca") -> str:
+    """The model's answer inside `generated_text` (the prompt plus what the model wrote).
+
+    Drops the prompt, the response header ("### Response:", also when repeated) and
+    everything from the first <|endoftext|> on, and strips surrounding whitespace.
+    """
+    _check_style(style)
+    text = generated_text[len(input_text):] if generated_text.startswith(input_text) else generated_text
+    text = text.split("<|endoftext|>", 1)[0].strip()
+    header = RESPONSE_HEADERS[style]
+    while text.startswith(header):  # a weakly trained model sometimes repeats the header
+        text = text[len(header):].lstrip()
+    return text.strip()
+
+
+def context_size_of(model: nn.Module) -> int:
+    cfg = getattr(model, "cfg", None)
+    return cfg["context_length"] if cfg else model.pos_emb.weight.shape[0]
+
+
+def generate_response(model: nn.Module, entry: dict, tokenizer, device, max_new_tokens: int = 256,
+                      style: str = "alpaca") -> str:
+    """Greedy answer to one record: stops at <|endoftext|> or after `max_new_tokens` tokens."""
+    input_text = format_input(entry, style)
+    idx = text_to_token_ids(input_text, tokenizer).to(device)
+    token_ids = generate(model, idx, max_new_tokens=max_new_tokens, context_size=context_size_of(model),
+                         eos_id=END_OF_TEXT_ID, use_cache=True)
+    generated_text = tokenizer.decode(token_ids[0].tolist())
+    return extract_response(generated_text, input_text, style)
+
+
+def generate_responses(model: nn.Module, data: list[dict], tokenizer, device, max_new_tokens: int = 256,
+                       style: str = "alpaca", progress: bool = True) -> list[dict]:
+    """Copies of the records with the model's answer added under "model_response"."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for entry in tqdm(data, desc="responses", unit="example", disable=not progress):
+        out.append({**entry, "model_response": generate_response(model, entry, tokenizer, device,
+                                                                 max_new_tokens, style)})
+    return out
+
+
+def save_responses(entries: list[dict], path: str | os.PathLike) -> Path:
+    """Write the records (with "model_response") as indented JSON, atomically."""
+    path = Path(path)
+    with atomic_write(path, "w") as f:
+        json.dump(entries, f, indent=4, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def save_finetuned_model(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
+    """The weights and, beside them (same name, .json), the config and `metadata` (the book saves
+    `model.state_dict()` alone and rebuilds the model by hand; the config makes that automatic)."""
+    return save_with_config(model, path, **metadata)
+
+
+def load_finetuned_model(path: str | os.PathLike, device=None) -> tuple[GPTModel, dict]:
+    """(model in eval mode, metadata) from files written by `save_finetuned_model`."""
+    return load_with_config(path, device, build=lambda meta: GPTModel(meta["config"]))
 
 
 if __name__ == "__main__":

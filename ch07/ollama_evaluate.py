@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import requests
 
 from ch07.gpt_instruction_finetuning import format_input, read_json_file, validate_instruction_data
+from llmfs.errors import InvalidInput
 
 DEFAULT_HOST = "http://localhost:11434"
 DEFAULT_PORT = 11434
@@ -65,7 +66,7 @@ def ollama_host(host: str | None = None) -> str:
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"invalid Ollama host {raw!r}: the port is not a number from 0 to 65535") from None
+        raise InvalidInput(f"invalid Ollama host {raw!r}: the port is not a number from 0 to 65535") from None
     if port is None and not has_scheme:
         port = DEFAULT_PORT
     netloc = f"{hostname}:{port}" if port is not None else hostname
@@ -354,9 +355,9 @@ def read_scores(path: str | os.PathLike, json_data: list[dict], json_key: str, m
             row = json.loads(line)
             i, record, judge, score = row["index"], row["record"], row["model"], row["score"]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} line {n} is not a score record; delete the file to score again") from None
+            raise InvalidInput(f"{path} line {n} is not a score record; delete the file to score again") from None
         if judge != model or not (0 <= i < len(json_data)) or record != _record_id(json_data[i], json_key):
-            raise ValueError(f"{path} holds scores of other responses or another judge (line {n}); delete it "
+            raise InvalidInput(f"{path} holds scores of other responses or another judge (line {n}); delete it "
                              "or choose another --scores file")
         done[i] = score
     return done
@@ -376,11 +377,11 @@ def load_responses(path: str | os.PathLike, json_key: str = "model_response") ->
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ch05.cli import Parser, positive_float
+    from llmfs.cli import Parser, positive_float
 
     p = Parser(prog="python -m ch07.ollama_evaluate",
                description="Score a fine-tuned model's responses 0-100 with an Ollama judge.")
-    from ch02.runtime import outputs_dir
+    from llmfs.runtime import outputs_dir
 
     p.add_argument("--file", default=str(outputs_dir("ch07") / "instruction-data-with-response.json"),
                    help="JSON list of records with instruction, input, output and model_response")
@@ -407,7 +408,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """`python -m ch07.ollama_evaluate [options]`; returns the exit code (2: bad input, 1: server trouble)."""
-    from ch05.cli import run
+    from llmfs.cli import run
 
     args = parse_args(argv)
 

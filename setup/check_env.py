@@ -162,7 +162,7 @@ def check_device(report: Report) -> None:
     try:
         import torch
 
-        from ch02.runtime import DEVICE_ENV, get_device
+        from llmfs.runtime import DEVICE_ENV, get_device
     except Exception:
         return  # already reported as a missing package
     forced = os.environ.get(DEVICE_ENV)
@@ -218,7 +218,7 @@ def check_tokenizer(report: Report) -> None:
 
 def check_data(report: Report, download: bool = False) -> None:
     try:
-        from ch02.download import (
+        from llmfs.download import (
             CACHE_ENV,
             DATA_FILES,
             MIRROR_ENV,

@@ -101,7 +101,7 @@ def make_fixtures(folder: Path) -> dict[str, str]:
     import torch
 
     from ch04.gpt import GPTModel
-    from ch05.checkpoint import save_checkpoint, save_model
+    from llmfs.checkpoint import save_checkpoint, save_model
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "empty.pth").write_bytes(b"")

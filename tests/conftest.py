@@ -19,7 +19,7 @@ if "LLMFS_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["LLMFS_DATA_MIRROR"] = str(SHARED_DATA)
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Scripts and notebooks write to `outputs/<chapter>/` (ch02.runtime.outputs_dir): during the tests
+# Scripts and notebooks write to `outputs/<chapter>/` (llmfs.runtime.outputs_dir): during the tests
 # (and the notebooks and subprocesses they start) that is a temporary folder, never the checkout.
 _OUTPUTS = None
 if "LLMFS_OUTPUT_DIR" not in os.environ:
@@ -54,7 +54,7 @@ def _seed_and_one_thread():
 
 @pytest.fixture
 def verdict_text() -> str:
-    from ch02.download import get_data_file
+    from llmfs.download import get_data_file
 
     return get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")
 
@@ -76,18 +76,18 @@ def short_text(verdict_text) -> str:
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> dict:
     """Chapter 6's train/validation/test CSV files, written once per test module into a temporary folder."""
-    from ch06.spam_data import prepare_spam_splits
+    from ch06.gpt_class_finetune import prepare_spam_splits
 
     return prepare_spam_splits(tmp_path_factory.mktemp("ch06"))
 
 
 @pytest.fixture
 def onednn_products(monkeypatch) -> list:
-    """A list that gains one entry per product computed through oneDNN (`ch05.onednn_linear`).
+    """A list that gains one entry per product computed through oneDNN (`llmfs.onednn_linear`).
 
     Skips the test where this CPU/PyTorch has no usable oneDNN linear op.
     """
-    import ch05.onednn_linear as ol
+    import llmfs.onednn_linear as ol
 
     if not ol.onednn_linear_supported():
         pytest.skip("no usable oneDNN linear op on this CPU/PyTorch")

@@ -84,7 +84,7 @@ def model_dir_fixture(tmp_path_factory, family: str):
 
 
 def verdict() -> str:
-    from ch02.download import get_data_file
+    from llmfs.download import get_data_file
 
     return get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")
 

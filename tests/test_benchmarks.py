@@ -91,7 +91,7 @@ def test_worker_applies_the_trainers_memory_setting_only_when_asked():
 def test_our_models_train_as_the_trainer_does_and_hf_as_it_comes():
     import torch
 
-    import ch05.onednn_linear as ol
+    import llmfs.onednn_linear as ol
     from benchmarks.worker import train_context
 
     def ctx(impl, dtype="float32"):

@@ -5,7 +5,7 @@ test below makes the same calls with the same arguments and checks the same expe
 changes is where the names come from (the table), plus two things the companion does differently
 on purpose:
 
-* no network: the data files come from the offline mirror/cache (`ch02.download`), through the
+* no network: the data files come from the offline mirror/cache (`llmfs.download`), through the
   book's own `download_and_unzip_spam_data` / `download_and_load_file` where the book calls them,
   and the tokenizer is the bundled one (`get_gpt2_tokenizer`, the same BPE as
   `tiktoken.get_encoding("gpt2")`, without its download);
@@ -32,7 +32,7 @@ by default the same calls run on a small config and check that the loss falls fr
     llms_from_scratch.appendix_a.NeuralNetwork, ToyDataset   appendix_a
     llms_from_scratch.appendix_d.train_model      appendix_d
     llms_from_scratch.appendix_e.replace_linear_with_lora    appendix_e
-    llms_from_scratch.device.get_device           ch02.runtime.get_device
+    llms_from_scratch.device.get_device           llmfs.runtime.get_device
 
 Not covered: the book package's bonus modules (kv_cache, kv_cache_batched, llama3, qwen3 and their
 tests), which belong to no chapter of the book.
@@ -54,20 +54,25 @@ from appendix_a import NeuralNetwork, ToyDataset
 from appendix_d import train_model
 from appendix_e import replace_linear_with_lora
 from ch02.dataloader import create_dataloader_v1
-from ch02.download import DATA_FILES, get_data_file
-from ch02.runtime import get_device
 from ch03.attention import MultiHeadAttention
 from ch04.gpt import GPTModel, GPTModelFast, generate_text_simple
 from ch05.gpt_train import train_model_simple
 from ch06 import gpt_class_finetune as ch06_module
-from ch06.gpt_class_finetune import train_classifier_simple
-from ch06.spam_data import SpamDataset, create_balanced_dataset, download_and_unzip_spam_data, random_split
+from ch06.gpt_class_finetune import (
+    SpamDataset,
+    create_balanced_dataset,
+    download_and_unzip_spam_data,
+    random_split,
+    train_classifier_simple,
+)
 from ch07.gpt_instruction_finetuning import (
     InstructionDataset,
     custom_collate_fn,
     download_and_load_file,
     format_input,
 )
+from llmfs.download import DATA_FILES, get_data_file
+from llmfs.runtime import get_device
 
 FULL = os.environ.get("LLMFS_BOOK_FULL", "").strip().lower() in {"1", "true", "yes", "on"}
 

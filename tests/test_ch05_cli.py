@@ -25,9 +25,9 @@ TRAIN_CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads"
 
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
-    from ch02.download import get_data_file
+    from ch05.cli import pretrain
     from ch05.gpt_train import DEFAULT_SETTINGS
-    from ch05.trainer import pretrain
+    from llmfs.download import get_data_file
 
     text = get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")[:3000]
     out = tmp_path_factory.mktemp("trained")
@@ -157,7 +157,7 @@ def test_train_cli_rejects_bad_values_in_one_line(bad, capsys, tmp_path):
 
 
 def test_train_cli_with_onednn_routes_the_linear_layers(capsys, tmp_path, monkeypatch, onednn_products):
-    import ch05.trainer as tr
+    import ch05.cli as tr
 
     seen = []
     real_train = tr.train
@@ -195,10 +195,10 @@ def one_error_line(rc, err):
 
 
 def test_unwritable_output_dir_fails_in_seconds_before_training(tmp_path, capsys, monkeypatch):
-    import ch05.trainer
+    import ch05.cli
 
     calls = []
-    monkeypatch.setattr(ch05.trainer, "pretrain", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(ch05.cli, "pretrain", lambda *a, **k: calls.append(a))
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     targets = [blocker / "out"]
@@ -232,7 +232,7 @@ def test_epochs_0_refused_and_a_finished_model_needs_overwrite(trained_dir, tmp_
 
 
 def test_stale_temporary_files_are_removed_at_the_start(tmp_path, capsys):
-    from ch05.cli import check_output_dir
+    from llmfs.cli import check_output_dir
 
     dead = tmp_path / f".checkpoint.pth.{2 ** 22 + 99}.abc123.partial.pth"
     dead.write_bytes(b"1.5 GB of a killed write")
@@ -244,10 +244,10 @@ def test_stale_temporary_files_are_removed_at_the_start(tmp_path, capsys):
 
 
 def test_resume_says_where_it_resumed_and_refuses_other_settings(trained_dir, tmp_path, capsys):
-    from ch02.download import get_data_file
-    from ch05.checkpoint import CheckpointMismatchError
+    from ch05.cli import pretrain
     from ch05.gpt_train import DEFAULT_SETTINGS
-    from ch05.trainer import pretrain
+    from llmfs.checkpoint import CheckpointMismatchError
+    from llmfs.download import get_data_file
 
     text = get_data_file("the-verdict.txt", download=False).read_text(encoding="utf-8")[:3000]
     settings = {**DEFAULT_SETTINGS, "num_epochs": 1, "eval_freq": 5, "eval_iter": 1, "learning_rate": 1e-3}

@@ -133,7 +133,7 @@ def test_create_train_val_loaders_split(short_text):
 # --- 5.2 training loop -------------------------------------------------------------------------
 
 def test_training_reduces_the_loss(short_text, tokenizer, capsys):
-    from ch05.trainer import make_optimizer
+    from llmfs.trainer import make_optimizer
 
     torch.manual_seed(123)
     train_loader, val_loader = create_train_val_loaders(short_text, TINY, batch_size=2)

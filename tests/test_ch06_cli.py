@@ -5,14 +5,21 @@ Ctrl-C and exact resume, and the command line's one-line errors."""
 import pytest
 import torch
 
-from ch02.runtime import set_seed
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
-from ch05.checkpoint import save_checkpoint, save_model
 from ch05.gpt_download import PretrainedWeightsUnavailable
-from ch05.trainer import TrainingInterrupted
-from ch06.cli import BOOK_SETTINGS, QUICK_SETTINGS, finetune, main, parser, settings_from_args
-from ch06.finetuning import load_init_checkpoint
+from ch06.cli import (
+    BOOK_SETTINGS,
+    QUICK_SETTINGS,
+    finetune,
+    load_init_checkpoint,
+    main,
+    parser,
+    settings_from_args,
+)
 from ch06.gpt_class_finetune import calc_accuracy_loader, load_classifier
+from llmfs.checkpoint import save_checkpoint, save_model
+from llmfs.runtime import set_seed
+from llmfs.trainer import TrainingInterrupted
 
 TINY = {**GPT_CONFIG_124M, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
 
@@ -132,7 +139,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_with_the_same_classi
     settings = {**QUICK_SETTINGS, "num_epochs": 2, "batch_size": 32, "eval_freq": 10, "eval_iter": 1}
     reference = finetune(settings, tmp_path / "ref", mode="scratch", cfg=tiny, device="cpu", progress=False)
 
-    real_loss, calls = cc.calc_loss_batch, []
+    real_loss, calls = cc.book.calc_loss_batch, []
 
     def interrupting_loss(*args):
         calls.append(1)
@@ -140,11 +147,11 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_with_the_same_classi
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*args)
 
-    monkeypatch.setattr(cc, "calc_loss_batch", interrupting_loss)
+    monkeypatch.setattr(cc.book, "calc_loss_batch", interrupting_loss)
     with pytest.raises(TrainingInterrupted) as info:
         finetune(settings, tmp_path / "run", mode="scratch", cfg=tiny, device="cpu", progress=False)
     assert info.value.checkpoint == tmp_path / "run" / "checkpoint.pth"
-    monkeypatch.setattr(cc, "calc_loss_batch", real_loss)
+    monkeypatch.setattr(cc.book, "calc_loss_batch", real_loss)
     resumed = finetune(settings, tmp_path / "run", mode="scratch", cfg=tiny, device="cpu", progress=False,
                        resume=info.value.checkpoint)
     for key in ("train_losses", "val_losses", "train_accs", "val_accs", "examples_seen", "accuracies"):

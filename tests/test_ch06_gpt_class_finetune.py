@@ -7,18 +7,19 @@ import torch
 
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch06.gpt_class_finetune import (
+    PAD_TOKEN_ID,
     build_classifier,
     calc_accuracy_loader,
     calc_loss_batch,
     classify_review,
     count_trainable_parameters,
+    create_spam_loaders,
     last_token_logits,
     load_classifier,
     prepare_classifier,
     save_classifier,
     sequence_lengths,
 )
-from ch06.spam_data import PAD_TOKEN_ID, create_spam_loaders
 
 TINY = {**GPT_CONFIG_124M, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
 TEXTS = ["Hi, are we still meeting for lunch today?",
@@ -114,10 +115,10 @@ def test_save_load_round_trip(tmp_path, tiny_classifier, tokenizer):
 
 
 def test_chapter5s_training_layer_runs_the_books_classifier_loop_step_for_step(splits, tokenizer):
-    """`ch05.trainer.train` with this chapter's loss, evaluation and accuracies (as `ch06.cli` runs it) gives
+    """`llmfs.trainer.train` with this chapter's loss, evaluation and accuracies (as `ch06.cli` runs it) gives
     the losses, accuracies and weights of the book's `train_classifier_simple`."""
-    from ch05.trainer import make_optimizer, train
     from ch06.gpt_class_finetune import evaluate_model, train_classifier_simple
+    from llmfs.trainer import make_optimizer, train
 
     train_loader, val_loader, _ = create_spam_loaders(splits, tokenizer, batch_size=8, max_length=24)
     train_loader = [batch for _, batch in zip(range(6), train_loader)]  # 6 fixed batches keep it fast

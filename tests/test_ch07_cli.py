@@ -7,18 +7,17 @@ import pytest
 import torch
 
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
-from ch05.checkpoint import save_checkpoint
-from ch06.finetuning import load_init_checkpoint
+from ch06.cli import load_init_checkpoint
 from ch07 import cli as ft
-from ch07.gpt_instruction_finetuning import load_instruction_data
-from ch07.responses import load_finetuned_model
+from ch07.gpt_instruction_finetuning import load_finetuned_model, load_instruction_data
+from llmfs.checkpoint import save_checkpoint
 
 TINY = {**GPT_CONFIG_124M, "context_length": 128, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0}
 
 
 @pytest.fixture(scope="module")
 def instruction_data():
-    from ch02.download import get_data_file
+    from llmfs.download import get_data_file
 
     return load_instruction_data(get_data_file("instruction-data.json", download=False))
 
@@ -82,14 +81,14 @@ def test_ctrl_c_then_resume_ends_with_the_same_model_and_answers(tmp_path, instr
     import os
     import signal
 
-    import ch05.trainer as tr
+    import llmfs.trainer as tr
 
     settings = {**ft.QUICK_SETTINGS, "learning_rate": 1e-2, "batch_size": 4, "num_train": 16, "num_epochs": 2,
                 "eval_freq": 2, "eval_iter": 1, "num_test": 2, "max_new_tokens": 6}
     cfg = {**TINY, "drop_rate": 0.1}
     reference = ft.finetune(settings, tmp_path / "ref", cfg=cfg, data=instruction_data[:40], device="cpu",
                             progress=False)
-    real, calls = tr.calc_loss_batch, []
+    real, calls = ft.calc_loss_batch, []
 
     def interrupting(*args):
         calls.append(1)
@@ -97,11 +96,11 @@ def test_ctrl_c_then_resume_ends_with_the_same_model_and_answers(tmp_path, instr
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(tr, "calc_loss_batch", interrupting)
+    monkeypatch.setattr(ft, "calc_loss_batch", interrupting)
     with pytest.raises(tr.TrainingInterrupted) as info:
         ft.finetune(settings, tmp_path / "run", cfg=cfg, data=instruction_data[:40], device="cpu", progress=False)
     assert info.value.exit_code == 143
-    monkeypatch.setattr(tr, "calc_loss_batch", real)
+    monkeypatch.setattr(ft, "calc_loss_batch", real)
     resumed = ft.finetune(settings, tmp_path / "run", cfg=cfg, data=instruction_data[:40], device="cpu",
                           progress=False, resume=info.value.checkpoint)
     assert resumed["train_losses"][1:] == reference["train_losses"][1:]

@@ -37,7 +37,7 @@ TINY = {**GPT_CONFIG_124M, "context_length": 128, "emb_dim": 16, "n_heads": 2, "
 
 @pytest.fixture(scope="module")
 def instruction_data():
-    from ch02.download import get_data_file
+    from llmfs.download import get_data_file
 
     return load_instruction_data(get_data_file("instruction-data.json", download=False))
 
@@ -214,7 +214,7 @@ def test_loaders_batch_shapes(tokenizer):
 
 
 def test_download_and_load_file_uses_the_data_helper_for_the_chapter_url(tmp_path):
-    from ch02.download import DATA_FILES
+    from llmfs.download import DATA_FILES
 
     url = DATA_FILES["instruction-data.json"].url
     file_path = tmp_path / "instruction-data.json"

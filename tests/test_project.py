@@ -46,8 +46,11 @@ def pyproject_list(key: str) -> list[str]:
 
 
 def package_dirs() -> dict[str, str]:
+    """Every package in pyproject.toml -> its folder: the package-dir mapping (the appendices), else the
+    dotted name as a path (`ch05.llama` -> ch05/llama)."""
     section = pyproject_text().split("[tool.setuptools.package-dir]", 1)[1].split("\n[", 1)[0]
-    return dict(re.findall(r'^(\w+)\s*=\s*"([^"]+)"', section, re.M))
+    mapped = dict(re.findall(r'^(\w+)\s*=\s*"([^"]+)"', section, re.M))
+    return {name: mapped.get(name, name.replace(".", "/")) for name in pyproject_list("packages")}
 
 
 def minimums(lines) -> dict[str, str]:
@@ -71,7 +74,9 @@ def load_check_env():
 def test_every_chapter_folder_is_a_package():
     dirs = package_dirs()
     assert set(dirs) == set(pyproject_list("packages"))
-    on_disk = {p.name for p in REPO.iterdir() if p.is_dir() and re.fullmatch(r"ch0\d|appendix-[A-Z]", p.name)}
+    on_disk = {str(p.parent.relative_to(REPO)) for p in REPO.glob("*/__init__.py")}
+    on_disk |= {str(p.parent.relative_to(REPO)) for p in REPO.glob("ch0*/*/__init__.py")}
+    on_disk -= {"tests"}
     assert on_disk <= set(dirs.values()), f"folders missing from pyproject.toml: {on_disk - set(dirs.values())}"
 
 
@@ -269,7 +274,7 @@ def test_check_env_missing_data_is_only_a_note(monkeypatch, no_data, capsys):
     check_env = load_check_env()
     monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: True)  # online; no real network
     assert check_env.main([]) == 0
-    from ch02.download import DATA_FILES
+    from llmfs.download import DATA_FILES
 
     assert capsys.readouterr().out.count("will download on first use") == len(DATA_FILES)
     assert not no_data.exists()  # nothing was downloaded
@@ -282,7 +287,7 @@ def test_check_env_says_plainly_when_offline_without_the_data(monkeypatch, no_da
     assert check_env.main([]) == 1
     out = capsys.readouterr().out
     assert "All required checks passed" not in out
-    from ch02.download import DATA_FILES
+    from llmfs.download import DATA_FILES
 
     assert re.search(rf"offline: {len(DATA_FILES)} files missing; .*LLMFS_DATA_MIRROR.*check_env\.py --download", out)
     assert asked and all(isinstance(h, str) and h for h in asked)
@@ -305,7 +310,7 @@ def test_license_is_an_spdx_string_with_a_setuptools_that_reads_it():
 
 
 def test_outputs_go_to_the_environments_folder_during_tests():
-    from ch02.runtime import outputs_dir
+    from llmfs.runtime import outputs_dir
 
     root = Path(os.environ["LLMFS_OUTPUT_DIR"])
     assert outputs_dir("ch05") == root / "ch05" and REPO not in root.parents
@@ -371,7 +376,7 @@ def test_check_env_fails_on_an_unknown_device(monkeypatch, capsys):
 def test_check_env_download_failure_is_reported(monkeypatch, tmp_path, capsys):
     import dataclasses
 
-    from ch02.download import DATA_FILES
+    from llmfs.download import DATA_FILES
 
     monkeypatch.setenv("LLMFS_DATA_MIRROR", str(tmp_path / "no-mirror"))
     monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))

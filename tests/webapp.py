@@ -32,7 +32,7 @@ def free_port() -> int:
 @contextmanager
 def served(demo):
     """Serve a Gradio app on a free local port; yield its URL; close it afterwards."""
-    from ch05.app_common import launch
+    from llmfs.apps import launch
 
     url = launch(demo, port=free_port(), block=False)
     try:

@@ -1,0 +1,293 @@
+"""Chapter 7 bonus: making preference data for DPO with a local model served over the Ollama API.
+
+The book's bonus material builds `instruction-data-with-preference.json` from the
+chapter's instruction data: for every record it asks a larger model (Llama 3 through
+Ollama) to rewrite the reference answer slightly more *polite* or more *impolite*
+(drawn at random per record). A polite rewrite becomes the chosen answer and the
+original the rejected one; an impolite rewrite becomes the rejected answer and the
+original the chosen one. With `both=True` (`--both`) both rewrites are requested
+and the original answer is not used.
+
+    ollama serve &                 # or the Ollama app; or `python -m ch07.serve --model ...`
+    ollama pull llama3
+    python -m ch07.dpo.preference_data --output outputs/ch07/instruction-data-with-preference.jsonl
+    python -m ch07.dpo --model outputs/ch07/gpt2-medium-sft.pth --data outputs/ch07/instruction-data-with-preference.jsonl
+
+The requests are plain Ollama API calls (GET /api/tags to check the model, POST
+/api/chat with a fixed seed and temperature 0) made by `ch07.ollama_evaluate.query_model`,
+so any Ollama-compatible server works. Records are appended to a JSONL file as they
+arrive (one line each, flushed to disk), so an interrupted run loses at most the record
+in flight; running the same command again continues after the last complete line. A
+reply is checked before it is kept (not empty, not the prompt echoed back, not the
+original answer unchanged, not runaway long); a bad one is asked for once more with a
+stricter prompt, and a record whose replies stay bad is left out (a rerun tries it again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import requests
+
+from ch07.gpt_instruction_finetuning import format_input, load_instruction_data
+from ch07.ollama_evaluate import (
+    DEFAULT_MODEL,
+    OllamaUnavailable,
+    list_models,
+    model_available,
+    ollama_host,
+    query_model,
+)
+from llmfs.cli import one_line
+from llmfs.download import ChecksumError, DataUnavailableError
+
+POLITENESS = ("polite", "impolite")
+
+
+def make_rewrite_prompt(entry: dict, politeness: str) -> str:
+    """The bonus notebook's request: rewrite the reference answer to be slightly more (im)polite."""
+    if politeness not in POLITENESS:
+        raise ValueError(f"politeness must be one of {POLITENESS}, got {politeness!r}")
+    return (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"slightly rewrite the output to be more {politeness}. "
+        "Keep the modification minimal. "
+        "Only return the generated response and nothing else."
+    )
+
+
+STRICT_SUFFIX = ("\n\nYour previous reply could not be used. Reply with the rewritten output only: "
+                 "no quotes, no explanation, and not the same text as the correct output.")
+
+_QUOTES = ('"', "'", "`", "\u201c\u201d", "\u2018\u2019")
+
+
+def clean_reply(reply: str, original: str, max_chars: int | None = None) -> tuple[str | None, str]:
+    """(the usable rewrite, "") or (None, why not) for a model's reply.
+
+    Strips whitespace and one pair of quotes or backticks around the whole reply (the
+    prompt puts the answer in backticks, and models like to echo that). Refuses an empty
+    reply, one that repeats the prompt, one identical to the original answer (no
+    preference signal), and one far longer than the original (`max_chars`, default
+    4x the original + 200 characters: the model rambled or ignored the task).
+    """
+    text = (reply or "").strip()
+    for quote in _QUOTES:
+        opening, closing = (quote[0], quote[-1])
+        if len(text) >= 2 and text[0] == opening and text[-1] == closing and text.count(opening) <= 2:
+            text = text[1:-1].strip()
+            break
+    if not text:
+        return None, "empty reply"
+    if "Given the input" in text or "slightly rewrite the output" in text:
+        return None, "the reply repeats the prompt"
+    if text == original.strip():
+        return None, "the reply is the original answer unchanged"
+    limit = max_chars if max_chars is not None else 4 * len(original) + 200
+    if len(text) > limit:
+        return None, f"the reply is {len(text)} characters long (limit {limit})"
+    return text, ""
+
+
+def politeness_plan(num_records: int, seed: int = 123) -> list[str]:
+    """The politeness asked for each record, drawn up front so that a rerun asks the same."""
+    rng = random.Random(seed)
+    return [rng.choice(POLITENESS) for _ in range(num_records)]
+
+
+# --- The JSONL file ------------------------------------------------------------------------------
+
+def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The records of a JSONL file (one JSON object per line).
+
+    A last line without its newline is what an interrupted write leaves: with `repair`
+    it is cut off the file (and its record dropped); otherwise, and for any other bad
+    line, a ValueError names the file and the line.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    records, good_end, offset = [], 0, 0
+    for lineno, line in enumerate(raw.splitlines(keepends=True), start=1):
+        offset += len(line)
+        complete = line.endswith(b"\n")
+        if not line.strip():
+            good_end = offset if complete else good_end
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as exc:
+            if repair and not complete:
+                break
+            raise ValueError(f"{path}, line {lineno}: not a JSON object ({exc})") from None
+        if not complete and repair:  # a whole object but no newline: keep it, finish the line
+            with open(path, "ab") as f:
+                f.write(b"\n")
+        records.append(record)
+        good_end = offset
+    if repair and good_end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return records
+
+
+def _append_jsonl(f, record: dict) -> None:
+    """One record as one line, on disk before the next request goes out."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def records_done(path: Path, data: list[dict]) -> set[int]:
+    """Indices already in the output file; refuses a file made from other data."""
+    if not path.is_file():
+        return set()
+    done = set()
+    for i, record in enumerate(read_jsonl(path, repair=True)):
+        index = record.get("index")
+        if not isinstance(index, int) or not 0 <= index < len(data) \
+                or record.get("instruction") != data[index]["instruction"]:
+            raise ValueError(f"{path}: record {i} does not belong to this input data (its index "
+                             f"{index!r} and instruction do not match); choose another --output")
+        done.add(index)
+    return done
+
+
+# --- Asking the model ------------------------------------------------------------------------------
+
+def ask_rewrite(entry: dict, politeness: str, model: str, host: str | None = None, options: dict | None = None,
+                timeout: float = 300.0) -> tuple[str | None, str]:
+    """A validated rewrite (or None and why), asking a second time, more strictly, after a bad reply."""
+    prompt = make_rewrite_prompt(entry, politeness)
+    text, why = clean_reply(query_model(prompt, model, host=host, options=options, timeout=timeout), entry["output"])
+    if text is None:
+        text, why = clean_reply(query_model(prompt + STRICT_SUFFIX, model, host=host, options=options, timeout=timeout),
+                                entry["output"])
+    return text, why
+
+
+def generate_preference_data(data: list[dict], output_path: str | os.PathLike, model: str = DEFAULT_MODEL,
+                             host: str | None = None, seed: int = 123, both: bool = False,
+                             options: dict | None = None, timeout: float = 300.0,
+                             progress: bool = True) -> dict:
+    """Append a preference record to `output_path` for every record of `data` not there yet.
+
+    Each line is the input record plus "chosen", "rejected", "politeness" and "index"
+    (its position in `data`). Returns counts: {"total", "done_before", "written",
+    "invalid"}. Connection errors propagate (what was written stays written).
+    """
+    from tqdm.auto import tqdm
+
+    output_path = Path(output_path)
+    done = records_done(output_path, data)
+    plan = politeness_plan(len(data), seed)
+    todo = [i for i in range(len(data)) if i not in done]
+    summary = {"total": len(data), "done_before": len(done), "written": 0, "invalid": 0}
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "a", encoding="utf-8") as f:
+        for i in tqdm(todo, desc="Writing entries", unit="entry", disable=not progress):
+            entry = data[i]
+            if both:
+                chosen, why = ask_rewrite(entry, "polite", model, host, options, timeout)
+                rejected, why_rejected = (ask_rewrite(entry, "impolite", model, host, options, timeout)
+                                          if chosen is not None else (None, ""))
+                why, politeness = why or why_rejected, "both"
+            else:
+                politeness = plan[i]
+                response, why = ask_rewrite(entry, politeness, model, host, options, timeout)
+                chosen, rejected = ((response, entry["output"]) if politeness == "polite"
+                                    else (entry["output"], response))
+            if chosen is None or rejected is None:
+                summary["invalid"] += 1
+                if progress:
+                    tqdm.write(f"record {i}: no usable reply ({why}); a rerun asks again")
+                continue
+            _append_jsonl(f, {**entry, "chosen": chosen, "rejected": rejected, "politeness": politeness,
+                              "index": i})
+            summary["written"] += 1
+    return summary
+
+
+# --- Command line ------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Make polite/impolite preference pairs from instruction data with a "
+                                            "model served over the Ollama API (chapter 7 bonus).")
+    p.add_argument("--data", default=None,
+                   help="instruction records (JSON list with instruction, input, output; default: the chapter's "
+                        "instruction-data.json)")
+    p.add_argument("--output", default="outputs/ch07/instruction-data-with-preference.jsonl",
+                   help="JSONL file the records are appended to; rerun with the same file to continue")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model on the server (default llama3)")
+    p.add_argument("--host", default=None,
+                   help="Ollama server (default $OLLAMA_HOST or http://localhost:11434)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--both", action="store_true",
+                   help="ask for a polite and an impolite rewrite of every answer (twice the requests) instead "
+                        "of one random rewrite against the original answer")
+    p.add_argument("--seed", type=int, default=123, help="seed for the polite/impolite draw (default 123)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cap on each reply's length in tokens (Ollama's num_predict; default: the server's)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each reply")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.data is not None and not Path(args.data).is_file():
+            raise ValueError(f"--data {args.data} does not exist")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}")
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        ollama_host(args.host)  # a malformed --host fails here
+        data = load_instruction_data(args.data)
+        data = data[:args.limit] if args.limit else data
+        done = records_done(Path(args.output), data)
+    except (DataUnavailableError, ChecksumError) as exc:  # no copy of the chapter's file, and no network
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if len(done) == len(data):
+        print(f"{args.output} already holds all {len(data)} records; nothing to do")
+        return 0
+    try:
+        installed = list_models(args.host)
+        if not model_available(args.model, installed):
+            raise OllamaUnavailable(f"The server at {ollama_host(args.host)} does not have the model {args.model!r} "
+                                    f"(installed: {', '.join(installed) or 'none'}); pull it with "
+                                    f"`ollama pull {args.model}` or choose one with --model.")
+    except OllamaUnavailable as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"{ollama_host(args.host)}, model {args.model}: {len(data) - len(done)} of {len(data)} records to do "
+          f"-> {args.output}")
+    options = {"num_predict": args.max_tokens} if args.max_tokens else None
+    try:
+        summary = generate_preference_data(data, args.output, args.model, args.host, seed=args.seed,
+                                           both=args.both, options=options, timeout=args.timeout,
+                                           progress=not args.no_progress)
+    except (requests.RequestException, OllamaUnavailable) as exc:
+        written = len(records_done(Path(args.output), data)) - len(done)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+        print(f"error: the server stopped answering ({reason}) after {written} new records; they are saved in "
+              f"{args.output}: run the same command again to continue.", file=sys.stderr)
+        return 1
+    print(f"{summary['written']} records written, {summary['done_before']} were there before, "
+          f"{summary['invalid']} without a usable reply (rerun to ask again): {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Chapter 7 in the browser: chat with the model `python -m ch07.gpt_instruction_finetuning` fine-tuned.
+
+    python -m ch07.ui                                    # the newest outputs/ch07/*-sft.pth
+    python -m ch07.ui --model outputs/ch07/gpt2-medium-sft.pth
+
+then open http://127.0.0.1:7860. Each message becomes the instruction of an Alpaca prompt
+(section 7.2's `format_input`) and the answer appears token by token. As in the book's chat app,
+every message stands alone: the model was fine-tuned on single instructions, not conversations.
+`--model` also takes GPT-2 weights or chapter 5's files (which answer, but not as instructed).
+Loading and streaming are shared with the other chapters' apps (`llmfs.apps`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+import torch.nn as nn
+
+from ch02.tokenizer import get_gpt2_tokenizer
+from ch05.gpt_generate import load_model_for_generation
+from ch07.gpt_instruction_finetuning import (
+    END_OF_TEXT_ID,
+    extract_response,
+    format_input,
+    load_finetuned_model,
+)
+from llmfs.apps import EMPTY_INPUT_MESSAGE, load_app_model, newest_file, serve_app, stream_text
+
+OUTPUT_DIR = "outputs/ch07"  # the fine-tuning CLI's --output-dir default; it writes <model>-sft.pth there
+HINT = ("Fine-tune one with `python -m ch07.gpt_instruction_finetuning` (`--quick` trains a small one offline "
+        "in about a minute); `--model` takes the `*-sft.pth` it writes, GPT-2 weights or chapter 5's files.")
+MAX_NEW_TOKENS = 256  # as the chapter's generate_response
+
+
+def default_model() -> str:
+    """What `python -m ch07.gpt_instruction_finetuning` wrote last."""
+    return str(newest_file(OUTPUT_DIR, ("*-sft.pth",)) or f"{OUTPUT_DIR}/gpt2-medium-sft.pth")
+
+
+def load_chat_model(spec: str, device) -> tuple[nn.Module, dict]:
+    """A fine-tuned model (with its metadata: the prompt style) or any model chapter 5 can load."""
+    if Path(spec).with_suffix(".json").is_file():
+        return load_finetuned_model(spec, device)
+    model, description = load_model_for_generation(spec, device)
+    return model, {"source": description}
+
+
+def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS) -> gr.Blocks:
+    """The page: the conversation, a text box and a send button."""
+    app = load_app_model(load_chat_model, model_spec, device, HINT)
+    tokenizer = get_gpt2_tokenizer()
+    style = (app.info or {}).get("style", "alpaca")
+
+    def respond(instruction: str, history: list[dict]):
+        """Yield (conversation, text box, message) once per new token."""
+        if app.error:
+            yield history, instruction, app.error
+            return
+        if not instruction.strip():
+            yield history, "", EMPTY_INPUT_MESSAGE
+            return
+        input_text = format_input({"instruction": instruction, "input": ""}, style)
+        history = [*history, {"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
+        for text in stream_text(app.model, tokenizer, input_text, max_new_tokens, eos_id=END_OF_TEXT_ID):
+            history[-1]["content"] = extract_response(text, input_text, style)
+            yield history, "", ""
+        yield history, "", ""  # also when the model's first token already ends the answer
+
+    with gr.Blocks(title="Chapter 7: chat") as demo:
+        source = "none (see the message below)" if app.error else f"`{model_spec}`, {style} prompts"
+        gr.Markdown(f"## Chapter 7: chat with the instruction-tuned model\nModel: {source}")
+        chat = gr.Chatbot(label="Conversation", render_markdown=False, buttons=["copy", "copy_all"],
+                          elem_id="chat")
+        message = gr.Markdown(app.error or app.note, elem_id="message")
+        with gr.Row():
+            box = gr.Textbox(placeholder="Give an instruction, e.g. Rewrite the sentence using a simile.",
+                             show_label=False, scale=4, elem_id="prompt")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        gr.on([send.click, box.submit], respond, [box, chat], [chat, box, message])
+    return demo
+
+
+def main(argv=None) -> int:
+    return serve_app(build_demo, "Chapter 7's instruction-tuned model in the browser.", default_model(),
+                     "*-sft.pth from ch07.gpt_instruction_finetuning (with its .json beside it), a GPT-2 name "
+                     "or folder, or chapter 5's model.pth / checkpoint.pth", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""A chat layer for a loaded model: build its prompt, stream its answer as text.
+
+One small layer that a server (`llmfs.serve`), a web app or a preference-data generator can
+share, so that all of them format prompts and decode tokens the same way:
+
+* `ChatModel.chat_prompt(messages)` turns chat messages into the text the model was trained
+  on: the instruction format the chapter passes in (`PromptFormat`: chapter 7's Alpaca
+  `format_input` / `format_response`) for an instruction-tuned model, the plain text of the
+  conversation for a base model;
+* `ChatModel.generation(prompt_ids, options)` runs `llmfs.generate_stream` and yields text pieces,
+  decoding UTF-8 across token boundaries and holding back text that may start a stop string.
+
+Loading is the chapter's: `ch07.cli.load_chat_model(spec)` builds a `ChatModel` from a chapter-7
+instruction-tuned model or anything chapter 5 reads.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from llmfs.errors import InvalidInput
+from llmfs.generate_stream import generate_stream
+
+# Ollama's sampling defaults (temperature 0.8, top-k 40, top-p 0.9), so a client that sends no
+# options gets the behaviour it would get from Ollama. Ollama's own num_predict default is
+# "until the model stops"; GPT-2 has no end of context (the window slides), so we cap it.
+DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "num_predict": 128}
+# Options a client may send that only tune Ollama's runtime (threads, GPU layers, context
+# allocation): accepted and ignored, as they cannot change our model's output.
+IGNORED_OPTIONS = frozenset({
+    "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "numa", "low_vram", "use_mmap", "use_mlock",
+    "num_keep", "vocab_only", "f16_kv", "logits_all", "embedding_only",
+})
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a chapter writes an instruction and its answer (chapter 7: `format_input`, `format_response`).
+
+    `format_input(entry, style)` is the prompt up to the answer, `format_response(entry, style)` the
+    response header and answer; `entry` holds "instruction", "input" and "output".
+    """
+
+    styles: tuple[str, ...]
+    format_input: Callable[[dict, str], str]
+    format_response: Callable[[dict, str], str]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What one request asks of the model; `parse_options` builds it from Ollama's `options`."""
+
+    temperature: float = DEFAULT_OPTIONS["temperature"]
+    top_k: int | None = DEFAULT_OPTIONS["top_k"]
+    top_p: float | None = DEFAULT_OPTIONS["top_p"]
+    seed: int | None = None      # None: a fresh random seed per request (as in Ollama)
+    num_predict: int = DEFAULT_OPTIONS["num_predict"]
+    stop: tuple[str, ...] = ()
+    truncate: bool = False       # a prompt longer than the context: keep its end instead of refusing
+
+
+def _number(options: dict, key: str, kind: type, default):
+    value = options.get(key, default)
+    if value is None:
+        return default
+    wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    if wrong_type or (kind is int and value != int(value)):
+        what = "an integer" if kind is int else "a number"
+        raise InvalidInput(f"option {key!r} must be {what}, got {value!r}")
+    return kind(value)
+
+
+def parse_options(options: dict | None, defaults: dict | None = None) -> GenerationOptions:
+    """Validate Ollama-style `options` (temperature, top_k, top_p, seed, num_predict, stop, truncate).
+
+    Raises ValueError with a one-line reason for a bad value. top_k 0 and top_p 1 mean "off",
+    as in Ollama; runtime-only options such as num_ctx are ignored; unknown ones are refused.
+    """
+    options = dict(options or {})
+    defaults = {**DEFAULT_OPTIONS, **(defaults or {})}
+    unknown = sorted(set(options) - set(GenerationOptions.__dataclass_fields__) - IGNORED_OPTIONS)
+    if unknown:
+        raise InvalidInput(f"unsupported option(s) {', '.join(map(repr, unknown))}; this server knows "
+                         "temperature, top_k, top_p, seed, num_predict, stop and truncate")
+    temperature = _number(options, "temperature", float, defaults["temperature"])
+    top_k = _number(options, "top_k", int, defaults["top_k"])
+    top_p = _number(options, "top_p", float, defaults["top_p"])
+    seed = _number(options, "seed", int, None)
+    num_predict = _number(options, "num_predict", int, defaults["num_predict"])
+    if temperature < 0:
+        raise InvalidInput(f"option 'temperature' must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise InvalidInput(f"option 'top_k' must be >= 0 (0 turns it off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidInput(f"option 'top_p' must be in (0, 1], got {top_p}")
+    if seed is not None and not -2**63 <= seed < 2**64:
+        raise InvalidInput(f"option 'seed' must fit in 64 bits, got {seed}")
+    if num_predict < 0:
+        raise InvalidInput(f"option 'num_predict' must be >= 0, got {num_predict} (this server cannot generate "
+                         "without a limit)")
+    stop = options.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidInput(f"option 'stop' must be a string or a list of non-empty strings, got {stop!r}")
+    truncate = options.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise InvalidInput(f"option 'truncate' must be true or false, got {truncate!r}")
+    return GenerationOptions(temperature=temperature, top_k=top_k or None,
+                             top_p=None if top_p == 1 else top_p, seed=seed, num_predict=num_predict,
+                             stop=tuple(stop), truncate=truncate)
+
+
+class PromptTooLong(InvalidInput):
+    """The prompt has more tokens than the model's context and the client did not ask to truncate it."""
+
+
+class TextGeneration:
+    """The answer to one prompt, one token per step: iterate for text pieces ("" while text is held back).
+
+    Bytes are decoded incrementally, so a character split over two tokens comes out whole, and
+    text that could be the start of a stop string is held back until it is clearly not. After
+    the last piece, `done_reason` is "stop" (end-of-text token or a stop string) or "length"
+    (`num_predict` tokens). `close()` ends the generation early and resets the model's cache.
+    """
+
+    def __init__(self, chat: ChatModel, prompt_ids: list[int], options: GenerationOptions):
+        self.chat, self.options, self.prompt_ids = chat, options, prompt_ids
+        seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = torch.Generator(device=chat.device).manual_seed(seed)
+        idx = torch.tensor([prompt_ids], device=chat.device)  # (1, num_tokens)
+        self.tokens = generate_stream(chat.model, idx, options.num_predict, chat.context_length,
+                                      temperature=options.temperature, top_k=options.top_k,
+                                      eos_id=chat.eos_id, top_p=options.top_p, generator=self.generator)
+        self.eval_count = 0
+        self.done_reason: str | None = None
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self.tokens.close()
+
+    def _cut(self, text: str) -> tuple[str, bool, str]:
+        """(text safe to send, whether a stop string was found, text held back)."""
+        stops = self.options.stop
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            return text[:min(hits)], True, ""
+        # The longest end of `text` that is the beginning of some stop string may still become one.
+        keep = max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+        return text[:len(text) - keep], False, text[len(text) - keep:]
+
+    def _run(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        token_bytes = self.chat.tokenizer.decode_single_token_bytes
+        held = ""
+        try:
+            for token in self.tokens:
+                self.eval_count += 1
+                piece, stopped, held = self._cut(held + decoder.decode(token_bytes(token)))
+                if stopped:
+                    self.done_reason = "stop"
+                    yield piece
+                    return
+                yield piece
+            piece, stopped, held = self._cut(held + decoder.decode(b"", final=True))
+            at_limit = self.eval_count == self.options.num_predict
+            self.done_reason = "length" if at_limit and not stopped else "stop"
+            yield piece + held  # the answer is over: what was held back can no longer become a stop string
+        finally:
+            self.tokens.close()
+
+
+@dataclass
+class ChatModel:
+    """A loaded model with what a client needs to talk to it (see the module docstring)."""
+
+    model: nn.Module
+    name: str                     # e.g. "gpt2-medium-sft:latest"
+    style: str | None             # "alpaca" / "phi3" for instruction-tuned models, None for base models
+    description: str
+    source: str                   # the file or GPT-2 name it came from
+    device: torch.device
+    tokenizer: object             # tiktoken-like: encode, decode, decode_single_token_bytes
+    eos_id: int                   # the end-of-text token: generation stops there
+    prompt_format: PromptFormat | None = None  # the instruction format; needed when `style` is set
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.cfg["context_length"])
+
+    def matches(self, requested: str) -> bool:
+        """True when a client's model name means this model ("name" is short for "name:latest")."""
+        requested = requested.strip().lower()
+        return requested == self.name or (":" not in requested and f"{requested}:latest" == self.name)
+
+    # --- prompts -------------------------------------------------------------------------------
+
+    def instruction_prompt(self, instruction: str, response: str = "") -> str:
+        """The instruction prompt (the chapter's format) for one instruction, ending where the answer starts."""
+        entry = {"instruction": instruction, "input": "", "output": response}
+        fmt = self.prompt_format
+        return fmt.format_input(entry, self.style) + fmt.format_response(entry, self.style)
+
+    def generate_prompt(self, prompt: str, system: str | None = None, raw: bool = False) -> str:
+        """The text for /api/generate: an instruction-tuned model gets the Alpaca format unless `raw`."""
+        if raw:
+            return prompt
+        system_message = [{"role": "system", "content": system}] if system else []
+        return self.chat_prompt(system_message + [{"role": "user", "content": prompt}])
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The text for a conversation (dicts with "role" and "content").
+
+        Instruction-tuned: every user turn becomes an Alpaca instruction followed by its answer
+        (consecutive user messages are one instruction); the text ends after the last
+        "### Response:" header, or inside a final assistant message, which the model continues.
+        System messages are written before the turns as plain text. Base model: the contents
+        one after another, separated by blank lines, for the model to continue.
+        """
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES
+                    and isinstance(m.get("content", ""), str)):
+                raise InvalidInput(f"message {i} must have a role ({', '.join(CHAT_ROLES)}) and string content")
+        if self.style is None:
+            return "\n\n".join(m.get("content") or "" for m in messages)
+        parts, instruction = [], []
+        for m in messages:
+            role, content = m["role"], m.get("content") or ""
+            if role == "user":
+                instruction.append(content)
+            elif role == "assistant" and instruction:
+                parts.append(self.instruction_prompt("\n\n".join(instruction), content))
+                instruction = []
+            else:  # a system message, or an assistant message without a question
+                parts.append(content)
+        if instruction:
+            parts.append(self.instruction_prompt("\n\n".join(instruction)))
+        return "\n\n".join(parts)
+
+    def encode(self, text: str, truncate: bool = False) -> list[int]:
+        """Token ids of `text`. Longer than the context: its last tokens if `truncate`, else PromptTooLong."""
+        ids = self.tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+        if len(ids) > self.context_length:
+            if not truncate:
+                n = self.context_length
+                raise PromptTooLong(f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                                    f"{n} tokens; shorten it, or send \"truncate\": true to keep its last "
+                                    f"{n} tokens")
+            ids = ids[-self.context_length:]
+        return ids
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def generation(self, prompt_ids: list[int], options: GenerationOptions) -> TextGeneration:
+        """An iterator over the answer's text pieces (one step per token); not re-entrant: one at a time."""
+        if not prompt_ids:
+            raise InvalidInput("the prompt is empty: the model needs at least one token to continue")
+        return TextGeneration(self, prompt_ids, options)
+
+    def respond(self, messages: list[dict], options: GenerationOptions | None = None) -> str:
+        """The whole answer to a conversation, in one call (for scripts and data generators)."""
+        options = options or GenerationOptions()
+        return "".join(self.generation(self.encode(self.chat_prompt(messages), options.truncate), options))
+
+    # --- what /api/tags and /api/show report ---------------------------------------------------
+
+    def details(self) -> dict:
+        n = sum(p.numel() for p in self.model.parameters())
+        dtype = next(self.model.parameters()).dtype
+        dtypes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+        return {"parent_model": "", "format": Path(self.source).suffix.lstrip(".") or "pytorch",
+                "family": "gpt2", "families": ["gpt2"],
+                "parameter_size": f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.1f}B",
+                "quantization_level": dtypes.get(dtype, str(dtype))}
+
+    def model_info(self) -> dict:
+        cfg = self.model.cfg
+        return {"general.architecture": "gpt2",
+                "general.parameter_count": sum(p.numel() for p in self.model.parameters()),
+                "gpt2.context_length": cfg["context_length"], "gpt2.embedding_length": cfg["emb_dim"],
+                "gpt2.block_count": cfg["n_layers"], "gpt2.attention.head_count": cfg["n_heads"],
+                "gpt2.vocab_size": cfg["vocab_size"], "llmfs.prompt_style": self.style or "none"}
+
+    def template(self) -> str:
+        """The prompt format written in Ollama's template syntax (for /api/show)."""
+        return self.instruction_prompt("{{ .Prompt }}", "{{ .Response }}") if self.style else "{{ .Prompt }}"
+
+    def file_size_and_digest(self) -> tuple[int, str]:
+        """Size of the weights file, and a sha256 of its path, size and time (hashing gigabytes is slow)."""
+        path = Path(self.source)
+        stat = path.stat() if path.is_file() else None
+        size = stat.st_size if stat else sum(p.numel() * p.element_size() for p in self.model.parameters())
+        key = json.dumps([str(path.resolve()) if stat else self.source, size, stat.st_mtime if stat else 0])
+        return size, hashlib.sha256(key.encode()).hexdigest()
+
+
+def finetuned_file(path: Path) -> Path | None:
+    """The weights file of a chapter-7 model (its `.json` beside it holds "config"), or None."""
+    def has_meta(p: Path) -> bool:
+        meta = p.with_suffix(".json")
+        try:
+            return meta.is_file() and "config" in json.loads(meta.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return False
+
+    if path.is_file():
+        return path if path.suffix in (".pth", ".safetensors") and has_meta(path) else None
+    chapter5_files = ("model.safetensors", "model.pth", "checkpoint.pth")
+    if not path.is_dir() or any((path / n).is_file() for n in chapter5_files):
+        return None
+    found = sorted(p for ext in ("*.pth", "*.safetensors") for p in path.glob(ext) if has_meta(p))
+    if len(found) > 1:
+        raise InvalidInput(f"{path} holds several fine-tuned models ({', '.join(p.name for p in found)}); "
+                         "name the file")
+    return found[0] if found else None
+
+
+def default_model_name(spec: str | os.PathLike) -> str:
+    """An Ollama-style name for a model: "gpt2-medium-sft:latest" for outputs/ch07/gpt2-medium-sft.pth,
+    "ch05-model:latest" for outputs/ch05/model.pth, "gpt2:latest" for "gpt2"."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        base = path.resolve().name
+    elif path.is_file():
+        generic = path.stem in ("model", "checkpoint")
+        base = f"{path.resolve().parent.name}-{path.stem}" if generic else path.stem
+    else:
+        base = str(spec)
+    return (re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._") or "model") + ":latest"

@@ -1,0 +1,150 @@
+"""Cross-cutting helpers used by every chapter: device choice, quick mode, seeding, eval mode.
+
+They live here, in the earliest chapter that needs them, so there is exactly one
+copy (later chapters import them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmfs.errors import UserError
+
+QUICK_ENV = "LLMFS_QUICK"
+DEVICE_ENV = "LLMFS_DEVICE"
+
+
+OUTPUT_ENV = "LLMFS_OUTPUT_DIR"
+
+
+def outputs_dir(chapter: str) -> Path:
+    """Where a chapter's scripts and notebooks write what they produce: `<root>/outputs/<chapter>`.
+
+    One convention for both: the root is the repository's checkout (found from this package's
+    location, so a notebook run from `ch06/` and `python -m ch06.gpt_class_finetune` run from
+    the repository root write to the same `outputs/ch06/`), or the current folder when the
+    package is installed elsewhere. `$LLMFS_OUTPUT_DIR` replaces `<root>/outputs` (the tests
+    point it at a temporary folder, so they never write into the checkout).
+    """
+    override = os.environ.get(OUTPUT_ENV, "").strip()
+    if override:
+        return Path(override).expanduser() / chapter
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "pyproject.toml").is_file():  # installed, not a checkout
+        return Path("outputs") / chapter
+    folder = checkout / "outputs" / chapter
+    cwd = Path.cwd().resolve()
+    if cwd == checkout or checkout in cwd.parents:  # short and readable: outputs/ch05, ../outputs/ch06
+        return Path(os.path.relpath(folder, cwd))
+    return folder
+
+
+class DeviceUnavailableError(UserError, RuntimeError):
+    """The device or precision asked for is not available here (a setting to change, not a bug)."""
+
+
+def is_quick() -> bool:
+    """True when `LLMFS_QUICK=1`: notebooks and scripts shrink models and epochs.
+
+    Quick mode keeps every step (loss still falls, text is still generated); it only
+    makes the work small enough to run in about a minute on two CPU cores.
+    """
+    return os.environ.get(QUICK_ENV, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """Pick the best available device: cuda > mps > cpu.
+
+    `prefer` (or the environment variable `LLMFS_DEVICE`) forces a choice, e.g.
+    "cpu" when a PyTorch/MPS combination gives wrong results on a Mac.
+    """
+    choice = (prefer or os.environ.get(DEVICE_ENV, "")).strip().lower()
+    if choice:
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for {choice!r} but CUDA is not available; "
+                               "use 'cpu' or install a CUDA build of PyTorch.")
+        if choice == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for 'mps' but MPS is not available; use 'cpu'.")
+        try:
+            device = torch.device(choice)
+        except RuntimeError as exc:
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer={choice!r} is not a device PyTorch knows; "
+                               f"use 'cpu', 'cuda', 'cuda:N' or 'mps' ({exc})") from None
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for {choice!r} but only "
+                               f"{torch.cuda.device_count()} CUDA device(s) are visible.")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_seed(seed: int = 123) -> None:
+    """Seed Python, NumPy and PyTorch so runs are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode (no dropout) for the block, then the mode the model was in before.
+
+    Generation, evaluation and classification run inside a training loop, which must get
+    its model back in training mode, and outside one, where it must stay in eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def distributed_backend() -> str:
+    """The torch.distributed backend that works here: NCCL on CUDA (Linux), Gloo otherwise.
+
+    Choosing it automatically keeps DDP scripts running on laptops, on Windows and on
+    CUDA builds without NCCL, where hard-coding "nccl" crashes.
+    """
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def reuse_freed_memory() -> bool:
+    """Let the C allocator keep freed memory for reuse instead of handing it back to the OS.
+
+    A training step allocates and frees several ~150 MB tensors (the embedding gradient, the
+    logits). glibc serves blocks that large with mmap and returns them on free, so every step
+    touches fresh pages: hundreds of thousands of page faults (on the 2-core benchmark machine
+    the chapter-5 bfloat16 run took 3 min 54 s without this call and 3 min 4 s with it, for
+    ~0.3 GB more peak memory; fp32: ~0.5 GB). Serving them from the heap and not trimming it
+    makes later steps reuse warm pages.
+    Only on Linux with glibc; elsewhere it does nothing and returns False. Scripts call it
+    once at start-up; importing a module never does.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -1,0 +1,151 @@
+"""python -m ch05.llama.generate_llm: one command for Llama 3, Qwen3, GPT-2 folders and our checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ch05.llama import generate_llm
+from ch05.llama.generate_llm import generate_text, load_llm, main
+from hf_tiny import model_dir_fixture
+
+PROMPT = "I had always thought Jack Gisburn rather a cheap genius"
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return model_dir_fixture(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return model_dir_fixture(tmp_path_factory, "llama")
+
+
+def _hf_continuation(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("fixture", ["qwen_dir", "llama_dir"])
+def test_cli_prints_the_same_greedy_text_as_transformers(fixture, request, capsys):
+    path, hf = request.getfixturevalue(fixture)
+    assert main(["--model", str(path), "--prompt", PROMPT, "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    llm = load_llm(path)
+    expected = llm.tokenizer.decode(_hf_continuation(hf, llm.tokenizer.encode(PROMPT), 12))
+    assert capsys.readouterr().out == PROMPT + expected + "\n"
+
+
+def test_chat_stops_before_the_end_of_turn_token(qwen_dir):
+    path, _ = qwen_dir
+    llm = load_llm(path)
+    free_text, free_ids = generate_text(llm, "Hello", max_new_tokens=10, chat=True)
+    assert len(free_ids) == 10
+    end_id, calls = llm.tokenizer.token_id("<|im_end|>"), []
+
+    def force_end_at_step_4(module, inputs, out):
+        calls.append(1)
+        if len(calls) == 4:
+            out[..., end_id] += 1e4
+        return out
+
+    llm.model.out_head.register_forward_hook(force_end_at_step_4)
+    text, ids = generate_text(llm, "Hello", max_new_tokens=10, chat=True)
+    assert ids == free_ids[:3] and text == llm.tokenizer.decode(free_ids[:3])
+    assert len(calls) == 4  # generation ended at the end-of-turn token instead of running on
+
+
+def test_chat_prompt_is_the_familys_format(qwen_dir, llama_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(generate_llm, "generate", lambda model, idx, **kw: seen.append(idx[0].tolist()) or idx)
+    for path, _ in (qwen_dir, llama_dir):
+        llm = load_llm(path)
+        generate_text(llm, "Hi", max_new_tokens=1, chat=True)
+        assert seen[-1] == llm.tokenizer.encode("Hi", chat=True)
+    assert main(["--model", str(qwen_dir[0]), "--prompt", "Hi", "--chat", "--think", "--max-new-tokens", "1"]) == 0
+    assert llm.tokenizer.token_id("<think>") not in seen[-1]  # thinking on: no pre-filled empty <think> block
+
+
+@pytest.fixture(scope="module")
+def gpt_dirs(tmp_path_factory):
+    """A tiny Hugging Face GPT-2 folder and a tiny chapter-5 model.safetensors folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ch04.gpt import GPTModel
+    from llmfs.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("gpt")
+    torch.manual_seed(123)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    hf.save_pretrained(path / "gpt2")
+    ours = GPTModel({"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
+                     "drop_rate": 0.0, "qkv_bias": False}).eval()
+    save_model(ours, path / "mine" / "model.safetensors")
+    return path, hf, ours
+
+
+def test_gpt2_folder_and_our_checkpoint_run_through_the_same_command(gpt_dirs, capsys):
+    from ch02.tokenizer import get_gpt2_tokenizer
+    from ch05.gpt_generate import generate
+
+    tmp_path, hf, ours = gpt_dirs
+    ids = get_gpt2_tokenizer().encode(PROMPT)
+    with torch.no_grad():
+        expected_hf = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected_ours = generate(ours, torch.tensor([ids]), 8, 64)
+    for where, expected in ((tmp_path / "gpt2", expected_hf), (tmp_path / "mine", expected_ours)):
+        assert main(["--model", str(where), "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
+        tokens = [t for t in expected[0].tolist() if t != 50256]
+        assert capsys.readouterr().out == get_gpt2_tokenizer().decode(tokens) + "\n"
+
+
+def _run_error(capsys, argv) -> str:
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's one-line errors (ch05.cli.Parser)
+        rc = exc.code
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("error:") == 1
+    return captured.err
+
+
+def test_bad_inputs_exit_2_with_one_clear_message(tmp_path, qwen_dir, gpt_dirs, capsys, monkeypatch):
+    path, _ = qwen_dir
+    base = ["--prompt", "Hi", "--max-new-tokens", "2"]
+
+    unknown = tmp_path / "unknown"
+    shutil.copytree(path, unknown)
+    cfg = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    assert "describes a 'mistral' model" in _run_error(capsys, ["--model", str(unknown), *base])
+
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(path, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    monkeypatch.setitem(generate_llm.FAMILIES, "qwen3",
+                        (lambda *a, **k: pytest.fail("weights loaded before the tokenizer was checked"),
+                         generate_llm.Qwen3Tokenizer))
+    assert "tokenizer.json is missing" in _run_error(capsys, ["--model", str(no_tok), *base])
+    monkeypatch.undo()
+
+    shapes = tmp_path / "shapes"
+    shutil.copytree(path, shapes)
+    (shapes / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    assert "missing keys: ['trf_blocks.2." in _run_error(capsys, ["--model", str(shapes), *base])
+
+    long_prompt = "the " * 200
+    err = _run_error(capsys, ["--model", str(path), "--prompt", long_prompt])
+    assert "the prompt is" in err and "context holds 128" in err
+
+    assert "no chat format" in _run_error(capsys, ["--model", str(gpt_dirs[0] / "gpt2"), *base, "--chat"])
+    assert "--think is for Qwen3" in _run_error(capsys, ["--model", str(gpt_dirs[0] / "mine"), *base, "--chat",
+                                                         "--think"])
+    assert "no model folder at" in _run_error(capsys, ["--model", str(tmp_path / "nothing.pth"), *base])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert "HF_HUB_OFFLINE=1 is set" in _run_error(capsys, ["--model", "Qwen/Qwen3-0.6B", *base])
+    assert "--top-k: must be a whole number >= 1" in _run_error(capsys, ["--model", str(path), *base, "--top-k", "0"])

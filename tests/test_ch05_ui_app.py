@@ -1,0 +1,129 @@
+"""Tests for ch05/app.py and ch05/app_common.py, driven in a headless Chromium: the page loads, the
+streamed text equals `generate`'s for the same controls and seed, and the messages for an
+empty prompt and a missing model. A tiny random model saved to tmp_path stands in for a trained one.
+"""
+
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+
+import webapp
+from ch02.tokenizer import get_gpt2_tokenizer
+from ch04.gpt import GPT_CONFIG_124M, GPTModel
+from ch05.gpt_generate import generate, load_model_for_generation
+from ch05.gpt_train import text_to_token_ids, token_ids_to_text
+from ch05.ui import app as ch05_app
+from llmfs.apps import EMPTY_INPUT_MESSAGE, load_app_model, stream_text
+from llmfs.checkpoint import save_model
+
+# Gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
+
+TINY = {**GPT_CONFIG_124M, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A tiny random model saved the way ch05.gpt_train saves one: model.pth and config.json."""
+    folder = tmp_path_factory.mktemp("ch05")
+    torch.manual_seed(123)
+    save_model(GPTModel(TINY), folder / "model.pth")
+    (folder / "config.json").write_text(json.dumps(TINY))
+    return folder / "model.pth"
+
+
+def expected_text(model_path, prompt, max_new_tokens, temperature, top_k, seed) -> str:
+    model, _ = load_model_for_generation(model_path)
+    out = generate(model, text_to_token_ids(prompt, get_gpt2_tokenizer()), max_new_tokens, TINY["context_length"],
+                   temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(seed))
+    return token_ids_to_text(out, get_gpt2_tokenizer())
+
+
+def test_stream_text_ends_with_generates_text(model_path):
+    model, _ = load_model_for_generation(model_path)
+    texts = list(stream_text(model, get_gpt2_tokenizer(), "Every effort moves you", 40, 1.0, top_k=20, seed=7))
+    assert len(texts) == 40  # one text per token; the window slides past the 32-token context
+    assert texts[-1] == expected_text(model_path, "Every effort moves you", 40, 1.0, 20, 7)
+
+
+def test_load_app_model_turns_failures_and_warnings_into_page_text(model_path, tmp_path):
+    hint = "Train one first."
+    missing = load_app_model(load_model_for_generation, str(tmp_path / "model.pth"), "cpu", hint)
+    assert missing.model is None and "does not exist" in missing.error and missing.error.endswith(hint)
+    (tmp_path / "model.pth").write_bytes(b"not a model")
+    broken = load_app_model(load_model_for_generation, str(tmp_path / "model.pth"), "cpu", hint)
+    assert broken.model is None and broken.error.startswith(f"**Could not load `{tmp_path / 'model.pth'}`:**")
+    weights_only = tmp_path / "weights" / "model.pth"  # no config.json beside it: the head count is guessed
+    save_model(GPTModel({**TINY, "emb_dim": 64, "n_heads": 1}), weights_only)
+    loaded = load_app_model(load_model_for_generation, str(weights_only), "cpu", hint)
+    assert loaded.error is None and not loaded.model.training and "n_heads" in loaded.note
+    good = load_app_model(load_model_for_generation, str(model_path), "cpu", hint)
+    assert good.error is None and good.note == "" and good.info.endswith("(2 layers, emb_dim 16)")
+
+
+def test_gradio_analytics_are_off():
+    from gradio.analytics import analytics_enabled
+
+    assert not analytics_enabled()  # llmfs.apps turns them off before gradio is imported
+
+
+def test_default_model_is_what_gpt_train_wrote_last(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ch05_app.default_model() == "outputs/ch05/model.pth"  # nothing trained yet: the usual name
+    out = tmp_path / "outputs" / "ch05"
+    out.mkdir(parents=True)
+    (out / "model.pth").write_bytes(b"older")
+    (out / "checkpoint.pth").write_bytes(b"newer")
+    os.utime(out / "model.pth", (1, 1))
+    assert ch05_app.default_model() == "outputs/ch05/checkpoint.pth"
+
+
+def test_bad_or_taken_port_is_a_one_line_error(model_path, capsys):
+    assert ch05_app.main(["--model", "gpt2", "--port", "70000"]) == 2
+    assert capsys.readouterr().err.startswith("error: --port")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert ch05_app.main(["--model", str(model_path), "--port", str(taken.getsockname()[1])]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot serve on 127.0.0.1:")
+
+
+@webapp.requires_chromium
+def test_page_streams_the_same_text_as_generate(model_path):
+    settings = {"prompt": "Every effort moves you", "max_new_tokens": 30, "temperature": 1.2, "top_k": 20, "seed": 7}
+    expected = expected_text(model_path, **settings)
+    with webapp.slowed_generation(), webapp.app_page(ch05_app.build_demo(str(model_path))) as page:
+        assert "2 layers, emb_dim 16" in page.inner_text("body")
+        page.fill("#prompt textarea", settings["prompt"])
+        for control in ("max-new-tokens", "temperature", "top-k"):
+            page.fill(f"#{control} input[type=number]", str(settings[control.replace("-", "_")]))
+            page.press(f"#{control} input[type=number]", "Enter")
+        page.fill("#seed input", str(settings["seed"]))
+        webapp.record_changes(page, "#output textarea")  # every text the box shows while the answer streams in
+        page.click("#generate")
+        webapp.wait_for_text(page, "#output textarea", expected)
+        seen = webapp.recorded(page)
+        webapp.screenshot(page, "ch05-app")
+    assert len(seen) >= 5, f"the text arrived in {len(seen)} step(s), not token by token"
+    assert all(expected.startswith(text) for text in seen)
+
+
+@webapp.requires_chromium
+def test_page_says_what_is_wrong(model_path, tmp_path):
+    with webapp.chromium() as browser:
+        with webapp.app_page(ch05_app.build_demo(str(model_path)), browser) as page:
+            page.fill("#prompt textarea", "   ")
+            page.click("#generate")
+            assert webapp.message_text(page) == EMPTY_INPUT_MESSAGE
+            assert page.input_value("#output textarea") == ""
+        missing = tmp_path / "outputs" / "ch05" / "model.pth"
+        with webapp.app_page(ch05_app.build_demo(str(missing)), browser) as page:
+            text = webapp.message_text(page)
+            assert f"{missing} does not exist" in text and "python -m ch05.gpt_train" in text
+            page.click("#generate")  # still the message, and no text
+            time.sleep(0.5)
+            assert page.input_value("#output textarea") == "" and "does not exist" in webapp.message_text(page)
