@@ -2,7 +2,7 @@
 
 `appendix_a.toy` holds the pieces the appendix builds (a small multilayer perceptron, a
 toy two-feature data set, the training loop and an accuracy helper); the notebooks and
-`DDP-script.py` import them from there. Device choice comes from chapter 2
+`DDP-script.py` import them from there. Device choice comes from the project's runtime
 (`llmfs.runtime.get_device`).
 """
 

@@ -163,7 +163,7 @@ def chapter_rows(text: str) -> list[list[str]]:
 
 def test_readmes_are_in_step():
     en, zh = (read(p) for p in READMES)
-    assert len(chapter_rows(en)) == 11  # 9 chapters and appendices + the chapter-5 and chapter-7 bonus rows
+    assert len(chapter_rows(en)) == 12  # 9 chapters and appendices + the chapter-2, -5 and -7 bonus rows
     assert chapter_rows(en) == chapter_rows(zh)
     assert len(re.findall(r"^## ", en, re.M)) == len(re.findall(r"^## ", zh, re.M))
     # Same commands in the same order; only the comments are translated.
@@ -176,9 +176,12 @@ def test_readmes_are_in_step():
                    "ch06/gpt_class_finetune.py", "ch07/gpt_instruction_finetuning.py",
                    "ch07/ollama_evaluate.py", "appendix-A/DDP-script.py", "appendix_d", "appendix_e"]:
         assert module in en and module in zh
+    # The new-layout sections (a Layout section, an environment-variable table) exist in both.
+    assert re.search(r"^## Layout$", en, re.M) and re.search(r"^## 目录结构$", zh, re.M)
+    assert re.search(r"^## Environment variables$", en, re.M) and re.search(r"^## 环境变量$", zh, re.M)
 
 
-@pytest.mark.parametrize("doc", [*READMES, REPO / "setup" / "README.md"],
+@pytest.mark.parametrize("doc", [*READMES, REPO / "setup" / "README.md", REPO / "benchmarks" / "README.md"],
                          ids=lambda p: p.relative_to(REPO).as_posix())
 def test_relative_links_exist(doc):
     missing = []
