@@ -540,13 +540,6 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
     print(f"device: {device}; model: {source}, {sum(p.numel() for p in policy_model.parameters()):,} "
           f"parameters; pairs: {len(train_data)} train, {len(val_data)} validation")
 
-    answer_entries = val_data[:settings["num_answers"]]
-    answers = [{**entry, "reference_response": generate_response(reference_model, entry, tokenizer, device,
-                                                                  settings["max_new_tokens"])}
-               for entry in answer_entries]
-    policy_model.eval()
-    before = compute_dpo_loss_loader(val_loader, policy_model, reference_model, settings["beta"])
-
     # New: the project's training layer instead of the notebook's loop (same steps; checkpoints, exact resume).
     # A checkpoint remembers the reference (the starting weights) and the data, so a resume with others is refused.
     run_settings = {**{k: v for k, v in settings.items() if k not in OUTPUT_ONLY_SETTINGS},
@@ -560,6 +553,12 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
                          checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
                          resume_from=resume, progress=progress, run_settings=run_settings)
     seconds = time.perf_counter() - start
+    # Before training the policy was the reference (the same weights): its figures and answers are the reference's,
+    # measured after training so that a resume with the wrong checkpoint is refused before any other work.
+    before = compute_dpo_loss_loader(val_loader, reference_model, reference_model, settings["beta"])
+    answers = [{**entry, "reference_response": generate_response(reference_model, entry, tokenizer, device,
+                                                                  settings["max_new_tokens"])}
+               for entry in val_data[:settings["num_answers"]]]
     policy_model.eval()
     after = compute_dpo_loss_loader(val_loader, policy_model, reference_model, settings["beta"])
     print(f"training took {seconds / 60:.2f} min; validation reward margin {before['reward_margin']:.3f} -> "
@@ -636,9 +635,10 @@ def cli(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--model {args.model} does not exist; {SFT_HINT}")
         if Path(args.model).is_file():  # a folder is read by ch05's load_model_for_generation
             check_input_file(args.model, "--model")
+        if args.data is not None and Path(args.data).is_dir():
+            raise IsADirectoryError(f"--data {args.data} is a folder; give the JSON or JSONL file of preference records")
         if args.data is not None and not Path(args.data).is_file():
-            raise FileNotFoundError(f"--data {args.data} does not exist"
-                                    + (" (it is a folder)" if Path(args.data).is_dir() else ""))
+            raise FileNotFoundError(f"--data {args.data} does not exist")
         check_input_file(args.resume, "--resume")
         data = load_preference_data(args.data)
         check_output_dir(args.output_dir, args.overwrite, ("*-dpo.pth",), resume=args.resume)
