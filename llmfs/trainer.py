@@ -2,7 +2,8 @@
 
 `ch05.gpt_train.train_model_simple` is the book's loop, kept as the book writes it. `train`
 here runs the same steps in the same order (same batches, same dropout masks, so the same
-losses and weights; `tests/test_ch05_trainer.py` proves it) and adds:
+losses and weights; `tests/test_llmfs_trainer.py` proves it, and `tests/test_ch07_dpo_dpo.py`
+for the DPO loop `ch07.dpo.dpo.train_model_dpo_simple`) and adds:
 
 * checkpoints written atomically every `checkpoint_every` steps, at the end, and when the
   run is interrupted (Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written
