@@ -640,8 +640,8 @@ def cli(argv: list[str] | None = None) -> int:
         if args.data is not None and not Path(args.data).is_file():
             raise FileNotFoundError(f"--data {args.data} does not exist")
         check_input_file(args.resume, "--resume")
-        data = load_preference_data(args.data)
         check_output_dir(args.output_dir, args.overwrite, ("*-dpo.pth",), resume=args.resume)
+        data = load_preference_data(args.data)
         main(settings, args.model, args.output_dir, data=data, device=args.device, resume=args.resume,
              checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
 
