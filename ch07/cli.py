@@ -86,12 +86,13 @@ def scratch_config(model_name: str = "gpt2-medium") -> dict:
 
 def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, model_name: str = "gpt2-medium",
              quick: bool = False, from_scratch: bool = False, init_checkpoint: str | None = None,
-             cfg: dict | None = None, mask_instructions: bool = False, device=None, data: list[dict] | None = None,
-             progress: bool = True, resume: str | os.PathLike | None = None,
+             n_heads: int | None = None, cfg: dict | None = None, mask_instructions: bool = False, device=None,
+             data: list[dict] | None = None, progress: bool = True, resume: str | os.PathLike | None = None,
              checkpoint_every: int | None = None) -> dict:
     """Fine-tune, plot the losses, answer the test records and save everything in `output_dir`.
 
-    The starting model is, in this order: `init_checkpoint`; a fresh model of `cfg`
+    The starting model is, in this order: `init_checkpoint` (`n_heads` settles its head count when the
+    file holds no config); a fresh model of `cfg`
     (or QUICK_CONFIG when `quick`, or GPT-2 `model_name`'s shape with `from_scratch`);
     otherwise OpenAI's pretrained `model_name` (PretrainedWeightsUnavailable when offline).
     A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
@@ -110,7 +111,7 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
         test_data = test_data[:settings["num_test"]]
 
     if init_checkpoint:
-        model, tag = load_init_checkpoint(init_checkpoint, device), "init"
+        model, tag = load_init_checkpoint(init_checkpoint, device, n_heads=n_heads), "init"
         source = f"weights from {init_checkpoint}"
     elif cfg is not None or quick or from_scratch:
         cfg = cfg or (QUICK_CONFIG if quick else scratch_config(model_name))
@@ -206,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def main_run():
+        if args.n_heads is not None and args.init_checkpoint is None:
+            raise InvalidInput("--n-heads sets the head count of an --init-checkpoint file without a config; "
+                               "give --init-checkpoint too, or leave --n-heads out")
         check_output_dir(args.output_dir, args.overwrite, ("*-sft.pth",), resume=args.resume)
         check_input_file(args.init_checkpoint, "--init-checkpoint")
         check_input_file(args.resume, "--resume")
         finetune(settings_from_args(args), args.output_dir, model_name=args.model, quick=args.quick,
-                 from_scratch=args.from_scratch, init_checkpoint=args.init_checkpoint,
+                 from_scratch=args.from_scratch, init_checkpoint=args.init_checkpoint, n_heads=args.n_heads,
                  mask_instructions=args.mask_instructions, device=args.device, progress=not args.no_progress,
                  resume=args.resume, checkpoint_every=args.checkpoint_every)
 

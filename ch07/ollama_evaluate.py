@@ -18,6 +18,7 @@ sometimes answer with a sentence instead of a number: `parse_score` reads
 read triggers one retry with a stricter prompt and is otherwise counted as unparsed.
 Each score is appended to a JSONL file as it arrives (`--scores`, by default beside
 the responses file), so a run stopped part-way continues where it stopped.
+`--max-new-tokens` caps the judge's replies (sent as Ollama's `num_predict`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from urllib.parse import urlsplit
 import requests
 
 from ch07.gpt_instruction_finetuning import format_input, read_json_file, validate_instruction_data
+from llmfs.cli import Parser, positive_float, positive_int, run
 from llmfs.errors import InvalidInput
+from llmfs.runtime import outputs_dir
 
 DEFAULT_HOST = "http://localhost:11434"
 DEFAULT_PORT = 11434
@@ -376,40 +379,59 @@ def load_responses(path: str | os.PathLike, json_key: str = "model_response") ->
                                      required=("instruction", "output", json_key))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from llmfs.cli import Parser, positive_float
+# --- Command line ------------------------------------------------------------------------------------
 
-    p = Parser(prog="python -m ch07.ollama_evaluate",
-               description="Score a fine-tuned model's responses 0-100 with an Ollama judge.")
-    from llmfs.runtime import outputs_dir
-
-    p.add_argument("--file", default=str(outputs_dir("ch07") / "instruction-data-with-response.json"),
-                   help="JSON list of records with instruction, input, output and model_response")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="judge model served by Ollama (default llama3)")
+def add_server_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The options of a command that asks a model behind the Ollama API (this one and
+    `ch07.dpo.preference_data`): the same names for the same things."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--host", default=None,
                    help=f"Ollama server (default $OLLAMA_HOST or {DEFAULT_HOST}); '127.0.0.1:11434' works too")
-    p.add_argument("--key", default="model_response", help="which field holds the answer to score")
-    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for each judge reply")
-    p.add_argument("--scores", default=None,
-                   help="JSONL file the scores are appended to as they arrive; a rerun continues from it "
-                        "(default: beside --file, e.g. instruction-data-with-response.scores-llama3.jsonl)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="cap on each reply's length in tokens (default: the server's)")
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for each reply")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+
+
+def check_server_arguments(p: Parser, args: argparse.Namespace) -> None:
+    """One-line parser errors for an empty --model and a malformed --host, before anything is read."""
     if not args.model.strip():
-        p.error("argument --model: must name a judge model, e.g. llama3")
-    if not args.key.strip():
-        p.error("argument --key: must name the field that holds the answers")
+        p.error("argument --model: must name a model on the server, e.g. llama3")
     try:
         ollama_host(args.host)
     except ValueError as exc:
         p.error(f"argument --host: {exc}")
+
+
+def server_options(args: argparse.Namespace) -> dict | None:
+    """The request options the command line sets (--max-new-tokens travels as Ollama's num_predict)."""
+    return {"num_predict": args.max_new_tokens} if args.max_new_tokens is not None else None
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m ch07.ollama_evaluate",
+               description="Score a fine-tuned model's responses 0-100 with an Ollama judge.")
+    p.add_argument("--file", default=str(outputs_dir("ch07") / "instruction-data-with-response.json"),
+                   help="JSON list of records with instruction, input, output and model_response")
+    p.add_argument("--key", default="model_response", help="which field holds the answer to score")
+    p.add_argument("--scores", default=None,
+                   help="JSONL file the scores are appended to as they arrive; a rerun continues from it "
+                        "(default: beside --file, e.g. instruction-data-with-response.scores-llama3.jsonl)")
+    add_server_arguments(p, "judge model served by Ollama (default llama3)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    check_server_arguments(p, args)
+    if not args.key.strip():
+        p.error("argument --key: must name the field that holds the answers")
     return args
 
 
 def main(argv=None) -> int:
     """`python -m ch07.ollama_evaluate [options]`; returns the exit code (2: bad input, 1: server trouble)."""
-    from llmfs.cli import run
-
     args = parse_args(argv)
 
     def evaluate():
@@ -424,8 +446,9 @@ def main(argv=None) -> int:
         print(f"Ollama {version} at {ollama_host(args.host)}; judge: {args.model}; {len(data)} entries"
               + (f"; {len(done)} already scored in {scores_path}" if done else ""))
         try:
-            scores = generate_model_scores(data, args.key, args.model, args.host, timeout=args.timeout,
-                                           progress=not args.no_progress, scores_path=scores_path)
+            scores = generate_model_scores(data, args.key, args.model, args.host, options=server_options(args),
+                                           timeout=args.timeout, progress=not args.no_progress,
+                                           scores_path=scores_path)
         except (requests.RequestException, OllamaUnavailable) as exc:
             kept = len(read_scores(scores_path, data, args.key, args.model))
             reason = (f"The Ollama server stopped answering ({_reason(exc)})"

@@ -220,7 +220,8 @@ def check_input_file(path: str | os.PathLike | None, option: str) -> Path | None
 def _module_name() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    return spec.name if spec is not None else "<module>"
+    # `python -m ch07.dpo` runs ch07/dpo/__main__.py: the command is the package's name
+    return spec.name.removesuffix(".__main__") if spec is not None else "<module>"
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
 """What fine-tuning needs around the book's code, shared by chapters 6 and 7 (and DPO).
 
 Saving fine-tuned weights with the config needed to rebuild them (`save_with_config`,
-`load_with_config`, which takes the chapter's model builder), the command-line options for
-where the model comes from, and a CPU-thread limit for small models. Where the starting model
+`load_with_config`, which takes the chapter's model builder), a fingerprint of a model's weights
+(`weights_fingerprint`), the command-line options for where the model comes from, and a
+CPU-thread limit for small models. Where the starting model
 comes from (OpenAI's GPT-2 weights, a chapter-5 file) is the chapters' (`ch06.cli`).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -55,6 +57,17 @@ def load_with_config(path: str | os.PathLike, device=None, *,
     model = build(meta)
     load_model(model, path)
     return model.to(device or "cpu").eval(), meta
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A SHA-256 of the model's weights (names and bytes, wherever they live), e.g. to make sure a resumed
+    run rebuilds the same frozen reference model it started from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode("utf-8"))
+        digest.update(str(tensor.dtype).encode("ascii"))
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 `ch05.gpt_train.train_model_simple` is the book's loop, kept as the book writes it. `train`
 here runs the same steps in the same order (same batches, same dropout masks, so the same
-losses and weights; `tests/test_ch05_trainer.py` proves it) and adds:
+losses and weights; `tests/test_llmfs_trainer.py` proves it, and `tests/test_ch07_dpo_dpo.py`
+for the DPO loop `ch07.dpo.dpo.train_model_dpo_simple`) and adds:
 
 * checkpoints written atomically every `checkpoint_every` steps, at the end, and when the
   run is interrupted (Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written
@@ -14,8 +15,10 @@ losses and weights; `tests/test_ch05_trainer.py` proves it) and adds:
 * DistributedDataParallel under `torchrun` (`llmfs.distributed`), `max_steps`, mixed
   precision (`autocast_dtype`), a progress bar;
 * hooks, so that chapter 5 (the book's loss, evaluation and sample), chapter 6 (classification
-  loss, accuracies) and chapter 7 (chapter 5's loss on instruction data) reuse the same loop
-  instead of copying it: the loss and the evaluation are passed in, this module knows no chapter.
+  loss, accuracies), chapter 7 (chapter 5's loss on instruction data) and chapter 7's DPO (a
+  batch that is a dict of chosen and rejected answers, reward margins tracked beside the losses)
+  reuse the same loop instead of copying it: the loss, the evaluation and the counting are passed
+  in, this module knows no chapter.
 
 The chapter-5 run (`python -m ch05.gpt_train`) is `ch05.cli.pretrain`.
 """
@@ -197,6 +200,18 @@ def check_resume_settings(state: dict, path: str | Path, cfg: dict | None, setti
 
 # --- The loop ------------------------------------------------------------------------------------------
 
+def _count_pair(batch) -> tuple[int, int]:
+    """(tokens, examples) of an (inputs, targets) batch: the size of its inputs."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"cannot count the tokens of a {type(batch).__name__} batch; pass train(count_fn=...)")
+    return inputs.numel(), inputs.shape[0]
+
+
+def _losses_line(values: dict) -> str:
+    return f"Train loss {values['train_losses']:.3f}, Val loss {values['val_losses']:.3f}"
+
+
 def train(
     model: nn.Module,
     train_loader,
@@ -219,15 +234,22 @@ def train(
     desc: str = "training",
     final_checkpoint: bool = True,
     run_settings: dict | None = None,
+    count_fn: Callable | None = None,
+    eval_line: Callable[[dict], str] | None = None,
 ) -> dict:
     """The book's loop with the extras of this module; returns the history and counters.
 
-    loss_fn(model, input_batch, target_batch) -> loss (chapter 5: its `calc_loss_batch`);
+    loss_fn(model, input_batch, target_batch) -> loss (chapter 5: its `calc_loss_batch`) for a
+    loader that yields (inputs, targets) pairs; for any other batch (DPO's dict) loss_fn(model, batch).
     evaluate_fn(model) -> (train_loss, val_loss) (chapter 5: its `evaluate_model` on `eval_iter`
-    batches); epoch_end_fn(model, epoch) -> dict of values to record or None
+    batches), or a dict {history name: value} to record several values (DPO: losses and rewards);
+    eval_line(values) is the text of the progress line after "Ep 1 (Step 000005): " (default: the
+    train and val losses). count_fn(batch) -> (tokens, examples) (default: the size of a pair's inputs).
+    epoch_end_fn(model, epoch) -> dict of values to record or None
     (chapter 5 prints a sample; chapter 6 measures accuracies). The result holds
-    "train_losses", "val_losses", "tokens_seen" (one entry per evaluation), a list per key
-    that epoch_end_fn returned, and the totals "tokens", "examples", "global_step".
+    "train_losses", "val_losses", "tokens_seen" (one entry per evaluation; with a dict from
+    evaluate_fn, a list per key instead of the two losses), a list per key that epoch_end_fn
+    returned, and the totals "tokens", "examples", "global_step".
     `final_checkpoint=False` writes no checkpoint at the end (fine-tuning saves its model instead;
     a checkpoint with optimizer state is three times the weights' size). `run_settings` (the
     run's settings dict) is stored in checkpoints; resuming with different values (other than
@@ -299,6 +321,8 @@ def train(
             run_settings=_plain(run_settings),
         )
 
+    count = count_fn or _count_pair
+    describe = eval_line or _losses_line
     bar = tqdm(total=num_epochs * steps_per_epoch, initial=global_step + 1, disable=not (progress and is_main),
                desc=desc, unit="step")
     stopped = False
@@ -316,30 +340,34 @@ def train(
                 torch.set_rng_state(rng_now.cpu())  # continue with the dropout RNG where it stopped
                 if gen is not None and loader_rng_now is not None:
                     gen.set_state(loader_rng_now.cpu())
-            for batch_in_epoch, (input_batch, target_batch) in enumerate(batches, start=skip_batches):
+            for batch_in_epoch, batch in enumerate(batches, start=skip_batches):
                 optimizer.zero_grad(set_to_none=True)
                 with autocast_context(device, autocast_dtype):
-                    loss = loss_fn(model, input_batch, target_batch)
+                    # An (inputs, targets) pair as two arguments, as the book's calc_loss_batch takes them
+                    loss = loss_fn(model, *batch) if isinstance(batch, (tuple, list)) else loss_fn(model, batch)
                 loss.backward()
                 optimizer.step()
                 # Free the gradients now rather than at the next step: evaluation and sampling
                 # don't need them, and for GPT-2 124M that keeps ~650 MB out of their peak memory.
                 optimizer.zero_grad(set_to_none=True)
-                tokens += input_batch.numel()
-                examples += input_batch.shape[0]
+                batch_tokens, batch_examples = count(batch)
+                tokens += batch_tokens
+                examples += batch_examples
                 global_step += 1
                 bar.update(1)
 
                 if global_step % eval_freq == 0:
                     with autocast_context(device, autocast_dtype):
-                        train_loss, val_loss = evaluate_fn(core)
-                    history["train_losses"].append(train_loss)
-                    history["val_losses"].append(val_loss)
+                        values = evaluate_fn(core)
+                    if not isinstance(values, dict):
+                        values = dict(zip(("train_losses", "val_losses"), values, strict=True))
+                    for key, value in values.items():
+                        history.setdefault(key, []).append(value)
                     history["tokens_seen"].append(tokens)
-                    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+                    if "train_losses" in values and "val_losses" in values:
+                        bar.set_postfix(train=f"{values['train_losses']:.3f}", val=f"{values['val_losses']:.3f}")
                     if is_main:
-                        bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
-                                  f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                        bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): " + describe(values))
 
                 if received:
                     bar.close()

@@ -28,6 +28,8 @@ DOWNLOAD = "ch05.gpt_download"
 CLASSIFY = "ch06.gpt_class_finetune"
 INSTRUCT = "ch07.gpt_instruction_finetuning"
 JUDGE = "ch07.ollama_evaluate"
+DPO = "ch07.dpo"
+PAIRS = "ch07.dpo.preference_data"
 
 # The tiny model every case that needs one loads (seconds to build, a few hundred KB).
 TINY_CFG = {"vocab_size": 50257, "context_length": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 1,
@@ -80,7 +82,7 @@ CASES: list[tuple[str, str, list[str]]] = [
     *[(INSTRUCT, f"{INSTRUCT} {' '.join(a)}", ["--quick", *a]) for a in [
         ["--epochs", "0"], ["--lr", "inf"], ["--max-new-tokens", "-1"], ["--num-test", "0"],
         ["--prompt-style", "chatml"], ["--batch-size", "0"], ["--eval-iter", "0"],
-        ["--output-dir", "{file_parent}"], ["--output-dir", "{finished7}"],
+        ["--output-dir", "{file_parent}"], ["--output-dir", "{finished7}"], ["--n-heads", "4"], ["--n-heads", "0"],
     ]],
     *[(INSTRUCT, name, ["--quick", *args]) for name, args in _file_cases(INSTRUCT, "--init-checkpoint")],
     (INSTRUCT, f"{INSTRUCT} --resume empty", ["--quick", "--resume", "{empty}"]),
@@ -91,7 +93,25 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--file", "{responses}", "--timeout", "0"], ["--file", "{responses}", "--timeout", "nan"],
         ["--file", "{responses}", "--host", "http://localhost:99999"], ["--file", "{responses}", "--model", ""],
         ["--file", "{responses}", "--key", ""], ["--bogus"],
-        ["--file", "{responses}", "--scores", "{text}"],
+        ["--file", "{responses}", "--scores", "{text}"], ["--file", "{responses}", "--max-new-tokens", "0"],
+    ]],
+    # --- ch07.dpo (a tiny instruction-tuned model; everything fails before training)
+    *[(DPO, f"{DPO} {' '.join(a)}", ["--model", "{tiny_sft}", *a]) for a in [
+        ["--epochs", "0"], ["--lr", "nan"], ["--weight-decay", "-1"], ["--batch-size", "0"], ["--eval-freq", "0"],
+        ["--eval-iter", "0"], ["--beta", "0"], ["--beta", "-0.1"], ["--max-new-tokens", "-1"],
+        ["--checkpoint-every", "0"], ["--device", "tpu"], ["--seed", "x"], ["--no-such-option"],
+        ["--output-dir", "{file_parent}"], ["--output-dir", "{finished_dpo}"],
+        ["--data", "{missing}"], ["--data", "{folder}"], ["--data", "{text}"], ["--data", "{json_not_records}"],
+        ["--resume", "{text}"], ["--resume", "{empty}"], ["--quick", "--resume", "{tiny_ckpt}", "--output-dir", "{fresh}"],
+    ]],
+    *[(DPO, name, args) for name, args in _file_cases(DPO, "--model") if "folder" not in name],
+    (DPO, f"{DPO} without --model", []),
+    # --- ch07.dpo.preference_data (no server is needed: all of these fail before asking one)
+    *[(PAIRS, f"{PAIRS} {' '.join(a)}", a) for a in [
+        ["--limit", "0"], ["--limit", "-2"], ["--timeout", "0"], ["--max-new-tokens", "0"], ["--max-tokens", "8"],
+        ["--host", "http://localhost:99999"], ["--model", ""], ["--seed", "x"], ["--bogus"],
+        ["--data", "{missing}"], ["--data", "{text}"], ["--data", "{json_trailing_comma}"],
+        ["--output", "{text}"], ["--output", "{folder}"], ["--output", "{file_parent}"],
     ]],
 ]
 
@@ -102,6 +122,7 @@ def make_fixtures(folder: Path) -> dict[str, str]:
 
     from ch04.gpt import GPTModel
     from llmfs.checkpoint import save_checkpoint, save_model
+    from llmfs.finetuning import save_with_config
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "empty.pth").write_bytes(b"")
@@ -118,7 +139,11 @@ def make_fixtures(folder: Path) -> dict[str, str]:
                     batch_in_epoch=1, tokens=0, examples=0, num_epochs=1, steps_per_epoch=2,
                     history={"train_losses": [], "val_losses": [], "tokens_seen": []},
                     rng_state=torch.get_rng_state(), rng_epoch_start=torch.get_rng_state(), config=TINY_CFG)
-    for chapter, name in (("5", "model.pth"), ("6", "review_classifier.pth"), ("7", "quick-sft.pth")):
+    # A chapter-7 model (as chapter 7 saves them), with room for a DPO prompt and answer
+    save_with_config(GPTModel({**TINY_CFG, "context_length": 128}), folder / "tiny-sft" / "tiny-sft.pth",
+                     style="alpaca")
+    for chapter, name in (("5", "model.pth"), ("6", "review_classifier.pth"), ("7", "quick-sft.pth"),
+                          ("_dpo", "quick-sft-dpo.pth")):
         (folder / f"finished{chapter}").mkdir(exist_ok=True)
         (folder / f"finished{chapter}" / name).write_bytes(b"a trained model")
     (folder / "trailing-comma.json").write_text('[\n  {"instruction": "a",\n   "output": "b",}\n]\n')
@@ -131,7 +156,8 @@ def make_fixtures(folder: Path) -> dict[str, str]:
         "missing": str(folder / "no-such-file.pth"), "file_parent": str(folder / "plain-file" / "out"),
         "tiny_model": str(folder / "tiny" / "model.pth"), "tiny_ckpt": str(folder / "tiny" / "checkpoint.pth"),
         "finished5": str(folder / "finished5"), "finished6": str(folder / "finished6"),
-        "finished7": str(folder / "finished7"), "json_trailing_comma": str(folder / "trailing-comma.json"),
+        "finished7": str(folder / "finished7"), "finished_dpo": str(folder / "finished_dpo"),
+        "tiny_sft": str(folder / "tiny-sft" / "tiny-sft.pth"), "json_trailing_comma": str(folder / "trailing-comma.json"),
         "json_not_records": str(folder / "not-records.json"), "responses": str(folder / "responses.json"),
         "fresh": str(folder / "fresh"),
     }

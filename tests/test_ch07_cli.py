@@ -40,6 +40,30 @@ def test_init_checkpoint_from_chapter5_files(tmp_path, instruction_data):
     assert result["model_path"].name == "init-sft.pth" and len(result["responses"]) == 1
 
 
+def test_n_heads_settles_the_head_count_of_a_weights_only_init_checkpoint(tmp_path, instruction_data, capsys):
+    torch.manual_seed(123)
+    weights = tmp_path / "weights" / "model.pth"  # no config.json beside it
+    weights.parent.mkdir()
+    torch.save(GPTModel({**TINY, "n_heads": 4}).state_dict(), weights)
+    # emb_dim 16 is no GPT-2 width: without --n-heads the head count cannot be told
+    assert ft.main(["--init-checkpoint", str(weights), "--output-dir", str(tmp_path / "a"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot tell the number of attention heads") and "--n-heads" in err
+    settings = {**ft.QUICK_SETTINGS, "batch_size": 4, "num_train": 4, "num_epochs": 1, "eval_freq": 1,
+                "eval_iter": 1, "num_test": 1, "max_new_tokens": 2}
+    result = ft.finetune(settings, tmp_path / "b", init_checkpoint=weights, n_heads=4, data=instruction_data[:20],
+                         device="cpu", progress=False)
+    assert result["model"].cfg["n_heads"] == 4 and result["model_path"].name == "init-sft.pth"
+
+
+def test_n_heads_without_an_init_checkpoint_is_refused(tmp_path, capsys):
+    assert ft.main(["--quick", "--n-heads", "4", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --n-heads sets the head count of an --init-checkpoint file without a config; give "
+                   "--init-checkpoint too, or leave --n-heads out\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_pretrained_unavailable_gives_clear_message(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache

@@ -1,9 +1,14 @@
 """Tests for ch07/dpo.py: the DPO loss and rewards against trl's DPOTrainer, the answer masks on a
-hand-made batch, the log-probabilities, the reference model's frozen state, the CLI's errors, and a
-quick-mode end-to-end run in which the validation reward margin and reward accuracy rise."""
+hand-made batch, the log-probabilities, the reference model's frozen state, the trainer's run against
+the notebook's loop, SIGTERM and exact resume, the command's errors and outputs rule, and a quick-mode
+end-to-end run in which the validation reward margin and reward accuracy rise."""
 
 import ast
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +21,11 @@ from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPTModel
 from ch07.cli import QUICK_CONFIG
 from ch07.dpo import dpo
-from ch07.gpt_instruction_finetuning import format_input, save_finetuned_model
+from ch07.gpt_instruction_finetuning import format_input, save_finetuned_model, split_data
+from llmfs.checkpoint import CheckpointMismatchError
+from llmfs.trainer import TrainingInterrupted, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 P = 50256  # padding (<|endoftext|>)
 
@@ -181,6 +190,94 @@ def test_loaders_refuse_a_prompt_that_leaves_no_answer():
         dpo.create_preference_loaders([RECORD], [RECORD], None, tokenizer, batch_size=2)
 
 
+# --- the trainer's run equals the notebook's loop; Ctrl-C and exact resume -----------------------------
+
+SMALL = {**QUICK_CONFIG, "emb_dim": 32, "n_heads": 2, "n_layers": 1, "drop_rate": 0.1}  # dropout: RNG matters
+RUN_SETTINGS = {**dpo.QUICK_SETTINGS, "num_train": 16, "num_val": 8, "batch_size": 4, "num_epochs": 2,
+                "eval_freq": 2, "eval_iter": 1, "num_answers": 1, "max_new_tokens": 4, "print_sample": False}
+
+
+@pytest.fixture(scope="module")
+def preference_records():
+    return dpo.load_preference_data()[:40]  # split 85/10/5: 34 train (16 used), 4 test, 2 validation
+
+
+def fresh_run(records, seed=123):
+    """Model, reference, loaders and optimizer as a new process builds them."""
+    tokenizer = get_gpt2_tokenizer()
+    train_data, _, val_data = split_data(records)
+    torch.manual_seed(seed)
+    policy = GPTModel(SMALL)
+    reference = dpo.make_reference_model(policy)
+    train_loader, val_loader, _ = dpo.create_preference_loaders(train_data[:16], val_data, None, tokenizer,
+                                                                batch_size=4, allowed_max_length=256)
+    return policy, reference, train_loader, val_loader, make_optimizer(policy, 3e-3, 0.01), tokenizer
+
+
+def test_the_trainer_runs_the_notebooks_loop_step_for_step(preference_records, capsys):
+    """`train_dpo` (llmfs.trainer) and the book's `train_model_dpo_simple`: the same tracked values, the same
+    weights, the same progress lines and samples."""
+    policy, reference, train_loader, val_loader, optimizer, tokenizer = fresh_run(preference_records)
+    book = dpo.train_model_dpo_simple(policy, reference, train_loader, val_loader, optimizer, num_epochs=2,
+                                      beta=0.1, eval_freq=2, eval_iter=1, start_context="Say hi.",
+                                      tokenizer=tokenizer)
+    book_out = capsys.readouterr().out
+    model, reference2, train_loader, val_loader, optimizer, _ = fresh_run(preference_records)
+    ours = dpo.train_dpo(model, reference2, train_loader, val_loader, optimizer, "cpu",
+                         {**RUN_SETTINGS, "beta": 0.1, "print_sample": True}, start_context="Say hi.",
+                         tokenizer=tokenizer, progress=False)
+    assert ours == book and len(book["val_reward_margins"]) == 4  # exact floats, tokens_seen included
+    assert book["train_reward_margins"][-1] != book["train_reward_margins"][0]  # it trained
+    for (name, a), b in zip(policy.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert book_out.splitlines() == capsys.readouterr().out.splitlines()  # "Ep ..." lines and the samples
+
+
+@pytest.fixture
+def dropout_sft_file(tmp_path):
+    torch.manual_seed(123)
+    return save_finetuned_model(GPTModel(SMALL), tmp_path / "small-sft.pth", style="alpaca")
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_is_exact(preference_records, dropout_sft_file, tmp_path,
+                                                          monkeypatch):
+    def run(output_dir, **kwargs):
+        return dpo.main(RUN_SETTINGS, dropout_sft_file, output_dir, data=preference_records, device="cpu",
+                        progress=False, **kwargs)
+
+    reference = run(tmp_path / "ref")
+    real, training_steps = dpo.compute_dpo_loss_batch, []
+
+    def interrupting(batch, policy_model, reference_model, beta, reduction="mean"):
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            training_steps.append(1)
+            if len(training_steps) == 6:  # the second step of the second epoch
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(batch, policy_model, reference_model, beta, reduction)
+
+    monkeypatch.setattr(dpo, "compute_dpo_loss_batch", interrupting)
+    with pytest.raises(TrainingInterrupted) as info:
+        run(tmp_path / "run")
+    assert info.value.exit_code == 143 and info.value.step == 5
+    assert info.value.checkpoint == tmp_path / "run" / "checkpoint.pth"
+    assert not list((tmp_path / "run").glob("*-dpo.pth"))  # no model yet: training did not finish
+    monkeypatch.setattr(dpo, "compute_dpo_loss_batch", real)
+
+    resumed = run(tmp_path / "run", resume=info.value.checkpoint)
+    assert resumed["tracking"] == reference["tracking"] and len(reference["tracking"]["train_losses"]) == 4
+    assert (resumed["val_before"], resumed["val_after"]) == (reference["val_before"], reference["val_after"])
+    assert resumed["answers"] == reference["answers"]
+    for name, value in reference["model"].state_dict().items():
+        assert torch.equal(value, resumed["model"].state_dict()[name]), name
+
+    # Another starting model would be another reference: refused, naming why.
+    torch.manual_seed(7)
+    other = save_finetuned_model(GPTModel(SMALL), tmp_path / "other-sft.pth", style="alpaca")
+    with pytest.raises(CheckpointMismatchError, match="reference_sha256"):
+        dpo.main(RUN_SETTINGS, other, tmp_path / "run", data=preference_records, device="cpu", progress=False,
+                 resume=info.value.checkpoint)
+
+
 # --- command line -----------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -191,16 +288,23 @@ def sft_model_file(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--model", "missing.pth"], "missing.pth does not exist"),
-    (["--beta", "0"], "--beta must be positive"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--model", "missing.pth"], "--model missing.pth does not exist; fine-tune one first"),
+    (["--beta", "0"], "argument --beta: must be a finite number > 0, got 0"),
+    (["--epochs", "0"], "argument --epochs: must be a whole number >= 1, got 0"),
+    (["--eval-freq", "0"], "argument --eval-freq: must be a whole number >= 1, got 0"),
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be a whole number >= 0, got -1"),
     (["--data", "nowhere.json"], "--data nowhere.json does not exist"),
+    (["--resume", "nowhere.pth"], "--resume nowhere.pth does not exist"),
+    (["--device", "tpu"], "argument --device"),
 ])
 def test_cli_errors(extra, message, sft_model_file, tmp_path, capsys):
     argv = ["--model", str(sft_model_file), "--output-dir", str(tmp_path / "out")] + extra
-    assert dpo.cli(argv) == 2
+    try:
+        rc = dpo.cli(argv)
+    except SystemExit as exc:  # the parser's one-line errors
+        rc = exc.code
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert rc == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -208,12 +312,31 @@ def test_cli_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a model")
     assert dpo.cli(["--model", str(junk), "--output-dir", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: --model {junk} cannot be loaded")
+    assert capsys.readouterr().err.startswith(f"error: --model {junk} is not a PyTorch checkpoint")
 
 
-def test_quick_run_raises_validation_margin_and_accuracy(sft_model_file, tmp_path):
+def test_default_output_dir_follows_llmfs_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFS_OUTPUT_DIR", str(tmp_path / "elsewhere"))
+    args = dpo.parser().parse_args(["--model", "m.pth"])
+    assert Path(args.output_dir) == tmp_path / "elsewhere" / "ch07-dpo"
+    assert dpo.settings_from_args(dpo.parser().parse_args(["--model", "m.pth", "--quick", "--lr", "0.01",
+                                                           "--beta", "0.5", "--weight-decay", "0"])) == \
+        {**dpo.QUICK_SETTINGS, "learning_rate": 0.01, "beta": 0.5, "weight_decay": 0.0}
+
+
+def test_quick_run_refuses_a_finished_model_then_overwrites_it_and_raises_margin_and_accuracy(
+        sft_model_file, tmp_path, capsys):
     out = tmp_path / "out"
-    assert dpo.cli(["--model", str(sft_model_file), "--quick", "--device", "cpu", "--output-dir", str(out)]) == 0
+    out.mkdir()
+    (out / "quick-sft-dpo.pth").write_bytes(b"an earlier run's model")
+    argv = ["--model", str(sft_model_file), "--quick", "--device", "cpu", "--output-dir", str(out), "--no-progress"]
+    assert dpo.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output-dir {out} already holds a trained model (quick-sft-dpo.pth)")
+    assert (out / "quick-sft-dpo.pth").read_bytes() == b"an earlier run's model"
+    assert sorted(p.name for p in out.iterdir()) == ["quick-sft-dpo.pth"]  # refused before any work
+
+    assert dpo.cli(argv + ["--overwrite"]) == 0
     metrics = json.loads((out / "dpo-metrics.json").read_text())
     before, after, tracking = metrics["val_before"], metrics["val_after"], metrics["tracking"]
     # Before training the policy is the reference: every reward is 0, no pair is preferred.
@@ -230,6 +353,43 @@ def test_quick_run_raises_validation_margin_and_accuracy(sft_model_file, tmp_pat
     tuned = dpo.load_sft_model(out / "quick-sft-dpo.pth")
     start = dpo.load_sft_model(sft_model_file)
     assert not torch.equal(tuned.tok_emb.weight, start.tok_emb.weight)
+
+
+def command(*args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMFS_DEVICE": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "ch07.dpo", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_command_bad_option_is_one_line(tmp_path):
+    proc = command("--model", str(tmp_path / "m.pth"), "--lr", "nan")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and out == ""
+    assert err.strip() == "error: argument --lr: must be a finite number > 0, got nan (see --help)"
+
+
+def test_command_sigterm_prints_how_to_resume(sft_model_file, tmp_path):
+    """A real `python -m ch07.dpo`: SIGTERM during training finishes the step, writes the checkpoint and
+    says which command continues it."""
+    out_dir = tmp_path / "out"
+    args = ["--model", str(sft_model_file), "--quick", "--epochs", "100", "--output-dir", str(out_dir),
+            "--no-progress"]
+    proc = command(*args)
+    try:
+        for line in proc.stdout:  # the first evaluation is printed inside the training loop
+            if line.startswith("Ep 1 (Step 000000)"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    checkpoint = out_dir / "checkpoint.pth"
+    assert proc.returncode == 143, err
+    hint = [line for line in err.splitlines() if line.startswith("resume with: ")]
+    assert hint == [f"resume with: python -m ch07.dpo {' '.join(args)} --resume {checkpoint}"], err
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["run_settings"]["num_epochs"] == 100 and state["global_step"] >= 0
+    assert len(state["run_settings"]["reference_sha256"]) == 64
 
 
 def test_notebook_defines_the_modules_listings():
@@ -259,9 +419,9 @@ def test_cli_without_the_data_file_says_where_to_get_it(sft_model_file, tmp_path
     monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
     spec = DATA_FILES[dpo.PREFERENCE_DATA_FILE]
     monkeypatch.setitem(DATA_FILES, spec.name, dataclasses.replace(spec, url="http://127.0.0.1:1/x"))
-    assert dpo.cli(["--model", str(sft_model_file), "--output-dir", str(tmp_path / "out")]) == 1
+    assert dpo.cli(["--model", str(sft_model_file), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     # (pooch reports its download attempt before the error)
     assert any(line.startswith("error: Could not get 'instruction-data-with-preference.json'")
                for line in err.splitlines())
-    assert "LLMFS_DATA_MIRROR" in err and not (tmp_path / "out").exists()
+    assert "LLMFS_DATA_MIRROR" in err and not any((tmp_path / "out").iterdir())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ch04.gpt import GPTModel
+from ch07 import ollama_evaluate as ev
 from ch07.cli import QUICK_CONFIG
 from ch07.dpo import preference_data as pd
 from ch07.gpt_instruction_finetuning import format_input, save_finetuned_model
@@ -212,8 +213,37 @@ def test_server_problems_before_any_work(data_file, tmp_path, capsys, closed_por
         assert pd.main(["--data", str(data_file), "--output", str(out), "--host", fake.host]) == 1
     assert "does not have the model 'llama3'" in capsys.readouterr().err
     assert fake.chat_requests == [] and not out.exists()
-    assert pd.main(["--data", str(data_file), "--limit", "0"]) == 2
-    assert pd.main(["--data", str(tmp_path / "none.json")]) == 2
+    assert exit_code(["--data", str(data_file), "--limit", "0"]) == 2
+    assert "error: argument --limit: must be a whole number >= 1, got 0" in capsys.readouterr().err
+    assert exit_code(["--data", str(tmp_path / "none.json")]) == 2
+    assert capsys.readouterr().err == f"error: --data {tmp_path / 'none.json'} does not exist\n"
+    assert exit_code(["--data", str(data_file), "--output", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert exit_code(["--data", str(data_file), "--max-tokens", "8"]) == 2  # the old name: --max-new-tokens now
+    assert "unrecognized arguments: --max-tokens" in capsys.readouterr().err
+
+
+def exit_code(argv):
+    try:
+        return pd.main(argv)
+    except SystemExit as exc:  # the parser's one-line errors
+        return exc.code
+
+
+def test_max_new_tokens_is_sent_as_num_predict(data_file, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    with FakeOllama(["Kindly: 45 kilometers is 45000 meters."]) as fake:
+        assert pd.main(["--data", str(data_file), "--limit", "1", "--output", str(out), "--host", fake.host,
+                        "--max-new-tokens", "16", "--no-progress"]) == 0
+    (request,) = fake.chat_requests
+    assert request["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 16}
+    assert [r["index"] for r in pd.read_jsonl(out)] == [0]
+
+
+def test_default_output_follows_llmfs_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFS_OUTPUT_DIR", str(tmp_path))
+    args = pd.parser().parse_args([])
+    assert Path(args.output) == tmp_path / "ch07" / "instruction-data-with-preference.jsonl"
 
 
 # --- against chapter 7's own Ollama-API server ----------------------------------------------------------
@@ -232,13 +262,13 @@ def test_generator_against_ch07_serve(data_file, tmp_path, capsys, closed_port):
             assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-2000:]
             assert time.monotonic() < deadline, "ch07.serve did not answer GET /api/tags within 90 s"
             try:
-                models = pd.list_models(host, timeout=2)
-            except pd.OllamaUnavailable:
+                models = ev.list_models(host, timeout=2)
+            except ev.OllamaUnavailable:
                 time.sleep(0.5)
         assert models, "ch07.serve lists no model under /api/tags"
         out = tmp_path / "pairs.jsonl"
         assert pd.main(["--data", str(data_file), "--limit", "2", "--output", str(out), "--host", host,
-                        "--model", models[0], "--max-tokens", "8", "--no-progress"]) == 0
+                        "--model", models[0], "--max-new-tokens", "8", "--no-progress"]) == 0
         records = pd.read_jsonl(out) if out.exists() else []
         assert all(r["index"] in (0, 1) and r["chosen"].strip() and r["rejected"].strip() for r in records)
         summary = capsys.readouterr().out.splitlines()[-1]  # "N records written, 0 were there before, M without ..."
@@ -275,7 +305,7 @@ def test_without_the_instruction_data_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
     spec = DATA_FILES["instruction-data.json"]
     monkeypatch.setitem(DATA_FILES, spec.name, dataclasses.replace(spec, url="http://127.0.0.1:1/x"))
-    assert pd.main(["--output", str(tmp_path / "pairs.jsonl")]) == 1
+    assert pd.main(["--output", str(tmp_path / "pairs.jsonl")]) == 2
     err = capsys.readouterr().err
     # (pooch reports its download attempt before the error)
     assert any(line.startswith("error: Could not get 'instruction-data.json'") for line in err.splitlines())

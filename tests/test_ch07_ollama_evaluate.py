@@ -234,6 +234,16 @@ def test_cli_prints_average_and_unparsed(responses_file, capsys):
     assert "Replies that could not be parsed: 1" in out
 
 
+def test_max_new_tokens_caps_the_judge_as_num_predict(responses_file):
+    with FakeOllama(["90", "80", "70", "60"]) as server:
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress"]) == 0
+        assert "num_predict" not in server.chat_requests[0]["options"]  # by default the server decides
+        server.replies[:] = ["90", "80", "70", "60"]
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--no-progress", "--scores",
+                        str(responses_file.with_suffix(".capped.jsonl")), "--max-new-tokens", "4"]) == 0
+    assert [r["options"].get("num_predict") for r in server.chat_requests] == [None] * 4 + [4] * 4
+
+
 def test_unreachable_server_message(closed_port, responses_file, capsys):
     host = f"127.0.0.1:{closed_port}"
     with pytest.raises(OllamaUnavailable, match=f"No Ollama server answers at http://127.0.0.1:{closed_port}"):

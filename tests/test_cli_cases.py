@@ -18,6 +18,8 @@ MAINS = {
     cli_cases.CLASSIFY: ("ch06.cli", "main"),
     cli_cases.INSTRUCT: ("ch07.cli", "main"),
     cli_cases.JUDGE: ("ch07.ollama_evaluate", "main"),
+    cli_cases.DPO: ("ch07.dpo.dpo", "cli"),
+    cli_cases.PAIRS: ("ch07.dpo.preference_data", "main"),
 }
 
 
@@ -52,7 +54,8 @@ def test_bad_invocation_gives_one_error_line(module, name, args, files, capsys, 
 SUBPROCESS_SAMPLE = [f"{cli_cases.TRAIN} --lr nan", f"{cli_cases.TRAIN} --resume text",
                      f"{cli_cases.GENERATE} --model bad_st", f"{cli_cases.DOWNLOAD} gpt5",
                      f"{cli_cases.CLASSIFY} --output-dir {{finished6}}", f"{cli_cases.INSTRUCT} --init-checkpoint empty",
-                     f"{cli_cases.JUDGE} --file {{json_trailing_comma}}"]
+                     f"{cli_cases.JUDGE} --file {{json_trailing_comma}}", f"{cli_cases.DPO} --output-dir {{finished_dpo}}",
+                     f"{cli_cases.PAIRS} --output {{text}}"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_SAMPLE)

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, default_collate
 
 from ch04.gpt import GPTModel
 from ch05.cli import pretrain, print_sample
@@ -34,11 +35,33 @@ TINY = {"vocab_size": 50257, "context_length": 8, "emb_dim": 16, "n_heads": 2, "
         "drop_rate": 0.1, "qkv_bias": False}
 
 
-def run_training(text, tokenizer, *, num_epochs=2, seed=123, loader_seed=None, lr=5e-3, **kwargs):
+def dict_batches(loader, shuffle):
+    """The windows of `loader` in the same order, each batch a dict {"inputs", "targets"} (DPO's batches
+    are dicts too)."""
+    def collate(items):
+        inputs, targets = default_collate(items)
+        return {"inputs": inputs, "targets": targets}
+
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=shuffle, drop_last=loader.drop_last,
+                      collate_fn=collate)
+
+
+def losses_and_gap(train_loss, val_loss):
+    return {"train_losses": train_loss, "val_losses": val_loss, "gaps": val_loss - train_loss}
+
+
+def run_training(text, tokenizer, *, num_epochs=2, seed=123, loader_seed=None, lr=5e-3, as_dict=False, **kwargs):
     """A fresh model, optimizer and loaders, as a new process would build them."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(loader_seed) if loader_seed is not None else None
     train_loader, val_loader = create_train_val_loaders(text, TINY, batch_size=2, generator=gen)
+    if as_dict:  # the same batches as dicts; the loss, the counts and the evaluation read them by name
+        pairs = train_loader, val_loader
+        train_loader, val_loader = dict_batches(train_loader, True), dict_batches(val_loader, False)
+        kwargs.setdefault("loss_fn", lambda m, batch: calc_loss_batch(batch["inputs"], batch["targets"], m, "cpu"))
+        kwargs.setdefault("count_fn", lambda batch: (batch["inputs"].numel(), len(batch["inputs"])))
+        kwargs.setdefault("evaluate_fn", lambda m: losses_and_gap(*evaluate_model(m, *pairs, "cpu", 2)))
+        kwargs.setdefault("eval_line", lambda v: f"Train loss {v['train_losses']:.3f}, gap {v['gaps']:.3f}")
     model = GPTModel(TINY)
     optimizer = make_optimizer(model, lr=lr, weight_decay=0.1)
 
@@ -130,6 +153,43 @@ def test_a_signal_finishes_the_step_checkpoints_and_the_resumed_run_is_exact(sho
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     resumed = run_training(short_text, tokenizer, seed=5, checkpoint_path=ckpt, resume_from=ckpt)
     assert_same_run(reference, resumed)
+
+
+def test_dict_batches_and_recorded_values_run_the_same_steps(short_text, tokenizer, tmp_path, capsys):
+    """A batch need not be an (inputs, targets) pair: dict batches reach the loss hook whole, count_fn
+    counts them, and a dict from evaluate_fn is recorded key by key; the steps are those of the pair run.
+    Interrupted by SIGTERM and resumed, such a run is still exact."""
+    reference_model, reference = reference_run(short_text, tokenizer, None)
+    capsys.readouterr()
+    model, result = run_training(short_text, tokenizer, as_dict=True)
+    for key in ("train_losses", "val_losses", "tokens_seen", "tokens", "examples", "global_step"):
+        assert result[key] == reference[key], key
+    assert result["gaps"] == [v - t for t, v in zip(reference["train_losses"], reference["val_losses"])]
+    assert_same_run((reference_model, {}), (model, {}))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Ep ")]
+    assert len(lines) == 9 and all(", gap " in line for line in lines)
+
+    steps = []
+
+    def loss_then_signal(m, batch):
+        assert isinstance(batch, dict)
+        steps.append(1)
+        if len(steps) == 20:  # in the second epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return calc_loss_batch(batch["inputs"], batch["targets"], m, "cpu")
+
+    ckpt = tmp_path / "checkpoint.pth"
+    with pytest.raises(TrainingInterrupted) as info:
+        run_training(short_text, tokenizer, as_dict=True, checkpoint_path=ckpt, loss_fn=loss_then_signal)
+    assert info.value.checkpoint == ckpt and info.value.step == 19
+    assert len(torch.load(ckpt, weights_only=True)["history"]["gaps"]) == 5  # steps 0, 4, ..., 16
+    resumed = run_training(short_text, tokenizer, as_dict=True, seed=5, resume_from=ckpt)
+    assert_same_run((model, result), resumed)
+
+
+def test_a_batch_the_default_count_cannot_read_asks_for_count_fn(short_text, tokenizer):
+    with pytest.raises(TypeError, match="count_fn"):
+        run_training(short_text, tokenizer, as_dict=True, count_fn=None)
 
 
 def test_resume_after_a_finished_shorter_run(short_text, tokenizer, tmp_path):

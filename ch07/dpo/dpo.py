@@ -16,7 +16,10 @@ What this module holds, in the bonus notebook's order:
   that keep only the answer tokens), `create_preference_loaders`;
 * the loss: `compute_dpo_loss`, `compute_logprobs`, `compute_dpo_loss_batch`,
   `compute_dpo_loss_loader`, `evaluate_dpo_loss_loader`;
-* `train_model_dpo_simple`: the training loop with a frozen reference model.
+* `train_model_dpo_simple`: the training loop with a frozen reference model;
+* the run as a command (`main`, `cli`): the same steps through the project's training layer
+  (`train_dpo` on `llmfs.trainer.train`: a Ctrl-C or SIGTERM writes a checkpoint, `--resume`
+  continues it exactly).
 
 From chapter 7 it imports the prompt format (`format_input`, `format_response`),
 the 85/10/5 split (`split_data`), record validation, model loading and
@@ -25,6 +28,7 @@ formats and the sample printer.
 
     python -m ch07.dpo --model outputs/ch07/gpt2-medium-sft.pth   # the book's run: 1 epoch, beta 0.1, lr 5e-6
     python -m ch07.dpo --model outputs/ch07/quick-sft.pth --quick # a small run, about a minute on a CPU
+    python -m ch07.dpo --model outputs/ch07/gpt2-medium-sft.pth --resume outputs/ch07-dpo/checkpoint.pth
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -59,9 +63,22 @@ from ch07.gpt_instruction_finetuning import (
     validate_instruction_data,
 )
 from llmfs.atomic import atomic_path, atomic_write
-from llmfs.cli import one_line
-from llmfs.download import ChecksumError, DataUnavailableError, get_data_file
-from llmfs.runtime import get_device, set_seed
+from llmfs.cli import (
+    Parser,
+    add_common_args,
+    check_input_file,
+    check_output_dir,
+    common_overrides,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run,
+)
+from llmfs.download import get_data_file
+from llmfs.errors import InvalidInput
+from llmfs.finetuning import weights_fingerprint
+from llmfs.runtime import get_device, outputs_dir, set_seed
+from llmfs.trainer import make_optimizer, train
 
 PREFERENCE_DATA_FILE = "instruction-data-with-preference.json"
 PREFERENCE_KEYS = ("instruction", "chosen", "rejected")
@@ -79,7 +96,7 @@ def validate_preference_data(data, source: str = "preference data") -> list[dict
     for i, entry in enumerate(data):
         for key in ("chosen", "rejected"):
             if not entry[key].strip():
-                raise ValueError(f"{source}: record {i} has an empty {key!r} answer")
+                raise InvalidInput(f"{source}: record {i} has an empty {key!r} answer")
     return data
 
 
@@ -184,7 +201,7 @@ def create_preference_loaders(train_data: list[dict], val_data: list[dict], test
         if allowed_max_length is not None:
             for i, item in enumerate(dataset.encoded_texts):
                 if len(item["prompt"]) >= allowed_max_length:
-                    raise ValueError(f"record {i}: its prompt has {len(item['prompt'])} tokens, so nothing of "
+                    raise InvalidInput(f"record {i}: its prompt has {len(item['prompt'])} tokens, so nothing of "
                                      f"its answers fits in allowed_max_length={allowed_max_length}")
         generator = torch.Generator().manual_seed(seed) if train else None
         return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=train, drop_last=train,
@@ -192,7 +209,7 @@ def create_preference_loaders(train_data: list[dict], val_data: list[dict], test
 
     train_loader = loader(train_data, True)
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train_data)} training records make no full batch of {batch_size}; "
+        raise InvalidInput(f"{len(train_data)} training records make no full batch of {batch_size}; "
                          "use more records or a smaller batch size")
     return train_loader, loader(val_data, False), (loader(test_data, False) if test_data is not None else None)
 
@@ -443,17 +460,64 @@ QUICK_SETTINGS = {
 }
 
 
-def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str | os.PathLike = "outputs/ch07-dpo",
-         *, data: list[dict] | None = None, device=None, source: str | None = None) -> dict:
+# Settings that change what is printed and answered, not what is trained (a resumed run may change them).
+OUTPUT_ONLY_SETTINGS = ("num_answers", "print_sample", "max_new_tokens")
+
+
+def train_dpo(policy_model: nn.Module, reference_model: nn.Module, train_loader, val_loader,
+              optimizer: torch.optim.Optimizer, device, settings: dict, *, start_context: str, tokenizer,
+              checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+              resume_from: str | os.PathLike | None = None, progress: bool = True,
+              run_settings: dict | None = None) -> dict:
+    """`train_model_dpo_simple`'s steps inside the project's training layer (`llmfs.trainer.train`).
+
+    The same batches, losses, evaluations and prints in the same order (the tests check that the
+    weights and the tracked values are identical), plus what a long run needs: a Ctrl-C or SIGTERM
+    finishes the step and writes `checkpoint_path` (also every `checkpoint_every` steps), and
+    `resume_from` continues such a checkpoint exactly. The reference model is not in the checkpoint:
+    it stays frozen, so the caller rebuilds it from the same starting model. Returns the tracking
+    dict of `train_model_dpo_simple`.
+    """
+    beta, eval_iter = settings["beta"], settings["eval_iter"]
+
+    def evaluate(model: nn.Module) -> dict:
+        res = evaluate_dpo_loss_loader(model, reference_model, train_loader, val_loader, beta, eval_iter)
+        return {f"{split}_{name}": res[f"{split}_{key}"] for split in ("train", "val") for key, name in TRACKED.items()}
+
+    def sample(model: nn.Module, epoch: int) -> None:
+        if settings.get("print_sample", True):
+            generate_and_print_sample(model, tokenizer, device, start_context)
+
+    result = train(
+        policy_model, train_loader, val_loader, optimizer, device, settings["num_epochs"], settings["eval_freq"],
+        eval_iter,
+        loss_fn=lambda model, batch: compute_dpo_loss_batch(batch, model, reference_model, beta)[0],
+        count_fn=lambda batch: (batch["chosen"].numel(), batch["chosen"].shape[0]),
+        evaluate_fn=evaluate,
+        eval_line=lambda v: (f"Train loss {v['train_losses']:.3f}, Val loss {v['val_losses']:.3f}, "
+                             f"Train reward margins {v['train_reward_margins']:.3f}, "
+                             f"Val reward margins {v['val_reward_margins']:.3f}"),
+        epoch_end_fn=sample, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+        resume_from=resume_from, final_checkpoint=False, progress=progress, desc="DPO", run_settings=run_settings)
+    names = [f"{split}_{name}" for split in ("train", "val") for name in TRACKED.values()] + ["tokens_seen"]
+    return {name: result.get(name, []) for name in names}
+
+
+def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str | os.PathLike | None = None,
+         *, data: list[dict] | None = None, device=None, source: str | None = None,
+         resume: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+         progress: bool = True) -> dict:
     """Tune `model` (a model, or the file of one) with DPO, plot, answer a few validation prompts, save everything.
 
-    Writes to `output_dir`: `<name>-dpo.pth` (+ .json config), `dpo-metrics.json` (tracked
-    values, before/after validation figures), `dpo-plot.png` and `dpo-answers.json`
-    (reference and tuned answers to the first `num_answers` validation prompts). `source`
-    names a given model's file (for the output name).
+    Writes to `output_dir` (default `outputs/ch07-dpo`, see `llmfs.runtime.outputs_dir`):
+    `<name>-dpo.pth` (+ .json config), `dpo-metrics.json` (tracked values, before/after validation
+    figures), `dpo-plot.png` and `dpo-answers.json` (reference and tuned answers to the first
+    `num_answers` validation prompts). `source` names a given model's file (for the output name).
+    A Ctrl-C or SIGTERM during training writes `output_dir/checkpoint.pth`; `resume` continues it
+    exactly, with the reference rebuilt from the same `model` (a different one is refused).
     """
     device = torch.device(device) if device is not None else get_device()
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch07-dpo")
     set_seed(settings["seed"])
     tokenizer = get_gpt2_tokenizer()
 
@@ -476,21 +540,25 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
     print(f"device: {device}; model: {source}, {sum(p.numel() for p in policy_model.parameters()):,} "
           f"parameters; pairs: {len(train_data)} train, {len(val_data)} validation")
 
-    answer_entries = val_data[:settings["num_answers"]]
+    # New: the project's training layer instead of the notebook's loop (same steps; checkpoints, exact resume).
+    # A checkpoint remembers the reference (the starting weights) and the data, so a resume with others is refused.
+    run_settings = {**{k: v for k, v in settings.items() if k not in OUTPUT_ONLY_SETTINGS},
+                    "allowed_max_length": allowed, "reference_sha256": weights_fingerprint(reference_model),
+                    "data_sha256": _records_fingerprint(train_data + val_data)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(policy_model, settings["learning_rate"], settings["weight_decay"])
+    start = time.perf_counter()
+    tracking = train_dpo(policy_model, reference_model, train_loader, val_loader, optimizer, device, settings,
+                         start_context=format_input(val_data[0]), tokenizer=tokenizer,
+                         checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
+                         resume_from=resume, progress=progress, run_settings=run_settings)
+    seconds = time.perf_counter() - start
+    # Before training the policy was the reference (the same weights): its figures and answers are the reference's,
+    # measured after training so that a resume with the wrong checkpoint is refused before any other work.
+    before = compute_dpo_loss_loader(val_loader, reference_model, reference_model, settings["beta"])
     answers = [{**entry, "reference_response": generate_response(reference_model, entry, tokenizer, device,
                                                                   settings["max_new_tokens"])}
-               for entry in answer_entries]
-    policy_model.eval()
-    before = compute_dpo_loss_loader(val_loader, policy_model, reference_model, settings["beta"])
-
-    optimizer = torch.optim.AdamW(policy_model.parameters(), lr=settings["learning_rate"],
-                                  weight_decay=settings["weight_decay"])
-    start = time.perf_counter()
-    tracking = train_model_dpo_simple(
-        policy_model, reference_model, train_loader, val_loader, optimizer, num_epochs=settings["num_epochs"],
-        beta=settings["beta"], eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"],
-        start_context=format_input(val_data[0]), tokenizer=tokenizer, print_sample=settings["print_sample"])
-    seconds = time.perf_counter() - start
+               for entry in val_data[:settings["num_answers"]]]
     policy_model.eval()
     after = compute_dpo_loss_loader(val_loader, policy_model, reference_model, settings["beta"])
     print(f"training took {seconds / 60:.2f} min; validation reward margin {before['reward_margin']:.3f} -> "
@@ -500,7 +568,6 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
         answer["policy_response"] = generate_response(policy_model, answer, tokenizer, device,
                                                       settings["max_new_tokens"])
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     plot_path = None
     if tracking["train_losses"]:
         import matplotlib.pyplot as plt
@@ -521,9 +588,18 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
             "plot_path": plot_path, "seconds": seconds}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Preference-tune an instruction-tuned GPT model with DPO "
-                                            "(chapter 7 bonus).")
+def _records_fingerprint(records: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+# --- python -m ch07.dpo ------------------------------------------------------------------------------
+
+SFT_HINT = "fine-tune one first, e.g. `python -m ch07.gpt_instruction_finetuning --quick` (writes outputs/ch07/quick-sft.pth)"
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m ch07.dpo",
+               description="Preference-tune an instruction-tuned GPT model with DPO (chapter 7 bonus).")
     p.add_argument("--model", required=True,
                    help="the instruction-tuned model: a file from `python -m ch07.gpt_instruction_finetuning` "
                         "(e.g. outputs/ch07/quick-sft.pth), or model.pth / .safetensors from chapter 5")
@@ -532,64 +608,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None,
                    help="preference records (JSON list or JSONL from ch07.dpo.preference_data; default: the "
                         "book's instruction-data-with-preference.json)")
-    p.add_argument("--beta", type=float, help="DPO's beta (default 0.1)")
-    p.add_argument("--epochs", type=int, help="number of epochs (default 1)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-6; quick: 3e-3)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
-    p.add_argument("--seed", type=int, help="random seed (default 123)")
-    p.add_argument("--output-dir", default="outputs/ch07-dpo", help="where model, metrics, plot and answers go")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    return p.parse_args(argv)
+    add_common_args(p, str(outputs_dir("ch07-dpo")))
+    p.add_argument("--beta", type=positive_float, help="DPO's beta (default 0.1)")
+    p.add_argument("--max-new-tokens", type=non_negative_int,
+                   help="length cap of the reference and tuned answers to validation prompts (default 256; quick: 24)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--resume", default=None,
+                   help="continue from this checkpoint (same --model, --data and other options)")
+    return p
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:
-    settings = dict(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS)
-    overrides = {"beta": args.beta, "num_epochs": args.epochs, "learning_rate": args.lr,
-                 "batch_size": args.batch_size, "seed": args.seed}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return settings
+    extra = {"beta": args.beta, "max_new_tokens": args.max_new_tokens}
+    return {**(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS), **common_overrides(args),
+            **{k: v for k, v in extra.items() if v is not None}}
 
 
-def check_args(args: argparse.Namespace) -> str | None:
-    """A one-line complaint about the arguments, or None (checked before anything is loaded)."""
-    if not Path(args.model).exists():
-        return (f"--model {args.model} does not exist; fine-tune one first, e.g. "
-                "`python -m ch07.gpt_instruction_finetuning --quick` (writes outputs/ch07/quick-sft.pth)")
-    if args.data is not None and not Path(args.data).is_file():
-        return f"--data {args.data} does not exist"
-    for name in ("beta", "lr"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            return f"--{name} must be positive, got {value}"
-    for name in ("epochs", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be at least 1, got {value}"
-    return None
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m ch07.dpo [options]`; returns the exit code."""
+    args = parser().parse_args(argv)
+    settings = settings_from_args(args)
 
+    def run_dpo():
+        # Everything the user named is checked before the model is loaded.
+        if not Path(args.model).exists():
+            raise FileNotFoundError(f"--model {args.model} does not exist; {SFT_HINT}")
+        if Path(args.model).is_file():  # a folder is read by ch05's load_model_for_generation
+            check_input_file(args.model, "--model")
+        if args.data is not None and Path(args.data).is_dir():
+            raise IsADirectoryError(f"--data {args.data} is a folder; give the JSON or JSONL file of preference records")
+        if args.data is not None and not Path(args.data).is_file():
+            raise FileNotFoundError(f"--data {args.data} does not exist")
+        check_input_file(args.resume, "--resume")
+        check_output_dir(args.output_dir, args.overwrite, ("*-dpo.pth",), resume=args.resume)
+        data = load_preference_data(args.data)
+        main(settings, args.model, args.output_dir, data=data, device=args.device, resume=args.resume,
+             checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
 
-def cli(argv=None) -> int:
-    args = parse_args(argv)
-    problem = check_args(args)
-    if problem is None:
-        try:
-            data = load_preference_data(args.data)
-        except (DataUnavailableError, ChecksumError) as exc:  # no copy of the book's file, and no network
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            return 1
-        except ValueError as exc:
-            problem = str(exc)
-    if problem is None:
-        device = torch.device(args.device) if args.device else get_device()
-        try:
-            model = load_sft_model(args.model, device)  # a file that is not a model fails here, before any work
-        except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
-            problem = f"--model {args.model} cannot be loaded: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-    if problem is not None:
-        print(f"error: {one_line(problem)}", file=sys.stderr)
-        return 2
-    main(settings_from_args(args), model, args.output_dir, data=data, device=device, source=args.model)
-    return 0
+    return run(run_dpo, argv, onednn=args.onednn)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ and the original answer is not used.
 
     ollama serve &                 # or the Ollama app; or `python -m ch07.serve --model ...`
     ollama pull llama3
-    python -m ch07.dpo.preference_data --output outputs/ch07/instruction-data-with-preference.jsonl
+    python -m ch07.dpo.preference_data        # appends to outputs/ch07/instruction-data-with-preference.jsonl
     python -m ch07.dpo --model outputs/ch07/gpt2-medium-sft.pth --data outputs/ch07/instruction-data-with-preference.jsonl
 
-The requests are plain Ollama API calls (GET /api/tags to check the model, POST
-/api/chat with a fixed seed and temperature 0) made by `ch07.ollama_evaluate.query_model`,
-so any Ollama-compatible server works. Records are appended to a JSONL file as they
-arrive (one line each, flushed to disk), so an interrupted run loses at most the record
+The requests are plain Ollama API calls (GET /api/version and /api/tags to check the server
+and the model, POST /api/chat with a fixed seed and temperature 0) made by
+`ch07.ollama_evaluate.query_model`, so any Ollama-compatible server works; `--max-new-tokens`
+caps each reply (sent as Ollama's `num_predict`). Records are appended to a JSONL file as
+they arrive (one line each, flushed to disk), so an interrupted run loses at most the record
 in flight; running the same command again continues after the last complete line. A
 reply is checked before it is kept (not empty, not the prompt echoed back, not the
 original answer unchanged, not runaway long); a bad one is asked for once more with a
@@ -25,7 +26,6 @@ stricter prompt, and a record whose replies stay bad is left out (a rerun tries 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -38,13 +38,16 @@ from ch07.gpt_instruction_finetuning import format_input, load_instruction_data
 from ch07.ollama_evaluate import (
     DEFAULT_MODEL,
     OllamaUnavailable,
-    list_models,
-    model_available,
+    add_server_arguments,
+    check_ollama,
+    check_server_arguments,
     ollama_host,
     query_model,
+    server_options,
 )
-from llmfs.cli import one_line
-from llmfs.download import ChecksumError, DataUnavailableError
+from llmfs.cli import Parser, check_output_dir, positive_int, run
+from llmfs.errors import InvalidInput
+from llmfs.runtime import outputs_dir
 
 POLITENESS = ("polite", "impolite")
 
@@ -108,7 +111,7 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
 
     A last line without its newline is what an interrupted write leaves: with `repair`
     it is cut off the file (and its record dropped); otherwise, and for any other bad
-    line, a ValueError names the file and the line.
+    line, InvalidInput (a ValueError) names the file and the line.
     """
     path = Path(path)
     raw = path.read_bytes()
@@ -126,7 +129,7 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         except ValueError as exc:
             if repair and not complete:
                 break
-            raise ValueError(f"{path}, line {lineno}: not a JSON object ({exc})") from None
+            raise InvalidInput(f"{path}, line {lineno}: not a JSON object ({exc})") from None
         if not complete and repair:  # a whole object but no newline: keep it, finish the line
             with open(path, "ab") as f:
                 f.write(b"\n")
@@ -154,7 +157,7 @@ def records_done(path: Path, data: list[dict]) -> set[int]:
         index = record.get("index")
         if not isinstance(index, int) or not 0 <= index < len(data) \
                 or record.get("instruction") != data[index]["instruction"]:
-            raise ValueError(f"{path}: record {i} does not belong to this input data (its index "
+            raise InvalidInput(f"{path}: record {i} does not belong to this input data (its index "
                              f"{index!r} and instruction do not match); choose another --output")
         done.add(index)
     return done
@@ -217,76 +220,60 @@ def generate_preference_data(data: list[dict], output_path: str | os.PathLike, m
 
 # --- Command line ------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Make polite/impolite preference pairs from instruction data with a "
-                                            "model served over the Ollama API (chapter 7 bonus).")
+def parser() -> Parser:
+    p = Parser(prog="python -m ch07.dpo.preference_data",
+               description="Make polite/impolite preference pairs from instruction data with a model served "
+                           "over the Ollama API (chapter 7 bonus).")
     p.add_argument("--data", default=None,
                    help="instruction records (JSON list with instruction, input, output; default: the chapter's "
                         "instruction-data.json)")
-    p.add_argument("--output", default="outputs/ch07/instruction-data-with-preference.jsonl",
-                   help="JSONL file the records are appended to; rerun with the same file to continue")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model on the server (default llama3)")
-    p.add_argument("--host", default=None,
-                   help="Ollama server (default $OLLAMA_HOST or http://localhost:11434)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--output", default=str(outputs_dir("ch07") / "instruction-data-with-preference.jsonl"),
+                   help="JSONL file the records are appended to; rerun with the same file to continue "
+                        "(default outputs/ch07/instruction-data-with-preference.jsonl)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N records")
     p.add_argument("--both", action="store_true",
                    help="ask for a polite and an impolite rewrite of every answer (twice the requests) instead "
                         "of one random rewrite against the original answer")
     p.add_argument("--seed", type=int, default=123, help="seed for the polite/impolite draw (default 123)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="cap on each reply's length in tokens (Ollama's num_predict; default: the server's)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each reply")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    add_server_arguments(p, "model on the server that rewrites the answers (default llama3)")
+    return p
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ch07.dpo.preference_data [options]`; returns the exit code (2: bad input, 1: server trouble)."""
+    p = parser()
+    args = p.parse_args(argv)
+    check_server_arguments(p, args)
+
+    def generate() -> None:
+        output = Path(args.output)
         if args.data is not None and not Path(args.data).is_file():
-            raise ValueError(f"--data {args.data} does not exist")
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {args.limit}")
-        if args.max_tokens is not None and args.max_tokens < 1:
-            raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-        ollama_host(args.host)  # a malformed --host fails here
+            raise FileNotFoundError(f"--data {args.data} does not exist")
+        if output.is_dir():
+            raise IsADirectoryError(f"--output {output} is a folder; give the .jsonl file to append to")
+        check_output_dir(output.parent, option="--output")
         data = load_instruction_data(args.data)
         data = data[:args.limit] if args.limit else data
-        done = records_done(Path(args.output), data)
-    except (DataUnavailableError, ChecksumError) as exc:  # no copy of the chapter's file, and no network
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    if len(done) == len(data):
-        print(f"{args.output} already holds all {len(data)} records; nothing to do")
-        return 0
-    try:
-        installed = list_models(args.host)
-        if not model_available(args.model, installed):
-            raise OllamaUnavailable(f"The server at {ollama_host(args.host)} does not have the model {args.model!r} "
-                                    f"(installed: {', '.join(installed) or 'none'}); pull it with "
-                                    f"`ollama pull {args.model}` or choose one with --model.")
-    except OllamaUnavailable as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
-    print(f"{ollama_host(args.host)}, model {args.model}: {len(data) - len(done)} of {len(data)} records to do "
-          f"-> {args.output}")
-    options = {"num_predict": args.max_tokens} if args.max_tokens else None
-    try:
-        summary = generate_preference_data(data, args.output, args.model, args.host, seed=args.seed,
-                                           both=args.both, options=options, timeout=args.timeout,
-                                           progress=not args.no_progress)
-    except (requests.RequestException, OllamaUnavailable) as exc:
-        written = len(records_done(Path(args.output), data)) - len(done)
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
-        print(f"error: the server stopped answering ({reason}) after {written} new records; they are saved in "
-              f"{args.output}: run the same command again to continue.", file=sys.stderr)
-        return 1
-    print(f"{summary['written']} records written, {summary['done_before']} were there before, "
-          f"{summary['invalid']} without a usable reply (rerun to ask again): {args.output}")
-    return 0
+        done = records_done(output, data)
+        if len(done) == len(data):
+            print(f"{output} already holds all {len(data)} records; nothing to do")
+            return
+        check_ollama(args.model, args.host)
+        print(f"{ollama_host(args.host)}, model {args.model}: {len(data) - len(done)} of {len(data)} records to do "
+              f"-> {output}")
+        try:
+            summary = generate_preference_data(data, output, args.model, args.host, seed=args.seed, both=args.both,
+                                               options=server_options(args), timeout=args.timeout,
+                                               progress=not args.no_progress)
+        except (requests.RequestException, OllamaUnavailable) as exc:
+            written = len(records_done(output, data)) - len(done)
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+            raise OllamaUnavailable(f"the server stopped answering ({reason}) after {written} new records; they are "
+                                    f"saved in {output}: run the same command again to continue.") from None
+        print(f"{summary['written']} records written, {summary['done_before']} were there before, "
+              f"{summary['invalid']} without a usable reply (rerun to ask again): {output}")
+
+    return run(generate, argv, other_errors={OllamaUnavailable: 1})
 
 
 if __name__ == "__main__":
