@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=123, help="random seed, the same on every process (default 123)")
     parser.add_argument("--out", type=Path, default=None, help="folder for rank<k>.json results")
     args = parser.parse_args(argv)
-    return run(lambda: train(args), argv)
+    return run(lambda: train_ddp(args), argv)
 
 
-def train(args) -> None:
+def train_ddp(args) -> None:
     """Join the process group, train with DDP, report (and write rank<k>.json), leave the group."""
     if args.out is not None:
         check_output_dir(args.out, option="--out")  # before joining the group: a bad folder fails alone
