@@ -16,12 +16,12 @@ Each process trains the same model on its own shard of the data (DistributedSamp
 after every backward pass DDP averages the gradients across processes, so all copies
 take the same optimizer step and end with identical weights. At the end every rank
 prints its train/test accuracy and a hash of its weights; `--out DIR` also writes
-rank<k>.json with the accuracies, the hash, the sum and the flattened weights.
+rank<k>.json with the accuracies, the hash, the sum and the flattened weights. A bad option
+(e.g. `--num-epochs -1`) is a one-line `error:` and exit code 2 from every process.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -44,7 +44,6 @@ try:
         make_toy_data,
         weights_fingerprint,
     )
-    from llmfs.runtime import distributed_backend, get_device, set_seed
 except ImportError:  # project not installed: import the files next to this script instead
     HERE = Path(__file__).resolve().parent
     sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -57,7 +56,9 @@ except ImportError:  # project not installed: import the files next to this scri
         weights_fingerprint,
     )
 
-    from llmfs.runtime import distributed_backend, get_device, set_seed
+from llmfs.atomic import atomic_write
+from llmfs.cli import Parser, check_output_dir, positive_float, positive_int, run
+from llmfs.runtime import distributed_backend, get_device, set_seed
 
 
 def log(message: str) -> None:
@@ -116,14 +117,22 @@ def ddp_setup() -> tuple[int, int, torch.device, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Data-parallel training of the appendix A toy network.")
-    parser.add_argument("--num-epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=2, help="examples per process and step")
-    parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=123)
+    """Parse the options and train; returns the exit code (2 with a one-line `error:` for a bad option)."""
+    parser = Parser(prog="python appendix-A/DDP-script.py",
+                    description="Data-parallel training of the appendix A toy network.")
+    parser.add_argument("--num-epochs", type=positive_int, default=3, help="passes over the data (default 3)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="examples per process and step (default 2)")
+    parser.add_argument("--lr", type=positive_float, default=0.5, help="SGD learning rate (default 0.5)")
+    parser.add_argument("--seed", type=int, default=123, help="random seed, the same on every process (default 123)")
     parser.add_argument("--out", type=Path, default=None, help="folder for rank<k>.json results")
     args = parser.parse_args(argv)
+    return run(lambda: train_ddp(args), argv)
 
+
+def train_ddp(args) -> None:
+    """Join the process group, train with DDP, report (and write rank<k>.json), leave the group."""
+    if args.out is not None:
+        check_output_dir(args.out, option="--out")  # before joining the group: a bad folder fails alone
     rank, world_size, device, backend = ddp_setup()
     try:
         # Same seed everywhere; DDP would broadcast rank 0's initial weights anyway.
@@ -167,16 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             result = {"rank": rank, "world_size": world_size, "backend": backend, "device": str(device),
                       "train_acc": train_acc, "test_acc": test_acc, "weights_sha256": digest,
                       "weights_sum": total, "weights": flat_weights(model).tolist()}
-            args.out.mkdir(parents=True, exist_ok=True)
-            tmp = args.out / f".rank{rank}.json.tmp"
-            tmp.write_text(json.dumps(result), encoding="utf-8")
-            os.replace(tmp, args.out / f"rank{rank}.json")  # atomic: a reader never sees half a file
+            with atomic_write(args.out / f"rank{rank}.json") as f:  # a reader never sees half a file
+                json.dump(result, f)
         # Wait for every rank before tearing the group down: a rank that exits while another
         # is still talking to it can abort Gloo's threads ("terminate called ...").
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

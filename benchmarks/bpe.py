@@ -17,7 +17,6 @@ identical ids. Writes results.md and results.json into --out and prints whether 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Callable
 from benchmarks.run import machine_description, write_report
 from ch02.bpe.bpe import BPETokenizerSimple, bytes_to_unicode, train_naive
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
+from llmfs.cli import Parser, check_output_dir, positive_int, run
 from llmfs.download import get_data_file
 
 # naive: (vocab size, characters) for the naive trainer, whose time grows with merges x characters.
@@ -61,12 +61,19 @@ def train_hf(text: str, vocab_size: int, parallel: bool) -> set[bytes]:
     """Hugging Face's byte-level BPE trainer, set up like ours; returns its vocabulary as bytes."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"  # read at every call
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split, as ours
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([text], trainer)
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"  # read at every call
+    try:
+        tokenizer.train_from_iterator([text], trainer)
+    finally:  # only for this measurement
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
     from_char = {c: b for b, c in bytes_to_unicode().items()}
     return {bytes(from_char[c] for c in token) for token in tokenizer.get_vocab() if token != END_OF_TEXT}
 
@@ -190,34 +197,37 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """`python -m benchmarks.bpe [options]`; returns the exit code."""
+    p = Parser(prog="python -m benchmarks.bpe", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a slice of the corpus, small vocabularies, one round")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bpe")
-    p.add_argument("--naive-chars", type=int, default=None,
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bpe",
+                   help="folder for results.md and results.json (default benchmarks/results/bpe)")
+    p.add_argument("--naive-chars", type=positive_int, default=None,
                    help="characters the naive trainer gets, for every vocabulary size (default: "
                         + ", ".join(f"{c:,} at {v:,} tokens" for v, c in FULL["naive"]) + ")")
     args = p.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
     if args.naive_chars is not None:
-        if args.naive_chars < 1:
-            p.error("--naive-chars must be >= 1")
         plan["naive"] = [(size, args.naive_chars) for size, _ in plan["naive"]]
-    import tiktoken
-    import tokenizers
 
-    text = get_data_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:plan["corpus_chars"]]
-    machine = {**machine_description(), "tokenizers": tokenizers.__version__, "tiktoken": tiktoken.__version__,
-               "rounds": plan["rounds"]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = {"corpus": "tinyshakespeare.txt" + (" (first characters)" if plan["corpus_chars"] else ""),
-               "corpus_chars": len(text),
-               "train": bench_training(text, plan["vocab_sizes"], plan["rounds"]),
-               "naive": bench_naive(text, plan["naive"], plan["rounds"]),
-               "encode": bench_encoding(text, plan["rounds"], args.out)}
-    table, goals = summarize(results, machine, args.quick)
-    write_report(args.out, "results.json", "results.md",
-                 {"machine": machine, "quick": args.quick, "plan": plan, "results": results}, table, goals)
-    return 0
+    def benchmark() -> None:
+        import tiktoken
+        import tokenizers
+
+        check_output_dir(args.out, option="--out")
+        text = get_data_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:plan["corpus_chars"]]
+        machine = {**machine_description(), "tokenizers": tokenizers.__version__, "tiktoken": tiktoken.__version__,
+                   "rounds": plan["rounds"]}
+        results = {"corpus": "tinyshakespeare.txt" + (" (first characters)" if plan["corpus_chars"] else ""),
+                   "corpus_chars": len(text),
+                   "train": bench_training(text, plan["vocab_sizes"], plan["rounds"]),
+                   "naive": bench_naive(text, plan["naive"], plan["rounds"]),
+                   "encode": bench_encoding(text, plan["rounds"], args.out)}
+        table, goals = summarize(results, machine, args.quick)
+        write_report(args.out, "results.json", "results.md",
+                     {"machine": machine, "quick": args.quick, "plan": plan, "results": results}, table, goals)
+
+    return run(benchmark, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ process, in rounds over ours / transformers (A B A B, not A A B B), and the fast
 --repeats processes is kept:
 
 - decoding: load the folder (ours: laid out for decoding by `llmfs.decoding_layout`, as
-  `python -m ch05.llama.generate_llm` does; "ours-stored-layout" without it), greedy decoding with the KV cache of `--new-tokens` tokens after a
+  `python -m ch05.llama` does; "ours-stored-layout" without it), greedy decoding with the KV cache of `--max-new-tokens` tokens after a
   16-token prompt (ours: chapter 5's `generate`; theirs: `model.generate`), after one warm-up run;
 - loading: peak RSS of loading the folder and running one token through the model (so every
   weight page has been read), minus the RSS of the process before loading, against the size
@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from llmfs.cli import Parser, check_output_dir, positive_int, run
 
 QWEN3_06B_HF = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                 "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
@@ -82,7 +84,7 @@ def _load(impl: str, model_dir: str, dtype_name: str):
     if impl.startswith("ours"):
         from ch05.llama.qwen3 import load_qwen3
 
-        # Laid out for CPU decoding as it is read, as `python -m ch05.llama.generate_llm` loads it.
+        # Laid out for CPU decoding as it is read, as `python -m ch05.llama` loads it.
         return load_qwen3(model_dir, dtype=dtype, decoding_layout=impl != "ours-stored-layout")
     from transformers import Qwen3ForCausalLM
 
@@ -194,13 +196,19 @@ def summarize(results: dict, machine: dict, quick: bool, new_tokens: int) -> tup
     return "\n".join(lines) + "\n", goals
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Qwen3 decoding speed and loading memory, ours vs transformers.")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.llm [options]`; returns the exit code."""
+    p = Parser(prog="python -m benchmarks.llm",
+               description="Qwen3 decoding speed and loading memory, ours vs transformers.")
     p.add_argument("--quick", action="store_true", help="tiny config: checks the harness, not the speed")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens to decode per timed run (default 32)")
-    p.add_argument("--repeats", type=int, default=None, help="processes per measurement (default 2; --quick: 1)")
-    p.add_argument("--workdir", type=Path, default=None, help="keep the model folders here and reuse them (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="tokens to decode per timed run (default 32; every run decodes all of them)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="processes per measurement (default 2; --quick: 1)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the model folders here and reuse them (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="folder for llm.md and llm.json (default benchmarks/results)")
     p.add_argument("--only", choices=("generate", "load"), default=None, help="run one of the two sections")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -208,32 +216,35 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     repeats = args.repeats or (1 if args.quick else 2)
-    if repeats < 1 or args.new_tokens < 1:
-        p.error("--repeats and --new-tokens must be >= 1")
 
-    import transformers
+    def benchmark() -> None:
+        import transformers
 
-    from benchmarks.run import machine_description, write_report
+        from benchmarks.run import machine_description, write_report
 
-    machine = {**machine_description(), "transformers": transformers.__version__, "repeats": repeats}
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = prepare(args.workdir or Path(tmp), args.quick)
-        vocab = (TINY_HF if args.quick else QWEN3_06B_HF)["vocab_size"]
-        base = {"vocab_size": vocab, "new_tokens": args.new_tokens}
-        gen = [{**base, "kind": "generate", "impl": impl, "dtype": dt, "file_dtype": dt, "dir": str(dirs[dt])}
-               for dt in ("float32", "bfloat16")
-               for impl in ("ours", "ours-stream", "hf") + (("ours-stored-layout",) if dt == "float32" else ())]
-        load = [{**base, "kind": "load", "impl": impl, "dtype": dt, "file_dtype": fdt, "dir": str(dirs[fdt])}
-                for impl, dt, fdt in (("ours", "float32", "float32"), ("hf", "float32", "float32"),
-                                      ("ours", "bfloat16", "bfloat16"), ("hf", "bfloat16", "bfloat16"),
-                                      ("ours", "bfloat16", "float32"))]
-        results = {"generate": [] if args.only == "load" else measure(gen, repeats, "tokens_per_s"),
-                   # memory varies little between runs: one process each
-                   "load": [] if args.only == "generate" else measure(load, 1, "peak_rss_mib", better=min)}
-    table, goals = summarize(results, machine, args.quick, args.new_tokens)
-    write_report(args.out, "llm.json", "llm.md", {"machine": machine, "quick": args.quick, "results": results},
-                 table, goals)
-    return 0
+        check_output_dir(args.out, option="--out")  # before minutes of measuring
+        if args.workdir is not None:
+            check_output_dir(args.workdir, option="--workdir")
+        machine = {**machine_description(), "transformers": transformers.__version__, "repeats": repeats}
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs = prepare(args.workdir or Path(tmp), args.quick)
+            vocab = (TINY_HF if args.quick else QWEN3_06B_HF)["vocab_size"]
+            base = {"vocab_size": vocab, "new_tokens": args.max_new_tokens}
+            gen = [{**base, "kind": "generate", "impl": impl, "dtype": dt, "file_dtype": dt, "dir": str(dirs[dt])}
+                   for dt in ("float32", "bfloat16")
+                   for impl in ("ours", "ours-stream", "hf") + (("ours-stored-layout",) if dt == "float32" else ())]
+            load = [{**base, "kind": "load", "impl": impl, "dtype": dt, "file_dtype": fdt, "dir": str(dirs[fdt])}
+                    for impl, dt, fdt in (("ours", "float32", "float32"), ("hf", "float32", "float32"),
+                                          ("ours", "bfloat16", "bfloat16"), ("hf", "bfloat16", "bfloat16"),
+                                          ("ours", "bfloat16", "float32"))]
+            results = {"generate": [] if args.only == "load" else measure(gen, repeats, "tokens_per_s"),
+                       # memory varies little between runs: one process each
+                       "load": [] if args.only == "generate" else measure(load, 1, "peak_rss_mib", better=min)}
+        table, goals = summarize(results, machine, args.quick, args.max_new_tokens)
+        write_report(args.out, "llm.json", "llm.md", {"machine": machine, "quick": args.quick, "results": results},
+                     table, goals)
+
+    return run(benchmark, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,12 @@ import torch
 
 from ch04.gpt import GPT_CONFIG_124M
 from llmfs.atomic import atomic_path, atomic_write
+from llmfs.cli import Parser, check_output_dir, positive_int, run
 from llmfs.onednn_linear import onednn_linear_supported
 
 TINY_CONFIG = {"vocab_size": 1000, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                "drop_rate": 0.1, "qkv_bias": False}
+SECTIONS = ("train", "generate", "scaling", "amp")
 
 
 def write_report(out: Path, json_name: str, md_name: str, data: dict, table: str,
@@ -283,48 +286,70 @@ def plot(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Benchmark our GPT against transformers' GPT-2.")
+def section_names(text: str) -> list[str]:
+    """--only: comma-separated names from SECTIONS."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(map(repr, unknown)) or repr(text)}; "
+                                         f"choose from {', '.join(SECTIONS)} (comma-separated)")
+    return names
+
+
+def train_shapes(text: str) -> list[tuple[int, int]]:
+    """--train-shapes: 'BATCHxCONTEXT,...' with whole numbers >= 1."""
+    shapes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not BATCHxCONTEXT with whole numbers >= 1 "
+                                             "(e.g. 2x256,8x1024)")
+        shapes.append((int(match[1]), int(match[2])))
+    return shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.run [options]`; returns the exit code."""
+    p = Parser(prog="python -m benchmarks.run", description="Benchmark our GPT against transformers' GPT-2.")
     p.add_argument("--quick", action="store_true", help="tiny config: checks the harness, not the speed")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--only", default="train,generate,scaling,amp", help="comma-separated sections")
-    p.add_argument("--train-shapes", default=None,
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="folder for results.md, results.json and the plots (default benchmarks/results)")
+    p.add_argument("--only", type=section_names, default=list(SECTIONS),
+                   help=f"comma-separated sections (default all: {','.join(SECTIONS)}); the report and plots "
+                        "need all of them, a subset writes results.json only")
+    p.add_argument("--train-shapes", type=train_shapes, default=None,
                    help="batch x context of the training table, e.g. '2x256,8x1024' (the default); "
                         "8x1024 takes about a minute per step on a 2-core CPU")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="processes per measurement, the fastest kept (default 2; --quick: 1)")
     p.add_argument("--release-freed-memory", action="store_true",
                    help="measure with glibc's default of handing freed memory back to the OS (the trainer's "
                         "--release-freed-memory); by default every model runs with the trainer's default")
     args = p.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 2
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    shapes = ([tuple(int(v) for v in s.split("x")) for s in args.train_shapes.split(",")]
-              if args.train_shapes else None)
+    repeats = args.repeats or (1 if args.quick else 2)
+    context = (TINY_CONFIG if args.quick else GPT_CONFIG_124M)["context_length"]
+    if any(n > context for _, n in args.train_shapes or ()):
+        p.error(f"argument --train-shapes: a context longer than the model's {context} tokens")
 
-    machine = {**machine_description(), "repeats": args.repeats,
-               "freed_memory": "released" if args.release_freed_memory else "kept"}
-    todo = plan(args.quick, shapes)
-    sections = args.only.split(",")
-    results = {}
-    for section in ("train", "generate", "scaling", "amp"):
-        results[section] = []
-        if section in sections:
-            results[section] = measure_section(section, todo[section], args.repeats,
-                                               keep_freed_memory=not args.release_freed_memory)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "results.json") as f:
-        json.dump({"machine": machine, "quick": args.quick, "results": results}, f, indent=1)
-    if set(sections) >= {"train", "generate", "scaling", "amp"}:
-        table, goals = summarize(results, machine, args.quick)
-        with atomic_write(args.out / "results.md") as f:
-            f.write(table)
-        plot(results, args.out)
-        print(table)
-        print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {args.out}")
-    return 0
+    def benchmark() -> None:
+        check_output_dir(args.out, option="--out")  # before minutes of measuring
+        machine = {**machine_description(), "repeats": repeats,
+                   "freed_memory": "released" if args.release_freed_memory else "kept"}
+        todo = plan(args.quick, args.train_shapes)
+        results = {section: measure_section(section, todo[section], repeats,
+                                            keep_freed_memory=not args.release_freed_memory)
+                   if section in args.only else [] for section in SECTIONS}
+        with atomic_write(args.out / "results.json") as f:
+            json.dump({"machine": machine, "quick": args.quick, "results": results}, f, indent=1)
+        if set(args.only) >= set(SECTIONS):
+            table, goals = summarize(results, machine, args.quick)
+            with atomic_write(args.out / "results.md") as f:
+                f.write(table)
+            plot(results, args.out)
+            print(table)
+            print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {args.out}")
+
+    return run(benchmark, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ import torch
 
 from benchmarks.run import TINY_CONFIG, machine_description
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
+from llmfs.atomic import atomic_write
 from llmfs.checkpoint import save_model
+from llmfs.cli import Parser, check_output_dir, positive_int, run
 
 PROMPT = "Every effort moves you"
 QUICK_CONFIG = {**TINY_CONFIG, "vocab_size": 50257, "drop_rate": 0.0}  # the GPT-2 tokenizer's ids must fit
@@ -116,22 +118,32 @@ def summarize(rounds: list[dict]) -> dict:
             "latency_ms_median": 1000 * statistics.median(r["seconds"] for r in results)}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.serve [options]`; returns the exit code."""
+    p = Parser(prog="python -m benchmarks.serve", description="Requests/s and time to first token of ch07.serve.")
+    p.add_argument("--quick", action="store_true", help="tiny model, few requests (a smoke test)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="answer length cap in tokens (default 32; quick: 8)")
+    p.add_argument("--requests", type=positive_int, default=None,
+                   help="requests per round, at least one per client (default 4; quick: 4)")
+    p.add_argument("--clients", type=positive_int, nargs="+", default=[1, 4, 16], help="concurrent clients per round")
+    p.add_argument("--rounds", type=positive_int, default=1, help="interleaved rounds of each measurement")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads, on both sides (default 1: steadier on a shared machine)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
+    args = p.parse_args(argv)
+    if args.out is not None and args.out.is_dir():
+        p.error(f"argument --out: {args.out} is a folder; give a file name, e.g. {args.out / 'serve.json'}")
+    return run(lambda: benchmark(args))
+
+
+def benchmark(args: argparse.Namespace) -> None:
     from ch07.cli import load_chat_model
     from llmfs.chat import parse_options
 
-    p = argparse.ArgumentParser(description="Requests/s and time to first token of ch07.serve.")
-    p.add_argument("--quick", action="store_true", help="tiny model, few requests (a smoke test)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per answer (default 32; quick: 8)")
-    p.add_argument("--requests", type=int, default=None,
-                   help="requests per round, at least one per client (default 4; quick: 4)")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per round")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of each measurement")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, on both sides (default 1: steadier on a shared machine)")
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
-    args = p.parse_args(argv)
-    tokens = args.tokens or (8 if args.quick else 32)
+    if args.out is not None:
+        check_output_dir(args.out.parent, option="--out")  # before minutes of measuring
+    tokens = args.max_new_tokens or (8 if args.quick else 32)
     requests = args.requests or 4
     cfg = QUICK_CONFIG if args.quick else {**GPT_CONFIG_124M, "drop_rate": 0.0}
     torch.set_num_threads(args.threads)
@@ -142,8 +154,9 @@ def main(argv=None) -> int:
         save_model(GPTModel(cfg), model_path)
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))
         chat = load_chat_model(model_path, device="cpu")
-        options = parse_options({"temperature": 0, "num_predict": tokens})
+        # The same options served (Ollama's names on the wire) and direct: what the server makes of them.
         payload = {"model": "bench", "prompt": PROMPT, "options": {"temperature": 0, "num_predict": tokens}}
+        options = parse_options(payload["options"])
         proc, host = start_server(model_path, args.threads)
         try:
             served_round(host, payload, 1, 1)  # warm-up, both sides
@@ -176,8 +189,8 @@ def main(argv=None) -> int:
               f"{s['latency_ms_median']:.0f} ms |")
     if args.out:
         report = {"machine": machine, "tokens": tokens, "threads": args.threads, "summary": summary}
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    return 0
+        with atomic_write(args.out) as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -236,8 +236,9 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     `load_model_for_generation` reads (GPT-2 weights, chapter-5 checkpoints).
 
     `style` "auto" uses the chapter-7 prompt style saved with an instruction-tuned model (and no
-    template for other models); "alpaca"/"phi3" or None force one. Raises FileNotFoundError,
-    ValueError (also CheckpointMismatchError) or ch05's PretrainedWeightsUnavailable.
+    template for other models); "alpaca"/"phi3" or None force one. What cannot be loaded raises a
+    `llmfs.errors.UserError` (InvalidInput, CheckpointMismatchError, PretrainedWeightsUnavailable) or
+    FileNotFoundError: the commands print it as one line.
     """
     if style not in ("auto", None, *book.PROMPT_STYLES):
         raise InvalidInput(f"unknown prompt style {style!r}; choose auto, none or one of {book.PROMPT_STYLES}")

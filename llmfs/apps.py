@@ -1,39 +1,41 @@
-"""What the chapters' web apps share (`python -m ch05.ui`, `ch06.ui.app`, `ch07.ui.app`).
+"""What the chapters' web apps share (`python -m ch05.ui`, `python -m ch06.ui`, `python -m ch07.ui`).
 
 Each app is a small Gradio page around a chapter's model. This module holds the parts they
 have in common, so each app file shows only its own page:
 
-- the command line: `--model` (default: what the chapter's CLI wrote last), `--host`, `--port`;
+- the command line: `app_parser` (`--model`, default: what the chapter's CLI wrote last; `--host`,
+  `--port`, `--device`) and `serve_app` (checks, then the page, then serving it until Ctrl-C);
+- `page(title)`: the `gr.Blocks` every app builds its page in;
 - loading the model so that a missing or mismatched file becomes a message in the page,
   not a traceback in the terminal;
 - streaming text: `llmfs.generate_stream.generate_stream` yields token ids one by one, and
   `stream_text` turns them into the text so far, so the page fills in as tokens arrive.
 
-Offline by design: Gradio's analytics (and its version check) are off, there is no share link,
-the server listens on 127.0.0.1 unless `--host` says otherwise, and the default theme's fonts
-ship with Gradio.
+Offline by design: every page is built with Gradio's analytics (and its version check) off
+(`page`, and `launch` refuses a page without it), there is no share link, the server listens on
+127.0.0.1 unless `--host` says otherwise, and the default theme's fonts ship with Gradio. Nothing
+is set in the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio: no telemetry, no version check
-
 import gradio as gr
 import torch
 import torch.nn as nn
 
+from llmfs.cli import USER_ERRORS, Parser, device_name, run, whole_number
 from llmfs.decoding_layout import layout_for_decoding
+from llmfs.errors import UserError
 from llmfs.generate_stream import generate_stream
+from llmfs.runtime import get_device
 
 EMPTY_INPUT_MESSAGE = "Please type some text first."
 
@@ -53,16 +55,12 @@ class AppModel:
     note: str = ""           # warnings from loading (e.g. a guessed config), shown until the first answer
 
 
-# What loading a user's file can raise: a missing file, the wrong kind of file, a state dict
-# that does not fit the config (llmfs.checkpoint.CheckpointMismatchError is a ValueError), no
-# GPT-2 weights offline (ch05.gpt_download.PretrainedWeightsUnavailable is a RuntimeError).
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError)
-
-
 def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, device, hint: str) -> AppModel:
     """`loader(spec, device)` -> (model, info), with any failure turned into a page message.
 
-    `hint` says how to get a model (which CLI writes one, which `--model` to try).
+    `hint` says how to get a model (which CLI writes one, which `--model` to try). What becomes a
+    message is what a command would print as `error:` (a missing or unreadable file, a state dict that
+    does not fit, no GPT-2 weights offline: `llmfs.cli.USER_ERRORS`); a bug keeps its traceback.
     """
     if Path(spec).suffix in (".pth", ".safetensors", ".json") and not Path(spec).exists():
         return AppModel(None, error=f"**No model:** `{spec}` does not exist. {hint}")
@@ -70,7 +68,7 @@ def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, devi
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model, info = loader(spec, device)
-    except LOAD_ERRORS as exc:
+    except USER_ERRORS as exc:
         return AppModel(None, error=f"**Could not load `{spec}`:** {exc}\n\n{hint}")
     note = " ".join(f"**Note:** {w.message}" for w in caught)
     # Text apps decode token by token: the faster weight layout for that (llmfs.decoding_layout).
@@ -96,40 +94,46 @@ def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, t
         yield tokenizer.decode(token_ids)
 
 
-def serve_app(build_demo: Callable[[str, torch.device], gr.Blocks], description: str, default_model: str,
-              model_help: str, argv=None) -> int:
-    """Each app's `main`: read the command line, build the page, serve it until Ctrl-C.
+def page(title: str) -> gr.Blocks:
+    """The `gr.Blocks` an app builds its page in: Gradio's analytics and version check off."""
+    return gr.Blocks(title=title, analytics_enabled=False)
 
-    Exit code 2 with a one-line `error:` for a bad device or a port that is taken; a model that cannot be
-    loaded is reported in the page instead, where the user is looking.
-    """
-    from llmfs.runtime import get_device
 
-    p = argparse.ArgumentParser(prog=f"python -m {build_demo.__module__}", description=description)
+def app_parser(prog: str, description: str, default_model: str, model_help: str) -> Parser:
+    """The options every app has; an app adds its own before parsing."""
+    p = Parser(prog=prog, description=description)
     p.add_argument("--model", default=default_model, help=f"{model_help} (default: {default_model})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: the network)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    args = p.parse_args(argv)
-    try:
-        if not 0 < args.port < 65536:
-            raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-        device = get_device(args.device)
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    demo = build_demo(args.model, device)
-    try:
-        launch(demo, args.host, args.port)
-    except OSError as exc:  # e.g. the port is taken
-        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    p.add_argument("--port", type=whole_number(1, 65535), default=7860, help="port (default 7860)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
+    return p
+
+
+def serve_app(args: argparse.Namespace, build_demo: Callable[[torch.device], gr.Blocks]) -> int:
+    """Each app's `main` after parsing: build the page with `build_demo(device)` and serve it until
+    Ctrl-C; returns the exit code.
+
+    A port that is taken is a one-line `error:` (exit code 2) before the model loads; a model that
+    cannot be loaded is reported in the page instead, where the user is looking.
+    """
+    from llmfs.serve import bind_socket
+
+    def start() -> None:
+        bind_socket(args.host, args.port).close()  # taken, or no such address: say so before loading
+        demo = build_demo(get_device(args.device))
+        try:
+            launch(demo, args.host, args.port)
+        except OSError as exc:  # taken after all, between the check and now
+            raise UserError(f"cannot listen on {args.host}:{args.port} ({exc})") from None
+
+    return run(start)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
     """Serve `demo` on host:port (no share link) and return its URL; `block=False` returns at once."""
+    if demo.analytics_enabled:  # a page built without `page()` would report to Gradio's servers
+        raise ValueError("the page was built with Gradio's analytics on; build it with llmfs.apps.page(title)")
     # Gradio queues each event with a concurrency limit of 1: two visitors never run the
     # model (and its KV cache) at the same time.
     demo.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False,

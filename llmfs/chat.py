@@ -8,7 +8,10 @@ share, so that all of them format prompts and decode tokens the same way:
   `format_input` / `format_response`) for an instruction-tuned model, the plain text of the
   conversation for a base model;
 * `ChatModel.generation(prompt_ids, options)` runs `llmfs.generate_stream` and yields text pieces,
-  decoding UTF-8 across token boundaries and holding back text that may start a stop string.
+  decoding UTF-8 across token boundaries and holding back text that may start a stop string;
+* `GenerationOptions` is what one answer is generated with; `parse_options` applies a request's
+  Ollama options to a server's defaults (Ollama's `num_predict` is `max_new_tokens` here, as in
+  `generate_stream` and every command's `--max-new-tokens`).
 
 Loading is the chapter's: `ch07.cli.load_chat_model(spec)` builds a `ChatModel` from a chapter-7
 instruction-tuned model or anything chapter 5 reads.
@@ -23,7 +26,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,10 +35,6 @@ import torch.nn as nn
 from llmfs.errors import InvalidInput
 from llmfs.generate_stream import generate_stream
 
-# Ollama's sampling defaults (temperature 0.8, top-k 40, top-p 0.9), so a client that sends no
-# options gets the behaviour it would get from Ollama. Ollama's own num_predict default is
-# "until the model stops"; GPT-2 has no end of context (the window slides), so we cap it.
-DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "num_predict": 128}
 # Options a client may send that only tune Ollama's runtime (threads, GPU layers, context
 # allocation): accepted and ignored, as they cannot change our model's output.
 IGNORED_OPTIONS = frozenset({
@@ -60,21 +59,34 @@ class PromptFormat:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """What one request asks of the model; `parse_options` builds it from Ollama's `options`."""
+    """What one answer is generated with: the server's defaults, and each request's (`parse_options`).
 
-    temperature: float = DEFAULT_OPTIONS["temperature"]
-    top_k: int | None = DEFAULT_OPTIONS["top_k"]
-    top_p: float | None = DEFAULT_OPTIONS["top_p"]
+    The defaults are Ollama's sampling defaults (temperature 0.8, top-k 40, top-p 0.9), so a client
+    that sends no options gets what it would get from Ollama. Ollama's own answer length is "until
+    the model stops"; GPT-2 has no end of context (the window slides), so it is capped at 128 tokens.
+    """
+
+    temperature: float = 0.8
+    top_k: int | None = 40
+    top_p: float | None = 0.9
     seed: int | None = None      # None: a fresh random seed per request (as in Ollama)
-    num_predict: int = DEFAULT_OPTIONS["num_predict"]
+    max_new_tokens: int = 128    # Ollama's `num_predict`
     stop: tuple[str, ...] = ()
     truncate: bool = False       # a prompt longer than the context: keep its end instead of refusing
 
+    def as_ollama(self) -> dict:
+        """The sampling settings under Ollama's names and conventions (top_k 0 and top_p 1 mean off)."""
+        return {"temperature": self.temperature, "top_k": self.top_k or 0,
+                "top_p": 1.0 if self.top_p is None else self.top_p, "num_predict": self.max_new_tokens}
 
-def _number(options: dict, key: str, kind: type, default):
-    value = options.get(key, default)
-    if value is None:
-        return default
+
+# The options a request may set, under Ollama's names (the JSON on the wire): `parse_options` maps them
+# to GenerationOptions' fields (num_predict -> max_new_tokens).
+OLLAMA_OPTIONS = ("temperature", "top_k", "top_p", "seed", "num_predict", "stop", "truncate")
+
+
+def _number(options: dict, key: str, kind: type):
+    value = options[key]
     wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
     if wrong_type or (kind is int and value != int(value)):
         what = "an integer" if kind is int else "a number"
@@ -82,45 +94,55 @@ def _number(options: dict, key: str, kind: type, default):
     return kind(value)
 
 
-def parse_options(options: dict | None, defaults: dict | None = None) -> GenerationOptions:
-    """Validate Ollama-style `options` (temperature, top_k, top_p, seed, num_predict, stop, truncate).
+def parse_options(options: dict | None, defaults: GenerationOptions | None = None) -> GenerationOptions:
+    """`defaults` with the Ollama-style `options` of one request applied (temperature, top_k, top_p, seed,
+    num_predict, stop, truncate; `null` keeps the default).
 
-    Raises ValueError with a one-line reason for a bad value. top_k 0 and top_p 1 mean "off",
-    as in Ollama; runtime-only options such as num_ctx are ignored; unknown ones are refused.
+    Only the request's values are checked (the defaults were checked where they were set: the
+    command line's option types): InvalidInput with a one-line reason for a bad one. top_k 0 and
+    top_p 1 mean "off", as in Ollama; runtime-only options such as num_ctx are ignored; unknown
+    ones are refused.
     """
-    options = dict(options or {})
-    defaults = {**DEFAULT_OPTIONS, **(defaults or {})}
-    unknown = sorted(set(options) - set(GenerationOptions.__dataclass_fields__) - IGNORED_OPTIONS)
+    options = {k: v for k, v in (options or {}).items() if v is not None and k not in IGNORED_OPTIONS}
+    unknown = sorted(set(options) - set(OLLAMA_OPTIONS))
     if unknown:
         raise InvalidInput(f"unsupported option(s) {', '.join(map(repr, unknown))}; this server knows "
-                         "temperature, top_k, top_p, seed, num_predict, stop and truncate")
-    temperature = _number(options, "temperature", float, defaults["temperature"])
-    top_k = _number(options, "top_k", int, defaults["top_k"])
-    top_p = _number(options, "top_p", float, defaults["top_p"])
-    seed = _number(options, "seed", int, None)
-    num_predict = _number(options, "num_predict", int, defaults["num_predict"])
-    if temperature < 0:
-        raise InvalidInput(f"option 'temperature' must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise InvalidInput(f"option 'top_k' must be >= 0 (0 turns it off), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InvalidInput(f"option 'top_p' must be in (0, 1], got {top_p}")
-    if seed is not None and not -2**63 <= seed < 2**64:
-        raise InvalidInput(f"option 'seed' must fit in 64 bits, got {seed}")
-    if num_predict < 0:
-        raise InvalidInput(f"option 'num_predict' must be >= 0, got {num_predict} (this server cannot generate "
-                         "without a limit)")
-    stop = options.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-        raise InvalidInput(f"option 'stop' must be a string or a list of non-empty strings, got {stop!r}")
-    truncate = options.get("truncate", False)
-    if not isinstance(truncate, bool):
-        raise InvalidInput(f"option 'truncate' must be true or false, got {truncate!r}")
-    return GenerationOptions(temperature=temperature, top_k=top_k or None,
-                             top_p=None if top_p == 1 else top_p, seed=seed, num_predict=num_predict,
-                             stop=tuple(stop), truncate=truncate)
+                           f"{', '.join(OLLAMA_OPTIONS)}")
+    changes = {}
+    if "temperature" in options:
+        changes["temperature"] = temperature = _number(options, "temperature", float)
+        if temperature < 0:
+            raise InvalidInput(f"option 'temperature' must be >= 0 (0 is greedy), got {temperature}")
+    if "top_k" in options:
+        top_k = _number(options, "top_k", int)
+        if top_k < 0:
+            raise InvalidInput(f"option 'top_k' must be >= 0 (0 turns it off), got {top_k}")
+        changes["top_k"] = top_k or None
+    if "top_p" in options:
+        top_p = _number(options, "top_p", float)
+        if not 0 < top_p <= 1:
+            raise InvalidInput(f"option 'top_p' must be in (0, 1], got {top_p}")
+        changes["top_p"] = None if top_p == 1 else top_p
+    if "seed" in options:
+        changes["seed"] = seed = _number(options, "seed", int)
+        if not -2**63 <= seed < 2**64:
+            raise InvalidInput(f"option 'seed' must fit in 64 bits, got {seed}")
+    if "num_predict" in options:
+        changes["max_new_tokens"] = num_predict = _number(options, "num_predict", int)
+        if num_predict < 0:
+            raise InvalidInput(f"option 'num_predict' must be >= 0, got {num_predict} (this server cannot "
+                               "generate without a limit)")
+    if "stop" in options:
+        stop = options["stop"]
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidInput(f"option 'stop' must be a string or a list of non-empty strings, got {stop!r}")
+        changes["stop"] = tuple(stop)
+    if "truncate" in options:
+        if not isinstance(options["truncate"], bool):
+            raise InvalidInput(f"option 'truncate' must be true or false, got {options['truncate']!r}")
+        changes["truncate"] = options["truncate"]
+    return replace(defaults or GenerationOptions(), **changes)
 
 
 class PromptTooLong(InvalidInput):
@@ -133,7 +155,7 @@ class TextGeneration:
     Bytes are decoded incrementally, so a character split over two tokens comes out whole, and
     text that could be the start of a stop string is held back until it is clearly not. After
     the last piece, `done_reason` is "stop" (end-of-text token or a stop string) or "length"
-    (`num_predict` tokens). `close()` ends the generation early and resets the model's cache.
+    (`max_new_tokens` tokens). `close()` ends the generation early and resets the model's cache.
     """
 
     def __init__(self, chat: ChatModel, prompt_ids: list[int], options: GenerationOptions):
@@ -141,7 +163,7 @@ class TextGeneration:
         seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator(device=chat.device).manual_seed(seed)
         idx = torch.tensor([prompt_ids], device=chat.device)  # (1, num_tokens)
-        self.tokens = generate_stream(chat.model, idx, options.num_predict, chat.context_length,
+        self.tokens = generate_stream(chat.model, idx, options.max_new_tokens, chat.context_length,
                                       temperature=options.temperature, top_k=options.top_k,
                                       eos_id=chat.eos_id, top_p=options.top_p, generator=self.generator)
         self.eval_count = 0
@@ -183,7 +205,7 @@ class TextGeneration:
                     return
                 yield piece
             piece, stopped, held = self._cut(held + decoder.decode(b"", final=True))
-            at_limit = self.eval_count == self.options.num_predict
+            at_limit = self.eval_count == self.options.max_new_tokens
             self.done_reason = "length" if at_limit and not stopped else "stop"
             yield piece + held  # the answer is over: what was held back can no longer become a stop string
         finally:

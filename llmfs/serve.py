@@ -9,7 +9,8 @@ The model is a chapter-7 instruction-tuned model, a chapter-5 checkpoint or GPT-
 GET /api/version, GET /api/tags, POST /api/show, POST /api/generate and POST /api/chat, streamed
 as newline-delimited JSON (the default, as in Ollama) or in one reply with "stream": false; the
 last chunk has done: true, done_reason and Ollama's token counts and durations (nanoseconds).
-Options: temperature, top_k, top_p, seed, num_predict, stop (and truncate, see below).
+Options: temperature, top_k, top_p, seed, num_predict, stop (and truncate, see below); a request
+that does not set num_predict gets the server's `--max-new-tokens` (default 128).
 
 Built on FastAPI + uvicorn. One model per server, and the model is not re-entrant: requests
 wait their turn on an asyncio lock, and every model step runs on one worker thread. A client
@@ -21,10 +22,8 @@ tokens), a negative num_predict or another bad option (400).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import pickle
 import socket
 import sys
 import time
@@ -36,8 +35,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmfs.chat import ChatModel, GenerationOptions, PromptTooLong, parse_options
-from llmfs.errors import UserError
+from llmfs.chat import ChatModel, GenerationOptions, parse_options
+from llmfs.cli import Parser, device_name, non_negative_int, run, whole_number
+from llmfs.errors import InvalidInput, UserError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435  # next to Ollama's 11434, so both can run side by side
@@ -61,8 +61,8 @@ def _now() -> str:
 class ModelWorker:
     """Runs one request at a time on the model, every step on one thread, and counts what it did."""
 
-    def __init__(self, chat: ChatModel, defaults: dict | None = None):
-        self.chat, self.defaults = chat, defaults or {}
+    def __init__(self, chat: ChatModel, defaults: GenerationOptions | None = None):
+        self.chat, self.defaults = chat, defaults or GenerationOptions()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.lock = asyncio.Lock()  # FIFO: requests are served in arrival order
         self.stats = {"requests": 0, "tokens": 0, "stopped_early": 0}
@@ -142,7 +142,7 @@ def _prepare(worker: ModelWorker, body: dict, prompt: str) -> tuple[list[int], G
     try:
         opts = parse_options(options, worker.defaults)
         ids = worker.chat.encode(prompt, opts.truncate)
-    except (PromptTooLong, ValueError) as exc:
+    except InvalidInput as exc:  # a bad option, or a prompt longer than the context (PromptTooLong)
         raise OllamaError(400, str(exc)) from None
     if not ids:
         raise OllamaError(400, "the prompt is empty")
@@ -177,8 +177,8 @@ async def _reply(worker: ModelWorker, body: dict, ids: list[int], opts: Generati
     return ClosingStreamingResponse(ndjson(), media_type="application/x-ndjson")
 
 
-def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
-    """The FastAPI app serving `chat`; `defaults` overrides llmfs.chat.DEFAULT_OPTIONS (e.g. num_predict)."""
+def create_app(chat: ChatModel, defaults: GenerationOptions | None = None) -> FastAPI:
+    """The FastAPI app serving `chat`; `defaults`: what a request gets for the options it does not set."""
     app = FastAPI(title="llms-from-scratch Ollama-compatible server", docs_url=None, redoc_url=None,
                   openapi_url=None)
     worker = app.state.worker = ModelWorker(chat, defaults)
@@ -212,11 +212,9 @@ def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
     @app.post("/api/show")
     async def show(request: Request) -> dict:
         _check_model(worker, await _read_json(request))
-        params = {**parse_options({}, worker.defaults).__dict__}
+        params = worker.defaults.as_ollama()
         modelfile = f'# served by ch07.serve\nFROM {chat.source}\nTEMPLATE """{chat.template()}"""\n'
-        return {"modelfile": modelfile,
-                "parameters": "\n".join(f"{k} {v}" for k, v in params.items() if k in ("temperature", "top_k",
-                                                                                     "top_p", "num_predict")),
+        return {"modelfile": modelfile, "parameters": "\n".join(f"{k} {v}" for k, v in params.items()),
                 "template": chat.template(), "details": chat.details(), "model_info": chat.model_info(),
                 "capabilities": ["completion"], "modified_at": _now()}
 
@@ -249,7 +247,7 @@ def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
                                  "done_reason": "load"})
         try:
             prompt = chat.chat_prompt(messages)
-        except ValueError as exc:
+        except InvalidInput as exc:
             raise OllamaError(400, str(exc)) from None
         ids, opts = _prepare(worker, body, prompt)
         return await _reply(worker, body, ids, opts, received, lambda text: {
@@ -260,22 +258,24 @@ def create_app(chat: ChatModel, defaults: dict | None = None) -> FastAPI:
 
 # --- Command line ------------------------------------------------------------------------------
 
-def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description="Serve a GPT model of this book over the Ollama API.")
+def parser(prog: str | None = None) -> Parser:
+    p = Parser(prog=prog, description="Serve a GPT model of this book over the Ollama API.")
     p.add_argument("--model", required=True,
                    help="a chapter-7 fine-tuned model (.pth with its .json), a chapter-5 checkpoint.pth / "
                         "model.pth / model.safetensors or their folder, a Hugging Face GPT-2 folder, "
                         "or a GPT-2 name")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this "
                                                        "machine only; the server has no authentication)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=whole_number(0, 65535), default=DEFAULT_PORT,
+                   help=f"port (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--name", default=None, help="the model's name for clients (default: from the file name)")
     p.add_argument("--prompt-style", choices=("auto", "alpaca", "phi3", "none"), default="auto",
                    help="chat prompt format (default: the one saved with a fine-tuned model, none otherwise)")
-    p.add_argument("--num-predict", type=int, default=None,
-                   help="tokens per answer when a request does not say (default 128)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    return p.parse_args(argv)
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=GenerationOptions.max_new_tokens,
+                   help="answer length cap in tokens when a request does not set Ollama's num_predict "
+                        f"(default {GenerationOptions.max_new_tokens})")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
+    return p
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -288,52 +288,46 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except OSError as exc:  # taken, or an address this machine does not have: the user's choice
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server using it? "
-                      "Choose another --port") from None
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server using it? "
+                        "Choose another --port (or --host)") from None
     sock.listen(128)
     return sock
 
 
-def main(load_chat_model: Callable[..., ChatModel], argv=None, prog: str | None = None) -> int:
+def main(load_chat_model: Callable[..., ChatModel], argv: list[str] | None = None, prog: str | None = None) -> int:
     """Load the model with `load_chat_model(spec, device=, name=, style=)` (the chapter's loader) and
-    serve until Ctrl-C. Exit code 2, with a one-line message, for bad arguments, a busy port or a model
-    that cannot be loaded."""
-    import uvicorn
+    serve until Ctrl-C. Bad arguments, a busy port or a model that cannot be loaded: a one-line
+    `error:` and exit code 2 (`llmfs.cli.run`), before anything slow when it can be known then."""
+    args = parser(prog).parse_args(argv)
+    # What a request gets for the options it does not set: built once, from options checked when parsed.
+    defaults = GenerationOptions(max_new_tokens=args.max_new_tokens)
 
-    args = parse_args(argv, prog)
-    try:
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must be 0-65535, got {args.port}")
-        if args.num_predict is not None and args.num_predict < 0:
-            raise ValueError(f"--num-predict must be >= 0, got {args.num_predict}")
-        sock = bind_socket(args.host, args.port)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        chat = load_chat_model(args.model, device=args.device, name=args.name,
-                               style=None if args.prompt_style == "none" else args.prompt_style)
-    except (UserError, FileNotFoundError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
-        sock.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"model: {chat.name} = {chat.description}; prompt style: {chat.style or 'none'}; "
-          f"device: {chat.device}\n"
-          f"Ollama API at http://{shown}:{port} -- point clients at it with OLLAMA_HOST={shown}:{port}",
-          file=sys.stderr, flush=True)
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        print("warning: listening beyond this machine; the server has no authentication", file=sys.stderr)
-    defaults = {"num_predict": args.num_predict} if args.num_predict is not None else None
-    # On Ctrl-C, streams still running get 5 seconds, then their connections are closed.
-    config = uvicorn.Config(create_app(chat, defaults), log_level="info", lifespan="off",
-                            timeout_graceful_shutdown=5)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: no traceback for that
-        pass
-    return 0
+    def serve() -> None:
+        import uvicorn
 
+        sock = bind_socket(args.host, args.port)  # a busy port fails before the model loads
+        try:
+            chat = load_chat_model(args.model, device=args.device, name=args.name,
+                                   style=None if args.prompt_style == "none" else args.prompt_style)
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(f"model: {chat.name} = {chat.description}; prompt style: {chat.style or 'none'}; "
+                  f"device: {chat.device}; answers of at most {defaults.max_new_tokens} tokens unless a "
+                  f"request sets num_predict\n"
+                  f"Ollama API at http://{shown}:{port} -- point clients at it with OLLAMA_HOST={shown}:{port}",
+                  file=sys.stderr, flush=True)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                print("warning: listening beyond this machine; the server has no authentication", file=sys.stderr)
+            # On Ctrl-C, streams still running get 5 seconds, then their connections are closed.
+            config = uvicorn.Config(create_app(chat, defaults), log_level="info", lifespan="off",
+                                    timeout_graceful_shutdown=5)
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: no traceback for that
+                pass
+        finally:
+            sock.close()
+
+    return run(serve, argv)

@@ -54,6 +54,14 @@ TOKENIZER_IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262,
                  4252, 18250, 8812, 2114, 286, 617, 34680, 27271, 13]
 
 
+class Parser(argparse.ArgumentParser):
+    """`llmfs.cli.Parser`'s one-line errors (`error: ... (see --help)`, exit code 2). Not imported from
+    there: llmfs.cli needs torch, and this script must run, and say so, where torch is missing."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 @dataclass
 class Report:
     errors: list[str] = field(default_factory=list)
@@ -282,7 +290,7 @@ def host_reachable(host: str | None, timeout: float = 3.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = Parser(prog="python setup/check_env.py", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--download", action="store_true",
                         help="download the data files that are in neither the mirror nor the cache")
     args = parser.parse_args(argv)

@@ -154,6 +154,26 @@ def test_ddp_script_two_cpu_processes(tmp_path, single_process_result):
 
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--num-epochs", "-1"], "argument --num-epochs: must be a whole number >= 1, got -1"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--batch-size", "two"], "argument --batch-size: invalid positive_int value: 'two'"),
+])
+def test_ddp_script_bad_options_are_one_line_errors(argv, message):
+    proc = subprocess.run([sys.executable, str(DDP_SCRIPT), *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"error: {message} (see --help)\n"
+
+
+def test_ddp_script_refuses_an_unwritable_out_before_joining_the_group(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert load_ddp_script().main(["--out", str(tmp_path / "file" / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "cannot be written" in err and err.count("\n") == 1
+    assert not torch.distributed.is_initialized()
+
+
 def test_the_package_root_exports_the_main_names():
     """`from appendix_a import ...` works as with the book's package: the names are toy's objects."""
     import appendix_a

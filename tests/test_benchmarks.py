@@ -6,6 +6,8 @@ No timing assertions: speed is reported by the benchmark itself, not tested.
 import json
 import re
 
+import pytest
+
 from benchmarks import run
 
 
@@ -103,3 +105,28 @@ def test_our_models_train_as_the_trainer_does_and_hf_as_it_comes():
     for impl in ("ours", "hf"):
         with ctx(impl, "bfloat16"):
             assert torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "bogus"], "argument --only: unknown section(s) 'bogus'; choose from train, generate, scaling, amp"),
+    (["--only", "train,amp,trian"], "argument --only: unknown section(s) 'trian'"),
+    (["--train-shapes", "2x256,8y1024"], "argument --train-shapes: '8y1024' is not BATCHxCONTEXT"),
+    (["--train-shapes", "0x16"], "argument --train-shapes: '0x16' is not BATCHxCONTEXT"),
+    (["--quick", "--train-shapes", "2x128"], "argument --train-shapes: a context longer than the model's 64 tokens"),
+    (["--repeats", "0"], "argument --repeats: must be a whole number >= 1, got 0"),
+])
+def test_bad_arguments_are_one_line_errors_before_any_measurement(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run, "run_worker", lambda spec: pytest.fail("measured despite a bad argument"))
+    with pytest.raises(SystemExit) as exc:
+        run.main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run, "run_worker", lambda spec: pytest.fail("measured before --out was checked"))
+    (tmp_path / "file").write_text("not a folder")
+    assert run.main(["--only", "train", "--out", str(tmp_path / "file" / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "cannot be written" in err and err.count("\n") == 1

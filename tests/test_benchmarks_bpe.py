@@ -34,7 +34,9 @@ def test_quick_bpe_benchmark_writes_table_and_json(tmp_path, capsys):
     assert "goals met" in capsys.readouterr().out
 
 
-def test_naive_chars_must_be_positive(tmp_path):
+def test_naive_chars_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bpe.main(["--quick", "--naive-chars", "0", "--out", str(tmp_path)])
     assert exc.value.code == 2
+    assert capsys.readouterr().err == ("error: argument --naive-chars: must be a whole number >= 1, got 0 "
+                                       "(see --help)\n")

@@ -3,13 +3,15 @@
 import json
 import re
 
+import pytest
+
 from benchmarks import llm
 
 
 def test_quick_llm_benchmark_writes_tables_and_json(tmp_path, monkeypatch):
     # Measurements in this process (the harness is under test, not the speed); one real worker below.
     monkeypatch.setattr(llm, "run_worker", lambda spec: json.loads(json.dumps(llm.worker(spec))))
-    assert llm.main(["--quick", "--new-tokens", "5", "--workdir", str(tmp_path / "work"),
+    assert llm.main(["--quick", "--max-new-tokens", "5", "--workdir", str(tmp_path / "work"),
                      "--out", str(tmp_path)]) == 0
     table = (tmp_path / "llm.md").read_text()
     for heading in ("## Cached greedy decoding", "## Loading", "## Goals"):
@@ -31,3 +33,13 @@ def test_quick_llm_benchmark_writes_tables_and_json(tmp_path, monkeypatch):
     real = llm.run_worker({k: spec[k] for k in ("vocab_size", "new_tokens", "kind", "impl", "dtype", "file_dtype",
                                                   "dir")})
     assert real["peak_rss_mib"] >= real["rss_before_mib"] > 0 and real["weights_mib"] > 0
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    for argv, message in ((["--max-new-tokens", "0"], "argument --max-new-tokens: must be a whole number >= 1"),
+                          (["--new-tokens", "5"], "unrecognized arguments: --new-tokens 5"),
+                          (["--only", "decode"], "argument --only: invalid choice: 'decode'")):
+        with pytest.raises(SystemExit) as exc:
+            llm.main(["--quick", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err

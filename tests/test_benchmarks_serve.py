@@ -6,12 +6,14 @@ No timing assertions: speed is reported by the benchmark itself, not tested.
 import json
 import re
 
+import pytest
+
 from benchmarks import serve
 
 
 def test_quick_serve_benchmark(tmp_path, capsys):
     out = tmp_path / "serve.json"
-    assert serve.main(["--quick", "--requests", "2", "--clients", "1", "3", "--rounds", "1", "--tokens", "4",
+    assert serve.main(["--quick", "--requests", "2", "--clients", "1", "3", "--rounds", "1", "--max-new-tokens", "4",
                        "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert re.search(r"CPU: .+ \(\d+ cores", table)
@@ -22,3 +24,13 @@ def test_quick_serve_benchmark(tmp_path, capsys):
     assert data["summary"]["served x3"]["requests"] == 3
     for s in data["summary"].values():
         assert s["requests_per_s"] > 0 and 0 < s["ttft_ms_median"] <= s["ttft_ms_max"]
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    for argv, message in ((["--clients", "1", "0"], "argument --clients: must be a whole number >= 1, got 0"),
+                          (["--tokens", "4"], "unrecognized arguments: --tokens 4"),
+                          (["--out", str(tmp_path)], f"argument --out: {tmp_path} is a folder; give a file name")):
+        with pytest.raises(SystemExit) as exc:
+            serve.main(["--quick", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err

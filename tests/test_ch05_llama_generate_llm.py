@@ -1,4 +1,4 @@
-"""python -m ch05.llama.generate_llm: one command for Llama 3, Qwen3, GPT-2 folders and our checkpoints."""
+"""python -m ch05.llama (ch05/llama/generate_llm.py): one command for Llama 3, Qwen3, GPT-2 folders and our checkpoints."""
 
 import json
 import shutil
@@ -104,7 +104,7 @@ def test_gpt2_folder_and_our_checkpoint_run_through_the_same_command(gpt_dirs, c
 def _run_error(capsys, argv) -> str:
     try:
         rc = main(argv)
-    except SystemExit as exc:  # argparse's one-line errors (ch05.cli.Parser)
+    except SystemExit as exc:  # argparse's one-line errors (llmfs.cli.Parser)
         rc = exc.code
     assert rc == 2
     captured = capsys.readouterr()
@@ -149,3 +149,43 @@ def test_bad_inputs_exit_2_with_one_clear_message(tmp_path, qwen_dir, gpt_dirs, 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert "HF_HUB_OFFLINE=1 is set" in _run_error(capsys, ["--model", "Qwen/Qwen3-0.6B", *base])
     assert "--top-k: must be a whole number >= 1" in _run_error(capsys, ["--model", str(path), *base, "--top-k", "0"])
+
+
+def test_bad_config_and_options_fail_before_the_weights_load(tmp_path, qwen_dir, capsys, monkeypatch):
+    path, _ = qwen_dir
+    base = ["--prompt", "Hi", "--max-new-tokens", "2"]
+    monkeypatch.setitem(generate_llm.FAMILIES, "qwen3",
+                        (lambda *a, **k: pytest.fail("weights loaded before config.json was checked"),
+                         generate_llm.Qwen3Tokenizer))
+    cfg = json.loads((path / "config.json").read_text())
+    for name, text, message in [
+        ("not_json", '{"model_type": "qwen3", ', "config.json is not valid JSON"),
+        ("a_list", "[1, 2]", "config.json holds a list, not a JSON object"),
+        ("no_layers", json.dumps({k: v for k, v in cfg.items() if k != "num_hidden_layers"}),
+         "config.json has no 'num_hidden_layers' entry, which a qwen3 model needs"),
+        ("sliding", json.dumps({**cfg, "use_sliding_window": True}), "config.json turns on sliding-window attention"),
+    ]:
+        folder = tmp_path / name
+        shutil.copytree(path, folder)
+        (folder / "config.json").write_text(text)
+        assert message in _run_error(capsys, ["--model", str(folder), *base])
+    monkeypatch.undo()
+    for argv, message in [(["--system", "Be brief."], "error: --system and --think only apply with --chat"),
+                          (["--context-length", "1"], "argument --context-length: must be a whole number >= 2"),
+                          (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be a whole number >= 0"),
+                          (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+                          (["--device", "tpu"], "argument --device: ")]:
+        assert message in _run_error(capsys, ["--model", str(path), *base, *argv])
+
+
+def test_help_names_the_command_and_a_bug_keeps_its_traceback(qwen_dir, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m ch05.llama ")
+
+    def broken_generate(*args, **kwargs):
+        raise ValueError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(generate_llm, "generate", broken_generate)
+    with pytest.raises(ValueError, match="a bug"):  # not turned into `error:` and exit code 2
+        main(["--model", str(qwen_dir[0]), "--prompt", "Hi", "--max-new-tokens", "2"])

@@ -1,11 +1,14 @@
-"""Tests for ch05/app.py and ch05/app_common.py, driven in a headless Chromium: the page loads, the
+"""Tests for ch05/ui/app.py and llmfs/apps.py, the page driven in a headless Chromium: the page loads, the
 streamed text equals `generate`'s for the same controls and seed, and the messages for an
-empty prompt and a missing model. A tiny random model saved to tmp_path stands in for a trained one.
+empty prompt and a missing model; the command line's errors; Gradio kept offline without touching
+the environment. A tiny random model saved to tmp_path stands in for a trained one.
 """
 
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,7 +20,7 @@ from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch05.gpt_generate import generate, load_model_for_generation
 from ch05.gpt_train import text_to_token_ids, token_ids_to_text
 from ch05.ui import app as ch05_app
-from llmfs.apps import EMPTY_INPUT_MESSAGE, load_app_model, stream_text
+from llmfs.apps import EMPTY_INPUT_MESSAGE, launch, load_app_model, stream_text
 from llmfs.checkpoint import save_model
 
 # Gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix.
@@ -65,10 +68,35 @@ def test_load_app_model_turns_failures_and_warnings_into_page_text(model_path, t
     assert good.error is None and good.note == "" and good.info.endswith("(2 layers, emb_dim 16)")
 
 
-def test_gradio_analytics_are_off():
-    from gradio.analytics import analytics_enabled
+def test_importing_the_apps_changes_no_environment_variable():
+    code = ("import json, os; before = dict(os.environ)\n"
+            "import llmfs.apps, ch05.ui.app, ch06.ui.app, ch07.ui.app\n"
+            "after = dict(os.environ)\n"
+            "print(json.dumps(sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))))")
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == []
 
-    assert not analytics_enabled()  # llmfs.apps turns them off before gradio is imported
+
+def test_gradio_reports_nothing_and_checks_no_version(model_path, monkeypatch):
+    """Gradio's default (no GRADIO_ANALYTICS_ENABLED) is to report; a page built with `page()` does not."""
+    import gradio.analytics
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    calls = []
+    for name in ("version_check", "initiated_analytics", "launched_analytics", "_do_analytics_request"):
+        monkeypatch.setattr(gradio.analytics, name, lambda *a, name=name, **k: calls.append(name))
+    demo = ch05_app.build_demo(str(model_path))
+    assert demo.analytics_enabled is False
+    with webapp.served(demo):
+        pass
+    assert calls == []
+    with gradio.Blocks() as reporting:  # what `gr.Blocks()` alone would do here
+        gradio.Markdown("hi")
+    assert "version_check" in calls or "initiated_analytics" in calls
+    with pytest.raises(ValueError, match="analytics on"):
+        launch(reporting, port=webapp.free_port(), block=False)
 
 
 def test_default_model_is_what_gpt_train_wrote_last(tmp_path, monkeypatch):
@@ -82,14 +110,33 @@ def test_default_model_is_what_gpt_train_wrote_last(tmp_path, monkeypatch):
     assert ch05_app.default_model() == "outputs/ch05/checkpoint.pth"
 
 
-def test_bad_or_taken_port_is_a_one_line_error(model_path, capsys):
-    assert ch05_app.main(["--model", "gpt2", "--port", "70000"]) == 2
-    assert capsys.readouterr().err.startswith("error: --port")
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "argument --port: must be a whole number from 1 to 65535, got 70000"),
+    (["--port", "0"], "argument --port: must be a whole number from 1 to 65535, got 0"),
+    (["--device", "tpu"], "argument --device: "),
+    (["--max-new-tokens", "5"], "unrecognized arguments: --max-new-tokens 5"),  # a slider in this page
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ch05_app.main(["--model", "gpt2", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        ch05_app.main(["--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m ch05.ui ")
+
+
+def test_taken_port_is_a_one_line_error_before_the_model_loads(model_path, capsys, monkeypatch):
+    monkeypatch.setattr(ch05_app, "build_demo", lambda *a, **k: pytest.fail("the model loaded before the port check"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         assert ch05_app.main(["--model", str(model_path), "--port", str(taken.getsockname()[1])]) == 2
-    assert capsys.readouterr().err.startswith("error: cannot serve on 127.0.0.1:")
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
 
 
 @webapp.requires_chromium

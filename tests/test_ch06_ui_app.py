@@ -39,6 +39,16 @@ def test_class_probabilities_agree_with_classify_review(trained):
         assert max(probas, key=probas.get) == classify_review(text, model, tokenizer, "cpu", meta["max_length"])
 
 
+def test_command_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        ch06_app.main(["--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m ch06.ui ")
+    with pytest.raises(SystemExit) as exc:
+        ch06_app.main(["--model", str(tmp_path / "missing.pth"), "--port", "http"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == "error: argument --port: must be a whole number from 1 to 65535, got http (see --help)\n"
+
+
 @webapp.requires_chromium
 def test_page_labels_known_spam_and_ham(trained):
     model_path, test = trained

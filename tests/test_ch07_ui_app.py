@@ -41,6 +41,22 @@ def test_default_model_is_the_newest_fine_tuned_one(tmp_path, monkeypatch):
     assert ch07_app.default_model() == "outputs/ch07/quick-sft.pth"
 
 
+def test_command_line_sets_the_answer_length(model_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ch07_app.main(["--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m ch07.ui ")
+    with pytest.raises(SystemExit) as exc:
+        ch07_app.main(["--max-new-tokens", "-1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == "error: argument --max-new-tokens: must be a whole number >= 0, got -1 (see --help)\n"
+    built = []
+    monkeypatch.setattr(ch07_app, "build_demo", lambda *args: built.append(args))
+    monkeypatch.setattr(ch07_app, "serve_app", lambda args, build: build("cpu") or 0)
+    assert ch07_app.main(["--model", str(model_path), "--max-new-tokens", "7"]) == 0
+    assert ch07_app.main(["--model", str(model_path)]) == 0
+    assert built == [(str(model_path), "cpu", 7), (str(model_path), "cpu", ch07_app.MAX_NEW_TOKENS)]
+
+
 @webapp.requires_chromium
 def test_chat_streams_generate_responses_answer(model_path):
     model, _ = load_finetuned_model(model_path)

@@ -11,7 +11,7 @@ from ch05.gpt_generate import generate
 from ch07.cli import load_chat_model
 from ch07.gpt_instruction_finetuning import format_input, format_response, save_finetuned_model
 from llmfs import chat as chat_module
-from llmfs.chat import DEFAULT_OPTIONS, GenerationOptions, PromptTooLong, parse_options
+from llmfs.chat import GenerationOptions, PromptTooLong, parse_options
 from llmfs.checkpoint import save_model
 
 CFG = {"vocab_size": 50257, "context_length": 24, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
@@ -38,11 +38,21 @@ def base(tmp_path):
 
 def test_parse_options_defaults_and_conversions():
     assert parse_options(None) == GenerationOptions()
-    assert parse_options({}).temperature == DEFAULT_OPTIONS["temperature"] == 0.8
+    assert parse_options({}).temperature == 0.8 and parse_options({}).max_new_tokens == 128  # Ollama's, capped
     opts = parse_options({"temperature": 0, "top_k": 0, "top_p": 1, "seed": 5, "num_predict": 7.0, "stop": "###",
                           "num_ctx": 2048})
-    assert opts == GenerationOptions(temperature=0.0, top_k=None, top_p=None, seed=5, num_predict=7, stop=("###",))
-    assert parse_options({}, {"num_predict": 3}).num_predict == 3
+    assert opts == GenerationOptions(temperature=0.0, top_k=None, top_p=None, seed=5, max_new_tokens=7,
+                                     stop=("###",))
+    assert opts.as_ollama() == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "num_predict": 7}
+
+
+def test_a_request_changes_only_what_it_sets():
+    server = GenerationOptions(max_new_tokens=3, stop=("###",))  # e.g. `--max-new-tokens 3`
+    assert parse_options({}, server) == server
+    assert parse_options({"num_predict": None, "temperature": None}, server) == server  # null: the default
+    assert parse_options({"top_k": 5}, server) == GenerationOptions(top_k=5, max_new_tokens=3, stop=("###",))
+    assert parse_options({"num_predict": 9, "stop": []}, server).max_new_tokens == 9
+    assert parse_options({"stop": []}, server).stop == ()
 
 
 @pytest.mark.parametrize("options, word", [
@@ -110,7 +120,7 @@ def test_encode_refuses_or_truncates_long_prompts(base):
 
 def test_generation_equals_generate_and_reports_why_it_stopped(base):
     ids = TOKENIZER.encode("Every effort moves you")
-    opts = GenerationOptions(temperature=1.0, top_k=40, top_p=None, seed=9, num_predict=30)
+    opts = GenerationOptions(temperature=1.0, top_k=40, top_p=None, seed=9, max_new_tokens=30)
     gen = base.generation(ids, opts)
     pieces = list(gen)
     want = generate(base.model, torch.tensor([ids]), 30, 24, temperature=1.0, top_k=40, use_cache=True,
@@ -136,7 +146,7 @@ def test_characters_split_over_tokens_come_out_whole(base, monkeypatch):
         yield from ids
 
     monkeypatch.setattr(chat_module, "generate_stream", fake_stream)
-    pieces = list(base.generation([1], GenerationOptions(num_predict=len(ids) + 5)))
+    pieces = list(base.generation([1], GenerationOptions(max_new_tokens=len(ids) + 5)))
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 

@@ -32,6 +32,7 @@ from ch07.gpt_instruction_finetuning import (
     load_finetuned_model,
     save_finetuned_model,
 )
+from llmfs.chat import GenerationOptions
 from llmfs.checkpoint import save_model
 from llmfs.serve import bind_socket, create_app
 
@@ -68,8 +69,8 @@ def sft_path(tmp_path_factory) -> Path:
 
 @contextmanager
 def serving(path, **defaults):
-    """uvicorn in a thread on a free port; yields (base URL, app)."""
-    app = create_app(load_chat_model(path, device="cpu"), defaults or None)
+    """uvicorn in a thread on a free port; yields (base URL, app). `defaults`: GenerationOptions' fields."""
+    app = create_app(load_chat_model(path, device="cpu"), GenerationOptions(**defaults))
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -93,7 +94,7 @@ def base_server(base_path):
 
 @pytest.fixture(scope="module")
 def sft_server(sft_path):
-    with serving(sft_path, num_predict=12) as served:
+    with serving(sft_path, max_new_tokens=12) as served:
         yield served
 
 
@@ -182,7 +183,7 @@ def test_instruction_model_gets_the_alpaca_prompt(sft_path, sft_server):
     model = load_finetuned_model(sft_path)[0]
     entry = {"instruction": "Name a color.", "input": ""}
     prompt_ids = TOKENIZER.encode(format_input(entry) + "\n\n### Response:\n")
-    want = expected_text(model, prompt_ids, 12)  # the server's --num-predict default is 12
+    want = expected_text(model, prompt_ids, 12)  # the server's --max-new-tokens is 12
     reply = client.chat(model=name, messages=[{"role": "user", "content": "Name a color."}],
                         options={"temperature": 0})
     assert reply.message.content == want and reply.prompt_eval_count == len(prompt_ids)
@@ -299,15 +300,62 @@ def test_load_concurrent_streams_and_flat_memory(base_server, reference):
 
 # --- the command line, and chapter 7's judge script against it ------------------------------------
 
-def test_cli_errors_before_serving(tmp_path, capsys):
+def test_cli_errors_before_serving(tmp_path, capsys, monkeypatch):
     assert serve_main(["--model", str(tmp_path / "missing.pth"), "--port", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "missing.pth" in err
+    import ch07.cli
+
+    monkeypatch.setattr(ch07.cli, "load_chat_model", lambda *a, **k: pytest.fail("loaded before the port check"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         assert serve_main(["--model", str(tmp_path), "--port", str(busy.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "65536"], "argument --port: must be a whole number from 0 to 65535, got 65536"),
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be a whole number >= 0, got -1"),
+    (["--num-predict", "5"], "unrecognized arguments: --num-predict 5"),  # Ollama's name is for requests only
+    (["--device", "tpu"], "argument --device: "),
+    (["--prompt-style", "chatml"], "argument --prompt-style: invalid choice: 'chatml'"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        serve_main(["--model", "gpt2", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        serve_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m ch07.serve ")
+
+
+def test_command_line_answer_length_is_the_requests_default(base_path, reference):
+    """`python -m ch07.serve --max-new-tokens 7`: a request without num_predict gets 7 tokens; one with it, its own."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFS_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "ch07.serve", "--model", str(base_path), "--port", "0",
+                             "--max-new-tokens", "7"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        lines = []
+        while not (lines and "OLLAMA_HOST=" in lines[-1]):
+            lines.append(proc.stderr.readline())
+            assert lines[-1], "the server stopped: " + "".join(lines)
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its log flowing
+        assert "answers of at most 7 tokens" in lines[-2]
+        client = ollama.Client(host=re.search(r"OLLAMA_HOST=(\S+)", lines[-1]).group(1))
+        name = client.list().models[0].model
+        assert "num_predict 7" in client.show(name).parameters
+        prompt_ids = TOKENIZER.encode(PROMPT)
+        reply = client.generate(model=name, prompt=PROMPT, options={"temperature": 0})
+        assert reply.eval_count == 7 and reply.response == expected_text(reference, prompt_ids, 7)
+        reply = client.generate(model=name, prompt=PROMPT, options={"temperature": 0, "num_predict": 3})
+        assert reply.eval_count == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_ollama_evaluate_runs_against_the_server(sft_server, tmp_path):

@@ -263,6 +263,27 @@ def test_check_env_passes_here():
     assert "All required checks passed." in out
 
 
+def test_check_env_command_line_errors_are_llmfs_clis_one_line(capsys):
+    from llmfs.cli import Parser
+
+    result = run([sys.executable, str(CHECK_ENV), "--downlaod"])
+    assert result.returncode == 2 and result.stdout == ""
+    with pytest.raises(SystemExit):
+        Parser(prog="python setup/check_env.py").parse_args(["--downlaod"])
+    assert result.stderr == capsys.readouterr().err == "error: unrecognized arguments: --downlaod (see --help)\n"
+    result = run([sys.executable, str(CHECK_ENV), "--help"])
+    assert result.returncode == 0 and result.stdout.startswith("usage: python setup/check_env.py ")
+
+
+def test_check_env_runs_where_torch_is_missing():
+    """Why it has its own copy of llmfs.cli.Parser: it must report a missing torch, not crash on it."""
+    code = (f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{str(CHECK_ENV)!r}]; "
+            f"runpy.run_path({str(CHECK_ENV)!r}, run_name='__main__')")
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"\[FAIL\] torch\s+not installed", result.stdout) and "Traceback" not in result.stderr
+
+
 @pytest.fixture
 def no_data(monkeypatch, tmp_path):
     """An empty data mirror and an empty cache folder (returned; not created)."""

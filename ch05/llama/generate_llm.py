@@ -1,23 +1,22 @@
 """Chapter 5 bonus: one command to generate text with every model family the project runs.
 
-    python -m ch05.llama.generate_llm --model Qwen/Qwen3-0.6B --prompt "Why is the sky blue?" --chat
-    python -m ch05.llama.generate_llm --model path/to/Llama-3.2-1B-Instruct --prompt "Hi" --chat --dtype bfloat16
-    python -m ch05.llama.generate_llm --model gpt2 --prompt "Every effort moves you" --max-new-tokens 30
-    python -m ch05.llama.generate_llm --model outputs/ch05/checkpoint.pth --prompt "Every effort moves you"
+    python -m ch05.llama --model Qwen/Qwen3-0.6B --prompt "Why is the sky blue?" --chat
+    python -m ch05.llama --model path/to/Llama-3.2-1B-Instruct --prompt "Hi" --chat --dtype bfloat16
+    python -m ch05.llama --model gpt2 --prompt "Every effort moves you" --max-new-tokens 30
+    python -m ch05.llama --model outputs/ch05/checkpoint.pth --prompt "Every effort moves you"
 
 `--model` is a Hugging Face model folder (Llama 3.x, Qwen3, Qwen3-MoE or GPT-2; config.json,
 safetensors, tokenizer.json), a Hub id (downloaded through `huggingface_hub`; HF_ENDPOINT and
 HF_HUB_OFFLINE apply), a GPT-2 name, or a chapter-5 checkpoint. The family comes from
 config.json's `model_type`. Text runs through chapter 5's `generate` (KV cache on by default),
-which stops at the end-of-turn token in chat mode (end-of-text otherwise).
+which stops at the end-of-turn token in chat mode (end-of-text otherwise). Bad input (options, a
+folder's config.json, a prompt too long) is a one-line `error:` and exit code 2 (`llmfs.cli.run`),
+found before the weights load where it can be.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import pickle
 import sys
 import warnings
 from dataclasses import dataclass
@@ -26,11 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch05.gpt_generate import check_sampling_args, generate, load_model_for_generation
-from ch05.llama.llama3 import Llama3Tokenizer, LLMUnavailable, load_llama3, read_hf_config, resolve_model_dir
-from ch05.llama.qwen3 import Qwen3Tokenizer, load_qwen3
-from llmfs.cli import Parser, add_sampling_arguments, non_negative_int
+from ch05.gpt_generate import generate, load_model_for_generation
+from ch05.llama.llama3 import Llama3Tokenizer, config_from_hf, load_llama3, read_hf_config, resolve_model_dir
+from ch05.llama.qwen3 import Qwen3Tokenizer, load_qwen3, qwen3_config_from_hf
+from llmfs.cli import Parser, add_sampling_arguments, device_name, non_negative_int, run, whole_number
 from llmfs.decoding_layout import layout_for_decoding
+from llmfs.errors import InvalidInput
+from llmfs.sampling import check_sampling_args
 
 # config.json's model_type -> (loader, tokenizer class)
 FAMILIES = {
@@ -38,6 +39,8 @@ FAMILIES = {
     "qwen3": (load_qwen3, Qwen3Tokenizer),
     "qwen3_moe": (load_qwen3, Qwen3Tokenizer),
 }
+# ... and how each reads config.json: run on it before anything else, so that a folder's bad config fails at once.
+CONFIG_READERS = {"llama": config_from_hf, "qwen3": qwen3_config_from_hf, "qwen3_moe": qwen3_config_from_hf}
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -60,8 +63,8 @@ class GPT2Tokenizer:
 
     def encode(self, text: str, chat: bool = False, **chat_options) -> list[int]:
         if chat:
-            raise ValueError("GPT-2 models have no chat format; drop --chat (chapter 7 fine-tunes one to follow "
-                             "instructions)")
+            raise InvalidInput("GPT-2 models have no chat format; drop --chat (chapter 7 fine-tunes one to follow "
+                               "instructions)")
         return self.enc.encode(text, allowed_special={"<|endoftext|>"})
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -89,13 +92,19 @@ def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device, deco
 
 def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_length: int | None,
                decoding_layout: bool) -> LoadedLLM:
-    hf = read_hf_config(model_dir)
+    hf = _read_config(model_dir)
     family = hf.get("model_type")
     if family == "gpt2" or (family is None and "emb_dim" in hf):  # Hugging Face GPT-2, or our chapter-5 folder
         return _gpt_family(model_dir, dtype, device, decoding_layout)
     if family not in FAMILIES:
-        raise ValueError(f"{model_dir}/config.json describes a {family!r} model; this command runs "
-                         f"{', '.join(sorted(FAMILIES))} and gpt2")
+        raise InvalidInput(f"{model_dir}/config.json describes a {family!r} model; this command runs "
+                           f"{', '.join(sorted(FAMILIES))} and gpt2")
+    try:
+        CONFIG_READERS[family](hf)
+    except KeyError as exc:
+        raise InvalidInput(f"{model_dir}/config.json has no {exc} entry, which a {family} model needs") from None
+    except ValueError as exc:  # a setting these models do not implement (the message names it)
+        raise InvalidInput(f"{model_dir}/{exc}") from None
     loader, tokenizer_cls = FAMILIES[family]
     tokenizer = tokenizer_cls(model_dir)  # a missing tokenizer.json fails here, before the weights load
     model = loader(model_dir, dtype=dtype, device=device, context_length=context_length,
@@ -104,6 +113,17 @@ def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_lengt
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     return LoadedLLM(model, tokenizer, family,
                      f"{family} from {model_dir} ({n_params / 1e6:,.1f}M parameters, {dtype_name})")
+
+
+def _read_config(model_dir: Path) -> dict:
+    """config.json as a dict; a file that is not a JSON object is the user's to fix."""
+    try:
+        hf = read_hf_config(model_dir)
+    except ValueError as exc:  # json.JSONDecodeError, or bytes that are not UTF-8
+        raise InvalidInput(f"{model_dir}/config.json is not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise InvalidInput(f"{model_dir}/config.json holds a {type(hf).__name__}, not a JSON object")
+    return hf
 
 
 def load_llm(spec: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
@@ -134,10 +154,10 @@ def generate_text(llm: LoadedLLM, prompt: str, max_new_tokens: int = 100, chat: 
     ids = tok.encode(prompt, chat=chat, **chat_options)
     context = llm.model.cfg["context_length"]
     if not ids:
-        raise ValueError("the prompt is empty: give the model some text to continue")
+        raise InvalidInput("the prompt is empty: give the model some text to continue")
     if len(ids) >= context:
-        raise ValueError(f"the prompt is {len(ids)} tokens but the model's context holds {context} "
-                         "(prompt and at least one new token); shorten it")
+        raise InvalidInput(f"the prompt is {len(ids)} tokens but the model's context holds {context} "
+                           "(prompt and at least one new token); shorten it")
     # End-of-turn in a chat, end-of-text otherwise; any stop token cuts the text.
     end_id = tok.token_id(tok.stop_tokens[0] if chat else tok.stop_tokens[-1])
     device = next(llm.model.parameters()).device
@@ -151,9 +171,9 @@ def generate_text(llm: LoadedLLM, prompt: str, max_new_tokens: int = 100, chat: 
     return tok.decode(new), new
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="python -m ch05.llama.generate_llm", description="Generate text with Llama 3, Qwen3 (dense or MoE), GPT-2 or a "
-                                            "chapter-5 checkpoint.")
+def parser() -> Parser:
+    p = Parser(prog="python -m ch05.llama",
+               description="Generate text with Llama 3, Qwen3 (dense or MoE), GPT-2 or a chapter-5 checkpoint.")
     p.add_argument("--model", required=True,
                    help="a Hugging Face model folder or Hub id (Llama 3.x, Qwen3, Qwen3-MoE, GPT-2), a GPT-2 name "
                         "(gpt2, 124M, ...), or checkpoint.pth / model.pth from ch05.gpt_train")
@@ -161,32 +181,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the family's chat format")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--think", action="store_true", help="Qwen3 chat: let the model reason in <think> first")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=100, help="tokens to add at most (default 100)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=100,
+                   help="answer length cap in tokens (default 100)")
     add_sampling_arguments(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="weights' dtype: auto keeps the file's (no copy); bfloat16 halves float32 weights")
-    p.add_argument("--context-length", type=int, default=None,
+    p.add_argument("--context-length", type=whole_number(2), default=None,
                    help="use a shorter context than the model's (smaller RoPE tables)")
     p.add_argument("--no-cache", action="store_true", help="recompute all tokens each step (no KV cache)")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    return p.parse_args(argv)
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
+    return p
 
 
-def main(argv=None) -> int:
-    """Print the generated text. Exit code 2, with a one-line message and no traceback, for bad input."""
-    from ch05.gpt_download import PretrainedWeightsUnavailable
-    from llmfs.checkpoint import CheckpointMismatchError
+def main(argv: list[str] | None = None) -> int:
+    """Print the generated text; returns the exit code (2, with a one-line message, for bad input)."""
     from llmfs.runtime import get_device
 
-    args = parse_args(argv)
-    try:
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.system or args.think) and not args.chat:
+        p.error("--system and --think only apply with --chat")
+
+    def generate_and_print() -> None:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
-        if args.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        if args.context_length is not None and args.context_length < 2:
-            raise ValueError(f"--context-length must be >= 2, got {args.context_length}")
-        if (args.system or args.think) and not args.chat:
-            raise ValueError("--system and --think only apply with --chat")
         device = get_device(args.device)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -196,18 +213,15 @@ def main(argv=None) -> int:
             options["system"] = args.system
         if args.think:
             if llm.family not in ("qwen3", "qwen3_moe"):
-                raise ValueError(f"--think is for Qwen3 models; this is a {llm.family} model")
+                raise InvalidInput(f"--think is for Qwen3 models; this is a {llm.family} model")
             options["thinking"] = True
         print(f"model: {llm.description}; device: {device}", file=sys.stderr)
         text, _ = generate_text(llm, args.prompt, args.max_new_tokens, chat=args.chat,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 use_cache=not args.no_cache, seed=args.seed, **options)
-    except (LLMUnavailable, PretrainedWeightsUnavailable, CheckpointMismatchError, FileNotFoundError, ValueError,
-            KeyError, RuntimeError, pickle.UnpicklingError, json.JSONDecodeError) as exc:
-        print(f"error: {str(exc).strip()}", file=sys.stderr)
-        return 2
-    print(text if args.chat else args.prompt + text)
-    return 0
+        print(text if args.chat else args.prompt + text)
+
+    return run(generate_and_print, argv)
 
 
 if __name__ == "__main__":

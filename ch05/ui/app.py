@@ -19,8 +19,10 @@ from ch02.tokenizer import get_gpt2_tokenizer
 from ch05.gpt_generate import load_model_for_generation
 from llmfs.apps import (
     EMPTY_INPUT_MESSAGE,
+    app_parser,
     load_app_model,
     newest_file,
+    page,
     serve_app,
     stream_text,
 )
@@ -56,7 +58,7 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
                                 top_k=int(top_k) or None, seed=int(seed or 0)):  # top-k 0: off
             yield text, ""
 
-    with gr.Blocks(title="Chapter 5: generate text") as demo:
+    with page("Chapter 5: generate text") as demo:
         gr.Markdown(f"## Chapter 5: generate text\nModel: {app.info or 'none (see the message below)'}")
         prompt = gr.Textbox(DEFAULTS["prompt"], label="Prompt", lines=2, elem_id="prompt")
         with gr.Row():
@@ -74,10 +76,12 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
     return demo
 
 
-def main(argv=None) -> int:
-    return serve_app(build_demo, "Chapter 5's text generation in the browser.", default_model(),
-                     "gpt2, gpt2-medium, ... (or 124M ...); a Hugging Face GPT-2 folder or .safetensors file; "
-                     "or checkpoint.pth / model.pth from ch05.gpt_train", argv)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ch05.ui [options]`; returns the exit code."""
+    args = app_parser("python -m ch05.ui", "Chapter 5's text generation in the browser.", default_model(),
+                      "gpt2, gpt2-medium, ... (or 124M ...); a Hugging Face GPT-2 folder or .safetensors file; "
+                      "or checkpoint.pth / model.pth from ch05.gpt_train").parse_args(argv)
+    return serve_app(args, lambda device: build_demo(args.model, device))
 
 
 if __name__ == "__main__":

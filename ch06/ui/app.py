@@ -24,7 +24,7 @@ from ch06.gpt_class_finetune import (
     last_token_logits,
     load_classifier,
 )
-from llmfs.apps import EMPTY_INPUT_MESSAGE, load_app_model, serve_app
+from llmfs.apps import EMPTY_INPUT_MESSAGE, app_parser, load_app_model, page, serve_app
 from llmfs.runtime import eval_mode, outputs_dir
 
 HINT = ("Train one with `python -m ch06.gpt_class_finetune` (`--quick` trains a small one offline in about a "
@@ -62,7 +62,7 @@ def build_demo(model_path: str, device="cpu") -> gr.Blocks:
             return None, EMPTY_INPUT_MESSAGE
         return class_probabilities(text, app.model, tokenizer, app.info.get("max_length")), ""
 
-    with gr.Blocks(title="Chapter 6: spam classifier") as demo:
+    with page("Chapter 6: spam classifier") as demo:
         source = "none (see the message below)" if app.error else f"`{model_path}`"
         gr.Markdown(f"## Chapter 6: spam or not spam?\nClassifier: {source}")
         text = gr.Textbox(label="Text message", lines=3, elem_id="text")
@@ -74,9 +74,12 @@ def build_demo(model_path: str, device="cpu") -> gr.Blocks:
     return demo
 
 
-def main(argv=None) -> int:
-    return serve_app(build_demo, "Chapter 6's spam classifier in the browser.",
-                     f"{outputs_dir('ch06')}/{MODEL_FILE}", "review_classifier.pth from ch06.gpt_class_finetune", argv)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ch06.ui [options]`; returns the exit code."""
+    args = app_parser("python -m ch06.ui", "Chapter 6's spam classifier in the browser.",
+                      f"{outputs_dir('ch06')}/{MODEL_FILE}",
+                      "review_classifier.pth from ch06.gpt_class_finetune").parse_args(argv)
+    return serve_app(args, lambda device: build_demo(args.model, device))
 
 
 if __name__ == "__main__":

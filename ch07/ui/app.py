@@ -1,7 +1,7 @@
 """Chapter 7 in the browser: chat with the model `python -m ch07.gpt_instruction_finetuning` fine-tuned.
 
     python -m ch07.ui                                    # the newest outputs/ch07/*-sft.pth
-    python -m ch07.ui --model outputs/ch07/gpt2-medium-sft.pth
+    python -m ch07.ui --model outputs/ch07/gpt2-medium-sft.pth --max-new-tokens 100
 
 then open http://127.0.0.1:7860. Each message becomes the instruction of an Alpaca prompt
 (section 7.2's `format_input`) and the answer appears token by token. As in the book's chat app,
@@ -26,7 +26,16 @@ from ch07.gpt_instruction_finetuning import (
     format_input,
     load_finetuned_model,
 )
-from llmfs.apps import EMPTY_INPUT_MESSAGE, load_app_model, newest_file, serve_app, stream_text
+from llmfs.apps import (
+    EMPTY_INPUT_MESSAGE,
+    app_parser,
+    load_app_model,
+    newest_file,
+    page,
+    serve_app,
+    stream_text,
+)
+from llmfs.cli import non_negative_int
 
 OUTPUT_DIR = "outputs/ch07"  # the fine-tuning CLI's --output-dir default; it writes <model>-sft.pth there
 HINT = ("Fine-tune one with `python -m ch07.gpt_instruction_finetuning` (`--quick` trains a small one offline "
@@ -68,7 +77,7 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
             yield history, "", ""
         yield history, "", ""  # also when the model's first token already ends the answer
 
-    with gr.Blocks(title="Chapter 7: chat") as demo:
+    with page("Chapter 7: chat") as demo:
         source = "none (see the message below)" if app.error else f"`{model_spec}`, {style} prompts"
         gr.Markdown(f"## Chapter 7: chat with the instruction-tuned model\nModel: {source}")
         chat = gr.Chatbot(label="Conversation", render_markdown=False, buttons=["copy", "copy_all"],
@@ -82,10 +91,15 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
     return demo
 
 
-def main(argv=None) -> int:
-    return serve_app(build_demo, "Chapter 7's instruction-tuned model in the browser.", default_model(),
-                     "*-sft.pth from ch07.gpt_instruction_finetuning (with its .json beside it), a GPT-2 name "
-                     "or folder, or chapter 5's model.pth / checkpoint.pth", argv)
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ch07.ui [options]`; returns the exit code."""
+    p = app_parser("python -m ch07.ui", "Chapter 7's instruction-tuned model in the browser.", default_model(),
+                   "*-sft.pth from ch07.gpt_instruction_finetuning (with its .json beside it), a GPT-2 name "
+                   "or folder, or chapter 5's model.pth / checkpoint.pth")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=MAX_NEW_TOKENS,
+                   help=f"answer length cap in tokens (default {MAX_NEW_TOKENS}, as the chapter's generate_response)")
+    args = p.parse_args(argv)
+    return serve_app(args, lambda device: build_demo(args.model, device, args.max_new_tokens))
 
 
 if __name__ == "__main__":
