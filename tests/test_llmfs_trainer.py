@@ -21,6 +21,7 @@ from ch05.gpt_train import (
     train_model_simple,
 )
 from llmfs.checkpoint import CheckpointMismatchError
+from llmfs.errors import InvalidInput
 from llmfs.trainer import (
     TrainingInterrupted,
     autocast_context,
@@ -212,9 +213,38 @@ def test_keeping_freed_memory_is_the_default_and_can_be_turned_off(short_text, t
 
 
 def test_pretrain_rejects_too_short_text(short_text, tmp_path):
-    with pytest.raises(ValueError, match="needs at least"):  # not even one window (chapter 2's check)
+    """Checked before the loaders are built: a user's mistake (InvalidInput, one line from the command),
+    not chapter 2's ValueError from inside the dataset."""
+    with pytest.raises(InvalidInput, match="training split .* gives 0 window"):  # not even one window
         pretrain(TINY, DEFAULT_SETTINGS, tmp_path, device="cpu", text="far too short", progress=False)
-    with pytest.raises(ValueError, match="too short"):  # one window each, but no full training batch
+    with pytest.raises(InvalidInput, match="training split .* gives 1 window"):  # no full training batch of 2
         pretrain(TINY, {**DEFAULT_SETTINGS, "train_ratio": 0.5}, tmp_path, device="cpu", text=short_text[:120],
                  progress=False)
+    with pytest.raises(InvalidInput, match="validation split .* gives 0 window"):
+        pretrain(TINY, {**DEFAULT_SETTINGS, "train_ratio": 0.99}, tmp_path, device="cpu", text=short_text,
+                 progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_text_check_agrees_with_the_loaders(short_text, tokenizer):
+    """The check counts windows as the loaders cut them: it refuses exactly the texts whose loaders
+    would have no training batch or no validation window."""
+    from ch05.cli import check_text_fits
+    from ch05.gpt_train import create_train_val_loaders
+
+    verdicts = []
+    for n in range(60, 1200, 23):
+        text = short_text[:n]
+        try:
+            check_text_fits(text, tokenizer, TINY["context_length"], 2, 0.9)
+            fits = True
+        except InvalidInput:
+            fits = False
+        try:
+            train_loader, val_loader = create_train_val_loaders(text, TINY, 2, 0.9)
+            built = len(train_loader) > 0 and len(val_loader) > 0
+        except ValueError:  # chapter 2's dataset: not even one window
+            built = False
+        assert fits == built, f"{n} characters"
+        verdicts.append(fits)
+    assert False in verdicts and True in verdicts
