@@ -246,7 +246,7 @@ def sidecar_config(path: str | os.PathLike) -> dict | None:
 
 # Config keys of the project's models (GPT, Llama, Qwen3) and the values each must have.
 SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "n_kv_groups",
-             "head_dim", "num_classes", "num_experts", "num_experts_per_tok", "moe_hidden_dim")
+             "head_dim", "num_classes", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 FLAG_KEYS = ("qkv_bias", "tie_weights", "use_sdpa")
 
 
