@@ -199,17 +199,36 @@ def test_pretrain_writes_checkpoint_model_config_and_plot(short_text, tmp_path, 
     assert "device: cpu" in out and f"wrote {tmp_path / 'model.pth'}" in out
 
 
-def test_keeping_freed_memory_is_the_default_and_can_be_turned_off(short_text, tmp_path, monkeypatch):
+def test_keeping_freed_memory_is_the_default_says_so_and_can_be_turned_off(short_text, tmp_path, monkeypatch,
+                                                                           capsys):
+    """It changes the C allocator of the whole process: never silently (the run's second line says so)."""
     import ch05.cli as tr
 
-    calls = []
-    monkeypatch.setattr(tr, "reuse_freed_memory", lambda: calls.append(1) or True)
+    calls, applies = [], [True]
+    monkeypatch.setattr(tr, "reuse_freed_memory", lambda: calls.append(1) or applies[0])
     monkeypatch.setattr(tr, "train", lambda *a, **k: {"train_losses": [], "val_losses": [], "tokens_seen": []})
     settings = {**QUICK_SETTINGS, "num_epochs": 1, "eval_freq": 50, "eval_iter": 1}
     pretrain(TINY, settings, tmp_path / "a", device="cpu", text=short_text, progress=False, keep_freed_memory=False)
     assert calls == []
+    assert "memory:" not in capsys.readouterr().out
     pretrain(TINY, settings, tmp_path / "b", device="cpu", text=short_text, progress=False)
     assert calls == [1]
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith("device: cpu")
+    assert second.startswith("memory: freed memory is kept for reuse") and "--release-freed-memory" in second
+    applies[0] = False  # not glibc: nothing changed, nothing to say
+    pretrain(TINY, settings, tmp_path / "c", device="cpu", text=short_text, progress=False)
+    assert calls == [1, 1] and "memory:" not in capsys.readouterr().out
+
+
+def test_the_train_command_keeps_freed_memory_unless_told(tmp_path, monkeypatch):
+    import ch05.cli as tr
+
+    seen = []
+    monkeypatch.setattr(tr, "pretrain", lambda *a, **k: seen.append(k["keep_freed_memory"]))
+    assert tr.train_main(["--quick", "--output-dir", str(tmp_path / "a")]) == 0
+    assert tr.train_main(["--quick", "--output-dir", str(tmp_path / "b"), "--release-freed-memory"]) == 0
+    assert seen == [True, False]
 
 
 def test_pretrain_rejects_too_short_text(short_text, tmp_path):
