@@ -290,7 +290,7 @@ def download_main(argv: list[str] | None = None) -> int:
     for name in args.models:  # every name is checked before anything is downloaded
         try:
             canonical_model_name(name)
-        except ValueError as exc:
+        except InvalidInput as exc:
             parser.error(f"argument models: {exc}")
 
     def download_all() -> None:
