@@ -135,14 +135,17 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     tokenizer = get_gpt2_tokenizer()
     train_loader, val_loader, test_loader = book.create_spam_loaders(
         paths, tokenizer, batch_size=settings["batch_size"], max_length=max_length, seed=settings["seed"])
+    truncated = ""
     if train_loader.dataset.max_length > context_length:
-        # The longest message does not fit: truncate every split to the context length.
+        # The longest message does not fit: truncate every split to the context length (and say so).
+        truncated = (f" (the model's context length: the longest training message has "
+                     f"{train_loader.dataset.max_length} tokens, longer ones are truncated)")
         train_loader, val_loader, test_loader = book.create_spam_loaders(
             paths, tokenizer, batch_size=settings["batch_size"], max_length=context_length, seed=settings["seed"])
     max_length = train_loader.dataset.max_length
     print(f"device: {device}; model: {source}; {book.count_trainable_parameters(model):,} of "
           f"{sum(p.numel() for p in model.parameters()):,} parameters trainable ({settings['trainable']}); "
-          f"max_length {max_length}; {len(train_loader)} training batches per epoch")
+          f"max_length {max_length}{truncated}; {len(train_loader)} training batches per epoch")
 
     eval_iter = settings["eval_iter"]
 

@@ -226,3 +226,24 @@ def test_options_that_would_be_ignored_or_cannot_work_are_one_line(args, message
     rc, err = run_main(capsys, *args, "--output-dir", str(tmp_path / "out"), "--no-progress")
     assert one_error_line(rc, err) and message in err, err
     assert not (tmp_path / "out" / "review_classifier.pth").exists()
+
+
+def test_truncating_messages_to_a_short_context_is_said(tmp_path, monkeypatch, capsys):
+    """A chapter-5 model with a 32-token context cannot read the longest message: the run truncates
+    every split to 32 tokens, and its first line says so (no silent switch)."""
+    import ch06.cli as cc
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    save_model(GPTModel(TINY), tmp_path / "tiny.pth")
+    monkeypatch.setattr(cc, "train", stop)
+    with pytest.raises(Stop):
+        finetune({**BOOK_SETTINGS, "max_length": None}, tmp_path / "out", mode="quick",
+                 init_checkpoint=tmp_path / "tiny.pth", n_heads=2, device="cpu", progress=False)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "max_length 32 (the model's context length: the longest training message has" in first
+    assert "longer ones are truncated" in first
