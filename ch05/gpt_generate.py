@@ -174,7 +174,7 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
     if cfg is None:
         cfg = config_from_state_dict(state, n_heads=n_heads)
     else:
-        check_model_config(cfg, f"{path}", REQUIRED_KEYS)
+        check_model_config(cfg, str(path), REQUIRED_KEYS)
     if n_heads is not None:
         if cfg["emb_dim"] % n_heads:  # a user's --n-heads
             raise InvalidInput(f"n_heads {n_heads} does not divide the model's emb_dim {cfg['emb_dim']}: attention "
