@@ -185,7 +185,7 @@ def environment_variables() -> tuple[EnvironmentVariable, ...]:
     from here)."""
     return (
         EnvironmentVariable(QUICK_ENV, "0 (off)",
-                            "1: quick mode: notebooks and commands shrink models, data and epochs to run in "
+                            "1: quick mode for the notebooks: they shrink models, data and epochs to run in "
                             "about a minute on a CPU (the commands take --quick instead)",
                             _switch_on("quick mode for notebooks; commands take --quick")),
         EnvironmentVariable(DEVICE_ENV, "unset (best available: cuda, then mps, then cpu)",
