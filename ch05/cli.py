@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch02.tokenizer import get_gpt2_tokenizer
+from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, QUICK_CONFIG, GPTModel
 from llmfs.atomic import atomic_write
 from llmfs.checkpoint import save_model
@@ -71,10 +71,10 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     only the weights, with the model's config beside it in config.json (so
     `python -m ch05.gpt_generate --model <output_dir>/model.pth` can rebuild the model).
     `keep_freed_memory` (default on) trades ~0.3-0.5 GB of peak memory for far fewer page
-    faults (see `llmfs.runtime.reuse_freed_memory`); turn it off where memory is tight.
+    faults (see `llmfs.runtime.reuse_freed_memory`); turn it off where memory is tight. It changes
+    the C allocator of the whole process, so the run says so in its first lines.
     """
-    if keep_freed_memory:
-        reuse_freed_memory()
+    kept_freed_memory = reuse_freed_memory() if keep_freed_memory else False
     dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
     if dist_info is not None:
         device = dist_info.device
@@ -86,13 +86,8 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     if text is None:
         text = get_data_file("the-verdict.txt").read_text(encoding="utf-8")
     tokenizer = get_gpt2_tokenizer()
+    check_text_fits(text, tokenizer, cfg["context_length"], settings["batch_size"], settings["train_ratio"])
     train_loader, val_loader = gpt_train().create_train_val_loaders(text, cfg, settings["batch_size"], settings["train_ratio"])
-    if len(train_loader) == 0 or len(val_loader) == 0:
-        raise InvalidInput(
-            f"the text ({len(text):,} characters) is too short for context_length {cfg['context_length']} and "
-            f"batch_size {settings['batch_size']}: the {'training' if len(train_loader) == 0 else 'validation'} "
-            "split has no full batch. Use more text or lower context_length / batch_size."
-        )
     model = GPTModel(cfg).to(device)
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     is_main = dist_info is None or dist_info.is_main
@@ -106,6 +101,9 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         precision = "bfloat16 autocast" if autocast_dtype else "float32"
         print(f"device: {device}{ranks} ({precision}); {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(train_loader)} training batches per epoch (per process)")
+        if kept_freed_memory:
+            print("memory: freed memory is kept for reuse, for fewer page faults (--release-freed-memory, "
+                  "or pretrain(keep_freed_memory=False), turns this off)")
 
     def sample(m: nn.Module, epoch: int) -> None:
         if sample_tokens:
@@ -147,6 +145,26 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     beside = "config.json, checkpoint.pth" + (" and loss.png" if train_losses else "")
     print(f"wrote {output_dir / 'model.pth'}, {beside} in {output_dir.resolve()}")
     return out
+
+
+def check_text_fits(text: str, tokenizer, context_length: int, batch_size: int, train_ratio: float) -> None:
+    """Raise InvalidInput, before any work, unless both splits of `text` give what training needs.
+
+    `create_train_val_loaders` cuts each split into windows of `context_length` tokens (stride
+    `context_length`, plus the one-token-shifted target): the training split needs `batch_size`
+    windows (it drops a partial last batch), the validation split one.
+    """
+    split = int(train_ratio * len(text))
+    for name, part, needed in (("training", text[:split], batch_size), ("validation", text[split:], 1)):
+        tokens = len(tokenizer.encode(part, allowed_special={END_OF_TEXT}))
+        windows = len(range(0, tokens - context_length, context_length))
+        if windows < needed:
+            raise InvalidInput(
+                f"the text ({len(text):,} characters) is too short for context_length {context_length} and "
+                f"batch_size {batch_size}: its {name} split ({tokens:,} tokens) gives {windows} window(s) of "
+                f"{context_length} + 1 tokens, and {needed} are needed. Use more text or lower the context "
+                "length / batch size."
+            )
 
 
 def print_sample(model: nn.Module, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
@@ -272,7 +290,7 @@ def download_main(argv: list[str] | None = None) -> int:
     for name in args.models:  # every name is checked before anything is downloaded
         try:
             canonical_model_name(name)
-        except ValueError as exc:
+        except InvalidInput as exc:
             parser.error(f"argument models: {exc}")
 
     def download_all() -> None:

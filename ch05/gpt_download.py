@@ -171,8 +171,23 @@ def download_gpt2_safetensors(model_name: str = "gpt2", cache_dir: str | os.Path
 
 
 def _config_from_hf_json(path: Path) -> dict:
-    """GPTModel config from a Hugging Face GPT-2 config.json (n_embd, n_layer, n_head, n_positions)."""
-    hf = json.loads(path.read_text(encoding="utf-8"))
+    """GPTModel config from a Hugging Face GPT-2 config.json (n_embd, n_layer, n_head, n_positions).
+
+    A file that is not JSON, or lacks a size, raises CheckpointFileError naming it."""
+    from ch04.gpt import REQUIRED_KEYS
+    from llmfs.checkpoint import CheckpointFileError, check_model_config
+
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFileError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointFileError(f"{path} holds a {type(hf).__name__}, not a Hugging Face config (an object)")
+    missing = [k for k in ("vocab_size", "n_embd", "n_head", "n_layer") if k not in hf]
+    if "n_positions" not in hf and "n_ctx" not in hf:
+        missing.append("n_positions")
+    if missing:
+        raise CheckpointFileError(f"{path} lacks {missing}: not a Hugging Face GPT-2 config.json")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise InvalidInput(f"{path} describes a {hf['model_type']!r} model; only GPT-2 checkpoints can be loaded")
     act = hf.get("activation_function", "gelu_new")
@@ -181,9 +196,10 @@ def _config_from_hf_json(path: Path) -> dict:
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
         raise InvalidInput(f"{path}: layer_norm_epsilon {eps} differs from the 1e-5 our LayerNorm uses")
-    return {**GPT_CONFIG_124M, "vocab_size": hf["vocab_size"],
-            "context_length": hf.get("n_positions", hf.get("n_ctx")), "emb_dim": hf["n_embd"],
-            "n_heads": hf["n_head"], "n_layers": hf["n_layer"], "qkv_bias": True, "tie_weights": True}
+    cfg = {**GPT_CONFIG_124M, "vocab_size": hf["vocab_size"],
+           "context_length": hf.get("n_positions", hf.get("n_ctx")), "emb_dim": hf["n_embd"],
+           "n_heads": hf["n_head"], "n_layers": hf["n_layer"], "qkv_bias": True, "tie_weights": True}
+    return check_model_config(cfg, str(path), REQUIRED_KEYS)
 
 
 def _strip_prefix(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -227,8 +243,6 @@ def load_gpt2_params(name_or_path: str | os.PathLike = "gpt2",
     cache; a local folder holding model.safetensors (config.json, when present, gives the
     config); or a .safetensors file (config.json beside it is used when present).
     """
-    from safetensors.torch import load_file
-
     text = str(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -237,7 +251,7 @@ def load_gpt2_params(name_or_path: str | os.PathLike = "gpt2",
             raise PretrainedWeightsUnavailable(_unavailable_message(
                 f"in {path}", f"the folder has no {WEIGHTS_FILE} (save a GPT2LMHeadModel with "
                 "save_pretrained, which writes safetensors)"))
-        params = load_file(str(weights))
+        params = _read_safetensors(weights)
         config_json = weights.parent / "config.json"
         cfg = _config_from_hf_json(config_json) if config_json.is_file() else _config_from_params(params)
         return cfg, params
@@ -245,7 +259,20 @@ def load_gpt2_params(name_or_path: str | os.PathLike = "gpt2",
         raise PretrainedWeightsUnavailable(_unavailable_message(f"at {text}", "no such file or folder"))
     name = canonical_model_name(text)
     weights = download_gpt2_safetensors(name, cache_dir=cache_dir)
-    return gpt2_config(name), load_file(str(weights))
+    return gpt2_config(name), _read_safetensors(weights)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a damaged or foreign file raises CheckpointFileError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from llmfs.checkpoint import CheckpointFileError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointFileError(f"{path} is not a readable .safetensors file ({exc})") from None
 
 
 # Buffers some GPT-2 files carry (the causal mask); GPTModel builds its own.

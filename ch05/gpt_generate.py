@@ -72,10 +72,15 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
 # --- Loading a model to generate with ----------------------------------------------------------
 
 def _is_hf_gpt2_file(path: Path) -> bool:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
+    from llmfs.checkpoint import CheckpointFileError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointFileError(f"{path} is not a readable .safetensors file ({exc})") from None
     return bool(keys & {"wte.weight", "transformer.wte.weight"})
 
 
@@ -131,17 +136,18 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
     from the checkpoint, the safetensors metadata or config.json beside model.pth; failing
     those it is inferred from tensor shapes (`n_heads` then settles the head count).
     """
-    from safetensors.torch import load_file
-
-    from ch04.gpt import GPTModel
+    from ch04.gpt import REQUIRED_KEYS, GPTModel
     from ch05.gpt_download import load_pretrained_gpt2
     from llmfs.checkpoint import (
+        check_model_config,
         check_state_dict,
+        check_tensors,
         fill_tied,
         load_state_file,
         saved_config,
         sidecar_config,
     )
+    from llmfs.errors import InvalidInput
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -157,16 +163,22 @@ def load_model_for_generation(spec: str | os.PathLike, device: torch.device | st
         return load_pretrained_gpt2(path, device=device), f"GPT-2 checkpoint {path}"
 
     if path.suffix == ".safetensors":
-        state, cfg = load_file(str(path)), saved_config(path)
+        state, cfg = load_state_file(path), saved_config(path)
     else:
         data = load_state_file(path)
         if "model_state_dict" in data:  # a training checkpoint
             state, cfg = data["model_state_dict"], data.get("config")
         else:
             state, cfg = data, sidecar_config(path)
+    check_tensors(state, source=str(path))
     if cfg is None:
         cfg = config_from_state_dict(state, n_heads=n_heads)
-    elif n_heads is not None:
+    else:
+        check_model_config(cfg, str(path), REQUIRED_KEYS)
+    if n_heads is not None:
+        if cfg["emb_dim"] % n_heads:  # a user's --n-heads
+            raise InvalidInput(f"n_heads {n_heads} does not divide the model's emb_dim {cfg['emb_dim']}: attention "
+                               "splits the embedding into n_heads equal parts")
         cfg = {**cfg, "n_heads": n_heads}
     model = GPTModel({**cfg, "drop_rate": 0.0})
     state = fill_tied(state)

@@ -135,14 +135,17 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     tokenizer = get_gpt2_tokenizer()
     train_loader, val_loader, test_loader = book.create_spam_loaders(
         paths, tokenizer, batch_size=settings["batch_size"], max_length=max_length, seed=settings["seed"])
+    truncated = ""
     if train_loader.dataset.max_length > context_length:
-        # The longest message does not fit: truncate every split to the context length.
+        # The longest message does not fit: truncate every split to the context length (and say so).
+        truncated = (f" (the model's context length: the longest training message has "
+                     f"{train_loader.dataset.max_length} tokens, longer ones are truncated)")
         train_loader, val_loader, test_loader = book.create_spam_loaders(
             paths, tokenizer, batch_size=settings["batch_size"], max_length=context_length, seed=settings["seed"])
     max_length = train_loader.dataset.max_length
     print(f"device: {device}; model: {source}; {book.count_trainable_parameters(model):,} of "
           f"{sum(p.numel() for p in model.parameters()):,} parameters trainable ({settings['trainable']}); "
-          f"max_length {max_length}; {len(train_loader)} training batches per epoch")
+          f"max_length {max_length}{truncated}; {len(train_loader)} training batches per epoch")
 
     eval_iter = settings["eval_iter"]
 
@@ -189,10 +192,13 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
             "max_length": max_length, "model_path": model_path, "loaders": (train_loader, val_loader, test_loader)}
 
 
+DEFAULT_MODEL = "gpt2"
+
+
 def parser() -> Parser:
     p = Parser(prog="python -m ch06.gpt_class_finetune",
                description="Fine-tune a GPT model as an SMS spam classifier (chapter 6).")
-    add_model_source_args(p, "gpt2", "offline: a small random-init model (or --init-checkpoint), all layers "
+    add_model_source_args(p, DEFAULT_MODEL, "offline: a small random-init model (or --init-checkpoint), all layers "
                                      "trained, ~1 min on a CPU")
     add_common_args(p, str(outputs_dir("ch06")))
     p.add_argument("--trainable", choices=book.TRAINABLE_CHOICES, help="what trains (default last_block; quick/scratch: all)")
@@ -210,12 +216,32 @@ def settings_from_args(args) -> tuple[str, dict]:
     return mode, {**base, **common_overrides(args), **extra}
 
 
+def check_model_source(args) -> None:
+    """Options that choose the model must agree: nothing given is silently ignored (InvalidInput)."""
+    from ch05.gpt_download import canonical_model_name
+
+    if args.quick and args.from_scratch:
+        raise InvalidInput("--quick and --from-scratch both choose a random-init model: give one of them")
+    if args.n_heads is not None and args.init_checkpoint is None:
+        raise InvalidInput("--n-heads only applies to --init-checkpoint (a file without a config)")
+    if args.from_scratch:
+        if args.init_checkpoint is not None:
+            raise InvalidInput("--from-scratch starts from random weights, --init-checkpoint from a file: "
+                               "give one of them")
+        canonical_model_name(args.model)  # the GPT-2 shape to build: a name, not a path
+    elif args.model != DEFAULT_MODEL and (args.quick or args.init_checkpoint is not None):
+        used = "--quick" if args.init_checkpoint is None else "--init-checkpoint"
+        raise InvalidInput(f"--model {args.model} is not used with {used} (which brings its own model); "
+                           "drop one of them")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m ch06.gpt_class_finetune [options]`; returns the exit code."""
     args = parser().parse_args(argv)
     mode, settings = settings_from_args(args)
 
     def main_run():
+        check_model_source(args)
         check_output_dir(args.output_dir, args.overwrite, (book.MODEL_FILE,), resume=args.resume)
         check_input_file(args.init_checkpoint, "--init-checkpoint")
         check_input_file(args.resume, "--resume")

@@ -32,6 +32,7 @@ from ch05.gpt_train import evaluate_model as _ch05_evaluate_model
 from ch05.gpt_train import plot_losses
 from llmfs.atomic import atomic_path, atomic_write
 from llmfs.download import get_data_file
+from llmfs.errors import InvalidInput
 from llmfs.finetuning import load_with_config, save_with_config
 from llmfs.runtime import outputs_dir
 
@@ -135,26 +136,30 @@ def encode_text(text: str, tokenizer) -> list[int]:
 def read_labeled_csv(csv_file: str | Path | pd.DataFrame) -> pd.DataFrame:
     """Read a Label/Text CSV and check it: both columns present, labels 0 or 1, no empty text.
 
-    Errors are ValueErrors naming the file and the data row (1-based; line = row + 1 because of the header).
+    Errors are InvalidInput (a ValueError, and one line from a command) naming the file and the data
+    row (1-based; line = row + 1 because of the header).
     """
     if isinstance(csv_file, pd.DataFrame):
         df, source = csv_file.reset_index(drop=True), "DataFrame"
     else:
         source = str(csv_file)
         # Read everything as text so a message like "NA" stays a message and a bad label can be reported as written.
-        df = pd.read_csv(csv_file, dtype=str, keep_default_na=False)
+        try:
+            df = pd.read_csv(csv_file, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{source} is not a readable CSV file ({str(exc).strip().splitlines()[0]})") from None
     missing = [c for c in ("Label", "Text") if c not in df.columns]
     if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; expected columns 'Label' and 'Text', "
-                         f"found {list(df.columns)}")
+        raise InvalidInput(f"{source}: missing column(s) {missing}; expected columns 'Label' and 'Text', "
+                           f"found {list(df.columns)}")
     labels = []
     for i, (label, text) in enumerate(zip(df["Label"], df["Text"])):
         value = str(label).strip()
         if value not in ("0", "1"):
-            raise ValueError(f"{source}: row {i + 1} (line {i + 2}): label {label!r} is not 0 or 1 "
-                             "(0 = not spam, 1 = spam)")
+            raise InvalidInput(f"{source}: row {i + 1} (line {i + 2}): label {label!r} is not 0 or 1 "
+                               "(0 = not spam, 1 = spam)")
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{source}: row {i + 1} (line {i + 2}): the text is empty")
+            raise InvalidInput(f"{source}: row {i + 1} (line {i + 2}): the text is empty")
         labels.append(int(value))
     return pd.DataFrame({"Label": labels, "Text": list(df["Text"])})
 

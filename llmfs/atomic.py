@@ -25,9 +25,17 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.partial(
 
 
 def _default_mode() -> int:
-    """Permissions a normal `open()` would give (mkstemp makes files private, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Permissions a normal `open()` would give (mkstemp makes files private, 0600).
+
+    Linux tells the umask in /proc/self/status; elsewhere the only way to read it is to set it and
+    set it back, which for that instant changes it for every thread of the process.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

@@ -9,10 +9,12 @@ error that names the mismatching tensors instead of loading half of it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,8 +28,27 @@ class CheckpointMismatchError(InvalidInput):
     """A state dict's keys or shapes do not match the model."""
 
 
+class CheckpointFileError(InvalidInput):
+    """A file given as a checkpoint is empty, damaged or of another kind, or holds a config no model can have."""
+
+
+def check_tensors(state_dict: object, source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Raise CheckpointFileError unless `state_dict` is a dict of tensors (what a file read as a
+    model's weights must hold); return it."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointFileError(f"{source} holds a {type(state_dict).__name__} where the model's weights "
+                                  "(a dict of tensors) should be")
+    not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointFileError(f"{source}: the model's weights should all be tensors, but {not_tensors[:5]} "
+                                  f"{'are' if len(not_tensors) > 1 else 'is'} not")
+    return state_dict
+
+
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Raise CheckpointMismatchError listing missing, unexpected and wrongly shaped tensors."""
+    """Raise CheckpointMismatchError listing missing, unexpected and wrongly shaped tensors
+    (CheckpointFileError when `state_dict` is not a dict of tensors at all)."""
+    check_tensors(state_dict, source)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -53,8 +74,9 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
 def load_state_file(path: str | os.PathLike, map_location="cpu") -> dict:
     """The tensors (and plain values) of a .pth or .safetensors file, never unpickling arbitrary objects.
 
-    A file that is missing, empty, truncated or not a PyTorch/safetensors file raises
-    CheckpointFileError (a ValueError) naming the file, instead of the loader's own error.
+    A file that is missing, empty, truncated, not a PyTorch/safetensors file, or that needs
+    arbitrary Python objects to load, raises CheckpointFileError (a UserError: one line from a
+    command) naming the file, instead of the loader's own error.
     """
     path = Path(path)
     if not path.exists():
@@ -77,7 +99,7 @@ def load_state_file(path: str | os.PathLike, map_location="cpu") -> dict:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if is_torch_file(path):
-            raise pickle.UnpicklingError(
+            raise CheckpointFileError(
                 f"{path} holds more than tensors and plain Python values, so it was not loaded "
                 f"(torch.load(..., weights_only=True) refuses arbitrary objects): {_first_line(exc)}"
             ) from None
@@ -89,10 +111,6 @@ def load_state_file(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(data, dict):
         raise CheckpointFileError(f"{path} holds a {type(data).__name__}, not a dict of tensors (a state dict)")
     return _drop_book_masks(data, path)
-
-
-class CheckpointFileError(InvalidInput):
-    """A file given as a checkpoint is empty, damaged or of another kind."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -140,21 +158,46 @@ def fill_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save the weights only (.pth via torch.save, or .safetensors), atomically."""
+    """Save the weights only (.pth via torch.save, or .safetensors), atomically.
+
+    Any model saves, a model laid out for decoding (`llmfs.decoding_layout`) included: safetensors
+    stores tensors contiguously, so each is written in its standard layout, and a tied pair (one
+    Parameter under two names) once, under the name safetensors' own `save_model` keeps.
+    """
     path = Path(path)
-    state = model.state_dict()
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_model as st_save_model
+            from safetensors.torch import save_file
 
-            # save_model handles tied (shared) tensors, which save_file refuses. The model's
-            # config travels in the file's metadata (read back by `saved_config`).
+            state, metadata = _one_name_per_tensor(model.state_dict())
+            # The model's config travels in the file's metadata (read back by `saved_config`).
             cfg = getattr(model, "cfg", None)
-            metadata = {"config": json.dumps(cfg)} if isinstance(cfg, dict) else None
-            st_save_model(model, str(tmp), metadata=metadata)
+            if isinstance(cfg, dict):
+                metadata["config"] = json.dumps(cfg)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or None)
         else:
-            torch.save(state, tmp)
+            torch.save(model.state_dict(), tmp)  # keeps strides and shared tensors as they are
     return path
+
+
+def _one_name_per_tensor(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop the second name of a tensor shared under two names (safetensors refuses shared tensors).
+
+    Keeps the alphabetically first name, as safetensors' `save_model` does (`out_head.weight` of the
+    tied GPT-2 pair; `fill_tied` restores the other), and records each dropped name in the metadata
+    (dropped name -> kept name). Works for non-contiguous tensors, which safetensors' own check cannot read.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    kept, metadata = dict(state), {}
+    for names in groups.values():
+        first, *others = sorted(names)
+        for other in others:
+            del kept[other]
+            metadata[other] = first
+    return kept, metadata
 
 
 def saved_config(path: str | os.PathLike) -> dict | None:
@@ -173,7 +216,14 @@ def saved_config(path: str | os.PathLike) -> dict | None:
         except (SafetensorError, OSError) as exc:
             raise CheckpointFileError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
         if "config" in meta:
-            return json.loads(meta["config"])
+            try:
+                cfg = json.loads(meta["config"])
+            except json.JSONDecodeError as exc:
+                raise CheckpointFileError(f"{path}: the config in its metadata is not valid JSON ({exc})") from None
+            if not isinstance(cfg, dict):
+                raise CheckpointFileError(f"{path}: the config in its metadata is a {type(cfg).__name__}, "
+                                          "not an object of settings")
+            return cfg
     elif path.is_file():
         data = load_state_file(path)
         if isinstance(data.get("config"), dict):
@@ -192,6 +242,45 @@ def sidecar_config(path: str | os.PathLike) -> dict | None:
         if isinstance(cfg, dict) and "emb_dim" in cfg:  # ours, not Hugging Face's (n_embd, ...)
             return cfg
     return None
+
+
+# Config keys of the project's models (GPT, Llama, Qwen3) and the values each must have.
+SIZE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "n_kv_groups",
+             "head_dim", "num_classes", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+FLAG_KEYS = ("qkv_bias", "tie_weights", "use_sdpa")
+
+
+def check_model_config(cfg: object, source: str, required: Iterable[str] = ()) -> dict:
+    """A model config read from a file, checked before a model is built from it.
+
+    It must be a dict with the `required` keys; sizes (`SIZE_KEYS`) whole numbers >= 1, dropout
+    rates (`drop_rate*`) numbers in [0, 1), flags (`FLAG_KEYS`) true or false, and, without an
+    explicit head_dim, emb_dim a multiple of n_heads. A bad one raises CheckpointFileError naming
+    `source` (one line from a command) instead of a KeyError or TypeError deep inside a layer.
+    Returns `cfg`.
+    """
+    def bad(problem: str) -> CheckpointFileError:
+        return CheckpointFileError(f"{source}: the model config {problem}; was the file written by this "
+                                   "project (config.json beside the weights, or a checkpoint's 'config')?")
+
+    if not isinstance(cfg, dict):
+        raise bad(f"is a {type(cfg).__name__}, not an object of settings")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise bad(f"lacks {missing}")
+    for key, value in cfg.items():
+        if key in SIZE_KEYS and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                       or value < 1):
+            raise bad(f"has {key} = {value!r}, not a whole number >= 1")
+        if key.startswith("drop_rate") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                            or not (math.isfinite(value) and 0 <= value < 1)):
+            raise bad(f"has {key} = {value!r}, not a dropout rate in [0, 1)")
+        if key in FLAG_KEYS and not isinstance(value, bool):
+            raise bad(f"has {key} = {value!r}, not true or false")
+    if cfg.get("head_dim") is None and isinstance(cfg.get("emb_dim"), int) and isinstance(cfg.get("n_heads"), int) \
+            and cfg["emb_dim"] % cfg["n_heads"]:
+        raise bad(f"has emb_dim {cfg['emb_dim']}, which n_heads {cfg['n_heads']} does not divide")
+    return cfg
 
 
 def load_model(model: nn.Module, path: str | os.PathLike, map_location="cpu") -> nn.Module:

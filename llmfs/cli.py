@@ -3,9 +3,10 @@
 * `Parser`: argparse whose errors are one line (`error: ...`, exit code 2) instead of a usage block;
 * the option types (`positive_int`, `positive_float`, `device_name`, ...) and the option groups every
   training command has (`add_common_args`, `add_sampling_arguments`);
-* `run(main)`: a `UserError` (and an OS error about a path the user named) becomes `error: ...` on one
-  line, exit code 2; Ctrl-C or SIGTERM during training print how to resume; anything else, a
-  `ValueError` from a bug included, keeps its traceback;
+* `run(main)`: first names the settings that come from the environment (`llmfs.runtime.environment_notice`);
+  then a `UserError` (and an OS error about a path the user named) becomes `error: ...` on one line,
+  exit code 2; Ctrl-C or SIGTERM during training print how to resume; anything else, a `ValueError`
+  from a bug included, keeps its traceback;
 * the checks made before any work starts (`check_output_dir`, `check_input_file`);
 * `chapter_module`, so a command started with `python -m chNN.module` never imports that module twice.
 
@@ -29,7 +30,7 @@ from llmfs.atomic import remove_stale_temporary_files
 from llmfs.checkpoint import CheckpointFileError, is_torch_file
 from llmfs.errors import UserError
 from llmfs.onednn_linear import onednn_linear
-from llmfs.runtime import DeviceUnavailableError
+from llmfs.runtime import DeviceUnavailableError, environment_notice
 from llmfs.trainer import TrainingInterrupted
 
 # What `run` prints as one line (exit 2): the project's own exception for a user's mistake, and the OS
@@ -79,7 +80,7 @@ def device_name(text: str) -> str:
 
     try:
         get_device(text)
-    except (DeviceUnavailableError, RuntimeError, ValueError) as exc:
+    except DeviceUnavailableError as exc:
         raise argparse.ArgumentTypeError(one_line(exc)) from None
     return text
 
@@ -124,7 +125,14 @@ def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, on
     """Call `main()`; return the exit code. User mistakes print `error: ...` on one line (exit 2);
     Ctrl-C or SIGTERM during training print how to resume (exit 130 / 143). `other_errors` maps
     more exception types to their exit code (e.g. a server that does not answer: 1); anything
-    else keeps its traceback."""
+    else keeps its traceback.
+
+    First, on stderr, the line naming the project's settings taken from the environment, when any
+    differs from its default (no silent switches); under torchrun only the first process prints it.
+    """
+    notice = environment_notice()
+    if notice and os.environ.get("RANK", "0") == "0":
+        print(notice, file=sys.stderr)
     try:
         with onednn_linear(onednn) if onednn else contextlib.nullcontext():
             main()

@@ -22,10 +22,13 @@ import os
 import torch
 import torch.nn as nn
 
+DECODING_LAYOUT_ENV = "LLMFS_DECODING_LAYOUT"
+
 
 def decoding_layout_enabled() -> bool:
-    """False when the environment variable LLMFS_DECODING_LAYOUT is "0"."""
-    return os.environ.get("LLMFS_DECODING_LAYOUT", "1").strip() != "0"
+    """False when the environment variable LLMFS_DECODING_LAYOUT is "0" (listed in
+    `llmfs.runtime.environment_variables`, and named by the commands when set)."""
+    return os.environ.get(DECODING_LAYOUT_ENV, "1").strip() != "0"
 
 
 def laid_out_for_decoding(weight: torch.Tensor) -> torch.Tensor:
@@ -39,8 +42,9 @@ def laid_out_for_decoding(weight: torch.Tensor) -> torch.Tensor:
 def layout_for_decoding(model: nn.Module) -> nn.Module:
     """Store each float32 CPU `nn.Linear` weight transposed in memory (its shape is unchanged).
 
-    Returns the same model, changed in place. Saving it with `torch.save` works as before;
-    `safetensors` needs contiguous tensors, so save from a freshly loaded model instead.
+    Returns the same model, changed in place. Saving it works as before: `torch.save` keeps the
+    strides, and `llmfs.checkpoint.save_model` writes .safetensors (which stores tensors contiguously)
+    in the standard layout. (safetensors' own `save_model`/`save_file` refuse such a model.)
     (Loading a Hugging Face folder can lay the weights out as it reads them, which keeps the peak
     memory near the weights' size: `ch05.llama.llama3.load_hf_weights(..., decoding_layout=True)`.)"""
     with torch.no_grad():

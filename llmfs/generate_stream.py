@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from llmfs.errors import InvalidInput
 from llmfs.runtime import eval_mode
 from llmfs.sampling import next_logits, next_token
 
@@ -34,11 +35,13 @@ def generate_stream(
 
     Stops before `eos_id` (which is not yielded), like `generate`. Closing the iterator
     early (a client that disconnects) ends the generation and resets the model's cache.
+    A bad setting (negative `max_new_tokens`, temperature, top-k, top-p) raises InvalidInput; a
+    wrongly shaped `idx` or `context_size` (the calling code's mistake) a plain ValueError.
     """
     if idx.dim() != 2 or idx.shape[0] != 1:
         raise ValueError(f"generate_stream takes one sequence of shape (1, num_tokens), got {tuple(idx.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens < 0:  # a user's setting (a request's num_predict, a slider): like check_sampling_args
+        raise InvalidInput(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if context_size < 1:
         raise ValueError(f"context_size must be >= 1, got {context_size}")
     with eval_mode(model):

@@ -49,7 +49,10 @@ def validate_instruction_data(data, source: str = "instruction data",
 def read_json_file(path: str | os.PathLike):
     """Parse a JSON file; a syntax error names the file, line, column and character offset."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{path} is not UTF-8 text, so not a JSON file ({exc.reason} at byte {exc.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -1,7 +1,7 @@
-"""Cross-cutting helpers used by every chapter: device choice, quick mode, seeding, eval mode.
+"""Cross-cutting helpers used by every chapter: device choice, quick mode, seeding, eval mode, and
+the one list of the environment variables the project reads (`environment_variables`).
 
-They live here, in the earliest chapter that needs them, so there is exactly one
-copy (later chapters import them).
+They live here so there is exactly one copy (the chapters import them).
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,8 @@ from llmfs.errors import UserError
 
 QUICK_ENV = "LLMFS_QUICK"
 DEVICE_ENV = "LLMFS_DEVICE"
-
-
 OUTPUT_ENV = "LLMFS_OUTPUT_DIR"
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def outputs_dir(chapter: str) -> Path:
@@ -56,7 +56,7 @@ def is_quick() -> bool:
     Quick mode keeps every step (loss still falls, text is still generated); it only
     makes the work small enough to run in about a minute on two CPU cores.
     """
-    return os.environ.get(QUICK_ENV, "0").strip().lower() in {"1", "true", "yes", "on"}
+    return os.environ.get(QUICK_ENV, "0").strip().lower() in _TRUE
 
 
 def get_device(prefer: str | None = None) -> torch.device:
@@ -148,3 +148,91 @@ def reuse_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+# --- The environment variables the project reads ---------------------------------------------------
+
+@dataclass(frozen=True)
+class EnvironmentVariable:
+    """One environment variable the project reads: its default and what setting it changes.
+
+    `effect(value)` is a few words on what this value does ("" when the value says it all), or None
+    when the value means the same as leaving the variable unset. `announced`: `llmfs.cli.run` names the variable on the
+    command's first line when its value is not the default (the project's own LLMFS_* variables;
+    the others belong to other tools, which name them in their own messages). `also`: variables
+    read alongside it with the same role (torchrun's others, the lower-case proxy names).
+    """
+
+    name: str
+    default: str
+    meaning: str
+    effect: Callable[[str], str | None]
+    announced: bool = True
+    also: tuple[str, ...] = ()
+
+
+def _switch_on(what: str) -> Callable[[str], str | None]:
+    return lambda value: what if value.strip().lower() in _TRUE else None
+
+
+def _when_set(what: str = "") -> Callable[[str], str | None]:
+    return lambda value: what if value.strip() else None
+
+
+def environment_variables() -> tuple[EnvironmentVariable, ...]:
+    """Every environment variable the project's code reads, with its default and meaning (one list,
+    so none of them is a silent switch: the README's table and `llmfs.cli.run`'s first line come
+    from here)."""
+    return (
+        EnvironmentVariable(QUICK_ENV, "0 (off)",
+                            "1: quick mode for the notebooks: they shrink models, data and epochs to run in "
+                            "about a minute on a CPU (the commands take --quick instead)",
+                            _switch_on("quick mode for notebooks; commands take --quick")),
+        EnvironmentVariable(DEVICE_ENV, "unset (best available: cuda, then mps, then cpu)",
+                            "force a device (cpu, cuda, cuda:N, mps) where no --device option is given",
+                            _when_set()),
+        EnvironmentVariable(OUTPUT_ENV, "unset (outputs/ in the checkout, or in the current folder)",
+                            "folder that replaces outputs/: results go to $LLMFS_OUTPUT_DIR/<chapter>",
+                            _when_set("outputs go there")),
+        EnvironmentVariable("LLMFS_DATA_MIRROR", "unset",
+                            "read-only folder searched first for the data files (checked by sha256)",
+                            _when_set("data files come from there first")),
+        EnvironmentVariable("LLMFS_CACHE_DIR", "~/.cache/llms-from-scratch",
+                            "where downloaded data files are kept", _when_set("download cache")),
+        EnvironmentVariable("LLMFS_DECODING_LAYOUT", "1 (on)",
+                            "0: generation keeps the float32 weights in their training layout "
+                            "(llmfs.decoding_layout; to compare speed on another CPU)",
+                            lambda value: "decoding layout off" if value.strip() == "0" else None),
+        EnvironmentVariable("HF_HUB_OFFLINE", "unset (downloads allowed)",
+                            "1: pretrained weights come only from the local Hugging Face cache (huggingface_hub "
+                            "reads it too)", _switch_on("Hugging Face cache only"), announced=False),
+        EnvironmentVariable("HF_ENDPOINT", "https://huggingface.co",
+                            "a Hugging Face mirror to download pretrained weights from",
+                            _when_set("Hugging Face mirror"), announced=False),
+        EnvironmentVariable("OLLAMA_HOST", "http://localhost:11434",
+                            "the Ollama server `ch07.ollama_evaluate` and `ch07.dpo.preference_data` ask "
+                            "(host:port or a URL)",
+                            _when_set("Ollama server"), announced=False),
+        EnvironmentVariable("WORLD_SIZE", "unset (one process)",
+                            "set by torchrun (with LOCAL_RANK, RANK, ...): train data-parallel across processes "
+                            "(`llmfs.distributed`, appendix A's DDP-script.py)", lambda value: None, announced=False,
+                            also=("LOCAL_RANK", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                  "GLOO_SOCKET_IFNAME")),
+        EnvironmentVariable("HTTPS_PROXY", "unset",
+                            "a proxy for downloads; with one set, the quick direct reachability check of "
+                            "HF_ENDPOINT is skipped", lambda value: None, announced=False,
+                            also=("https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")),
+    )
+
+
+def environment_notice(environ: Mapping[str, str] | None = None) -> str | None:
+    """The line naming the project's settings that come from the environment, or None when all are
+    the defaults, e.g. `settings from the environment: LLMFS_DEVICE=cpu, LLMFS_DECODING_LAYOUT=0 (decoding
+    layout off)`. Names only the announced variables (the project's own)."""
+    environ = os.environ if environ is None else environ
+    parts = []
+    for var in environment_variables():
+        value = environ.get(var.name)
+        if var.announced and value is not None and (effect := var.effect(value)) is not None:
+            parts.append(f"{var.name}={value}" + (f" ({effect})" if effect else ""))
+    return f"settings from the environment: {', '.join(parts)}" if parts else None

@@ -183,6 +183,11 @@ def check_resume_settings(state: dict, path: str | Path, cfg: dict | None, setti
     if "model_state_dict" not in state:
         raise CheckpointMismatchError(f"{path} is not a training checkpoint (it holds weights only); resume needs "
                                       "the checkpoint.pth a run writes")
+    missing = [k for k in ("global_step", "epoch", "batch_in_epoch", "rng_state", "rng_epoch_start") if k not in state]
+    if missing or ("history" not in state and "train_losses" not in state):
+        raise CheckpointMismatchError(f"{path} lacks the training state a resume needs ({', '.join(missing or ['history'])}"
+                                      "; e.g. the book's model_and_optimizer.pth): resume needs the checkpoint.pth "
+                                      "a run of this project writes")
     differ = []
     saved_cfg = state.get("config")
     if isinstance(saved_cfg, dict) and cfg is not None:

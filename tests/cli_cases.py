@@ -177,6 +177,8 @@ def problems(rc: int, stderr: str) -> list[str]:
     """What is wrong with a case's outcome (empty: exit 2, one `error:` line, no traceback)."""
     found = []
     lines = [line for line in stderr.splitlines() if line.strip()]
+    if lines and lines[0].startswith("settings from the environment:"):  # llmfs.cli.run's first line
+        lines = lines[1:]
     if rc != 2:
         found.append(f"exit code {rc}")
     if "Traceback" in stderr:

@@ -52,6 +52,18 @@ def _seed_and_one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _no_environment_notice(monkeypatch):
+    """Commands name the settings taken from the environment on their first stderr line
+    (`llmfs.cli.run`); the tests' own settings (LLMFS_DATA_MIRROR, LLMFS_OUTPUT_DIR above) would put
+    that line before every in-process command's output. The tests of the line turn it back on."""
+    try:
+        import llmfs.cli
+    except ImportError:  # the tests that need no PyTorch, on another Python (.ci/run)
+        return
+    monkeypatch.setattr(llmfs.cli, "environment_notice", lambda environ=None: None)
+
+
 @pytest.fixture
 def verdict_text() -> str:
     from llmfs.download import get_data_file

@@ -20,6 +20,7 @@ import ch02.bpe.bpe as bpe
 from ch02.bpe.bpe import BPETokenizerSimple, PairCounts, bpe_word, bytes_to_unicode, train_naive
 from ch02.tokenizer import END_OF_TEXT, GPT2_PATTERN, get_gpt2_tokenizer
 from llmfs.download import get_data_file
+from llmfs.errors import InvalidInput
 from test_ch02_tokenizer import SAMPLE, SAMPLE_IDS, TRICKY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,20 +334,21 @@ def _corrupt(tmp_path, trained, change):
 def test_corrupt_vocabulary_files_are_refused(tmp_path, trained, change, message):
     path = _corrupt(tmp_path, trained, change)
     fresh = BPETokenizerSimple()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidInput, match=message):
         fresh.load_vocab_and_merges(path)
     assert fresh.vocab == {}  # nothing half-loaded
+    assert issubclass(InvalidInput, ValueError)  # a user's file: one line from a command, still a ValueError
 
 
 def test_not_json_and_bad_rank_files_are_refused(tmp_path):
     (tmp_path / "a.json").write_text("{half", encoding="utf-8")
-    with pytest.raises(ValueError, match="a.json is not a vocabulary file"):
+    with pytest.raises(InvalidInput, match="a.json is not a vocabulary file"):
         BPETokenizerSimple().load_vocab_and_merges(tmp_path / "a.json")
     (tmp_path / "r.tiktoken").write_text("IQ== 0\nnot-base64! 1\n", encoding="ascii")
-    with pytest.raises(ValueError, match="line 2: expected '<base64 token> <rank>'"):
+    with pytest.raises(InvalidInput, match="line 2: expected '<base64 token> <rank>'"):
         BPETokenizerSimple().load_tiktoken_ranks(tmp_path / "r.tiktoken")
     (tmp_path / "s.tiktoken").write_text("IQ== 0\n", encoding="ascii")
-    with pytest.raises(ValueError, match="not a usable rank file: 255 of the 256 single bytes are missing"):
+    with pytest.raises(InvalidInput, match="not a usable rank file: 255 of the 256 single bytes are missing"):
         BPETokenizerSimple().load_tiktoken_ranks(tmp_path / "s.tiktoken")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ch05 import gpt_download
-from ch05.cli import generate_main, train_main, train_parser, train_settings
+from ch05.cli import download_main, generate_main, train_main, train_parser, train_settings
 from ch05.gpt_generate import generate, load_model_for_generation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,3 +274,139 @@ def test_resume_file_errors_are_one_line(tmp_path, capsys):
         rc, out, err = run_cli(capsys, "--quick", "--output-dir", str(tmp_path / "out"), "--resume",
                                str(tmp_path / name), main=train_main)
         assert one_error_line(rc, err) and name in err, err
+
+
+# --- files that are not what they should be: one line from every command that reads them ----------------
+
+class NotATensor:
+    """An arbitrary object in a .pth: torch.load(weights_only=True) refuses to rebuild it."""
+
+
+def write_bad_model_files(folder: Path) -> dict[str, Path]:
+    """Files a user might pass as a model or checkpoint that cannot be one (name -> path, and what the
+    error names). Shared with the chapter-6 tests."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ch04.gpt import GPTModel
+    from llmfs.checkpoint import save_checkpoint, save_model
+
+    tiny = {"vocab_size": 50257, "context_length": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 1, "drop_rate": 0.0,
+            "qkv_bias": False}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = GPTModel(tiny)
+    files = {}
+
+    def beside_config(name: str, cfg) -> None:
+        save_model(model, folder / name / "model.pth")
+        (folder / name / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+        files[name] = folder / name / "model.pth"
+
+    torch.save({"x": NotATensor()}, folder / "pickle-payload.pth")
+    torch.save([torch.zeros(2)], folder / "a-list.pth")
+    torch.save({"a": 1, "b": "x"}, folder / "not-tensors.pth")
+    torch.save({"model_state_dict": [1, 2]}, folder / "weights-a-list.pth")
+    save_model(model, folder / "whole.safetensors")
+    raw = (folder / "whole.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(raw[:-100])
+    save_model(model, folder / "whole.pth")
+    raw = (folder / "whole.pth").read_bytes()
+    (folder / "truncated.pth").write_bytes(raw[:len(raw) // 2])
+    save_file({"tok_emb.weight": torch.zeros(4, 8)}, str(folder / "meta-not-json.safetensors"),
+              metadata={"config": "{oops"})
+    files.update({p.name.replace(".", "-"): p for p in folder.glob("*.*") if not p.stem.startswith("whole")})
+    beside_config("config-missing-key", {k: v for k, v in tiny.items() if k != "n_heads"})
+    beside_config("config-string-size", {**tiny, "emb_dim": "8"})
+    beside_config("config-heads-do-not-divide", {**tiny, "n_heads": 3})
+    beside_config("config-not-json", "{not json")
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(folder / "checkpoint-bad-config.pth", model, opt, config={**tiny, "n_layers": "one"})
+    files["checkpoint-bad-config"] = folder / "checkpoint-bad-config.pth"
+    (folder / "hf-broken-config").mkdir()
+    save_file({"wte.weight": torch.zeros(10, 8), "wpe.weight": torch.zeros(4, 8)},
+              str(folder / "hf-broken-config" / "model.safetensors"))
+    (folder / "hf-broken-config" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    files["hf-broken-config"] = folder / "hf-broken-config"
+    return files
+
+
+BAD_MODEL_FILES = ["pickle-payload-pth", "a-list-pth", "not-tensors-pth", "weights-a-list-pth", "truncated-pth",
+                   "truncated-safetensors", "meta-not-json-safetensors",
+                   "config-missing-key", "config-string-size", "config-heads-do-not-divide", "config-not-json",
+                   "checkpoint-bad-config", "hf-broken-config"]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return write_bad_model_files(tmp_path_factory.mktemp("bad-models"))
+
+
+@pytest.mark.parametrize("name", BAD_MODEL_FILES)
+def test_generate_model_that_cannot_be_one_is_one_line(name, bad_files, capsys):
+    """Before, several of these were a TypeError, KeyError or UnpicklingError traceback from deep inside."""
+    rc, out, err = run_cli(capsys, "--model", str(bad_files[name]), "--max-new-tokens", "1", "--device", "cpu")
+    assert one_error_line(rc, err), err
+    assert out == ""
+
+
+def test_generate_errors_name_the_file(bad_files, capsys):
+    for name in ("truncated-pth", "truncated-safetensors", "pickle-payload-pth", "config-string-size"):
+        rc, _, err = run_cli(capsys, "--model", str(bad_files[name]), "--device", "cpu")
+        assert one_error_line(rc, err) and str(bad_files[name]) in err, err
+
+
+@pytest.mark.parametrize("name", ["pickle-payload-pth", "a-list-pth", "not-tensors-pth", "weights-a-list-pth",
+                                  "truncated-pth", "truncated-safetensors", "config-string-size",
+                                  "checkpoint-bad-config"])
+def test_resume_from_what_cannot_be_a_checkpoint_is_one_line(name, bad_files, tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "--quick", "--output-dir", str(tmp_path / "out"), "--resume",
+                           str(bad_files[name]), "--no-progress", main=train_main)
+    assert one_error_line(rc, err), err
+    assert not (tmp_path / "out" / "model.pth").exists()
+
+
+def test_resume_from_the_books_model_and_optimizer_file_is_one_line(tmp_path, capsys):
+    """The book's chapter-5 file holds weights and optimizer state, not where training stopped."""
+    import torch
+
+    from ch04.gpt import QUICK_CONFIG, GPTModel
+
+    model = GPTModel(QUICK_CONFIG)
+    torch.save({"model_state_dict": model.state_dict(),
+                "optimizer_state_dict": torch.optim.AdamW(model.parameters()).state_dict()},
+               tmp_path / "model_and_optimizer.pth")
+    rc, _, err = run_cli(capsys, "--quick", "--output-dir", str(tmp_path / "out"), "--resume",
+                         str(tmp_path / "model_and_optimizer.pth"), "--no-progress", main=train_main)
+    assert one_error_line(rc, err) and "lacks the training state" in err, err
+
+
+def test_context_longer_than_the_validation_text_is_one_line(tmp_path, capsys):
+    """the-verdict's validation tenth has ~530 tokens: --context-length 1024 cannot cut one window from it
+    (before: chapter 2's ValueError as a traceback)."""
+    rc, out, err = run_cli(capsys, "--quick", "--context-length", "1024", "--output-dir", str(tmp_path),
+                           main=train_main)
+    assert one_error_line(rc, err) and "validation split" in err and "context_length 1024" in err, err
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_generate_n_heads_that_does_not_divide_is_one_line(trained_dir, capsys):
+    rc, _, err = run_cli(capsys, "--model", str(trained_dir / "checkpoint.pth"), "--n-heads", "3")
+    assert one_error_line(rc, err) and "n_heads 3 does not divide" in err, err
+
+
+@pytest.mark.parametrize("args", [["gpt5"], ["gpt2", "355"], ["--cache-dir"]])
+def test_download_bad_names_are_one_line(args, capsys):
+    rc, out, err = run_cli(capsys, *args, main=download_main)
+    assert one_error_line(rc, err), err
+
+
+def test_download_unwritable_cache_dir_and_offline_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    rc, _, err = run_cli(capsys, "gpt2", "--cache-dir", str(tmp_path / "file" / "cache"), main=download_main)
+    assert one_error_line(rc, err) and "--cache-dir" in err, err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, _, err = run_cli(capsys, "gpt2", "--cache-dir", str(tmp_path / "empty"), main=download_main)
+    assert rc == 2 and err.startswith("error:") and "HF_HUB_OFFLINE" in err and "Traceback" not in err

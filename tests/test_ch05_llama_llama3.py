@@ -199,3 +199,53 @@ def test_hub_id_offline_gives_the_offline_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(LLMUnavailable, match="HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face"):
         resolve_model_dir("meta-llama/Llama-3.2-1B", cache_dir=tmp_path)
+
+
+# --- a folder that does not hold such a model: one line (a UserError), never a KeyError or TypeError ---
+
+def _folder_with_config(tmp_path, source, change=None, text=None):
+    folder = tmp_path / "folder"
+    shutil.copytree(source, folder)
+    cfg = json.loads((source / "config.json").read_text())
+    if change is not None:
+        cfg = change(cfg)
+    (folder / "config.json").write_text(text if text is not None else json.dumps(cfg))
+    return folder
+
+
+def _without(*keys):
+    return lambda cfg: {k: v for k, v in cfg.items() if k not in keys}
+
+
+@pytest.mark.parametrize("change, text, match", [
+    (None, "{not json", "is not valid JSON"),
+    (None, "[1, 2]", "holds a list, not a model config"),
+    (_without("hidden_size"), None, r"lacks \['hidden_size'\]"),
+    (lambda c: {**c, "num_attention_heads": "4"}, None, "num_attention_heads = '4' is not a whole number"),
+    (lambda c: {**c, "num_hidden_layers": 0}, None, "num_hidden_layers = 0 is not a whole number"),
+    (lambda c: {**c, "num_key_value_heads": 3}, None, "must be a multiple of n_kv_groups"),
+    (lambda c: {**c, "hidden_act": "gelu"}, None, "hidden_act 'gelu'"),
+    (lambda c: {**c, "rope_theta": "big", "rope_parameters": None}, None, "rope_theta 'big' is not a number"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, None, "rope scaling lacks"),
+    (lambda c: {**c, "model_type": "mistral"}, None, "describes a 'mistral' model"),
+])
+def test_a_config_json_that_cannot_describe_the_model_is_a_user_error(tmp_path, llama_dir, change, text, match):
+    from llmfs.errors import UserError
+
+    folder = _folder_with_config(tmp_path, llama_dir[0], change, text)
+    with pytest.raises(UserError, match=match):
+        load_llama3(folder)
+
+
+def test_damaged_weight_files_are_a_user_error(tmp_path, llama_dir):
+    from llmfs.checkpoint import CheckpointFileError
+
+    folder = _folder_with_config(tmp_path, llama_dir[0])
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(CheckpointFileError, match="model.safetensors is not a readable .safetensors file"):
+        load_llama3(folder)
+    weights.unlink()
+    (folder / "model.safetensors.index.json").write_text('{"weights": {}}')
+    with pytest.raises(CheckpointFileError, match="not a safetensors index"):
+        load_llama3(folder)

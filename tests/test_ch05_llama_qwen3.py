@@ -136,3 +136,20 @@ def _llama_like(tmp_path, path):
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     return other
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: {**c, "use_sliding_window": True}, "sliding-window attention"),
+    (lambda c: {k: v for k, v in c.items() if k != "moe_intermediate_size"}, r"lacks \['moe_intermediate_size'\]"),
+    (lambda c: {**c, "num_experts_per_tok": "2"}, "num_experts_per_tok = '2', not a whole number"),
+    (lambda c: {**c, "model_type": "llama"}, "describes a 'llama' model"),
+])
+def test_a_config_json_that_cannot_describe_qwen3_is_a_user_error(tmp_path, moe_dir, change, match):
+    from llmfs.errors import UserError
+
+    folder = tmp_path / "folder"
+    shutil.copytree(moe_dir[0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(change(cfg)))
+    with pytest.raises(UserError, match=match):
+        load_qwen3(folder)

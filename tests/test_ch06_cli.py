@@ -168,3 +168,82 @@ def test_bad_arguments_fail_in_one_line(bad, tmp_path, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+# --- bad model sources: one line, before any training --------------------------------------------------
+
+def run_main(capsys, *args):
+    try:
+        rc = main(list(args))
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def one_error_line(rc, err) -> bool:
+    lines = [line for line in err.splitlines() if line.strip()]
+    return rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    from test_ch05_cli import write_bad_model_files
+
+    return write_bad_model_files(tmp_path_factory.mktemp("bad-models"))
+
+
+@pytest.mark.parametrize("name", ["pickle-payload-pth", "a-list-pth", "not-tensors-pth", "truncated-pth",
+                                  "truncated-safetensors", "meta-not-json-safetensors", "config-missing-key",
+                                  "config-string-size", "config-heads-do-not-divide", "checkpoint-bad-config"])
+def test_init_checkpoint_that_cannot_be_a_model_is_one_line(name, bad_files, tmp_path, capsys):
+    rc, err = run_main(capsys, "--quick", "--output-dir", str(tmp_path), "--init-checkpoint", str(bad_files[name]))
+    assert one_error_line(rc, err), err
+    assert not (tmp_path / "review_classifier.pth").exists()
+
+
+def test_a_broken_local_gpt2_folder_is_one_line(bad_files, tmp_path, capsys):
+    rc, err = run_main(capsys, "--model", str(bad_files["hf-broken-config"]), "--output-dir", str(tmp_path))
+    assert one_error_line(rc, err) and "config.json" in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quick", "--from-scratch"], "give one of them"),
+    (["--quick", "--n-heads", "2"], "--n-heads only applies to --init-checkpoint"),
+    (["--from-scratch", "--model", "gpt5"], "unknown GPT-2 model 'gpt5'"),
+    (["--from-scratch", "--init-checkpoint", "{tiny}"], "give one of them"),
+    (["--quick", "--model", "gpt2-medium"], "--model gpt2-medium is not used with --quick"),
+    (["--init-checkpoint", "{tiny}", "--model", "gpt2-xl"], "is not used with --init-checkpoint"),
+    (["--quick", "--init-checkpoint", "{tiny}", "--n-heads", "3"], "n_heads 3 does not divide"),
+    (["--quick", "--batch-size", "5000"], "no batches"),
+    (["--model", "gpt5"], "unknown GPT-2 model 'gpt5'"),
+])
+def test_options_that_would_be_ignored_or_cannot_work_are_one_line(args, message, tmp_path, capsys):
+    """Before, --from-scratch --model gpt5 trained GPT-2 124M and --quick --model gpt2-medium a small model,
+    silently."""
+    tiny = tmp_path / "tiny" / "model.pth"
+    save_model(GPTModel(TINY), tiny)
+    args = [a.format(tiny=tiny) for a in args]
+    rc, err = run_main(capsys, *args, "--output-dir", str(tmp_path / "out"), "--no-progress")
+    assert one_error_line(rc, err) and message in err, err
+    assert not (tmp_path / "out" / "review_classifier.pth").exists()
+
+
+def test_truncating_messages_to_a_short_context_is_said(tmp_path, monkeypatch, capsys):
+    """A chapter-5 model with a 32-token context cannot read the longest message: the run truncates
+    every split to 32 tokens, and its first line says so (no silent switch)."""
+    import ch06.cli as cc
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    save_model(GPTModel(TINY), tmp_path / "tiny.pth")
+    monkeypatch.setattr(cc, "train", stop)
+    with pytest.raises(Stop):
+        finetune({**BOOK_SETTINGS, "max_length": None}, tmp_path / "out", mode="quick",
+                 init_checkpoint=tmp_path / "tiny.pth", n_heads=2, device="cpu", progress=False)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "max_length 32 (the model's context length: the longest training message has" in first
+    assert "longer ones are truncated" in first

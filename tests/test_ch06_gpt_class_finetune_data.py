@@ -14,8 +14,10 @@ from ch06.gpt_class_finetune import (
     load_spam_data,
     prepare_spam_splits,
     random_split,
+    read_labeled_csv,
     sequence_lengths,
 )
+from llmfs.errors import InvalidInput
 
 TEXTS = ["Hi, are we still meeting for lunch today?",
          "WINNER!! You have been selected to receive a $900 prize. Call 09061701461 now",
@@ -89,19 +91,25 @@ def test_dataset_never_turns_text_into_the_pad_id(tmp_path, tokenizer):
 
 def test_csv_errors_name_file_and_row(tmp_path, tokenizer):
     missing = write_csv(tmp_path / "missing.csv", [(0, "hi")], columns=("Class", "Text"))
-    with pytest.raises(ValueError, match=r"missing\.csv.*missing column.*'Label'"):
+    with pytest.raises(InvalidInput, match=r"missing\.csv.*missing column.*'Label'"):
         SpamDataset(missing, tokenizer)
     bad_label = write_csv(tmp_path / "bad_label.csv", [(0, "hi"), ("spam", "win"), (1, "prize")])
-    with pytest.raises(ValueError, match=r"bad_label\.csv: row 2 \(line 3\): label 'spam' is not 0 or 1"):
+    with pytest.raises(InvalidInput, match=r"bad_label\.csv: row 2 \(line 3\): label 'spam' is not 0 or 1"):
         SpamDataset(bad_label, tokenizer)
     other_label = write_csv(tmp_path / "other.csv", [(0, "hi"), (1, "x"), (2, "y")])
-    with pytest.raises(ValueError, match=r"other\.csv: row 3 .*label '2'"):
+    with pytest.raises(InvalidInput, match=r"other\.csv: row 3 .*label '2'"):
         SpamDataset(other_label, tokenizer)
     empty = write_csv(tmp_path / "empty.csv", [(0, "hi"), (1, "  ")])
-    with pytest.raises(ValueError, match=r"empty\.csv: row 2 .*empty"):
+    with pytest.raises(InvalidInput, match=r"empty\.csv: row 2 .*empty"):
         SpamDataset(empty, tokenizer)
-    with pytest.raises(ValueError, match="max_length"):
+    with pytest.raises(ValueError, match="max_length"):  # the calling code's mistake: a plain ValueError
         SpamDataset(bad_label, tokenizer, max_length=0)
+    (tmp_path / "latin1.csv").write_bytes(b"Label,Text\n0,caf\xe9\n")
+    with pytest.raises(InvalidInput, match=r"latin1\.csv is not a readable CSV file"):
+        read_labeled_csv(tmp_path / "latin1.csv")
+    (tmp_path / "nothing.csv").write_bytes(b"")
+    with pytest.raises(InvalidInput, match=r"nothing\.csv is not a readable CSV file"):
+        read_labeled_csv(tmp_path / "nothing.csv")
 
 
 def test_loaders_use_the_training_length(splits, tokenizer):

@@ -61,3 +61,25 @@ def test_remove_stale_temporary_files_of_a_folder(tmp_path):
     removed = remove_stale_temporary_files(tmp_path)
     assert sorted(removed) == sorted(stale) and time.perf_counter() - start < 5
     assert [p.name for p in tmp_path.iterdir()] == ["model.pth"]
+
+
+def test_files_get_the_permissions_open_would_give_without_touching_the_umask(tmp_path, monkeypatch):
+    """The umask is read, not set and reset (that would change it for every thread for an instant)."""
+    import os
+    import sys
+
+    import pytest
+
+    from llmfs import atomic
+
+    old = os.umask(0o027)
+    try:
+        if sys.platform.startswith("linux"):
+            monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask called"))
+        assert atomic._default_mode() == 0o640
+        with atomic.atomic_write(tmp_path / "a.txt") as f:
+            f.write("x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)

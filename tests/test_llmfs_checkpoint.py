@@ -13,7 +13,9 @@ from ch04.gpt import GPTModel
 from ch05.gpt_generate import config_from_state_dict
 from llmfs import checkpoint as ckpt_mod
 from llmfs.checkpoint import (
+    CheckpointFileError,
     CheckpointMismatchError,
+    check_model_config,
     check_state_dict,
     load_checkpoint,
     load_model,
@@ -21,6 +23,8 @@ from llmfs.checkpoint import (
     save_model,
     saved_config,
 )
+from llmfs.decoding_layout import layout_for_decoding
+from llmfs.errors import UserError
 from llmfs.trainer import make_optimizer
 
 TINY = {"vocab_size": 60, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
@@ -159,9 +163,10 @@ def test_pickled_objects_are_refused(tmp_path):
         pickle.dump({"tok_emb.weight": Exploit(marker)}, f, protocol=2)
     torch.save({"weights": torch.ones(2), "extra": Exploit(marker)}, tmp_path / "bad2.pth")
     for path in (bad, tmp_path / "bad2.pth"):
-        with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        # A user's file that is not what it should be: one line from a command (a UserError), not a traceback.
+        with pytest.raises(CheckpointFileError, match="weights_only"):
             load_model(model_with(), path)
-        with pytest.raises(pickle.UnpicklingError):
+        with pytest.raises(CheckpointFileError):
             load_checkpoint(path, model_with())
     assert not marker.exists()
 
@@ -225,3 +230,90 @@ def test_a_mask_that_is_not_causal_is_not_dropped(tmp_path):
     with pytest.warns(UserWarning, match="dropped 1 attention-mask"):
         with pytest.raises(CheckpointMismatchError, match=r"unexpected keys: \['trf_blocks.1.att.mask'\]"):
             load_model(model_with(), tmp_path / "model.pth")
+
+
+# --- a model laid out for decoding saves ---------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_model_laid_out_for_decoding_saves_and_reloads_equal(tmp_path, monkeypatch, suffix, tied):
+    """LLMFS_DECODING_LAYOUT (on by default) re-strides float32 linear weights; safetensors stores
+    tensors contiguously and refused such a model. Saving now writes the same values."""
+    monkeypatch.delenv("LLMFS_DECODING_LAYOUT", raising=False)
+    model = layout_for_decoding(model_with(3, tie_weights=tied))
+    assert not model.trf_blocks[0].att.W_query.weight.is_contiguous()  # the layout really changed
+    save_model(model, tmp_path / f"m{suffix}")
+    back = load_model(model_with(4, tie_weights=tied), tmp_path / f"m{suffix}")
+    assert same_weights(model, back)
+    if tied:
+        assert back.out_head.weight is back.tok_emb.weight
+    if suffix == ".safetensors":
+        assert saved_config(tmp_path / f"m{suffix}") == model.cfg
+
+
+def test_a_laid_out_tied_model_keeps_one_name_in_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    save_model(layout_for_decoding(model_with(3, tie_weights=True)), tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "out_head.weight" in keys and "tok_emb.weight" not in keys  # as safetensors' own save_model keeps
+    assert meta["tok_emb.weight"] == "out_head.weight"
+
+
+# --- files and configs that do not fit: one-line errors ------------------------------------------------
+
+@pytest.mark.parametrize("payload, match", [
+    ([torch.zeros(2)], "holds a list"),
+    ({"a": 1, "b": "x"}, r"should all be tensors, but \['a', 'b'\] are not"),
+    ({"model_state_dict": [1, 2]}, "holds a list where the model's weights"),
+    ({"model_state_dict": {"tok_emb.weight": 3}}, r"\['tok_emb.weight'\] is not"),
+])
+def test_a_pth_that_is_not_a_state_dict_is_a_file_error(tmp_path, payload, match):
+    torch.save(payload, tmp_path / "x.pth")
+    with pytest.raises(CheckpointFileError, match=match):
+        load_model(model_with(), tmp_path / "x.pth")
+    assert issubclass(CheckpointFileError, UserError)
+
+
+def test_a_safetensors_metadata_config_that_is_not_json(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "a.safetensors"), metadata={"config": "{oops"})
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "b.safetensors"), metadata={"config": "[1]"})
+    with pytest.raises(CheckpointFileError, match="not valid JSON"):
+        saved_config(tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointFileError, match="is a list"):
+        saved_config(tmp_path / "b.safetensors")
+
+
+REQUIRED = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"n_heads": None}, r"lacks \['n_heads'\]"),
+    ({"emb_dim": "16"}, "emb_dim = '16', not a whole number"),
+    ({"emb_dim": 16.0}, "emb_dim = 16.0, not a whole number"),
+    ({"n_layers": 0}, "n_layers = 0"),
+    ({"n_layers": True}, "n_layers = True"),
+    ({"drop_rate": 1.5}, "drop_rate = 1.5, not a dropout rate"),
+    ({"drop_rate_attn": float("nan")}, "drop_rate_attn = nan"),
+    ({"qkv_bias": "yes"}, "qkv_bias = 'yes', not true or false"),
+    ({"n_heads": 3}, "emb_dim 16, which n_heads 3 does not divide"),
+])
+def test_check_model_config_names_what_is_wrong(change, match):
+    cfg = {**TINY, **change}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with pytest.raises(CheckpointFileError, match=match) as info:
+        check_model_config(cfg, "some/config.json", REQUIRED)
+    assert str(info.value).startswith("some/config.json: ")
+
+
+def test_check_model_config_accepts_real_configs():
+    from ch04.gpt import GPT_CONFIG_124M
+    from ch05.gpt_download import gpt2_config
+
+    for cfg in (TINY, GPT_CONFIG_124M, gpt2_config("gpt2-xl"), {**TINY, "head_dim": 5, "n_heads": 3}):
+        assert check_model_config(cfg, "x", REQUIRED) is cfg
+    with pytest.raises(CheckpointFileError, match="is a list"):
+        check_model_config([1], "x")

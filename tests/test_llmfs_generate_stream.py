@@ -49,3 +49,16 @@ def test_closing_early_resets_cache_and_mode(model):
 def test_rejects_a_batch(model):
     with pytest.raises(ValueError, match="one sequence"):
         next(generate_stream(model, torch.zeros(2, 3, dtype=torch.long), 5, 16))
+
+
+def test_a_negative_max_new_tokens_is_a_users_value(model):
+    """A request's num_predict or an app's slider: InvalidInput, one line from a command (still a ValueError)."""
+    from llmfs.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="max_new_tokens must be >= 0"):
+        next(generate_stream(model, torch.tensor([[1, 2]]), -1, 16))
+    with pytest.raises(InvalidInput, match="temperature"):
+        next(generate_stream(model, torch.tensor([[1, 2]]), 3, 16, temperature=-1.0))
+    with pytest.raises(ValueError) as info:  # the calling code's mistake stays a plain ValueError
+        next(generate_stream(model, torch.tensor([[1, 2]]), 3, 0))
+    assert not isinstance(info.value, InvalidInput)

@@ -22,6 +22,7 @@ from ch05.gpt_train import (
     train_model_simple,
 )
 from llmfs.checkpoint import CheckpointMismatchError
+from llmfs.errors import InvalidInput
 from llmfs.trainer import (
     TrainingInterrupted,
     autocast_context,
@@ -258,23 +259,71 @@ def test_pretrain_writes_checkpoint_model_config_and_plot(short_text, tmp_path, 
     assert "device: cpu" in out and f"wrote {tmp_path / 'model.pth'}" in out
 
 
-def test_keeping_freed_memory_is_the_default_and_can_be_turned_off(short_text, tmp_path, monkeypatch):
+def test_keeping_freed_memory_is_the_default_says_so_and_can_be_turned_off(short_text, tmp_path, monkeypatch,
+                                                                           capsys):
+    """It changes the C allocator of the whole process: never silently (the run's second line says so)."""
     import ch05.cli as tr
 
-    calls = []
-    monkeypatch.setattr(tr, "reuse_freed_memory", lambda: calls.append(1) or True)
+    calls, applies = [], [True]
+    monkeypatch.setattr(tr, "reuse_freed_memory", lambda: calls.append(1) or applies[0])
     monkeypatch.setattr(tr, "train", lambda *a, **k: {"train_losses": [], "val_losses": [], "tokens_seen": []})
     settings = {**QUICK_SETTINGS, "num_epochs": 1, "eval_freq": 50, "eval_iter": 1}
     pretrain(TINY, settings, tmp_path / "a", device="cpu", text=short_text, progress=False, keep_freed_memory=False)
     assert calls == []
+    assert "memory:" not in capsys.readouterr().out
     pretrain(TINY, settings, tmp_path / "b", device="cpu", text=short_text, progress=False)
     assert calls == [1]
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith("device: cpu")
+    assert second.startswith("memory: freed memory is kept for reuse") and "--release-freed-memory" in second
+    applies[0] = False  # not glibc: nothing changed, nothing to say
+    pretrain(TINY, settings, tmp_path / "c", device="cpu", text=short_text, progress=False)
+    assert calls == [1, 1] and "memory:" not in capsys.readouterr().out
+
+
+def test_the_train_command_keeps_freed_memory_unless_told(tmp_path, monkeypatch):
+    import ch05.cli as tr
+
+    seen = []
+    monkeypatch.setattr(tr, "pretrain", lambda *a, **k: seen.append(k["keep_freed_memory"]))
+    assert tr.train_main(["--quick", "--output-dir", str(tmp_path / "a")]) == 0
+    assert tr.train_main(["--quick", "--output-dir", str(tmp_path / "b"), "--release-freed-memory"]) == 0
+    assert seen == [True, False]
 
 
 def test_pretrain_rejects_too_short_text(short_text, tmp_path):
-    with pytest.raises(ValueError, match="needs at least"):  # not even one window (chapter 2's check)
+    """Checked before the loaders are built: a user's mistake (InvalidInput, one line from the command),
+    not chapter 2's ValueError from inside the dataset."""
+    with pytest.raises(InvalidInput, match="training split .* gives 0 window"):  # not even one window
         pretrain(TINY, DEFAULT_SETTINGS, tmp_path, device="cpu", text="far too short", progress=False)
-    with pytest.raises(ValueError, match="too short"):  # one window each, but no full training batch
+    with pytest.raises(InvalidInput, match="training split .* gives 1 window"):  # no full training batch of 2
         pretrain(TINY, {**DEFAULT_SETTINGS, "train_ratio": 0.5}, tmp_path, device="cpu", text=short_text[:120],
                  progress=False)
+    with pytest.raises(InvalidInput, match="validation split .* gives 0 window"):
+        pretrain(TINY, {**DEFAULT_SETTINGS, "train_ratio": 0.99}, tmp_path, device="cpu", text=short_text,
+                 progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_text_check_agrees_with_the_loaders(short_text, tokenizer):
+    """The check counts windows as the loaders cut them: it refuses exactly the texts whose loaders
+    would have no training batch or no validation window."""
+    from ch05.cli import check_text_fits
+    from ch05.gpt_train import create_train_val_loaders
+
+    verdicts = []
+    for n in range(60, 1200, 23):
+        text = short_text[:n]
+        try:
+            check_text_fits(text, tokenizer, TINY["context_length"], 2, 0.9)
+            fits = True
+        except InvalidInput:
+            fits = False
+        try:
+            train_loader, val_loader = create_train_val_loaders(text, TINY, 2, 0.9)
+            built = len(train_loader) > 0 and len(val_loader) > 0
+        except ValueError:  # chapter 2's dataset: not even one window
+            built = False
+        assert fits == built, f"{n} characters"
+        verdicts.append(fits)
+    assert False in verdicts and True in verdicts

@@ -12,7 +12,7 @@ The module reads top to bottom: splitting text into words (GPT-2's regex), the b
 rule for one word (`bpe_word`), then the tokenizer class.
 
 Imports from earlier sections: GPT-2's split pattern, rank file and end-of-text token
-(`ch02.tokenizer`), atomic file writes (`llmfs.atomic`).
+(`ch02.tokenizer`), atomic file writes (`llmfs.atomic`), the error for a bad file (`llmfs.errors`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import regex  # like `re`, plus the Unicode classes \p{L} (letters) and \p{N} (n
 
 from ch02.tokenizer import END_OF_TEXT, GPT2_PATTERN, GPT2_RANKS_FILE
 from llmfs.atomic import atomic_path, atomic_write
+from llmfs.errors import InvalidInput
 
 GPT2_SPLIT = regex.compile(GPT2_PATTERN)
 FILE_FORMAT = "llmfs-bpe-tokenizer"  # marks our vocabulary files (save_vocab_and_merges)
@@ -367,10 +368,10 @@ class BPETokenizerSimple:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not a vocabulary file (not JSON: {exc})") from None
+            raise InvalidInput(f"{path} is not a vocabulary file (not JSON: {exc})") from None
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or data.get("version") != 1:
-            raise ValueError(f"{path} is not a vocabulary file written by save_vocab_and_merges "
-                             f"(expected \"format\": \"{FILE_FORMAT}\", \"version\": 1)")
+            raise InvalidInput(f"{path} is not a vocabulary file written by save_vocab_and_merges "
+                               f"(expected \"format\": \"{FILE_FORMAT}\", \"version\": 1)")
         try:
             if data["pattern"] != GPT2_PATTERN:
                 raise ValueError("it was made with a different split pattern")
@@ -380,7 +381,7 @@ class BPETokenizerSimple:
             merges = _read_merges(data["merges"], ranks)
         except (KeyError, TypeError, ValueError) as exc:
             reason = f"missing entry or unknown character {exc}" if isinstance(exc, KeyError) else exc
-            raise ValueError(f"{path} is a corrupt vocabulary file: {reason}") from None
+            raise InvalidInput(f"{path} is a corrupt vocabulary file: {reason}") from None
         self._set_vocab(ranks, data["special_tokens"])
         self.bpe_merges = merges
 
@@ -395,17 +396,17 @@ class BPETokenizerSimple:
         try:
             lines = path.read_text(encoding="ascii").splitlines()
         except UnicodeDecodeError:
-            raise ValueError(f"{path} is not a tiktoken rank file (not ASCII text)") from None
+            raise InvalidInput(f"{path} is not a tiktoken rank file (not ASCII text)") from None
         for n, line in enumerate(lines, start=1):
             try:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
-                raise ValueError(f"{path}, line {n}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
+                raise InvalidInput(f"{path}, line {n}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
         try:
             _check_vocab(ranks, special_tokens)
         except ValueError as exc:
-            raise ValueError(f"{path} is not a usable rank file: {exc}") from None
+            raise InvalidInput(f"{path} is not a usable rank file: {exc}") from None
         self._set_vocab(ranks, special_tokens)
         self.bpe_merges = {}
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from ch03.attention import MultiHeadAttention
 from ch04.gpt import GPTModel
-from llmfs.checkpoint import check_state_dict
-from llmfs.errors import UserError
+from llmfs.checkpoint import CheckpointFileError, check_model_config, check_state_dict
+from llmfs.errors import InvalidInput, UserError
 
 LLAMA32_CONFIG_1B = {
     "vocab_size": 128_256,       # Llama 3's tiktoken-style BPE vocabulary
@@ -289,24 +289,47 @@ def _rope_freq_from_hf(hf: dict) -> dict | None:
     if kind in (None, "default"):
         return None
     if kind != "llama3":
-        raise ValueError(f"config.json asks for rope_type {kind!r}; only 'default' and 'llama3' are implemented")
-    return {"factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
-            "high_freq_factor": float(rope["high_freq_factor"]),
-            "original_context_length": int(rope.get("original_max_position_embeddings",
-                                                    hf.get("max_position_embeddings")))}
+        raise InvalidInput(f"config.json asks for rope_type {kind!r}; only 'default' and 'llama3' are implemented")
+    try:
+        return {"factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
+                "high_freq_factor": float(rope["high_freq_factor"]),
+                "original_context_length": int(rope.get("original_max_position_embeddings",
+                                                        hf.get("max_position_embeddings")))}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"config.json: the llama3 rope scaling lacks or mistypes {exc}") from None
 
 
 def _rope_base_from_hf(hf: dict) -> float:
     rope = hf.get("rope_parameters") or {}
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise InvalidInput(f"config.json: rope_theta {theta!r} is not a number")
+    return float(theta)
 
 
-def config_from_hf(hf: dict) -> dict:
-    """Our config dict from a Hugging Face config.json of a Llama, Qwen3 or Qwen3-MoE model."""
+# The keys of a Hugging Face config.json that `config_from_hf` needs.
+HF_REQUIRED = ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads", "num_hidden_layers",
+               "intermediate_size")
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> dict:
+    """Our config dict from a Hugging Face config.json of a Llama, Qwen3 or Qwen3-MoE model.
+
+    A file that lacks a size, gives one of the wrong type, or describes something these models
+    cannot be raises InvalidInput (one line from a command) naming `source`."""
+    if not isinstance(hf, dict):
+        raise InvalidInput(f"{source} holds a {type(hf).__name__}, not a Hugging Face config (an object)")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r}; these models use SwiGLU (silu)")
+        raise InvalidInput(f"{source}: hidden_act {hf['hidden_act']!r}; these models use SwiGLU (silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("config.json: attention_bias/mlp_bias are set; Llama 3 and Qwen3 have no biases")
+        raise InvalidInput(f"{source}: attention_bias/mlp_bias are set; Llama 3 and Qwen3 have no biases")
+    missing = [k for k in HF_REQUIRED if k not in hf]
+    if missing:
+        raise InvalidInput(f"{source} lacks {missing}: not a Llama or Qwen3 config.json")
+    for key in (*HF_REQUIRED, "num_key_value_heads", "head_dim"):  # whole numbers, before any arithmetic
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidInput(f"{source}: {key} = {value!r} is not a whole number >= 1")
     cfg = {
         "vocab_size": hf["vocab_size"], "context_length": hf["max_position_embeddings"],
         "emb_dim": hf["hidden_size"], "n_heads": hf["num_attention_heads"], "n_layers": hf["num_hidden_layers"],
@@ -317,6 +340,11 @@ def config_from_hf(hf: dict) -> dict:
     }
     if (freq := _rope_freq_from_hf(hf)) is not None:
         cfg["rope_freq"] = freq
+    check_model_config(cfg, source, REQUIRED_KEYS)
+    try:
+        check_config(cfg)
+    except ValueError as exc:  # check_config's own messages: a size these models cannot have
+        raise InvalidInput(f"{source}: {exc}") from None
     return cfg
 
 
@@ -360,8 +388,12 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     """The weight files of a model folder: model.safetensors, or the shards its index lists."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointFileError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' "
+                                      f"of tensor -> file): {type(exc).__name__}: {exc}") from None
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in {model_dir}: {missing}")
@@ -396,6 +428,7 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
         relayout = linear | ({"tok_emb.weight"} if tied else set())
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(Path(model_dir)):
+        _check_safetensors(file)
         to_convert = []
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
@@ -426,6 +459,17 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
     if tied:
         model.tie_weights()
     return model
+
+
+def _check_safetensors(file: Path) -> None:
+    """A weight file that safetensors cannot open raises CheckpointFileError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointFileError(f"{file} is not a readable .safetensors file ({exc})") from None
 
 
 class LLMUnavailable(UserError, RuntimeError):
@@ -478,7 +522,13 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json, so the model's family and sizes are unknown")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFileError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointFileError(f"{path} holds a {type(hf).__name__}, not a model config (an object)")
+    return hf
 
 
 def build_and_load(model_cls: type[nn.Module], cfg: dict, model_dir: str | os.PathLike,
@@ -505,8 +555,8 @@ def load_llama3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = 
     model_dir = resolve_model_dir(model_dir_or_id)
     hf = read_hf_config(model_dir)
     if hf.get("model_type") != "llama":
-        raise ValueError(f"{model_dir}/config.json describes a {hf.get('model_type')!r} model, not 'llama'")
-    cfg = config_from_hf(hf)
+        raise InvalidInput(f"{model_dir}/config.json describes a {hf.get('model_type')!r} model, not 'llama'")
+    cfg = config_from_hf(hf, f"{model_dir}/config.json")
     if context_length:
         cfg["context_length"] = context_length
     return build_and_load(Llama3Model, cfg, model_dir, dtype=dtype, device=device, decoding_layout=decoding_layout)

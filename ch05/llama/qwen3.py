@@ -31,6 +31,8 @@ from ch05.llama.llama3 import (
     read_hf_config,
     resolve_model_dir,
 )
+from llmfs.checkpoint import check_model_config
+from llmfs.errors import InvalidInput
 
 QWEN3_CONFIG_06B = {
     "vocab_size": 151_936,     # Qwen's byte-level BPE vocabulary
@@ -135,19 +137,26 @@ class Qwen3Model(Llama3Model):
     block_cls = Qwen3Block
 
 
-def qwen3_config_from_hf(hf: dict) -> dict:
-    """Our Qwen3 config from a Hugging Face config.json (model_type qwen3 or qwen3_moe)."""
+def qwen3_config_from_hf(hf: dict, source: str = "config.json") -> dict:
+    """Our Qwen3 config from a Hugging Face config.json (model_type qwen3 or qwen3_moe); a file that does
+    not describe such a model raises InvalidInput naming `source`."""
+    cfg = {**config_from_hf(hf, source), "qk_norm": True}
     if hf.get("use_sliding_window"):
-        raise ValueError("config.json turns on sliding-window attention, which this Qwen3 does not implement")
-    cfg = {**config_from_hf(hf), "qk_norm": True}
+        raise InvalidInput(f"{source} turns on sliding-window attention, which this Qwen3 does not implement")
     if hf.get("model_type") == "qwen3_moe":
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-            raise ValueError("config.json mixes dense and MoE blocks (mlp_only_layers / decoder_sparse_step); "
-                             "only models with experts in every block are implemented")
+            raise InvalidInput(f"{source} mixes dense and MoE blocks (mlp_only_layers / decoder_sparse_step); "
+                               "only models with experts in every block are implemented")
+        missing = [k for k in ("num_experts_per_tok", "moe_intermediate_size") if k not in hf]
+        if "num_experts" not in hf and "num_local_experts" not in hf:
+            missing.append("num_experts")
+        if missing:
+            raise InvalidInput(f"{source} lacks {missing}: not a Qwen3-MoE config.json")
         cfg.update(num_experts=hf.get("num_experts", hf.get("num_local_experts")),
                    num_experts_per_tok=hf["num_experts_per_tok"],
                    moe_intermediate_size=hf["moe_intermediate_size"],
                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+        check_model_config(cfg, source)
     return cfg
 
 
@@ -159,9 +168,9 @@ def load_qwen3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = N
     model_dir = resolve_model_dir(model_dir_or_id)
     hf = read_hf_config(model_dir)
     if hf.get("model_type") not in ("qwen3", "qwen3_moe"):
-        raise ValueError(f"{model_dir}/config.json describes a {hf.get('model_type')!r} model, "
-                         "not 'qwen3' or 'qwen3_moe'")
-    cfg = qwen3_config_from_hf(hf)
+        raise InvalidInput(f"{model_dir}/config.json describes a {hf.get('model_type')!r} model, "
+                           "not 'qwen3' or 'qwen3_moe'")
+    cfg = qwen3_config_from_hf(hf, f"{model_dir}/config.json")
     if context_length:
         cfg["context_length"] = context_length
     return build_and_load(Qwen3Model, cfg, model_dir, dtype=dtype, device=device, decoding_layout=decoding_layout)
