@@ -218,6 +218,9 @@ def environment_variables() -> tuple[EnvironmentVariable, ...]:
                             "(`llmfs.distributed`, appendix A's DDP-script.py)", lambda value: None, announced=False,
                             also=("LOCAL_RANK", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                                   "GLOO_SOCKET_IFNAME")),
+        EnvironmentVariable("TOKENIZERS_PARALLELISM", "unset",
+                            "Hugging Face tokenizers' thread switch: `python -m benchmarks.bpe` sets it around each "
+                            "measurement and puts the previous value back", lambda value: None, announced=False),
         EnvironmentVariable("HTTPS_PROXY", "unset",
                             "a proxy for downloads; with one set, the quick direct reachability check of "
                             "HF_ENDPOINT is skipped", lambda value: None, announced=False,

@@ -160,9 +160,9 @@ def test_bad_config_and_options_fail_before_the_weights_load(tmp_path, qwen_dir,
     cfg = json.loads((path / "config.json").read_text())
     for name, text, message in [
         ("not_json", '{"model_type": "qwen3", ', "config.json is not valid JSON"),
-        ("a_list", "[1, 2]", "config.json holds a list, not a JSON object"),
+        ("a_list", "[1, 2]", "config.json holds a list, not a model config (an object)"),
         ("no_layers", json.dumps({k: v for k, v in cfg.items() if k != "num_hidden_layers"}),
-         "config.json has no 'num_hidden_layers' entry, which a qwen3 model needs"),
+         "config.json lacks ['num_hidden_layers']: not a Llama or Qwen3 config.json"),
         ("sliding", json.dumps({**cfg, "use_sliding_window": True}), "config.json turns on sliding-window attention"),
     ]:
         folder = tmp_path / name

@@ -278,3 +278,13 @@ def test_readme_commands_match_test_layouts_list():
 
     shown = {m for readme in READMES for m in re.findall(r"python -m (ch0[2-7](?:\.\w+)*)", read(readme))}
     assert shown <= set(COMMANDS), f"commands missing from tests/test_layout.py: {sorted(shown - set(COMMANDS))}"
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: p.name)
+def test_the_readme_table_and_the_commands_list_agree(readme):
+    """`llmfs.runtime.environment_variables()` is what the commands announce; the README names each of them."""
+    from llmfs.runtime import environment_variables
+
+    listed = {name.upper() for var in environment_variables() for name in (var.name, *var.also)}
+    missing = sorted(listed - documented_variables(readme))  # the table writes http_proxy as HTTP_PROXY
+    assert not missing, f"{readme.name}'s environment-variable table lacks {missing}"
