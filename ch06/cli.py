@@ -216,8 +216,9 @@ def settings_from_args(args) -> tuple[str, dict]:
     return mode, {**base, **common_overrides(args), **extra}
 
 
-def check_model_source(args) -> None:
-    """Options that choose the model must agree: nothing given is silently ignored (InvalidInput)."""
+def check_model_source(args, default_model: str = DEFAULT_MODEL) -> None:
+    """Options that choose the model (`llmfs.finetuning.add_model_source_args`, chapters 6 and 7) must agree:
+    nothing given is silently ignored (InvalidInput). `default_model` is the command's --model default."""
     from ch05.gpt_download import canonical_model_name
 
     if args.quick and args.from_scratch:
@@ -229,7 +230,7 @@ def check_model_source(args) -> None:
             raise InvalidInput("--from-scratch starts from random weights, --init-checkpoint from a file: "
                                "give one of them")
         canonical_model_name(args.model)  # the GPT-2 shape to build: a name, not a path
-    elif args.model != DEFAULT_MODEL and (args.quick or args.init_checkpoint is not None):
+    elif args.model != default_model and (args.quick or args.init_checkpoint is not None):
         used = "--quick" if args.init_checkpoint is None else "--init-checkpoint"
         raise InvalidInput(f"--model {args.model} is not used with {used} (which brings its own model); "
                            "drop one of them")

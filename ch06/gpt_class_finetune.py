@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ch04.gpt import GPTModel
+from ch04.gpt import REQUIRED_KEYS, GPTModel
 from ch05.gpt_train import calc_loss_loader as _ch05_calc_loss_loader
 from ch05.gpt_train import evaluate_model as _ch05_evaluate_model
 from ch05.gpt_train import plot_losses
@@ -431,7 +431,7 @@ def save_classifier(model: GPTModel, path: str | Path, max_length: int | None = 
 
 def load_classifier(path: str | Path, device="cpu") -> tuple[GPTModel, dict]:
     """Rebuild a classifier saved by `save_classifier`; returns (model in eval mode, metadata)."""
-    return load_with_config(path, device,
+    return load_with_config(path, device, required=REQUIRED_KEYS,
                             build=lambda meta: build_classifier(meta["config"], num_classes=meta["num_classes"]))
 
 

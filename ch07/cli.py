@@ -30,7 +30,7 @@ from ch04.gpt import QUICK_CONFIG as CH05_QUICK_CONFIG
 from ch05.cli import print_sample
 from ch05.gpt_generate import load_model_for_generation
 from ch05.gpt_train import calc_loss_batch, calc_loss_loader, evaluate_model, plot_losses
-from ch06.cli import load_init_checkpoint, load_pretrained
+from ch06.cli import check_model_source, load_init_checkpoint, load_pretrained
 from llmfs import serve
 from llmfs.chat import ChatModel, PromptFormat, default_model_name, finetuned_file
 from llmfs.cli import (
@@ -49,6 +49,8 @@ from llmfs.errors import InvalidInput
 from llmfs.finetuning import add_model_source_args
 from llmfs.runtime import eval_mode, get_device, outputs_dir, set_seed
 from llmfs.trainer import make_optimizer, train
+
+DEFAULT_MODEL = "gpt2-medium"  # the book's chapter-7 model
 
 # The offline stand-in for GPT-2: small enough to fine-tune in about a minute on two CPU cores,
 # with a context long enough for every record of the chapter's data (the longest is 91 tokens).
@@ -183,7 +185,7 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
 def parser() -> Parser:
     p = Parser(prog="python -m ch07.gpt_instruction_finetuning",
                description="Instruction fine-tune a GPT model (chapter 7) and answer the test instructions.")
-    add_model_source_args(p, "gpt2-medium", "offline: a small model from scratch, 320 records, 3 test answers "
+    add_model_source_args(p, DEFAULT_MODEL, "offline: a small model from scratch, 320 records, 3 test answers "
                                             "(about a minute)")
     add_common_args(p, str(outputs_dir("ch07")))
     p.add_argument("--mask-instructions", action="store_true",
@@ -207,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def main_run():
-        if args.n_heads is not None and args.init_checkpoint is None:
-            raise InvalidInput("--n-heads sets the head count of an --init-checkpoint file without a config; "
-                               "give --init-checkpoint too, or leave --n-heads out")
+        check_model_source(args, DEFAULT_MODEL)
         check_output_dir(args.output_dir, args.overwrite, ("*-sft.pth",), resume=args.resume)
         check_input_file(args.init_checkpoint, "--init-checkpoint")
         check_input_file(args.resume, "--resume")

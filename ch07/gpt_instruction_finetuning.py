@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ch04.gpt import GPTModel
+from ch04.gpt import REQUIRED_KEYS, GPTModel
 from ch05.gpt_generate import generate
 from ch05.gpt_train import text_to_token_ids
 from llmfs.atomic import atomic_write
@@ -379,7 +379,8 @@ def save_finetuned_model(model: nn.Module, path: str | os.PathLike, **metadata) 
 
 def load_finetuned_model(path: str | os.PathLike, device=None) -> tuple[GPTModel, dict]:
     """(model in eval mode, metadata) from files written by `save_finetuned_model`."""
-    return load_with_config(path, device, build=lambda meta: GPTModel(meta["config"]))
+    return load_with_config(path, device, build=lambda meta: GPTModel(meta["config"]),
+                            required=REQUIRED_KEYS)
 
 
 if __name__ == "__main__":

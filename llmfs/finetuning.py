@@ -14,14 +14,14 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from llmfs.atomic import atomic_write
-from llmfs.checkpoint import load_model, save_model
+from llmfs.checkpoint import check_model_config, load_model, save_model
 from llmfs.cli import positive_int
 from llmfs.errors import InvalidInput
 
@@ -35,11 +35,13 @@ def save_with_config(model: nn.Module, path: str | os.PathLike, **metadata) -> P
     return path
 
 
-def load_with_config(path: str | os.PathLike, device=None, *,
-                     build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
+def load_with_config(path: str | os.PathLike, device=None, *, build: Callable[[dict], nn.Module],
+                     required: Iterable[str] = ()) -> tuple[nn.Module, dict]:
     """(model in eval mode, metadata) from the files `save_with_config` wrote.
 
-    `build(metadata)` makes the empty model (chapter 7: `GPTModel(metadata["config"])`).
+    `build(metadata)` makes the empty model (chapter 7: `GPTModel(metadata["config"])`); the config is
+    checked first (`llmfs.checkpoint.check_model_config`, with the `required` keys of the chapter's
+    model), so a damaged .json is one line naming it, not a KeyError from inside the model.
     """
     path = Path(path)
     meta_path = path.with_suffix(".json")
@@ -54,6 +56,7 @@ def load_with_config(path: str | os.PathLike, device=None, *,
         raise InvalidInput(f"{meta_path} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise InvalidInput(f"{meta_path} holds no model config (a 'config' object)")
+    check_model_config(meta["config"], str(meta_path), required)
     model = build(meta)
     load_model(model, path)
     return model.to(device or "cpu").eval(), meta

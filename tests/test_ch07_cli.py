@@ -59,8 +59,20 @@ def test_n_heads_settles_the_head_count_of_a_weights_only_init_checkpoint(tmp_pa
 def test_n_heads_without_an_init_checkpoint_is_refused(tmp_path, capsys):
     assert ft.main(["--quick", "--n-heads", "4", "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err == ("error: --n-heads sets the head count of an --init-checkpoint file without a config; give "
-                   "--init-checkpoint too, or leave --n-heads out\n")
+    assert err == "error: --n-heads only applies to --init-checkpoint (a file without a config)\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--from-scratch"], "--quick and --from-scratch both choose a random-init model"),
+    (["--quick", "--model", "gpt2-xl"], "--model gpt2-xl is not used with --quick"),
+    (["--from-scratch", "--model", "gpt5"], "unknown GPT-2 model 'gpt5'"),
+])
+def test_model_options_that_would_be_ignored_are_refused(tmp_path, capsys, argv, message):
+    """The same rule as chapter 6 (ch06.cli.check_model_source): no model option is silently dropped."""
+    assert ft.main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
