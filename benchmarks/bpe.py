@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.run import machine_description, write_report
 from ch02.bpe.bpe import BPETokenizerSimple, bytes_to_unicode, train_naive
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
+from llmfs.bench import machine_description, write_report
 from llmfs.cli import Parser, check_output_dir, positive_int, run
 from llmfs.download import get_data_file
 

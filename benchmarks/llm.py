@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     def benchmark() -> None:
         import transformers
 
-        from benchmarks.run import machine_description, write_report
+        from llmfs.bench import machine_description, write_report
 
         check_output_dir(args.out, option="--out")  # before minutes of measuring
         if args.workdir is not None:

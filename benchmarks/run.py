@@ -13,56 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from ch04.gpt import GPT_CONFIG_124M
 from llmfs.atomic import atomic_path, atomic_write
+from llmfs.bench import machine_description
 from llmfs.cli import Parser, check_output_dir, positive_int, run
-from llmfs.onednn_linear import onednn_linear_supported
 
 TINY_CONFIG = {"vocab_size": 1000, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                "drop_rate": 0.1, "qkv_bias": False}
 SECTIONS = ("train", "generate", "scaling", "amp")
-
-
-def write_report(out: Path, json_name: str, md_name: str, data: dict, table: str,
-                 goals: list[tuple[str, bool]]) -> None:
-    """Write the results (JSON) and the table (Markdown) atomically into `out`; print the table and the goals met."""
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / json_name) as f:
-        json.dump(data, f, indent=1)
-    with atomic_write(out / md_name) as f:
-        f.write(table)
-    print(table)
-    print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {out}")
-
-
-def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "bf16_cpu": bf16_supported(),
-            "onednn_linear": onednn_linear_supported()}
-
-
-def bf16_supported() -> bool:
-    """True when this CPU has native bfloat16 instructions (AVX512-BF16 or AMX), where autocast pays off."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
 
 
 def run_worker(spec: dict, timeout: float = 1800) -> dict:

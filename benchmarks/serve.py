@@ -27,9 +27,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.run import TINY_CONFIG, machine_description
+from benchmarks.run import TINY_CONFIG
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from llmfs.atomic import atomic_write
+from llmfs.bench import machine_description
 from llmfs.checkpoint import save_model
 from llmfs.cli import Parser, check_output_dir, positive_int, run
 

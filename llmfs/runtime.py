@@ -110,6 +110,15 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
+def cpu_bf16_supported() -> bool:
+    """True when this CPU has native bfloat16 instructions (AVX512-BF16 or AMX), where bfloat16 autocast
+    pays off; elsewhere PyTorch emulates it, slower than float32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def distributed_backend() -> str:
     """The torch.distributed backend that works here: NCCL on CUDA (Linux), Gloo otherwise.
 

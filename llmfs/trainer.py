@@ -42,7 +42,7 @@ from llmfs.checkpoint import (
     save_checkpoint,
 )
 from llmfs.errors import InvalidInput
-from llmfs.runtime import DeviceUnavailableError
+from llmfs.runtime import DeviceUnavailableError, cpu_bf16_supported
 
 # --- Optimizer and precision -----------------------------------------------------------------------
 
@@ -77,14 +77,9 @@ def check_autocast_support(device, dtype: torch.dtype | None) -> None:
     kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceUnavailableError("--dtype bfloat16: this GPU has no bfloat16 support; use --dtype float32")
-    if kind == "cpu":
-        try:
-            native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        except (AttributeError, RuntimeError):
-            native = False
-        if not native:
-            raise DeviceUnavailableError("--dtype bfloat16: this CPU has no native bfloat16 instructions (AVX512-BF16 or "
-                               "AMX), so bfloat16 would be slower than float32; use --dtype float32")
+    if kind == "cpu" and not cpu_bf16_supported():
+        raise DeviceUnavailableError("--dtype bfloat16: this CPU has no native bfloat16 instructions (AVX512-BF16 or "
+                                     "AMX), so bfloat16 would be slower than float32; use --dtype float32")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
