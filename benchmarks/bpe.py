@@ -1,4 +1,4 @@
-"""Benchmark the BPE tokenizer of ch02/bpe.py: training against Hugging Face `tokenizers` and the book's
+"""Benchmark the BPE tokenizer of ch02/bpe/bpe.py: training against Hugging Face `tokenizers` and the book's
 naive trainer, encoding against tiktoken, all in one run.
 
     python -m benchmarks.bpe            # tinyshakespeare, 1,000- and 5,000-token vocabularies (~2 minutes)
@@ -6,7 +6,7 @@ naive trainer, encoding against tiktoken, all in one run.
 
 Training: ours (`BPETokenizerSimple.train`) and Hugging Face's byte-level `BpeTrainer` on the whole
 corpus, same vocabulary size (special token included), in rounds (ours, HF, ours, HF, ...) so that a busy
-minute hits both; the fastest round counts. The naive trainer (`ch02.bpe.train_naive`, which recounts
+minute hits both; the fastest round counts. The naive trainer (`ch02.bpe.bpe.train_naive`, which recounts
 every pair for every merge) would take many minutes on the whole corpus, so it runs once on its first
 `--naive-chars` characters, next to ours on the same slice; both must learn the same merges.
 

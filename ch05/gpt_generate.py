@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from llmfs.runtime import eval_mode
-from llmfs.sampling import check_sampling_args, filter_logits, next_logits, next_token  # noqa: F401
+from llmfs.sampling import check_sampling_args, next_logits, next_token
 
 
 # no_grad rather than inference_mode: under torch.autocast, inference mode turns off autocast's

@@ -204,7 +204,7 @@ def saved_config(path: str | os.PathLike) -> dict | None:
     """The GPT config stored with a file, when there is one.
 
     Looks at a training checkpoint's "config" entry, a .safetensors file's metadata, and a
-    `config.json` next to the file (written by `ch05.gpt_train.main`). None when none is found.
+    `config.json` next to the file (written by `python -m ch05.gpt_train` (`ch05.cli.pretrain`)). None when none is found.
     """
     path = Path(path)
     if path.suffix == ".safetensors":

@@ -1,4 +1,4 @@
-"""ch02/bpe.py: the byte pair encoding tokenizer from scratch.
+"""ch02/bpe/bpe.py: the byte pair encoding tokenizer from scratch.
 
 GPT-2 parity with the project's tiktoken tokenizer, round trips (property-based with hypothesis),
 deterministic training with the documented tie rule, naive and incremental trainers agreeing, the
@@ -397,5 +397,5 @@ def test_notebook_defines_the_modules_functions():
     in_module = {n.name: ast.dump(n) for n in ast.parse(Path(bpe.__file__).read_text()).body
                  if isinstance(n, ast.FunctionDef)}
     for name in NOTEBOOK_DEFINES:
-        assert in_notebook.get(name) == in_module[name], f"the notebook's {name} differs from ch02/bpe.py's"
+        assert in_notebook.get(name) == in_module[name], f"the notebook's {name} differs from ch02/bpe/bpe.py's"
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from ch04.gpt import GPTModel, generate_text_simple
-from ch05.gpt_generate import filter_logits, generate, next_token
+from ch05.gpt_generate import generate
+from llmfs.sampling import filter_logits, next_token
 
 REPO = Path(__file__).resolve().parents[1]
 

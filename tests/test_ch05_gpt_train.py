@@ -1,6 +1,6 @@
 """Tests for ch05/gpt_train.py, the book's listings: token helpers, the losses, evaluation,
 the sample, the training loop and the loss plot (on a tiny config and a short text).
-The training layer around them (resume, checkpoints, DDP, ...) is tested in test_ch05_trainer.py.
+The training layer around them (resume, checkpoints, DDP, ...) is tested in test_llmfs_trainer.py.
 """
 
 import math

@@ -1,4 +1,4 @@
-"""Tests for ch06/cli.py (and the shared ch06/finetuning.py): the script's routes (pretrained offline,
+"""Tests for ch06/cli.py (and the shared llmfs/finetuning.py): the script's routes (pretrained offline,
 a tiny local GPT-2, from scratch, from a chapter-5 file), one real offline fine-tuning run (the slow test),
 Ctrl-C and exact resume, and the command line's one-line errors."""
 

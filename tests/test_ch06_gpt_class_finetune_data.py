@@ -1,4 +1,4 @@
-"""Tests for ch06/spam_data.py: the spam data (counts, balancing, splits, CSV checks), SpamDataset
+"""Tests for the data part of ch06/gpt_class_finetune.py (sections 6.2-6.3): the spam data (counts, balancing, splits, CSV checks), SpamDataset
 padding/truncation and the loaders; the data comes from the shared mirror."""
 
 import pandas as pd

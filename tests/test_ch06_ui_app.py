@@ -1,4 +1,4 @@
-"""Tests for ch06/app.py, driven in a headless Chromium: a quick-mode classifier, trained here with
+"""Tests for ch06/ui/app.py, driven in a headless Chromium: a quick-mode classifier, trained here with
 chapter 6's own `main` (two epochs, ~10 s), labels a known spam and a known ham message of the
 test split correctly in the page, with the probabilities `class_probabilities` gives and the label
 `classify_review` gives; an empty text and a classifier file that is not one get a message.

@@ -1,4 +1,4 @@
-"""Tests for ch07/dpo.py: the DPO loss and rewards against trl's DPOTrainer, the answer masks on a
+"""Tests for ch07/dpo/dpo.py: the DPO loss and rewards against trl's DPOTrainer, the answer masks on a
 hand-made batch, the log-probabilities, the reference model's frozen state, the trainer's run against
 the notebook's loop, SIGTERM and exact resume, the command's errors and outputs rule, and a quick-mode
 end-to-end run in which the validation reward margin and reward accuracy rise."""
@@ -407,7 +407,7 @@ def test_notebook_defines_the_modules_listings():
     listings = ["PreferenceDataset", "preference_collate_fn", "compute_dpo_loss", "compute_logprobs",
                 "compute_dpo_loss_batch"]
     for name in listings:
-        assert in_notebook.get(name) == in_module[name], f"the notebook's {name} differs from ch07/dpo.py's"
+        assert in_notebook.get(name) == in_module[name], f"the notebook's {name} differs from ch07/dpo/dpo.py's"
 
 
 def test_cli_without_the_data_file_says_where_to_get_it(sft_model_file, tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Tests for ch07/preference_data.py against a real HTTP server on 127.0.0.1 that speaks Ollama's API
+"""Tests for ch07/dpo/preference_data.py against a real HTTP server on 127.0.0.1 that speaks Ollama's API
 (the fake from test_ch07_ollama_evaluate): the prompts it sends, reply validation and retries, a server
 that dies part-way, a rerun that continues (also after a half-written line), and, where chapter 7's own
 Ollama-API server `ch07.serve` exists, a run against it."""

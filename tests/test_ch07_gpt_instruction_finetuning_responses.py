@@ -1,4 +1,4 @@
-"""Tests for ch07/responses.py: cutting the answer out of the generated text, and the fine-tuned
+"""Tests for the answers part of ch07/gpt_instruction_finetuning.py (sections 7.6-7.7): cutting the answer out of the generated text, and the fine-tuned
 model's files (weights + config) round trip."""
 
 import torch

@@ -1,4 +1,4 @@
-"""Tests for ch07/app.py, driven in a headless Chromium: an instruction typed in the page gets, token
+"""Tests for ch07/ui/app.py, driven in a headless Chromium: an instruction typed in the page gets, token
 by token, the answer chapter 7's `generate_response` gives (Alpaca prompt, greedy, stop at
 <|endoftext|>); an empty instruction and a file that is not a chat model get a message. A tiny
 random model saved with `save_finetuned_model` stands in for a fine-tuned one.

@@ -1,4 +1,4 @@
-"""Tests for ch02/atomic.py: data reaches the disk before the rename, and temporary files of a killed
+"""Tests for llmfs/atomic.py: data reaches the disk before the rename, and temporary files of a killed
 writer are removed at the next start (only ours). (A failed write keeping the old file: test_ch02_runtime.py.)"""
 
 import os

@@ -1,4 +1,4 @@
-"""Tests for ch05/checkpoint.py: round trips (.pth and .safetensors, tied weights included),
+"""Tests for llmfs/checkpoint.py: round trips (.pth and .safetensors, tied weights included),
 mismatch errors that name the tensors, atomic writes, refusing pickled objects, and
 rebuilding a config from a weights-only file.
 """
@@ -180,7 +180,7 @@ def test_config_from_state_dict_and_sidecar(tmp_path):
     assert guessed["n_heads"] == 4  # the quick config's width
     with pytest.raises(CheckpointMismatchError, match="n_heads"):
         config_from_state_dict(model.state_dict())  # emb_dim 16: no rule applies
-    # config.json beside the weights (as ch05.gpt_train.main writes it)
+    # config.json beside the weights (as ch05.cli.pretrain writes it)
     save_model(model, tmp_path / "model.pth")
     assert saved_config(tmp_path / "model.pth") is None
     (tmp_path / "config.json").write_text(json.dumps(model.cfg))

@@ -1,4 +1,4 @@
-"""ch02/download.py: mirror -> cache -> download, always sha256-verified, never online.
+"""llmfs/download.py: mirror -> cache -> download, always sha256-verified, never online.
 
 Downloads are tested against a throw-away HTTP server on 127.0.0.1; the data file specs
 are swapped for ones whose URL and checksum match what that server holds.

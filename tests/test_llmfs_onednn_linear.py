@@ -1,4 +1,4 @@
-"""Tests for ch05/onednn_linear.py: float32 CPU linear layers through oneDNN give the same values
+"""Tests for llmfs/onednn_linear.py: float32 CPU linear layers through oneDNN give the same values
 and gradients as PyTorch's default path, only where they should, and the trainer uses them."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""ch02/runtime.py (device choice, quick mode, seeding) and ch02/atomic.py (atomic writes)."""
+"""llmfs/runtime.py (device choice, quick mode, seeding) and llmfs/atomic.py (atomic writes)."""
 
 import random
 from pathlib import Path
