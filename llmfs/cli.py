@@ -46,18 +46,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An option type for a whole number from `low` to `high` (no upper end when `high` is None),
+    e.g. `whole_number(1, 65535)` for a port: the range is said in the one-line error."""
+    what = f"from {low} to {high}" if high is not None else f">= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number {what}, got {text}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be a whole number {what}, got {text}")
+        return value
+
+    parse.__name__ = f"whole number {what}"
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
+positive_int = whole_number(1)
+non_negative_int = whole_number(0)
 
 
 def positive_float(text: str) -> float:
@@ -253,21 +261,3 @@ def chapter_module(name: str) -> ModuleType:
     if getattr(getattr(main, "__spec__", None), "name", None) == name:
         return main
     return importlib.import_module(name)
-
-
-def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An option type for a whole number from `low` to `high` (no upper end when `high` is None),
-    e.g. `whole_number(1, 65535)` for a port: the range is said in the one-line error."""
-    what = f"from {low} to {high}" if high is not None else f">= {low}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number {what}, got {text}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be a whole number {what}, got {text}")
-        return value
-
-    parse.__name__ = f"whole number {what}"
-    return parse

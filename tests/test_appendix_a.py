@@ -157,7 +157,7 @@ def test_ddp_script_two_cpu_processes(tmp_path, single_process_result):
 @pytest.mark.parametrize("argv, message", [
     (["--num-epochs", "-1"], "argument --num-epochs: must be a whole number >= 1, got -1"),
     (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
-    (["--batch-size", "two"], "argument --batch-size: invalid positive_int value: 'two'"),
+    (["--batch-size", "two"], "argument --batch-size: must be a whole number >= 1, got two"),
 ])
 def test_ddp_script_bad_options_are_one_line_errors(argv, message):
     proc = subprocess.run([sys.executable, str(DDP_SCRIPT), *argv], cwd=REPO, capture_output=True, text=True,
