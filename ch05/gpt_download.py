@@ -32,7 +32,6 @@ OpenAI's settings and nested params (from the same safetensors files), which
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -175,14 +174,9 @@ def _config_from_hf_json(path: Path) -> dict:
 
     A file that is not JSON, or lacks a size, raises CheckpointFileError naming it."""
     from ch04.gpt import REQUIRED_KEYS
-    from llmfs.checkpoint import CheckpointFileError, check_model_config
+    from llmfs.checkpoint import CheckpointFileError, check_model_config, read_config_json
 
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFileError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointFileError(f"{path} holds a {type(hf).__name__}, not a Hugging Face config (an object)")
+    hf = read_config_json(path, "Hugging Face config")
     missing = [k for k in ("vocab_size", "n_embd", "n_head", "n_layer") if k not in hf]
     if "n_positions" not in hf and "n_ctx" not in hf:
         missing.append("n_positions")

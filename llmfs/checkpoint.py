@@ -200,6 +200,19 @@ def _one_name_per_tensor(state: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     return kept, metadata
 
 
+def read_config_json(path: str | os.PathLike, what: str = "model config") -> dict:
+    """The JSON object in `path` (a config.json): a file that is not JSON, or holds something other than an
+    object, is the user's to fix (CheckpointFileError naming it)."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFileError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointFileError(f"{path} holds a {type(cfg).__name__}, not a {what} (an object)")
+    return cfg
+
+
 def saved_config(path: str | os.PathLike) -> dict | None:
     """The GPT config stored with a file, when there is one.
 

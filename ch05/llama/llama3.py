@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ch03.attention import MultiHeadAttention
 from ch04.gpt import GPTModel
-from llmfs.checkpoint import CheckpointFileError, check_model_config, check_state_dict
+from llmfs.checkpoint import CheckpointFileError, check_model_config, check_state_dict, read_config_json
 from llmfs.errors import InvalidInput, UserError
 
 LLAMA32_CONFIG_1B = {
@@ -522,13 +522,7 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json, so the model's family and sizes are unknown")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFileError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointFileError(f"{path} holds a {type(hf).__name__}, not a model config (an object)")
-    return hf
+    return read_config_json(path)
 
 
 def build_and_load(model_cls: type[nn.Module], cfg: dict, model_dir: str | os.PathLike,
