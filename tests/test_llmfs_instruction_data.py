@@ -15,7 +15,8 @@ def test_the_chapters_file_loads():
 
 
 @pytest.mark.parametrize("content, match", [
-    (b'[{"instruction": "a", "output": "b",}]', r"is not valid JSON: .* at line 1, column 37 \(char 36\)"),
+    # Python 3.13 reports the trailing comma one column earlier than 3.10-3.12.
+    (b'[{"instruction": "a", "output": "b",}]', r"is not valid JSON: .* at line 1, column 3[67] \(char 3[56]\)"),
     ('[{"instruction": "caf\u00e9"}]'.encode("latin-1"), "is not UTF-8 text"),
     (b'{"instruction": "a"}', "expected a JSON list of records, got dict"),
     (b'[["a", "b"]]', "record 0 is a list"),
