@@ -59,7 +59,7 @@ def gpt_generate():
     return chapter_module("ch05.gpt_generate")
 
 
-# --- The chapter-5 run: python -m ch05.gpt_train -------------------------------------------------------------------------------------
+# --- The chapter-5 run: python -m ch05.gpt_train ------------------------------------------------------
 
 def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume: str | None = None,
              checkpoint_every: int | None = None, dtype: str | None = None, text: str | None = None,
@@ -87,7 +87,9 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         text = get_data_file("the-verdict.txt").read_text(encoding="utf-8")
     tokenizer = get_gpt2_tokenizer()
     check_text_fits(text, tokenizer, cfg["context_length"], settings["batch_size"], settings["train_ratio"])
-    train_loader, val_loader = gpt_train().create_train_val_loaders(text, cfg, settings["batch_size"], settings["train_ratio"])
+    listings = gpt_train()
+    train_loader, val_loader = listings.create_train_val_loaders(text, cfg, settings["batch_size"],
+                                                                 settings["train_ratio"])
     model = GPTModel(cfg).to(device)
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     is_main = dist_info is None or dist_info.is_main
@@ -109,7 +111,6 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         if sample_tokens:
             print_sample(m, tokenizer, device, settings["start_context"], sample_tokens)
 
-    listings = gpt_train()
     start = time.perf_counter()
     result = train(model, train_loader, val_loader, optimizer, device, num_epochs=settings["num_epochs"],
                    eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"],
