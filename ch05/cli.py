@@ -78,7 +78,7 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
     if dist_info is not None:
         device = dist_info.device
-    device = torch.device(device) if device is not None else get_device()
+    device = get_device(device)
     autocast_dtype = parse_dtype(dtype)
     check_autocast_support(device, autocast_dtype)
     output_dir = Path(output_dir)
@@ -210,11 +210,15 @@ def train_settings(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def train_main(argv: list[str] | None = None) -> int:
     """`python -m ch05.gpt_train [options]`; returns the exit code."""
-    args = train_parser().parse_args(argv)
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    if args.onednn and args.dtype != "float32":
+        parser.error("--onednn computes float32 linear layers and cannot run with --dtype bfloat16; choose one")
 
     def main():
         cfg, settings = train_settings(args)
-        check_output_dir(args.output_dir, args.overwrite, ("model.pth",), resume=args.resume)
+        check_output_dir(args.output_dir, args.overwrite, ("model.pth",), resume=args.resume,
+                         checkpoint="checkpoint.pth")
         check_input_file(args.resume, "--resume")
         pretrain(cfg, settings, args.output_dir, device=args.device, resume=args.resume,
                  checkpoint_every=args.checkpoint_every, dtype=args.dtype, max_steps=args.max_steps,

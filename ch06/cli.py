@@ -101,7 +101,7 @@ def finetune(settings: dict, output_dir: str | Path | None = None, *, mode: str 
     """
     if mode not in ("pretrained", "quick", "scratch"):
         raise InvalidInput(f"mode must be 'pretrained', 'quick' or 'scratch', got {mode!r}")
-    device = torch.device(device) if device is not None else get_device()
+    device = get_device(device)
     with cpu_threads(settings.get("num_threads") if device.type == "cpu" else None):
         output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch06")
         return _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, cfg, device,
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def main_run():
         check_model_source(args)
-        check_output_dir(args.output_dir, args.overwrite, (book.MODEL_FILE,), resume=args.resume)
+        check_output_dir(args.output_dir, args.overwrite, (book.MODEL_FILE,), resume=args.resume,
+                         checkpoint="checkpoint.pth")
         check_input_file(args.init_checkpoint, "--init-checkpoint")
         check_input_file(args.resume, "--resume")
         finetune(settings, args.output_dir, mode=mode, model_name=args.model, init_checkpoint=args.init_checkpoint,

@@ -99,7 +99,7 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
     otherwise OpenAI's pretrained `model_name` (PretrainedWeightsUnavailable when offline).
     A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
     """
-    device = torch.device(device) if device is not None else get_device()
+    device = get_device(device)
     output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch07")
     style = settings.get("style", "alpaca")
     set_seed(settings["seed"])
@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def main_run():
         check_model_source(args, DEFAULT_MODEL)
-        check_output_dir(args.output_dir, args.overwrite, ("*-sft.pth",), resume=args.resume)
+        check_output_dir(args.output_dir, args.overwrite, ("*-sft.pth",), resume=args.resume,
+                         checkpoint="checkpoint.pth")
         check_input_file(args.init_checkpoint, "--init-checkpoint")
         check_input_file(args.resume, "--resume")
         finetune(settings_from_args(args), args.output_dir, model_name=args.model, quick=args.quick,
@@ -242,7 +243,7 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     """
     if style not in ("auto", None, *book.PROMPT_STYLES):
         raise InvalidInput(f"unknown prompt style {style!r}; choose auto, none or one of {book.PROMPT_STYLES}")
-    device = torch.device(device) if device is not None else get_device()
+    device = get_device(device)
     finetuned = finetuned_file(Path(spec).expanduser())
     if finetuned is not None:
         model, metadata = book.load_finetuned_model(finetuned, device=device)

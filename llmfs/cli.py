@@ -28,7 +28,7 @@ from types import ModuleType
 
 from llmfs.atomic import remove_stale_temporary_files
 from llmfs.checkpoint import CheckpointFileError, is_torch_file
-from llmfs.errors import UserError
+from llmfs.errors import InvalidInput, UserError
 from llmfs.onednn_linear import onednn_linear
 from llmfs.runtime import DeviceUnavailableError, environment_notice
 from llmfs.trainer import TrainingInterrupted
@@ -170,14 +170,19 @@ def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, on
 # --- Checks before the work starts ------------------------------------------------------------------
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, model_patterns: tuple[str, ...] = (),
-                     resume: str | os.PathLike | None = None, option: str = "--output-dir") -> Path:
+                     resume: str | os.PathLike | None = None, option: str = "--output-dir",
+                     checkpoint: str | None = None) -> Path:
     """Make sure the run can write its results, before it spends any time on training.
 
-    Creates the folder, writes and removes a probe file (PermissionError with the folder's
-    name otherwise), removes temporary files left by a killed earlier write, and refuses a
-    folder that already holds a finished model (a file matching `model_patterns`) unless
-    `overwrite`, or unless the run resumes a checkpoint from that same folder.
+    Refuses an empty path (which would mean the current folder without saying so). Creates the
+    folder, writes and removes a probe file (PermissionError with the folder's name otherwise),
+    removes temporary files left by a killed earlier write, and refuses a folder that already
+    holds a finished model (a file matching `model_patterns`) or the training checkpoint of an
+    earlier run (the file named `checkpoint`, e.g. one interrupted by Ctrl-C) unless `overwrite`,
+    or unless the run resumes a checkpoint from that same folder.
     """
+    if not str(path).strip():
+        raise InvalidInput(f"{option} is empty; name a folder (e.g. {option} outputs/run1)")
     folder = Path(path)
     probe = folder / f".write-probe.{os.getpid()}"
     try:
@@ -201,6 +206,11 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, model_pat
     if finished and not overwrite and not resuming_here:
         raise FileExistsError(f"{option} {folder} already holds a trained model ({', '.join(finished)}); "
                               f"pass --overwrite to replace it, or choose another {option}")
+    earlier = folder / checkpoint if checkpoint else None
+    if earlier is not None and earlier.exists() and not overwrite and not resuming_here:
+        raise FileExistsError(f"{option} {folder} holds {checkpoint} of an earlier run that did not finish; "
+                              f"continue it with --resume {earlier}, pass --overwrite to start afresh, or "
+                              f"choose another {option}")
     return folder
 
 

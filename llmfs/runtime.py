@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,27 +60,31 @@ def is_quick() -> bool:
     return os.environ.get(QUICK_ENV, "0").strip().lower() in _TRUE
 
 
-def get_device(prefer: str | None = None) -> torch.device:
+def get_device(prefer: str | torch.device | None = None) -> torch.device:
     """Pick the best available device: cuda > mps > cpu.
 
-    `prefer` (or the environment variable `LLMFS_DEVICE`) forces a choice, e.g.
-    "cpu" when a PyTorch/MPS combination gives wrong results on a Mac.
+    `prefer` (a command's `--device`, or the environment variable `LLMFS_DEVICE`) forces a choice,
+    e.g. "cpu" when a PyTorch/MPS combination gives wrong results on a Mac. Only the devices the
+    project runs on are accepted (cpu, cuda, cuda:N, mps), and only when this machine has them.
     """
-    choice = (prefer or os.environ.get(DEVICE_ENV, "")).strip().lower()
+    if isinstance(prefer, torch.device):
+        prefer = str(prefer)
+    where = f"--device {prefer!r}" if prefer is not None else f"{DEVICE_ENV}={os.environ.get(DEVICE_ENV, '')!r}"
+    choice = (prefer if prefer is not None else os.environ.get(DEVICE_ENV, "")).strip().lower()
+    if prefer is not None and not choice:
+        raise DeviceUnavailableError(f"{where} is empty; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if choice:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", choice):
+            raise DeviceUnavailableError(f"{where} is not a device this project runs on; use 'cpu', 'cuda', "
+                                         "'cuda:N' or 'mps'")
         if choice.startswith("cuda") and not torch.cuda.is_available():
-            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for {choice!r} but CUDA is not available; "
-                               "use 'cpu' or install a CUDA build of PyTorch.")
+            raise DeviceUnavailableError(f"{where}: CUDA is not available here; use 'cpu' or install a CUDA build "
+                                         "of PyTorch")
         if choice == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for 'mps' but MPS is not available; use 'cpu'.")
-        try:
-            device = torch.device(choice)
-        except RuntimeError as exc:
-            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer={choice!r} is not a device PyTorch knows; "
-                               f"use 'cpu', 'cuda', 'cuda:N' or 'mps' ({exc})") from None
+            raise DeviceUnavailableError(f"{where}: MPS is not available here; use 'cpu'")
+        device = torch.device(choice)
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceUnavailableError(f"{DEVICE_ENV}/prefer asks for {choice!r} but only "
-                               f"{torch.cuda.device_count()} CUDA device(s) are visible.")
+            raise DeviceUnavailableError(f"{where}: only {torch.cuda.device_count()} CUDA device(s) are visible")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -12,6 +12,9 @@ for the DPO loop `ch07.dpo.dpo.train_model_dpo_simple`) and adds:
   saved at the start of the epoch, the batches already trained on are skipped, then the
   RNG continues where it stopped, so dropout masks and batches are those of an
   uninterrupted run;
+* a loss that stops being a finite number (a learning rate far too high) ends the run with
+  `TrainingDiverged` before that step updates anything; no checkpoint or final weights that are
+  not finite numbers are ever handed out, so the last checkpoint on disk stays the last good one;
 * DistributedDataParallel under `torchrun` (`llmfs.distributed`), `max_steps`, mixed
   precision (`autocast_dtype`), a progress bar;
 * hooks, so that chapter 5 (the book's loss, evaluation and sample), chapter 6 (classification
@@ -41,7 +44,7 @@ from llmfs.checkpoint import (
     load_state_file,
     save_checkpoint,
 )
-from llmfs.errors import InvalidInput
+from llmfs.errors import InvalidInput, UserError
 from llmfs.runtime import DeviceUnavailableError, cpu_bf16_supported
 
 # --- Optimizer and precision -----------------------------------------------------------------------
@@ -154,6 +157,32 @@ def _deferred_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss (or the weights) stopped being finite numbers: the run stops before saving anything.
+
+    A learning rate far too high is the usual cause. Nothing is trained on or written after the bad
+    step, so the last checkpoint on disk (if any) is one of finite weights, and no final model is written.
+    """
+
+    def __init__(self, what: str, step: int, lr: float, last_checkpoint: Path | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        kept = (f"the last checkpoint, {last_checkpoint}, is kept as it was" if last_checkpoint
+                else "no checkpoint or model was written")
+        super().__init__(f"training diverged at step {step}: {what}; {kept}. Start again with a lower "
+                         f"learning rate (this run used {lr:g})")
+
+
+def _all_finite(tensors, device, everywhere: bool = False) -> bool:
+    """Whether every tensor holds only finite numbers; with `everywhere`, on every process under torchrun
+    (a collective: every process must ask)."""
+    ok = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
+    if everywhere and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = ok.to(device=device, dtype=torch.float32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+    return bool(ok.item())
 
 
 # --- Resuming ----------------------------------------------------------------------------------------
@@ -306,10 +335,24 @@ def train(
             print(f"resumed from {resume_from} at epoch {start_epoch + 1}, step {global_step + 1} "
                   f"({skip_batches} of the epoch's {steps_per_epoch} batches done){writes}")
 
+    last_saved = Path(resume_from) if resume_from is not None else None
+
+    def lr_now() -> float:
+        return optimizer.param_groups[0]["lr"]
+
+    def check_weights() -> None:
+        """Never save (or hand back for saving) weights that are not finite numbers. (DDP keeps the
+        weights equal on every process, so each can check its own copy.)"""
+        if not _all_finite(list(core.parameters()), device):
+            raise TrainingDiverged("the weights are no longer finite numbers (a gradient overflowed)",
+                                   global_step + 1, lr_now(), last_saved)
+
     def checkpoint(epoch: int, batch_in_epoch: int, rng_epoch_start, loader_rng_epoch_start) -> Path | None:
+        nonlocal last_saved
+        check_weights()
         if not (checkpoint_path and is_main):
             return None
-        return save_checkpoint(
+        last_saved = save_checkpoint(
             checkpoint_path, core, optimizer,
             global_step=global_step, epoch=epoch, batch_in_epoch=batch_in_epoch, tokens=tokens,
             examples=examples, history=history, num_epochs=num_epochs, steps_per_epoch=steps_per_epoch,
@@ -320,6 +363,7 @@ def train(
             device_rng_state=_device_rng_state(device), config=getattr(core, "cfg", None),
             run_settings=_plain(run_settings),
         )
+        return last_saved
 
     count = count_fn or _count_pair
     describe = eval_line or _losses_line
@@ -345,6 +389,13 @@ def train(
                 with autocast_context(device, autocast_dtype):
                     # An (inputs, targets) pair as two arguments, as the book's calc_loss_batch takes them
                     loss = loss_fn(model, *batch) if isinstance(batch, (tuple, list)) else loss_fn(model, batch)
+                # New: a loss that is no longer a number ends the run before it updates or saves anything.
+                if not _all_finite([loss], device, everywhere=True):
+                    bar.close()
+                    value = loss.detach().float().item()
+                    what = (f"the training loss is {value}" if not torch.isfinite(torch.tensor(value))
+                            else "another process's training loss is not a finite number")
+                    raise TrainingDiverged(what, global_step + 2, lr_now(), last_saved)
                 loss.backward()
                 optimizer.step()
                 # Free the gradients now rather than at the next step: evaluation and sampling
@@ -392,4 +443,5 @@ def train(
                 # (Not after every epoch: a 124M model's checkpoint with optimizer state is ~2 GB.)
                 checkpoint(epoch + 1, 0, torch.get_rng_state(), gen.get_state() if gen is not None else None)
     bar.close()
+    check_weights()  # what the caller saves as the final model
     return {**history, "tokens": tokens, "examples": examples, "global_step": global_step}

@@ -51,7 +51,9 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--weight-decay", "-0.1"], ["--weight-decay", "nan"], ["--context-length", "0"],
         ["--context-length", "2048"], ["--max-steps", "0"], ["--checkpoint-every", "0"],
         ["--dtype", "float16"], ["--seed", "abc"], ["--no-such-option"], ["--output-dir", "{file_parent}"],
-        ["--output-dir", "{finished5}"], ["--device", "tpu"],
+        ["--output-dir", "{finished5}"], ["--device", "tpu"], ["--device", ""], ["--output-dir", ""],
+        ["--output-dir", "{interrupted}"], ["--onednn", "--dtype", "bfloat16"],
+        ["--lr", "1e30", "--max-steps", "5", "--no-progress", "--output-dir", "{fresh}/diverged"],
     ]],
     *[(TRAIN, name, ["--quick", *args]) for name, args in _file_cases(TRAIN, "--resume")],
     (TRAIN, f"{TRAIN} --resume weights-only", ["--quick", "--resume", "{tiny_model}"]),
@@ -60,7 +62,8 @@ CASES: list[tuple[str, str, list[str]]] = [
     *[(GENERATE, f"{GENERATE} {' '.join(a)}", ["--model", "{tiny_ckpt}", *a]) for a in [
         ["--max-new-tokens", "-1"], ["--temperature", "-1"], ["--temperature", "nan"], ["--top-k", "0"],
         ["--top-p", "0"], ["--top-p", "1.5"], ["--prompt", ""], ["--prompt", "   "], ["--n-heads", "0"],
-        ["--seed", "x"], ["--device", "tpu"], ["--prompt", "one two three four five six seven eight nine ten"],
+        ["--seed", "x"], ["--device", "tpu"], ["--device", ""],
+        ["--prompt", "one two three four five six seven eight nine ten"],
     ]],
     *[(GENERATE, name, args) for name, args in _file_cases(GENERATE, "--model")],
     (GENERATE, f"{GENERATE} --model gpt5", ["--model", "gpt5"]),
@@ -75,6 +78,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--epochs", "0"], ["--lr", "nan"], ["--eval-freq", "0"], ["--batch-size", "0"], ["--max-length", "0"],
         ["--trainable", "everything"], ["--n-heads", "0"], ["--checkpoint-every", "0"], ["--weight-decay", "inf"],
         ["--output-dir", "{file_parent}"], ["--output-dir", "{finished6}"], ["--device", "tpu"],
+        ["--device", ""], ["--output-dir", ""], ["--output-dir", "{interrupted}"],
     ]],
     *[(CLASSIFY, name, ["--quick", *args]) for name, args in _file_cases(CLASSIFY, "--init-checkpoint")],
     (CLASSIFY, f"{CLASSIFY} --resume text", ["--quick", "--resume", "{text}"]),
@@ -83,6 +87,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--epochs", "0"], ["--lr", "inf"], ["--max-new-tokens", "-1"], ["--num-test", "0"],
         ["--prompt-style", "chatml"], ["--batch-size", "0"], ["--eval-iter", "0"],
         ["--output-dir", "{file_parent}"], ["--output-dir", "{finished7}"], ["--n-heads", "4"], ["--n-heads", "0"],
+        ["--device", ""], ["--output-dir", ""], ["--output-dir", "{interrupted}"],
     ]],
     *[(INSTRUCT, name, ["--quick", *args]) for name, args in _file_cases(INSTRUCT, "--init-checkpoint")],
     (INSTRUCT, f"{INSTRUCT} --resume empty", ["--quick", "--resume", "{empty}"]),
@@ -100,7 +105,8 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--epochs", "0"], ["--lr", "nan"], ["--weight-decay", "-1"], ["--batch-size", "0"], ["--eval-freq", "0"],
         ["--eval-iter", "0"], ["--beta", "0"], ["--beta", "-0.1"], ["--max-new-tokens", "-1"],
         ["--checkpoint-every", "0"], ["--device", "tpu"], ["--seed", "x"], ["--no-such-option"],
-        ["--output-dir", "{file_parent}"], ["--output-dir", "{finished_dpo}"],
+        ["--output-dir", "{file_parent}"], ["--output-dir", "{finished_dpo}"], ["--output-dir", ""],
+        ["--output-dir", "{interrupted}"], ["--device", ""],
         ["--data", "{missing}"], ["--data", "{folder}"], ["--data", "{text}"], ["--data", "{json_not_records}"],
         ["--resume", "{text}"], ["--resume", "{empty}"], ["--quick", "--resume", "{tiny_ckpt}", "--output-dir", "{fresh}"],
     ]],
@@ -146,6 +152,8 @@ def make_fixtures(folder: Path) -> dict[str, str]:
                           ("_dpo", "quick-sft-dpo.pth")):
         (folder / f"finished{chapter}").mkdir(exist_ok=True)
         (folder / f"finished{chapter}" / name).write_bytes(b"a trained model")
+    (folder / "interrupted").mkdir(exist_ok=True)  # what Ctrl-C leaves: a checkpoint, no model yet
+    (folder / "interrupted" / "checkpoint.pth").write_bytes((folder / "tiny" / "checkpoint.pth").read_bytes())
     (folder / "trailing-comma.json").write_text('[\n  {"instruction": "a",\n   "output": "b",}\n]\n')
     (folder / "not-records.json").write_text('{"instruction": "a"}')
     (folder / "responses.json").write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi!",
@@ -159,7 +167,7 @@ def make_fixtures(folder: Path) -> dict[str, str]:
         "finished7": str(folder / "finished7"), "finished_dpo": str(folder / "finished_dpo"),
         "tiny_sft": str(folder / "tiny-sft" / "tiny-sft.pth"), "json_trailing_comma": str(folder / "trailing-comma.json"),
         "json_not_records": str(folder / "not-records.json"), "responses": str(folder / "responses.json"),
-        "fresh": str(folder / "fresh"),
+        "fresh": str(folder / "fresh"), "interrupted": str(folder / "interrupted"),
     }
 
 

@@ -231,6 +231,48 @@ def test_epochs_0_refused_and_a_finished_model_needs_overwrite(trained_dir, tmp_
     assert f"wrote {run_dir / 'model.pth'}" in out
 
 
+def test_an_interrupted_run_needs_resume_or_overwrite(trained_dir, tmp_path, capsys):
+    """A folder holding only checkpoint.pth (what Ctrl-C leaves) is not silently started over."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(trained_dir / "checkpoint.pth", run_dir / "checkpoint.pth")
+    before = (run_dir / "checkpoint.pth").read_bytes()
+    rc, out, err = run_cli(capsys, "--quick", "--max-steps", "1", "--output-dir", str(run_dir), main=train_main)
+    assert one_error_line(rc, err) and "holds checkpoint.pth of an earlier run that did not finish" in err
+    assert f"--resume {run_dir / 'checkpoint.pth'}" in err and "--overwrite" in err
+    assert (run_dir / "checkpoint.pth").read_bytes() == before and not (run_dir / "model.pth").exists()
+    rc, out, err = run_cli(capsys, "--quick", "--max-steps", "1", "--output-dir", str(run_dir), "--overwrite",
+                           "--no-progress", "--device", "cpu", main=train_main)
+    assert rc == 0, err
+    assert (run_dir / "checkpoint.pth").read_bytes() != before and (run_dir / "model.pth").exists()
+
+
+def test_an_empty_output_dir_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(capsys, "--quick", "--output-dir", "", main=train_main)
+    assert one_error_line(rc, err) and "--output-dir is empty" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverging_run_stops_in_one_line_and_writes_no_model(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc, out, err = run_cli(capsys, "--quick", "--lr", "1e30", "--max-steps", "6", "--checkpoint-every", "1",
+                           "--output-dir", str(run_dir), "--no-progress", "--device", "cpu", main=train_main)
+    assert one_error_line(rc, err) and "training diverged at step 2: the training loss is nan" in err
+    assert "lower learning rate (this run used 1e+30)" in err
+    assert f"the last checkpoint, {run_dir / 'checkpoint.pth'}, is kept" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pth"]  # no model.pth, config or plot
+    import torch
+
+    state = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert state["global_step"] == 0 and all(torch.isfinite(t).all() for t in state["model_state_dict"].values())
+
+
+def test_onednn_and_bfloat16_together_are_refused(capsys):
+    rc, out, err = run_cli(capsys, "--quick", "--onednn", "--dtype", "bfloat16", main=train_main)
+    assert one_error_line(rc, err) and "--onednn" in err and "--dtype bfloat16" in err
+
+
 def test_stale_temporary_files_are_removed_at_the_start(tmp_path, capsys):
     from llmfs.cli import check_output_dir
 

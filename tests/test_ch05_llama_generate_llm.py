@@ -149,6 +149,12 @@ def test_bad_inputs_exit_2_with_one_clear_message(tmp_path, qwen_dir, gpt_dirs, 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert "HF_HUB_OFFLINE=1 is set" in _run_error(capsys, ["--model", "Qwen/Qwen3-0.6B", *base])
     assert "--top-k: must be a whole number >= 1" in _run_error(capsys, ["--model", str(path), *base, "--top-k", "0"])
+    # a longer context than the model has is refused, not silently run past its positions
+    err = _run_error(capsys, ["--model", str(path), *base, "--context-length", "129"])
+    assert "--context-length 129 is longer than the 128 positions" in err
+    for gpt in (str(gpt_dirs[0] / "gpt2"), str(gpt_dirs[0] / "mine")):
+        err = _run_error(capsys, ["--model", gpt, *base, "--context-length", "64"])
+        assert "is a GPT model, whose positions are learned" in err
 
 
 def test_bad_config_and_options_fail_before_the_weights_load(tmp_path, qwen_dir, capsys, monkeypatch):

@@ -24,6 +24,7 @@ from ch05.gpt_train import (
 from llmfs.checkpoint import CheckpointMismatchError
 from llmfs.errors import InvalidInput
 from llmfs.trainer import (
+    TrainingDiverged,
     TrainingInterrupted,
     autocast_context,
     check_autocast_support,
@@ -327,3 +328,45 @@ def test_the_text_check_agrees_with_the_loaders(short_text, tokenizer):
         assert fits == built, f"{n} characters"
         verdicts.append(fits)
     assert False in verdicts and True in verdicts
+
+
+# --- a run that diverges stops -------------------------------------------------------------------------
+
+def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(short_text, tokenizer, tmp_path):
+    """A learning rate far too high: the run stops at the first loss that is not a number, names that
+    step and the learning rate, and leaves the last periodic checkpoint as it was (finite weights)."""
+    ckpt = tmp_path / "checkpoint.pth"
+    with pytest.raises(TrainingDiverged) as info:
+        run_training(short_text, tokenizer, num_epochs=1, lr=1e30, checkpoint_path=ckpt, checkpoint_every=1)
+    message = str(info.value)
+    assert "\n" not in message and "lower learning rate" in message and "1e+30" in message
+    assert f"training diverged at step {info.value.step}:" in message and info.value.step >= 2
+    assert info.value.last_checkpoint == ckpt and str(ckpt) in message
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] + 2 == info.value.step  # written after the step before the bad one
+    assert all(torch.isfinite(t).all() for t in state["model_state_dict"].values())
+
+
+class _InfGrad(torch.autograd.Function):
+    """0 forward, an infinite gradient backward: a finite loss whose step overflows the weights."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.shape = weight.shape
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("inf"))
+
+
+def test_weights_that_overflow_are_never_saved_or_handed_back(short_text, tokenizer, tmp_path):
+    def poisoned_loss(m, x, y):
+        return calc_loss_batch(x, y, m, "cpu") + _InfGrad.apply(m.out_head.weight)
+
+    with pytest.raises(TrainingDiverged, match="weights are no longer finite") as info:
+        run_training(short_text, tokenizer, num_epochs=1, max_steps=1, loss_fn=poisoned_loss,
+                     checkpoint_path=tmp_path / "checkpoint.pth")
+    assert info.value.last_checkpoint is None and not (tmp_path / "checkpoint.pth").exists()
+    with pytest.raises(TrainingDiverged, match="weights are no longer finite"):  # no checkpoint path: the result
+        run_training(short_text, tokenizer, num_epochs=1, max_steps=1, loss_fn=poisoned_loss)

@@ -81,7 +81,11 @@ class LoadedLLM:
     description: str
 
 
-def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device, decoding_layout: bool) -> LoadedLLM:
+def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device, decoding_layout: bool,
+                context_length: int | None = None) -> LoadedLLM:
+    if context_length is not None:  # nothing to shorten: said rather than ignored
+        raise InvalidInput(f"--context-length shortens the RoPE tables of Llama and Qwen3 models; {spec} is a GPT "
+                           "model, whose positions are learned (leave the option out)")
     model, described = load_model_for_generation(spec, device=device)
     if dtype is not None:
         model = model.to(dtype)
@@ -95,7 +99,7 @@ def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_lengt
     hf = read_hf_config(model_dir)
     family = hf.get("model_type")
     if family == "gpt2" or (family is None and "emb_dim" in hf):  # Hugging Face GPT-2, or our chapter-5 folder
-        return _gpt_family(model_dir, dtype, device, decoding_layout)
+        return _gpt_family(model_dir, dtype, device, decoding_layout, context_length)
     if family not in FAMILIES:
         raise InvalidInput(f"{model_dir}/config.json describes a {family!r} model; this command runs "
                            f"{', '.join(sorted(FAMILIES))} and gpt2")
@@ -121,10 +125,10 @@ def load_llm(spec: str | os.PathLike, dtype: torch.dtype | None = None, device: 
     if path.is_dir() and (path / "config.json").is_file():
         return _hf_folder(path, dtype, device, context_length, decoding_layout)
     if path.exists():  # our checkpoint file, or a folder holding one
-        return _gpt_family(path, dtype, device, decoding_layout)
+        return _gpt_family(path, dtype, device, decoding_layout, context_length)
     try:
         canonical_model_name(str(spec))
-        return _gpt_family(str(spec), dtype, device, decoding_layout)  # a GPT-2 name
+        return _gpt_family(str(spec), dtype, device, decoding_layout, context_length)  # a GPT-2 name
     except ValueError:
         pass
     return _hf_folder(resolve_model_dir(spec), dtype, device, context_length, decoding_layout)  # a Hub id

@@ -538,6 +538,17 @@ def build_and_load(model_cls: type[nn.Module], cfg: dict, model_dir: str | os.Pa
     return model.to(device).eval()
 
 
+def with_context_length(cfg: dict, context_length: int | None, model_dir) -> dict:
+    """`cfg` with a shorter context (smaller RoPE tables, less memory); never a longer one than the model
+    was trained for, where its answers would silently degrade."""
+    if context_length is None:
+        return cfg
+    if context_length > cfg["context_length"]:
+        raise InvalidInput(f"--context-length {context_length} is longer than the {cfg['context_length']} "
+                           f"positions of the model in {model_dir}; give at most {cfg['context_length']}")
+    return {**cfg, "context_length": context_length}
+
+
 def load_llama3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = None,
                 device: torch.device | str = "cpu", context_length: int | None = None,
                 decoding_layout: bool = False) -> Llama3Model:
@@ -550,9 +561,7 @@ def load_llama3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = 
     hf = read_hf_config(model_dir)
     if hf.get("model_type") != "llama":
         raise InvalidInput(f"{model_dir}/config.json describes a {hf.get('model_type')!r} model, not 'llama'")
-    cfg = config_from_hf(hf, f"{model_dir}/config.json")
-    if context_length:
-        cfg["context_length"] = context_length
+    cfg = with_context_length(config_from_hf(hf, f"{model_dir}/config.json"), context_length, model_dir)
     return build_and_load(Llama3Model, cfg, model_dir, dtype=dtype, device=device, decoding_layout=decoding_layout)
 
 

@@ -30,6 +30,7 @@ from ch05.llama.llama3 import (
     config_from_hf,
     read_hf_config,
     resolve_model_dir,
+    with_context_length,
 )
 from llmfs.checkpoint import check_model_config
 from llmfs.errors import InvalidInput
@@ -170,9 +171,7 @@ def load_qwen3(model_dir_or_id: str | os.PathLike, dtype: torch.dtype | None = N
     if hf.get("model_type") not in ("qwen3", "qwen3_moe"):
         raise InvalidInput(f"{model_dir}/config.json describes a {hf.get('model_type')!r} model, "
                            "not 'qwen3' or 'qwen3_moe'")
-    cfg = qwen3_config_from_hf(hf, f"{model_dir}/config.json")
-    if context_length:
-        cfg["context_length"] = context_length
+    cfg = with_context_length(qwen3_config_from_hf(hf, f"{model_dir}/config.json"), context_length, model_dir)
     return build_and_load(Qwen3Model, cfg, model_dir, dtype=dtype, device=device, decoding_layout=decoding_layout)
 
 

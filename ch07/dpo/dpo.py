@@ -516,7 +516,7 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
     A Ctrl-C or SIGTERM during training writes `output_dir/checkpoint.pth`; `resume` continues it
     exactly, with the reference rebuilt from the same `model` (a different one is refused).
     """
-    device = torch.device(device) if device is not None else get_device()
+    device = get_device(device)
     output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch07-dpo")
     set_seed(settings["seed"])
     tokenizer = get_gpt2_tokenizer()
@@ -640,7 +640,8 @@ def cli(argv: list[str] | None = None) -> int:
         if args.data is not None and not Path(args.data).is_file():
             raise FileNotFoundError(f"--data {args.data} does not exist")
         check_input_file(args.resume, "--resume")
-        check_output_dir(args.output_dir, args.overwrite, ("*-dpo.pth",), resume=args.resume)
+        check_output_dir(args.output_dir, args.overwrite, ("*-dpo.pth",), resume=args.resume,
+                         checkpoint="checkpoint.pth")
         data = load_preference_data(args.data)
         main(settings, args.model, args.output_dir, data=data, device=args.device, resume=args.resume,
              checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
