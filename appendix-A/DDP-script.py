@@ -17,7 +17,8 @@ after every backward pass DDP averages the gradients across processes, so all co
 take the same optimizer step and end with identical weights. At the end every rank
 prints its train/test accuracy and a hash of its weights; `--out DIR` also writes
 rank<k>.json with the accuracies, the hash, the sum and the flattened weights. A bad option
-(e.g. `--num-epochs -1`) is a one-line `error:` and exit code 2 from every process.
+(e.g. `--num-epochs -1`) is a one-line `error:` (said by the first process) and exit code 2 from every
+process.
 """
 
 from __future__ import annotations

@@ -2,3 +2,7 @@
 
 Run `python -m benchmarks.run` (or `--quick` for a tiny smoke run); see README "Performance".
 """
+
+from llmfs.errors import quiet_interrupt_while_starting
+
+quiet_interrupt_while_starting()

@@ -39,11 +39,17 @@ USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError
                IsADirectoryError)
 
 
+def other_torchrun_process() -> bool:
+    """True in the second, third, ... process torchrun started: every process checks the same options
+    and fails the same way, and the first one says it (one line, not one per process)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `error: argument --lr: ...` instead of usage + message."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, None if other_torchrun_process() else f"error: {message} (see --help)\n")
 
 
 def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -159,7 +165,8 @@ def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, on
         print("\ninterrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        if not other_torchrun_process():
+            print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except tuple(other_errors or ()) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)

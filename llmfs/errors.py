@@ -28,3 +28,27 @@ class InvalidInput(UserError, ValueError):
 
 class PretrainedWeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights cannot be had here (offline, no cached copy); the message says how to get them."""
+
+
+def quiet_interrupt_while_starting() -> None:
+    """Under `python -m <command>`, Ctrl-C before the command's error path is in place (importing
+    PyTorch takes seconds) prints one line instead of a traceback through the import machinery.
+
+    Called from the chapter packages' `__init__`, which `python -m chNN.module` imports first (while
+    `sys.argv[0]` is still "-m"); a notebook kernel or a reader's own script is left as it is. Only
+    KeyboardInterrupt is affected, and the process still ends as Ctrl-C ends it (exit status 130).
+    """
+    import sys
+
+    if sys.argv[:1] != ["-m"] or getattr(sys.excepthook, "quiet_interrupt", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print("\ninterrupted while starting: nothing was done", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    hook.quiet_interrupt = True
+    sys.excepthook = hook

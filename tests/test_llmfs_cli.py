@@ -252,3 +252,29 @@ def test_a_bug_in_a_training_step_shows_a_traceback_from_the_command(tmp_path):
     assert "Traceback (most recent call last)" in proc.stderr
     assert proc.stderr.rstrip().endswith("ValueError: too many values to unpack (expected 2)")
     assert "\nerror:" not in proc.stderr
+
+
+# --- Ctrl-C while a command is still starting ------------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc to interrupt during the import")
+@pytest.mark.parametrize("module", ["ch05.gpt_train", "ch07.dpo", "benchmarks.run"])
+def test_ctrl_c_while_pytorch_loads_is_one_line(module, tmp_path):
+    """SIGINT once the process is loading PyTorch's library (seconds before the command's own error
+    path exists): one line, no traceback, the exit status of Ctrl-C, nothing written."""
+    import signal
+    import time
+
+    env = {**os.environ, "LLMFS_OUTPUT_DIR": str(tmp_path / "outputs"), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    maps = Path(f"/proc/{proc.pid}/maps")
+    while time.monotonic() < deadline and proc.poll() is None and "libtorch" not in maps.read_text():
+        time.sleep(0.005)
+    assert proc.poll() is None, "the command finished before PyTorch loaded"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted while starting: nothing was done"]
+    assert proc.returncode in (-signal.SIGINT, 130) and out == ""
+    assert list(tmp_path.iterdir()) == []

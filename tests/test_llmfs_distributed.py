@@ -82,3 +82,19 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     assert len(rank0["val_losses"]) == len(single["val_losses"])
     assert rank0["val_losses"][-1] == pytest.approx(single["val_losses"][-1], rel=0.1)
     assert (ddp_dir / "run" / "model.pth").is_file()  # only rank 0 writes, and it does
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quick", "--lr", "nan"], "error: argument --lr: must be a finite number > 0, got nan"),
+    (["--quick", "--output-dir", ""], "error: --output-dir is empty"),
+])
+def test_a_bad_option_under_torchrun_is_said_once(args, message, tmp_path):
+    """Every process refuses the same option; only the first says so (torchrun adds its own report)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMFS_DEVICE": "cpu", "LLMFS_OUTPUT_DIR": str(tmp_path / "out")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ch05.gpt_train", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
