@@ -26,7 +26,7 @@ from typing import Callable
 from ch02.bpe.bpe import BPETokenizerSimple, bytes_to_unicode, train_naive
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from llmfs.bench import machine_description, write_report
-from llmfs.cli import Parser, check_output_dir, positive_int, run
+from llmfs.cli import Parser, add_quick_argument, check_output_dir, positive_int, run
 from llmfs.download import get_data_file
 
 # naive: (vocab size, characters) for the naive trainer, whose time grows with merges x characters.
@@ -199,7 +199,7 @@ def summarize(results: dict, machine: dict, quick: bool) -> tuple[str, list[tupl
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.bpe [options]`; returns the exit code."""
     p = Parser(prog="python -m benchmarks.bpe", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a slice of the corpus, small vocabularies, one round")
+    add_quick_argument(p, "a slice of the corpus, small vocabularies, one round")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bpe",
                    help="folder for results.md and results.json (default benchmarks/results/bpe)")
     p.add_argument("--naive-chars", type=positive_int, default=None,

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmfs.cli import Parser, check_output_dir, positive_int, run
+from llmfs.cli import Parser, add_quick_argument, check_output_dir, positive_int, run
 
 QWEN3_06B_HF = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                 "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.llm [options]`; returns the exit code."""
     p = Parser(prog="python -m benchmarks.llm",
                description="Qwen3 decoding speed and loading memory, ours vs transformers.")
-    p.add_argument("--quick", action="store_true", help="tiny config: checks the harness, not the speed")
+    add_quick_argument(p, "tiny config: checks the harness, not the speed")
     p.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="tokens to decode per timed run (default 32; every run decodes all of them)")
     p.add_argument("--repeats", type=positive_int, default=None,

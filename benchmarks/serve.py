@@ -32,7 +32,7 @@ from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from llmfs.atomic import atomic_write
 from llmfs.bench import machine_description
 from llmfs.checkpoint import save_model
-from llmfs.cli import Parser, check_output_dir, positive_int, run
+from llmfs.cli import Parser, add_quick_argument, check_output_dir, positive_int, run
 
 PROMPT = "Every effort moves you"
 QUICK_CONFIG = {**TINY_CONFIG, "vocab_size": 50257, "drop_rate": 0.0}  # the GPT-2 tokenizer's ids must fit
@@ -122,7 +122,7 @@ def summarize(rounds: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.serve [options]`; returns the exit code."""
     p = Parser(prog="python -m benchmarks.serve", description="Requests/s and time to first token of ch07.serve.")
-    p.add_argument("--quick", action="store_true", help="tiny model, few requests (a smoke test)")
+    add_quick_argument(p, "tiny model, few requests (a smoke test)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="answer length cap in tokens (default 32; quick: 8)")
     p.add_argument("--requests", type=positive_int, default=None,

@@ -31,6 +31,7 @@ from llmfs.checkpoint import save_model
 from llmfs.cli import (
     Parser,
     add_common_args,
+    add_quick_argument,
     add_sampling_arguments,
     chapter_module,
     check_input_file,
@@ -183,7 +184,7 @@ def print_sample(model: nn.Module, tokenizer, device, start_context: str, max_ne
 def train_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m ch05.gpt_train",
                description="Pretrain the chapter-5 GPT model on the-verdict and sample text.")
-    p.add_argument("--quick", action="store_true", help="small model and few epochs (about a minute on a CPU)")
+    add_quick_argument(p, "small model and few epochs (about a minute on a CPU)")
     add_common_args(p, str(outputs_dir("ch05")))
     p.add_argument("--context-length", type=positive_int, help="context length (default 256; quick: 64)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")

@@ -36,7 +36,7 @@ from llmfs.cli import (
 )
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import add_model_source_args, cpu_threads
-from llmfs.runtime import get_device, outputs_dir, set_seed
+from llmfs.runtime import get_device, is_quick, outputs_dir, set_seed
 from llmfs.trainer import make_optimizer, train
 
 # The chapter's listings, looked up so that `python -m ch06.gpt_class_finetune` runs its file once.
@@ -221,8 +221,9 @@ def check_model_source(args, default_model: str = DEFAULT_MODEL) -> None:
     nothing given is silently ignored (InvalidInput). `default_model` is the command's --model default."""
     from ch05.gpt_download import canonical_model_name
 
+    quick = "LLMFS_QUICK=1 (quick mode)" if is_quick() else "--quick"
     if args.quick and args.from_scratch:
-        raise InvalidInput("--quick and --from-scratch both choose a random-init model: give one of them")
+        raise InvalidInput(f"{quick} and --from-scratch both choose a random-init model: give one of them")
     if args.n_heads is not None and args.init_checkpoint is None:
         raise InvalidInput("--n-heads only applies to --init-checkpoint (a file without a config)")
     if args.from_scratch:
@@ -231,7 +232,7 @@ def check_model_source(args, default_model: str = DEFAULT_MODEL) -> None:
                                "give one of them")
         canonical_model_name(args.model)  # the GPT-2 shape to build: a name, not a path
     elif args.model != default_model and (args.quick or args.init_checkpoint is not None):
-        used = "--quick" if args.init_checkpoint is None else "--init-checkpoint"
+        used = quick if args.init_checkpoint is None else "--init-checkpoint"
         raise InvalidInput(f"--model {args.model} is not used with {used} (which brings its own model); "
                            "drop one of them")
 

@@ -99,6 +99,14 @@ def device_name(text: str) -> str:
     return text
 
 
+def add_quick_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--quick: `what` the command makes small. `LLMFS_QUICK=1` turns it on too (as it does in the
+    notebooks), and the command's first line on stderr says so (`run`)."""
+    from llmfs.runtime import is_quick
+
+    p.add_argument("--quick", action="store_true", default=is_quick(), help=f"{what} (also: LLMFS_QUICK=1)")
+
+
 def add_common_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     """Options every training script has (defaults None: the script's settings decide)."""
     p.add_argument("--epochs", type=positive_int, help="number of epochs")

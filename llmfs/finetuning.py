@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from llmfs.atomic import atomic_write
 from llmfs.checkpoint import check_model_config, load_model, save_model
-from llmfs.cli import positive_int
+from llmfs.cli import add_quick_argument, positive_int
 from llmfs.errors import InvalidInput
 
 
@@ -96,7 +96,7 @@ def add_model_source_args(p: argparse.ArgumentParser, default_model: str, quick_
     p.add_argument("--model", default=default_model,
                    help=f"pretrained GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder/file "
                         f"with its weights (default {default_model})")
-    p.add_argument("--quick", action="store_true", help=quick_help)
+    add_quick_argument(p, quick_help)
     p.add_argument("--from-scratch", action="store_true",
                    help="no pretrained weights: random init of the --model shape, all layers trained")
     p.add_argument("--init-checkpoint", default=None,

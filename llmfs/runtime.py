@@ -52,7 +52,7 @@ class DeviceUnavailableError(UserError, RuntimeError):
 
 
 def is_quick() -> bool:
-    """True when `LLMFS_QUICK=1`: notebooks and scripts shrink models and epochs.
+    """True when `LLMFS_QUICK=1`: notebooks and commands (as if given --quick) shrink models and epochs.
 
     Quick mode keeps every step (loss still falls, text is still generated); it only
     makes the work small enough to run in about a minute on two CPU cores.
@@ -199,9 +199,9 @@ def environment_variables() -> tuple[EnvironmentVariable, ...]:
     from here)."""
     return (
         EnvironmentVariable(QUICK_ENV, "0 (off)",
-                            "1: quick mode for the notebooks: they shrink models, data and epochs to run in "
-                            "about a minute on a CPU (the commands take --quick instead)",
-                            _switch_on("quick mode for notebooks; commands take --quick")),
+                            "1: quick mode: the notebooks, and the commands that take --quick, shrink models, "
+                            "data and epochs to run in about a minute on a CPU",
+                            _switch_on("quick mode: notebooks and every command that takes --quick")),
         EnvironmentVariable(DEVICE_ENV, "unset (best available: cuda, then mps, then cpu)",
                             "force a device (cpu, cuda, cuda:N, mps) where no --device option is given",
                             _when_set()),

@@ -116,8 +116,8 @@ def test_non_default_settings_come_first_on_stderr(real_notice, capsys):
     real_notice.setenv("HF_HUB_OFFLINE", "1")  # another tool's: its own messages name it
     assert cli.run(raising(InvalidInput("bad value"))) == 2
     first, second = capsys.readouterr().err.splitlines()
-    assert first == ("settings from the environment: LLMFS_QUICK=1 (quick mode for notebooks; commands take "
-                     "--quick), LLMFS_DEVICE=cpu, LLMFS_DECODING_LAYOUT=0 (decoding layout off)")
+    assert first == ("settings from the environment: LLMFS_QUICK=1 (quick mode: notebooks and every command that "
+                     "takes --quick), LLMFS_DEVICE=cpu, LLMFS_DECODING_LAYOUT=0 (decoding layout off)")
     assert second == "error: bad value"
 
 

@@ -197,13 +197,17 @@ def test_the_variable_tables_list_only_variables_the_project_uses_and_agree():
     assert not stale, f"the READMEs document variables nothing uses: {sorted(stale)}"
 
 
-def test_llmfs_quick_is_read_by_every_notebook_and_no_command():
-    """What the README says of LLMFS_QUICK: the notebooks read it, the commands take --quick."""
+def test_llmfs_quick_is_read_by_every_notebook_and_every_quick_option():
+    """What the README says of LLMFS_QUICK: the notebooks read it, and every command's --quick is on
+    with it (all of them add --quick through llmfs.cli.add_quick_argument, which reads it)."""
     without = [p.relative_to(REPO).as_posix() for p in NOTEBOOKS if "is_quick()" not in "\n".join(code_cells(p))]
     assert not without, f"notebooks that ignore LLMFS_QUICK: {without}"
-    readers = [path.relative_to(REPO).as_posix() for path, text in source_texts(SOURCE_DIRS)
-               if path.suffix == ".py" and re.search(r"\bis_quick\(|LLMFS_QUICK|QUICK_ENV", text)]
-    assert sorted(set(readers)) == ["llmfs/runtime.py", "setup/check_env.py"]
+    texts = list(source_texts(SOURCE_DIRS))
+    own_quick = [path.relative_to(REPO).as_posix() for path, text in texts
+                 if path.suffix == ".py" and re.search(r"""add_argument\(\s*["']--quick""", text)]
+    assert own_quick == [], f"--quick options that would not see LLMFS_QUICK: {own_quick}"
+    users = {path.relative_to(REPO).as_posix() for path, text in texts if "add_quick_argument(p" in text}
+    assert {"ch05/cli.py", "llmfs/finetuning.py", "ch07/dpo/dpo.py", "benchmarks/run.py"} <= users
 
 
 # --- Paths, dotted names and commands in the text ------------------------------------------------------

@@ -66,6 +66,7 @@ from llmfs.atomic import atomic_path, atomic_write
 from llmfs.cli import (
     Parser,
     add_common_args,
+    add_quick_argument,
     check_input_file,
     check_output_dir,
     common_overrides,
@@ -603,8 +604,7 @@ def parser() -> Parser:
     p.add_argument("--model", required=True,
                    help="the instruction-tuned model: a file from `python -m ch07.gpt_instruction_finetuning` "
                         "(e.g. outputs/ch07/quick-sft.pth), or model.pth / .safetensors from chapter 5")
-    p.add_argument("--quick", action="store_true",
-                   help="64 training pairs, a larger learning rate, short answers (well under a minute on a CPU)")
+    add_quick_argument(p, "64 training pairs, a larger learning rate, short answers (well under a minute on a CPU)")
     p.add_argument("--data", default=None,
                    help="preference records (JSON list or JSONL from ch07.dpo.preference_data; default: the "
                         "book's instruction-data-with-preference.json)")
