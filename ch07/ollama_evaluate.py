@@ -12,10 +12,12 @@ the reference, then report the average.
 Talks to Ollama's REST API with `requests`: GET /api/version and /api/tags to
 check the server and the model, POST /api/chat (stream false) with fixed options
 (seed 123, temperature 0, num_ctx 2048) so scores are repeatable. Judges
-sometimes answer with a sentence instead of a number: `parse_score` reads
-"85", "Score: 92/100" or "I'd give it 85 out of 100", and converts a score on a
-5- or 10-point scale ("8.5/10" -> 85, "4.5 out of 5" -> 90); a reply it cannot
-read triggers one retry with a stricter prompt and is otherwise counted as unparsed.
+sometimes answer with a sentence instead of a number: `parse_score` reads a score
+only on a scale it knows ("85", "Score: 92/100", "I'd give it 85 out of 100", "85%",
+"8.5/10" -> 85, "4.5 out of 5" -> 90, "2 points out of 3" -> 67, "4/5 stars" -> 80);
+a negative or out-of-range value, a decimal or stars without a scale ("8.5", "3 stars"),
+or two different scores leave the reply unparsed, which triggers one retry with a
+stricter prompt and is otherwise counted as unparsed.
 Each score is appended to a JSONL file as it arrives (`--scores`, by default beside
 the responses file), so a run stopped part-way continues where it stopped.
 `--max-new-tokens` caps the judge's replies (sent as Ollama's `num_predict`).
@@ -26,9 +28,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
+from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -203,66 +207,109 @@ def check_if_running(process_name: str) -> bool:
 
 
 # --- Reading a score out of the judge's reply -----------------------------------------------------
+#
+# A score is read only where its scale is known: a fraction ("8/10", "2 points out of 3", "4/5 stars"),
+# a percentage ("85%"), or a whole number on the 0-100 scale the prompt asks for ("85", "Score: 85"),
+# or on a scale the reply states ("on a scale of 1 to 10, I'd give it 8"). Anything else is unparsed
+# rather than guessed: a value out of its range, a negative one, a decimal without a scale ("8.5",
+# "0.85"), stars without a scale ("3 stars"), a range ("60-70"), or two different scores in one reply.
 
-_NUMBER = r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?!\d)"  # 0-999, optional decimals, not inside a longer number
-# "92/100", "8.5 / 10", "4.5 out of 5": a score on a 5-, 10- or 100-point scale (or another "/N": unreadable)
-_FRACTION = re.compile(_NUMBER + r"\s*(?:/|out of)\s*(\d+(?:\.\d+)?)(?![\d.]*\d)", re.IGNORECASE)
-SCALES = (5, 10, 100)
+_DASH = "-\u2212\u2013\u2014"  # hyphen-minus, minus sign, en dash, em dash
+_X = rf"(?P<sign>[{_DASH}])?(?<![\w./])(?P<x>\d+(?:\.\d+)?)(?!\w|\.\d)"  # a number, maybe signed
+_UNIT = r"(?:points?|pts|stars?)"
+# "8/10", "8.5 / 10", "4.5 out of 5", "85 (out of 100)", "2 points out of 3", "4 out of 5 stars" (not 3/4/2024)
+_FRACTION = re.compile(_X + rf"(?:\s*(?P<unit>{_UNIT}))?\s*(?:/|\(?\s*\bout\s+of\b)\s*"
+                       rf"(?P<scale_sign>[{_DASH}])?(?P<scale>\d+(?:\.\d+)?)(?!\w|\.\d)(?!\s*/\s*\d)"
+                       rf"(?:\s*{_UNIT}\b)?", re.IGNORECASE)
+_PERCENT = re.compile(_X + r"\s*%")
+_STARS = re.compile(_X + r"\s*stars?\b", re.IGNORECASE)  # stars with no scale: unreadable
+# "on a scale of 1 to 10", "on a scale from 0 to 100", "scale of 10", "a 10-point scale"
+_STATED_SCALE = re.compile(rf"\bscale\s+(?:of|from)\s+(?:(?P<low>\d+)\s*(?:[{_DASH}]|to)\s*)?(?P<high>\d+)\b"
+                           r"|\b(?P<points>\d+)[- ]point\s+scale\b", re.IGNORECASE)
 # "Score: 92", "score is 92", "scored 70", "rating of 80", "I'd rate it a 75", "I would give this response 85"
 _LABELLED = re.compile(
     r"\b(?:score[ds]?|rating|rate[ds]?|give|gave|giving)(?:\s+(?:it|this|that|the))?"
     r"(?:\s+(?:model response|response|answer))?(?:\s+(?:an?|as))?(?:\s+(?:score|rating))?"
-    r"\s*(?:is|of|:|=|would be)?\s*\**\s*" + _NUMBER + r"(?!\s*%?\s*-\s*\d)(?!\s*(?:/|out of)\s*\d)",
-    re.IGNORECASE)
-# Numbers that are not the score: the scale ("scale of 100") and ranges ("0 to 100", "60-70").
-_SCALE = re.compile(r"\bscale of \d+\b|\b\d+(?:\.\d+)?\s*(?:-|–|to)\s*\d+(?:\.\d+)?", re.IGNORECASE)
-# A stand-alone number that is not part of a fraction such as 8/10.
-_ANY_NUMBER = re.compile(r"(?<![\w.\-/])" + _NUMBER + r"(?![\w])(?!\s*(?:/|out of)\s*\d)")
+    r"\s*(?:is|of|:|=|would be)?\s*\**\s*" + _X + r"(?!\s*/)", re.IGNORECASE)
+_BARE = re.compile(_X + r"(?!\s*/)")  # a number alone (not half of a fraction or a date such as 3/4/2024)
+_RANGE_BEFORE = re.compile(rf"\d\s*(?:[{_DASH}]|to)\s*$", re.IGNORECASE)  # "60-" or "60 to " before a number
+_RANGE_AFTER = re.compile(rf"\s*(?:[{_DASH}]|to\b)\s*\d", re.IGNORECASE)  # "-70" or " to 70" after one
+_HYPHENATED = re.compile(rf"[^\W\d_][{_DASH}]$")  # "GPT-4", "Llama-3": part of a name, not a number
 
 
-def _to_score(text: str, scale: float = 100) -> int | None:
-    """`text` on a 0-`scale` scale, as a whole number of the 0-100 scale (rounded, never truncated)."""
-    value = float(text)
-    if scale not in SCALES or not 0 <= value <= scale:
+def _kind(text: str, m: re.Match) -> str:
+    """What the number in match `m` is: "negative", "range" (60-70, 60 to 70), "name" (GPT-4) or ""."""
+    before, after = text[max(0, m.start("x") - 16):m.start("x")], text[m.end("x"):m.end("x") + 16]
+    if _RANGE_BEFORE.search(before):
+        return "range"
+    if m.group("sign"):
+        return "name" if _HYPHENATED.search(before) else "negative"
+    return "range" if _RANGE_AFTER.match(after) else ""
+
+
+def _on_scale(value: str, scale: Fraction | str) -> int | None:
+    """`value` out of `scale` as a whole number of the 0-100 scale (rounded half up), None when out of range."""
+    x, s = Fraction(value), Fraction(scale)
+    if s <= 0 or not 0 <= x <= s:
         return None
-    return int(round(value * 100 / scale))
+    return math.floor(x * 100 / s + Fraction(1, 2))
 
 
-def _fraction_scores(text: str) -> tuple[set[int], bool]:
-    """Scores written as fractions, and whether some fraction was on a scale we cannot read."""
-    found, unreadable = set(), False
-    for m in _FRACTION.finditer(text):
-        score = _to_score(m.group(1), float(m.group(2)))
-        if score is None:
-            unreadable = True
-        else:
-            found.add(score)
-    return found, unreadable
+def _mask(text: str, m: re.Match) -> str:
+    """`text` with the match blanked out (same length, so positions stay valid)."""
+    return text[:m.start()] + " " * (m.end() - m.start()) + text[m.end():]
+
+
+def _decide(found: list[int | None]) -> int | None:
+    """The one score all readings agree on; None when one was unreadable or two differ."""
+    return found[0] if found and None not in found and len(set(found)) == 1 else None
 
 
 def parse_score(text: str) -> int | None:
-    """A score on the 0-100 scale read from a judge's reply, or None when there is none (or it is ambiguous).
+    """A score on the 0-100 scale read from a judge's reply, or None when there is no clear one.
 
-    "85" -> 85; "Score: 92/100" -> 92; "I'd give it 85 out of 100." -> 85;
-    "On a scale from 0 to 100 I'd give it 70" -> 70; "87.6" -> 88; other scales are converted:
-    "Score: 8.5/10" -> 85, "4.5 out of 5" -> 90; a scale other than 5, 10 or 100 ("3/4"),
-    "great answer!" or "somewhere between 60 and 70" (two different numbers) -> None.
+    "85" -> 85; "Score: 92/100" -> 92; "I'd give it 85 out of 100." -> 85; "85%" -> 85;
+    other scales are converted: "Score: 8.5/10" -> 85, "4.5 out of 5" -> 90,
+    "2 points out of 3" -> 67, "4/5 stars" -> 80, "On a scale of 1 to 10, I'd give it 8" -> 80.
+    Unparsed (None): "great answer!", "120", "-5", "Score: -10/10", "11/10", "8/0", "3 stars",
+    "0.85" and "Score: 8.5" (decimals without a scale), "60-70", "somewhere between 60 and 70",
+    "8/10, or maybe 9/10". The same score written twice ("Score: 85. Final score: 85") counts once.
     """
     if not isinstance(text, str):
         return None
-    found, unreadable = _fraction_scores(text)
-    if unreadable or len(found) > 1:
-        return None
-    if found:
-        return found.pop()
-    found = {s for m in _LABELLED.finditer(text) if (s := _to_score(m.group(1))) is not None}
-    if len(found) == 1:
-        return found.pop()
-    if len(found) > 1:
-        return None
-    remaining = _SCALE.sub(" ", text)
-    found = {s for m in _ANY_NUMBER.finditer(remaining) if (s := _to_score(m.group(1))) is not None}
-    return found.pop() if len(found) == 1 else None
+    raw = text
+    scales: set[Fraction | None] = set()
+    for m in list(_STATED_SCALE.finditer(raw)):
+        low, high = m.group("low"), m.group("high") or m.group("points")
+        scales.add(Fraction(high) if low in (None, "0", "1") and int(high) > 0 else None)
+        text = _mask(text, m)
+    explicit: list[int | None] = []
+    for pattern in (_FRACTION, _PERCENT, _STARS):
+        for m in list(pattern.finditer(text)):
+            kind = _kind(raw, m)
+            text = _mask(text, m)
+            if kind == "name":
+                continue
+            if kind or pattern is _STARS or (pattern is _FRACTION and m.group("scale_sign")):
+                explicit.append(None)  # negative, a range, or no scale: not a score we can read
+            else:
+                explicit.append(_on_scale(m.group("x"), m.group("scale") if pattern is _FRACTION else 100))
+
+    def plain(m: re.Match) -> int | None | str:
+        """A number with no scale of its own: on the stated scale, else a whole number 0-100."""
+        kind = _kind(raw, m)
+        if kind in ("name", "range"):
+            return "skip"
+        if kind == "negative" or len(scales) > 1 or None in scales:
+            return None
+        if scales:
+            return _on_scale(m.group("x"), next(iter(scales)))
+        return _on_scale(m.group("x"), 100) if m.group("x").isdigit() else None
+
+    labelled = [v for m in _LABELLED.finditer(text) if (v := plain(m)) != "skip"]
+    if explicit or labelled:
+        return _decide(explicit + labelled)
+    return _decide([v for m in _BARE.finditer(text) if (v := plain(m)) != "skip"])
 
 
 # --- Scoring a responses file ----------------------------------------------------------------------

@@ -126,36 +126,116 @@ def responses_file(tmp_path):
 
 # --- parsing -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
+# (reply, score on 0-100 or None for unparsed). A score is read only on a scale that is known.
+PARSE_TABLE = [
+    # a whole number 0-100 (the scale the prompt asks for), alone or labelled
     ("85", 85),
     ("  100\n", 100),
     ("0", 0),
+    ("Score: 0", 0),
+    ("Score:85", 85),
+    (" score = 77 ", 77),
+    ("rated 60", 60),
+    ("**Score: 45**", 45),
+    ("The score is 60. It has 2 errors.", 60),
+    ("On a scale from 0 to 100, I would give this response 70.", 70),
+    ("On a scale from 0 to 100, I'd say 70.", 70),
+    ("I'd give it 85 points", 85),
+    ("Score (0-100): 85", 85),
+    ("GPT-4 would give it 85", 85),  # "-4" is part of a name, not a negative number
+    ("Score: 85. Final score: 85", 85),  # the same score twice counts once
+    ("It scored 80. Llama-3 would give it 80", 80),
+    # fractions on their stated scale, rounded half up
     ("I'd give it 85 out of 100", 85),
     ("Score: 92/100", 92),
-    ("**Score: 45**", 45),
-    ("On a scale from 0 to 100, I would give this response 70.", 70),
+    ("Score: 92/100\n\nThe response is accurate.", 92),
     ("I would rate this response 75 out of 100 because it covers 3 points.", 75),
-    ("The score is 60. It has 2 errors.", 60),
-    ("87.6", 88),
-    ("Score: 85%", 85),
-    ("great answer!", None),
-    ("", None),
-    ("150", None),
-    ("-5", None),
     ("Rating: 8/10", 80),
-    # other scales are converted to 0-100, never truncated
     ("Score: 8.5/10", 85),
     ("Rating: 7.5/10", 75),
     ("I would give it 4.5 out of 5", 90),
+    ("4 out of 5", 80),
     ("3/5", 60),
     ("Score: 9.5 out of 10.", 95),
     ("I'd say 99.5/100", 100),
-    ("Score: 3/4", None),  # a scale we cannot read: unparsed, not 3
+    ("Score: 3/4", 75),
+    ("Score: 40/50", 80),
+    ("1/2", 50),
+    ("0/10", 0),
+    ("10/10", 100),
+    ("a score of 8 out of 10", 80),
+    ("85 out of 100 points", 85),
+    ("Score: 85 (out of 100).", 85),
+    ("The response scores 2 points out of 3", 67),
+    ("9/10 - 2 minor errors", 90),
+    ("I'd give this 9/10 because 3 of 4 facts are right", 90),
+    # stars with their scale
+    ("4/5 stars", 80),
+    ("4 out of 5 stars", 80),
+    ("3.5 stars out of 5", 70),
+    ("Score: 7 out of 10 stars", 70),
+    # percentages
+    ("85%", 85),
+    ("Score: 85%", 85),
+    ("75%!", 75),
+    ("100%", 100),
+    ("Score: 82.5%", 83),
+    ("Score: 9/10 (90%)", 90),  # two ways of writing one score
+    ("Score: 85% (8.5/10)", 85),
+    # a scale the reply states
+    ("On a scale of 1 to 10, I'd give it 8", 80),
+    ("On a scale of 1-10: 8.5", 85),
+    ("On a 10-point scale: 7", 70),
+    # unparsed: no number, no known scale, out of range, negative, ambiguous
+    ("great answer!", None),
+    ("A good answer!", None),
+    ("", None),
+    ("150", None),
+    ("120", None),
+    ("Score: 101", None),
+    ("-5", None),
+    ("\u22125", None),  # a minus sign
+    ("Score: \u20135", None),  # an en dash used as one
+    ("Score: -10/10", None),
+    ("-3 out of 5", None),
+    ("-5%", None),
+    ("Score: 8/-10", None),
     ("11/10", None),
+    ("6/5", None),
+    ("120%", None),
+    ("8/0", None),
+    ("3 stars", None),
+    ("I'd give it 4 stars", None),
+    ("0.85", None),
+    ("87.6", None),
+    ("Score: 8.5", None),
+    ("Score: 85.0", None),
+    ("Score: 1e2", None),
+    ("On a scale of 5 to 10: 7", None),  # a scale that does not start at 0 or 1
     ("8/10, or maybe 9/10", None),
+    ("The answer gets 85/100, I'd say 9/10", None),
     ("somewhere between 60 and 70", None),
+    ("between 60 and 70", None),
     ("60-70", None),
-])
+    ("60-70%", None),
+    ("7-8/10", None),
+    ("8/10-9/10", None),
+    ("Score: 85 - 90/100", None),
+    ("3/4/2024", None),  # a date
+    ("85/100/2", None),
+    ("1. Accuracy 2. Clarity", None),
+]
+
+
+def test_parse_table_is_large_and_covers_the_issue():
+    texts = [text for text, _ in PARSE_TABLE]
+    assert len(texts) >= 60 and len(set(texts)) == len(texts)
+    # the misreadings reported in the issue are all in the table
+    assert {"Score: -10/10", "-3 out of 5", "3 stars", "0.85", "Score: 8.5",
+            "The response scores 2 points out of 3"} <= set(texts)
+
+
+@pytest.mark.parametrize("text, expected", PARSE_TABLE)
 def test_parse_score(text, expected):
     assert parse_score(text) == expected
 
