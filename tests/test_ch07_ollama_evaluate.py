@@ -628,7 +628,7 @@ def test_a_judge_reply_that_never_ends_stops_at_the_timeout(hang, responses_file
         rc = ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores),
                       "--timeout", "1", "--no-progress"])
         seconds = time.monotonic() - start
-    assert rc == 1 and seconds < 4, seconds
+    assert rc == 1 and seconds < 5, seconds
     assert capsys.readouterr().err == (f"error: The Ollama server at {server.host} stopped answering (no complete "
                                        f"reply within 1 s); 1 of 4 scores are kept in {scores}: rerun the same "
                                        "command to continue\n")
@@ -646,7 +646,7 @@ def test_a_server_check_that_never_ends_stops_at_the_deadline(hang, responses_fi
         rc = ev.main(["--file", str(responses_file), "--host", server.host, "--timeout", "1"])
         seconds = time.monotonic() - start
     err = capsys.readouterr().err
-    assert rc == 1 and seconds < 4, seconds
+    assert rc == 1 and seconds < 5, seconds
     assert err.startswith(f"error: No Ollama server answers at {server.host}/api/version (no complete reply "
                           "within 1 s)") and len(err.splitlines()) == 1
     assert server.chat_requests == []
