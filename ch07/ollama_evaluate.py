@@ -11,31 +11,44 @@ the reference, then report the average.
 
 Talks to Ollama's REST API with `requests`: GET /api/version and /api/tags to
 check the server and the model, POST /api/chat (stream false) with fixed options
-(seed 123, temperature 0, num_ctx 2048) so scores are repeatable. Judges
-sometimes answer with a sentence instead of a number: `parse_score` reads
-"85", "Score: 92/100" or "I'd give it 85 out of 100", and converts a score on a
-5- or 10-point scale ("8.5/10" -> 85, "4.5 out of 5" -> 90); a reply it cannot
-read triggers one retry with a stricter prompt and is otherwise counted as unparsed.
+(seed 123, temperature 0, num_ctx 2048) so scores are repeatable. Every request has a
+deadline for the whole reply, not per read (5 s for the checks, `--timeout` for a judge's
+reply, default 300 s): a server that never answers, or stalls or trickles part-way, ends
+in one line naming it. Judges sometimes answer with a sentence instead of a number:
+`parse_score` reads a score only on a scale it knows ("85", "Score: 92/100", "I'd give it
+85 out of 100", "85%", "8.5/10" -> 85, "4.5 out of 5" -> 90, "2 points out of 3" -> 67,
+"4/5 stars" -> 80); a negative or out-of-range value, a decimal or stars without a scale
+("8.5", "3 stars"), or two different scores leave the reply unparsed, which triggers one
+retry with a stricter prompt and is otherwise counted as unparsed.
 Each score is appended to a JSONL file as it arrives (`--scores`, by default beside
-the responses file), so a run stopped part-way continues where it stopped.
-`--max-new-tokens` caps the judge's replies (sent as Ollama's `num_predict`).
+the responses file), so a run stopped part-way (server gone, Ctrl-C) continues where it
+stopped. That file is opened only after the responses, the file itself and the server have
+been checked, and only when it is a scores file of these responses and this judge (a
+last line torn by a killed run is cut off); any other file there is refused and left as it
+is. `--max-new-tokens` caps the judge's replies (sent as Ollama's `num_predict`).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
+import math
 import os
 import re
 import sys
+import threading
+from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
+from typing import IO, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
 
 from ch07.gpt_instruction_finetuning import format_input, read_json_file, validate_instruction_data
-from llmfs.cli import Parser, positive_float, positive_int, run
+from llmfs.cli import Parser, check_output_dir, positive_float, positive_int, run
 from llmfs.errors import InvalidInput
 from llmfs.runtime import outputs_dir
 
@@ -44,10 +57,50 @@ DEFAULT_PORT = 11434
 DEFAULT_MODEL = "llama3"
 # Deterministic judging: fixed seed, greedy decoding, and a context that fits prompt + answer.
 DEFAULT_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+CHECK_TIMEOUT = 5.0  # seconds for each check of the server (/api/version, /api/tags), all of it
+CONNECT_TIMEOUT = 5.0  # seconds to open the connection, within the deadline
 
 
 class OllamaUnavailable(RuntimeError):
     """The Ollama server cannot be reached, or the judge model is not installed."""
+
+
+class NoReplyInTime(requests.Timeout):
+    """The server did not finish its reply within the deadline (silent, or stalled part-way)."""
+
+    def __init__(self, url: str, seconds: float):
+        self.url, self.seconds = url, seconds
+        super().__init__(f"no complete reply from {url} within {seconds:g} s")
+
+
+def request_with_deadline(method: str, url: str, deadline: float, **kwargs) -> requests.Response:
+    """`requests.request` with `deadline` seconds for the whole exchange: connection, headers and body.
+
+    requests' own timeout bounds each read, so a server that accepts and then sends a byte now and
+    then could hold a caller forever. Here the request runs in a daemon thread and the caller waits
+    at most `deadline` (Ctrl-C still stops the wait); after that it gets NoReplyInTime, and the
+    thread is left to end at its own read timeout (or with the process).
+    """
+    box: dict = {}
+    finished = threading.Event()
+
+    def exchange() -> None:
+        try:
+            resp = requests.request(method, url, timeout=(min(CONNECT_TIMEOUT, deadline), deadline + 1),
+                                    stream=True, **kwargs)
+            resp.content  # the whole body, read here, within the deadline
+            box["response"] = resp
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=exchange, name=f"{method} {url}", daemon=True).start()
+    if not finished.wait(deadline):
+        raise NoReplyInTime(url, deadline)
+    if "error" in box:
+        raise box["error"]
+    return box["response"]
 
 
 def ollama_host(host: str | None = None) -> str:
@@ -82,9 +135,11 @@ def _start_advice(model: str) -> str:
             f"{DEFAULT_HOST}. See https://ollama.com/download.")
 
 
-def _reason(exc: BaseException) -> str:
-    """A short reason for a failed request (requests' messages run to several lines)."""
-    text = str(exc)
+def short_reason(exc: BaseException) -> str:
+    """A short reason for a failed request, on one line (requests' messages run to several lines)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, NoReplyInTime):
+        return f"no complete reply within {exc.seconds:g} s"
     if isinstance(exc, requests.ConnectionError) and "refused" in text.lower():
         return "connection refused"
     if isinstance(exc, requests.Timeout):
@@ -101,9 +156,9 @@ def _answered(resp: requests.Response) -> str:
 def _get_json(url: str, timeout: float, model: str, what: str) -> dict:
     """GET `url` and return its JSON object; OllamaUnavailable saying what was answered otherwise."""
     try:
-        resp = requests.get(url, timeout=timeout)
+        resp = request_with_deadline("GET", url, timeout)
     except requests.RequestException as exc:
-        raise OllamaUnavailable(f"No Ollama server answers at {url} ({_reason(exc)}).\n"
+        raise OllamaUnavailable(f"No Ollama server answers at {url} ({short_reason(exc)}).\n"
                                 + _start_advice(model)) from None
     if resp.status_code != 200:
         raise OllamaUnavailable(f"{url} answered {_answered(resp)}; is an Ollama server running there? "
@@ -118,13 +173,13 @@ def _get_json(url: str, timeout: float, model: str, what: str) -> dict:
     return body
 
 
-def check_server(host: str | None = None, timeout: float = 5.0, model: str = DEFAULT_MODEL) -> str:
+def check_server(host: str | None = None, timeout: float = CHECK_TIMEOUT, model: str = DEFAULT_MODEL) -> str:
     """The server's version string; raises OllamaUnavailable when nothing answers or the answer is not Ollama's."""
     body = _get_json(f"{ollama_host(host)}/api/version", timeout, model, "a 'version'")
     return str(body.get("version", "unknown"))
 
 
-def list_models(host: str | None = None, timeout: float = 5.0) -> list[str]:
+def list_models(host: str | None = None, timeout: float = CHECK_TIMEOUT) -> list[str]:
     """Names of the locally installed models (GET /api/tags), e.g. ["llama3:latest"]."""
     url = f"{ollama_host(host)}/api/tags"
     models = _get_json(url, timeout, DEFAULT_MODEL, "a 'models' list").get("models", [])
@@ -139,10 +194,11 @@ def model_available(model: str, installed: list[str]) -> bool:
     return any(name in (model, wanted) for name in installed)
 
 
-def check_ollama(model: str = DEFAULT_MODEL, host: str | None = None, timeout: float = 5.0) -> str:
+def check_ollama(model: str = DEFAULT_MODEL, host: str | None = None, timeout: float = CHECK_TIMEOUT) -> str:
     """Make sure the server answers and has `model`; return the server version.
 
-    Raises OllamaUnavailable with instructions otherwise.
+    Each of the two requests has `timeout` seconds in all. Raises OllamaUnavailable with
+    instructions otherwise.
     """
     version = check_server(host, timeout, model)
     installed = list_models(host, timeout)
@@ -160,7 +216,9 @@ def query_model(prompt: str, model: str = DEFAULT_MODEL, url: str | None = None,
 
     Called as in the book, `query_model(prompt, model, url)`, with `url` the chat endpoint
     (default http://localhost:11434/api/chat, or $OLLAMA_HOST's); or with `host=` a server
-    address as `ollama_host` reads it. Raises requests' errors when the connection fails and
+    address as `ollama_host` reads it. `timeout` is the most seconds the whole reply may take
+    (a judge generating needs minutes; a server that stalls or trickles is given up on at the
+    deadline: NoReplyInTime). Raises requests' errors when the connection fails and
     OllamaUnavailable when the server answers with an error (e.g. HTTP 404 for a model it
     does not have).
     """
@@ -176,7 +234,7 @@ def query_model(prompt: str, model: str = DEFAULT_MODEL, url: str | None = None,
         url = f"{ollama_host(host)}/api/chat"
     elif urlsplit(url).path in ("", "/"):  # a bare server address: the chat endpoint is meant
         url = url.rstrip("/") + "/api/chat"
-    resp = requests.post(url, json=payload, timeout=timeout)
+    resp = request_with_deadline("POST", url, timeout, json=payload)
     try:
         body = resp.json()
     except ValueError:
@@ -203,66 +261,109 @@ def check_if_running(process_name: str) -> bool:
 
 
 # --- Reading a score out of the judge's reply -----------------------------------------------------
+#
+# A score is read only where its scale is known: a fraction ("8/10", "2 points out of 3", "4/5 stars"),
+# a percentage ("85%"), or a whole number on the 0-100 scale the prompt asks for ("85", "Score: 85"),
+# or on a scale the reply states ("on a scale of 1 to 10, I'd give it 8"). Anything else is unparsed
+# rather than guessed: a value out of its range, a negative one, a decimal without a scale ("8.5",
+# "0.85"), stars without a scale ("3 stars"), a range ("60-70"), or two different scores in one reply.
 
-_NUMBER = r"(?<![\d.])(\d{1,3}(?:\.\d+)?)(?!\d)"  # 0-999, optional decimals, not inside a longer number
-# "92/100", "8.5 / 10", "4.5 out of 5": a score on a 5-, 10- or 100-point scale (or another "/N": unreadable)
-_FRACTION = re.compile(_NUMBER + r"\s*(?:/|out of)\s*(\d+(?:\.\d+)?)(?![\d.]*\d)", re.IGNORECASE)
-SCALES = (5, 10, 100)
+_DASH = "-\u2212\u2013\u2014"  # hyphen-minus, minus sign, en dash, em dash
+_X = rf"(?P<sign>[{_DASH}])?(?<![\w./])(?P<x>\d+(?:\.\d+)?)(?!\w|\.\d)"  # a number, maybe signed
+_UNIT = r"(?:points?|pts|stars?)"
+# "8/10", "8.5 / 10", "4.5 out of 5", "85 (out of 100)", "2 points out of 3", "4 out of 5 stars" (not 3/4/2024)
+_FRACTION = re.compile(_X + rf"(?:\s*(?P<unit>{_UNIT}))?\s*(?:/|\(?\s*\bout\s+of\b)\s*"
+                       rf"(?P<scale_sign>[{_DASH}])?(?P<scale>\d+(?:\.\d+)?)(?!\w|\.\d)(?!\s*/\s*\d)"
+                       rf"(?:\s*{_UNIT}\b)?", re.IGNORECASE)
+_PERCENT = re.compile(_X + r"\s*%")
+_STARS = re.compile(_X + r"\s*stars?\b", re.IGNORECASE)  # stars with no scale: unreadable
+# "on a scale of 1 to 10", "on a scale from 0 to 100", "scale of 10", "a 10-point scale"
+_STATED_SCALE = re.compile(rf"\bscale\s+(?:of|from)\s+(?:(?P<low>\d+)\s*(?:[{_DASH}]|to)\s*)?(?P<high>\d+)\b"
+                           r"|\b(?P<points>\d+)[- ]point\s+scale\b", re.IGNORECASE)
 # "Score: 92", "score is 92", "scored 70", "rating of 80", "I'd rate it a 75", "I would give this response 85"
 _LABELLED = re.compile(
     r"\b(?:score[ds]?|rating|rate[ds]?|give|gave|giving)(?:\s+(?:it|this|that|the))?"
     r"(?:\s+(?:model response|response|answer))?(?:\s+(?:an?|as))?(?:\s+(?:score|rating))?"
-    r"\s*(?:is|of|:|=|would be)?\s*\**\s*" + _NUMBER + r"(?!\s*%?\s*-\s*\d)(?!\s*(?:/|out of)\s*\d)",
-    re.IGNORECASE)
-# Numbers that are not the score: the scale ("scale of 100") and ranges ("0 to 100", "60-70").
-_SCALE = re.compile(r"\bscale of \d+\b|\b\d+(?:\.\d+)?\s*(?:-|–|to)\s*\d+(?:\.\d+)?", re.IGNORECASE)
-# A stand-alone number that is not part of a fraction such as 8/10.
-_ANY_NUMBER = re.compile(r"(?<![\w.\-/])" + _NUMBER + r"(?![\w])(?!\s*(?:/|out of)\s*\d)")
+    r"\s*(?:is|of|:|=|would be)?\s*\**\s*" + _X + r"(?!\s*/)", re.IGNORECASE)
+_BARE = re.compile(_X + r"(?!\s*/)")  # a number alone (not half of a fraction or a date such as 3/4/2024)
+_RANGE_BEFORE = re.compile(rf"\d\s*(?:[{_DASH}]|to)\s*$", re.IGNORECASE)  # "60-" or "60 to " before a number
+_RANGE_AFTER = re.compile(rf"\s*(?:[{_DASH}]|to\b)\s*\d", re.IGNORECASE)  # "-70" or " to 70" after one
+_HYPHENATED = re.compile(rf"[^\W\d_][{_DASH}]$")  # "GPT-4", "Llama-3": part of a name, not a number
 
 
-def _to_score(text: str, scale: float = 100) -> int | None:
-    """`text` on a 0-`scale` scale, as a whole number of the 0-100 scale (rounded, never truncated)."""
-    value = float(text)
-    if scale not in SCALES or not 0 <= value <= scale:
+def _kind(text: str, m: re.Match) -> str:
+    """What the number in match `m` is: "negative", "range" (60-70, 60 to 70), "name" (GPT-4) or ""."""
+    before, after = text[max(0, m.start("x") - 16):m.start("x")], text[m.end("x"):m.end("x") + 16]
+    if _RANGE_BEFORE.search(before):
+        return "range"
+    if m.group("sign"):
+        return "name" if _HYPHENATED.search(before) else "negative"
+    return "range" if _RANGE_AFTER.match(after) else ""
+
+
+def _on_scale(value: str, scale: Fraction | str) -> int | None:
+    """`value` out of `scale` as a whole number of the 0-100 scale (rounded half up), None when out of range."""
+    x, s = Fraction(value), Fraction(scale)
+    if s <= 0 or not 0 <= x <= s:
         return None
-    return int(round(value * 100 / scale))
+    return math.floor(x * 100 / s + Fraction(1, 2))
 
 
-def _fraction_scores(text: str) -> tuple[set[int], bool]:
-    """Scores written as fractions, and whether some fraction was on a scale we cannot read."""
-    found, unreadable = set(), False
-    for m in _FRACTION.finditer(text):
-        score = _to_score(m.group(1), float(m.group(2)))
-        if score is None:
-            unreadable = True
-        else:
-            found.add(score)
-    return found, unreadable
+def _mask(text: str, m: re.Match) -> str:
+    """`text` with the match blanked out (same length, so positions stay valid)."""
+    return text[:m.start()] + " " * (m.end() - m.start()) + text[m.end():]
+
+
+def _decide(found: list[int | None]) -> int | None:
+    """The one score all readings agree on; None when one was unreadable or two differ."""
+    return found[0] if found and None not in found and len(set(found)) == 1 else None
 
 
 def parse_score(text: str) -> int | None:
-    """A score on the 0-100 scale read from a judge's reply, or None when there is none (or it is ambiguous).
+    """A score on the 0-100 scale read from a judge's reply, or None when there is no clear one.
 
-    "85" -> 85; "Score: 92/100" -> 92; "I'd give it 85 out of 100." -> 85;
-    "On a scale from 0 to 100 I'd give it 70" -> 70; "87.6" -> 88; other scales are converted:
-    "Score: 8.5/10" -> 85, "4.5 out of 5" -> 90; a scale other than 5, 10 or 100 ("3/4"),
-    "great answer!" or "somewhere between 60 and 70" (two different numbers) -> None.
+    "85" -> 85; "Score: 92/100" -> 92; "I'd give it 85 out of 100." -> 85; "85%" -> 85;
+    other scales are converted: "Score: 8.5/10" -> 85, "4.5 out of 5" -> 90,
+    "2 points out of 3" -> 67, "4/5 stars" -> 80, "On a scale of 1 to 10, I'd give it 8" -> 80.
+    Unparsed (None): "great answer!", "120", "-5", "Score: -10/10", "11/10", "8/0", "3 stars",
+    "0.85" and "Score: 8.5" (decimals without a scale), "60-70", "somewhere between 60 and 70",
+    "8/10, or maybe 9/10". The same score written twice ("Score: 85. Final score: 85") counts once.
     """
     if not isinstance(text, str):
         return None
-    found, unreadable = _fraction_scores(text)
-    if unreadable or len(found) > 1:
-        return None
-    if found:
-        return found.pop()
-    found = {s for m in _LABELLED.finditer(text) if (s := _to_score(m.group(1))) is not None}
-    if len(found) == 1:
-        return found.pop()
-    if len(found) > 1:
-        return None
-    remaining = _SCALE.sub(" ", text)
-    found = {s for m in _ANY_NUMBER.finditer(remaining) if (s := _to_score(m.group(1))) is not None}
-    return found.pop() if len(found) == 1 else None
+    raw = text
+    scales: set[Fraction | None] = set()
+    for m in list(_STATED_SCALE.finditer(raw)):
+        low, high = m.group("low"), m.group("high") or m.group("points")
+        scales.add(Fraction(high) if low in (None, "0", "1") and int(high) > 0 else None)
+        text = _mask(text, m)
+    explicit: list[int | None] = []
+    for pattern in (_FRACTION, _PERCENT, _STARS):
+        for m in list(pattern.finditer(text)):
+            kind = _kind(raw, m)
+            text = _mask(text, m)
+            if kind == "name":
+                continue
+            if kind or pattern is _STARS or (pattern is _FRACTION and m.group("scale_sign")):
+                explicit.append(None)  # negative, a range, or no scale: not a score we can read
+            else:
+                explicit.append(_on_scale(m.group("x"), m.group("scale") if pattern is _FRACTION else 100))
+
+    def plain(m: re.Match) -> int | None | str:
+        """A number with no scale of its own: on the stated scale, else a whole number 0-100."""
+        kind = _kind(raw, m)
+        if kind in ("name", "range"):
+            return "skip"
+        if kind == "negative" or len(scales) > 1 or None in scales:
+            return None
+        if scales:
+            return _on_scale(m.group("x"), next(iter(scales)))
+        return _on_scale(m.group("x"), 100) if m.group("x").isdigit() else None
+
+    labelled = [v for m in _LABELLED.finditer(text) if (v := plain(m)) != "skip"]
+    if explicit or labelled:
+        return _decide(explicit + labelled)
+    return _decide([v for m in _BARE.finditer(text) if (v := plain(m)) != "skip"])
 
 
 # --- Scoring a responses file ----------------------------------------------------------------------
@@ -298,13 +399,16 @@ def generate_model_scores(json_data: list[dict], json_key: str = "model_response
 
     With `scores_path`, each score is appended to that JSONL file as it arrives (one line per
     record), and records already scored there are not asked again: a run stopped part-way
-    (server gone, Ctrl-C) continues where it stopped.
+    (server gone, Ctrl-C) continues where it stopped. A file there that is not a scores file
+    of these responses and this judge is refused (InvalidInput) and left as it is.
     """
     from tqdm.auto import tqdm
 
-    done = read_scores(scores_path, json_data, json_key, model) if scores_path is not None else {}
+    done, log = {}, None
+    if scores_path is not None:
+        done = read_scores(scores_path, json_data, json_key, model)
+        log = open_jsonl_output(scores_path, "--scores", "scores", _score_row_problem)[1]
     scores = []
-    log = open(scores_path, "a", encoding="utf-8") if scores_path is not None else None
     try:
         for i, entry in enumerate(tqdm(json_data, desc="Scoring entries", unit="entry", disable=not progress,
                                        initial=0)):
@@ -314,10 +418,8 @@ def generate_model_scores(json_data: list[dict], json_key: str = "model_response
             score = score_entry(entry, json_key, model, host, options, timeout)
             scores.append(score)
             if log is not None:
-                log.write(json.dumps({"index": i, "record": _record_id(entry, json_key), "model": model,
-                                      "score": score}) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
+                append_jsonl(log, {"index": i, "record": _record_id(entry, json_key), "model": model,
+                                   "score": score})
     finally:
         if log is not None:
             log.close()
@@ -336,34 +438,165 @@ def default_scores_path(responses: str | os.PathLike, model: str = DEFAULT_MODEL
     return path.with_name(f"{path.stem}.scores-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.jsonl")
 
 
+SCORE_KEYS = ("index", "record", "model", "score")
+
+
+def _score_row_problem(row: dict) -> str | None:
+    """Why `row` is not a line `generate_model_scores` writes (None: it is one)."""
+    missing = [key for key in SCORE_KEYS if key not in row]
+    if missing:
+        return f"a JSON object without {', '.join(map(repr, missing))}"
+    index, score = row["index"], row["score"]
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return f"'index' is {index!r}, not a record number"
+    if not isinstance(row["record"], str) or not isinstance(row["model"], str):
+        return "'record' and 'model' are not strings"
+    if score is not None and (not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 100):
+        return f"'score' is {score!r}, not a whole number from 0 to 100 or null"
+    return None
+
+
 def read_scores(path: str | os.PathLike, json_data: list[dict], json_key: str, model: str) -> dict[int, int | None]:
     """The scores already in a JSONL file written by `generate_model_scores`: {record index: score}.
 
-    A last line cut short by a crash is dropped (and cut off the file). Lines for other records or
-    another judge raise ValueError: the file belongs to another run.
+    Reads without changing the file (a last line cut short by a crash is skipped here, and cut off
+    when the file is next opened to append). A file that is not a scores file raises InvalidInput;
+    so do scores of other responses or another judge: the file belongs to another run.
+    """
+    done = {}
+    for n, row in read_jsonl_output(path, "--scores", "scores", _score_row_problem).records:
+        i = row["index"]
+        if row["model"] != model or not i < len(json_data) or row["record"] != _record_id(json_data[i], json_key):
+            raise InvalidInput(f"{path} holds scores of other responses or another judge (line {n}); delete it "
+                               "or choose another --scores file")
+        done[i] = row["score"]
+    return done
+
+
+# --- Output files a rerun continues (the scores here, ch07.dpo.preference_data's pairs) ------------------
+
+class JsonlOutput(NamedTuple):
+    """What `read_jsonl_output` found: the records (with their line numbers) and how to continue the file."""
+
+    records: list[tuple[int, dict]]
+    keep: int  # bytes of whole lines; a torn last line after them is cut off before appending
+    size: int
+    add_newline: bool  # the last record is whole but its newline is missing
+
+
+def _json_kind(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "true/false", type(None): "null"}.get(
+        type(value), "number")
+
+
+def is_torn_record(fragment: bytes, fragment_keys: tuple[str, ...], after_records: bool) -> bool:
+    """Whether a last line without its newline is the start of a record json.dumps was writing.
+
+    It must be UTF-8 (its last character may be cut), start with '{"' and hold no control
+    characters. Alone in the file, it must also name one of `fragment_keys` as its first key:
+    a one-line file of someone else's is not taken for a torn record.
+    """
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(fragment, final=False)
+    except UnicodeDecodeError:
+        return False
+    if not text.startswith('{"') or any(ord(c) < 0x20 for c in text):
+        return False
+    first_key = re.match(r'\{"([^"\\]*)"', text)
+    return after_records or (first_key is not None and first_key.group(1) in fragment_keys)
+
+
+def read_jsonl_output(path: str | os.PathLike, option: str, kind: str, problem: Callable[[dict], str | None],
+                      fragment_keys: tuple[str, ...] = SCORE_KEYS) -> JsonlOutput:
+    """The records of a JSONL file a command appends to, read without changing the file.
+
+    The file must be one the command writes: UTF-8 lines, each a JSON object that `problem`
+    accepts (it returns why not, or None); blank lines are skipped. A last line without its
+    newline is what a killed write leaves: a whole record there is kept, the start of one
+    (see `is_torn_record`) is to be cut off. Anything else, a folder or a file that is not a
+    regular file raises a one-line error naming `option` and the file, which stays as it is.
+    A missing file has no records.
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        return JsonlOutput([], 0, 0, False)
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; give the .jsonl file to append the {kind} to")
     if not path.is_file():
-        return {}
+        raise InvalidInput(f"{option} {path} is not a regular file; give the .jsonl file to append the {kind} to")
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{option} {path} cannot be written; choose another {option} file")
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # the writer died mid-line: keep the complete lines only
-        raw = raw[: raw.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(raw))
-    done = {}
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+
+    def refuse(lineno: int, why: str) -> InvalidInput:
+        return InvalidInput(f"{option} {path} is not a {kind} file of this command (line {lineno}: {why}); it was "
+                            f"left as it is: choose another {option} file")
+
+    def parse(lineno: int, line: bytes) -> dict:
         try:
-            row = json.loads(line)
-            i, record, judge, score = row["index"], row["record"], row["model"], row["score"]
-        except (ValueError, KeyError, TypeError):
-            raise InvalidInput(f"{path} line {n} is not a score record; delete the file to score again") from None
-        if judge != model or not (0 <= i < len(json_data)) or record != _record_id(json_data[i], json_key):
-            raise InvalidInput(f"{path} holds scores of other responses or another judge (line {n}); delete it "
-                             "or choose another --scores file")
-        done[i] = score
-    return done
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise refuse(lineno, "not UTF-8 text") from None
+        except ValueError:
+            raise refuse(lineno, "not JSON") from None
+        if not isinstance(record, dict):
+            raise refuse(lineno, f"a JSON {_json_kind(record)}, not an object")
+        why = problem(record)
+        if why:
+            raise refuse(lineno, why)
+        return record
+
+    *lines, tail = raw.split(b"\n")
+    records, keep = [], 0
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            records.append((lineno, parse(lineno, line)))
+        keep += len(line) + 1
+    if not tail.strip():
+        return JsonlOutput(records, len(raw), len(raw), False)
+    lineno = len(lines) + 1
+    try:
+        whole = json.loads(tail.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        whole = None
+    if isinstance(whole, dict):
+        records.append((lineno, parse(lineno, tail)))
+        return JsonlOutput(records, len(raw), len(raw), True)
+    if whole is not None or not is_torn_record(tail, fragment_keys, bool(records)):
+        raise refuse(lineno, "neither a whole record nor the start of one")
+    return JsonlOutput(records, keep, len(raw), False)
+
+
+def open_jsonl_output(path: str | os.PathLike, option: str, kind: str, problem: Callable[[dict], str | None],
+                      fragment_keys: tuple[str, ...] = SCORE_KEYS) -> tuple[JsonlOutput, IO[str]]:
+    """Open a file `read_jsonl_output` accepts for appending, after cutting off a torn last line
+    (or finishing a whole last record's line). Call it only once the inputs and the server have been
+    checked: it is the first change to the file."""
+    found = read_jsonl_output(path, option, kind, problem, fragment_keys)
+    if found.keep < found.size:
+        with open(path, "r+b") as f:
+            f.truncate(found.keep)
+            os.fsync(f.fileno())
+    log = open(path, "a", encoding="utf-8")
+    if found.add_newline:
+        log.write("\n")
+        log.flush()
+    return found, log
+
+
+def append_jsonl(f: IO[str], record: dict) -> None:
+    """One record as one line, on disk before the next request goes out."""
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (through links too); paths that do not exist are compared as paths."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def summarize_scores(scores: list[int | None]) -> dict:
@@ -389,7 +622,9 @@ def add_server_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help=f"Ollama server (default $OLLAMA_HOST or {DEFAULT_HOST}); '127.0.0.1:11434' works too")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="cap on each reply's length in tokens (default: the server's)")
-    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for each reply")
+    p.add_argument("--timeout", type=positive_float, default=300.0,
+                   help="the most seconds one reply may take, all of it (default 300; the server checks before "
+                        f"the work take at most {CHECK_TIMEOUT:g} s each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -431,30 +666,47 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """`python -m ch07.ollama_evaluate [options]`; returns the exit code (2: bad input, 1: server trouble)."""
+    """`python -m ch07.ollama_evaluate [options]`; returns the exit code (2: bad input, 1: server trouble).
+
+    Checks come first, in this order, and the scores file is changed only after all of them: the
+    responses file, the scores file (a scores file of these responses and this judge, or none yet;
+    anything else is refused and left as it is), then the server and the judge model.
+    """
     args = parse_args(argv)
 
     def evaluate():
         path = Path(args.file)
+        if path.is_dir():
+            raise IsADirectoryError(f"--file {path} is a folder; give the responses file (a JSON list)")
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; create it with `python -m ch07.gpt_instruction_finetuning` "
                                     "(or --quick)")
         data = load_responses(path, args.key)
         scores_path = Path(args.scores) if args.scores else default_scores_path(path, args.model)
+        if same_file(scores_path, path):
+            raise InvalidInput(f"--scores {scores_path} is the responses file (--file); the scores go to a file of "
+                               f"their own, e.g. {default_scores_path(path, args.model)}")
         done = read_scores(scores_path, data, args.key, args.model)
-        version = check_ollama(args.model, args.host)
-        print(f"Ollama {version} at {ollama_host(args.host)}; judge: {args.model}; {len(data)} entries"
-              + (f"; {len(done)} already scored in {scores_path}" if done else ""))
+        check_output_dir(scores_path.parent, option="--scores")
+        host = ollama_host(args.host)
         try:
-            scores = generate_model_scores(data, args.key, args.model, args.host, options=server_options(args),
-                                           timeout=args.timeout, progress=not args.no_progress,
-                                           scores_path=scores_path)
-        except (requests.RequestException, OllamaUnavailable) as exc:
+            version = check_ollama(args.model, args.host, timeout=min(CHECK_TIMEOUT, args.timeout))
+            print(f"Ollama {version} at {host}; judge: {args.model}; {len(data)} entries"
+                  + (f"; {len(done)} already scored in {scores_path}" if done else ""))
+            try:
+                scores = generate_model_scores(data, args.key, args.model, args.host, options=server_options(args),
+                                               timeout=args.timeout, progress=not args.no_progress,
+                                               scores_path=scores_path)
+            except (requests.RequestException, OllamaUnavailable) as exc:
+                kept = len(read_scores(scores_path, data, args.key, args.model))
+                reason = (f"The Ollama server at {host} stopped answering ({short_reason(exc)})"
+                          if isinstance(exc, requests.RequestException) else one_line_reason(exc))
+                raise OllamaUnavailable(f"{reason}; {kept} of {len(data)} scores are kept in {scores_path}: rerun "
+                                        "the same command to continue") from None
+        except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept (llmfs.cli.run prints it)
             kept = len(read_scores(scores_path, data, args.key, args.model))
-            reason = (f"The Ollama server stopped answering ({_reason(exc)})"
-                      if isinstance(exc, requests.RequestException) else one_line_reason(exc))
-            raise OllamaUnavailable(f"{reason}; {kept} of {len(data)} scores are kept in {scores_path}: rerun the "
-                                    "same command to continue") from None
+            raise KeyboardInterrupt(f"{kept} of {len(data)} scores are saved in {scores_path}; run the same command "
+                                    "again to continue" if scores_path.exists() else "no scores were written") from None
         summary = summarize_scores(scores)
         print(f"Number of scores: {summary['num_scored']} of {summary['num_entries']}")
         if summary["average"] is not None:

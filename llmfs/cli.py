@@ -5,7 +5,8 @@
   training command has (`add_common_args`, `add_sampling_arguments`);
 * `run(main)`: first names the settings that come from the environment (`llmfs.runtime.environment_notice`);
   then a `UserError` (and an OS error about a path the user named) becomes `error: ...` on one line,
-  exit code 2; Ctrl-C or SIGTERM during training print how to resume; anything else, a `ValueError`
+  exit code 2; Ctrl-C or SIGTERM during training print how to resume, and Ctrl-C elsewhere one line
+  (with what was kept, when a command says); anything else, a `ValueError`
   from a bug included, keeps its traceback;
 * the checks made before any work starts (`check_output_dir`, `check_input_file`);
 * `chapter_module`, so a command started with `python -m chNN.module` never imports that module twice.
@@ -145,7 +146,9 @@ def one_line(exc: BaseException | str) -> str:
 def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, onednn: bool = False,
         other_errors: dict[type[BaseException], int] | None = None) -> int:
     """Call `main()`; return the exit code. User mistakes print `error: ...` on one line (exit 2);
-    Ctrl-C or SIGTERM during training print how to resume (exit 130 / 143). `other_errors` maps
+    Ctrl-C or SIGTERM during training print how to resume (exit 130 / 143); Ctrl-C elsewhere prints
+    `interrupted`, followed by the message of a KeyboardInterrupt a command raised again with what
+    it kept and how to continue (exit 130). `other_errors` maps
     more exception types to their exit code (e.g. a server that does not answer: 1); anything
     else keeps its traceback.
 
@@ -169,8 +172,8 @@ def run(main: Callable[[], object], argv_for_resume: list[str] | None = None, on
             command = " ".join(shlex.quote(a) for a in [*args, "--resume", str(exc.checkpoint)])
             print(f"resume with: python -m {_module_name()} {command}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:  # outside training (loading, answering): nothing to save
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # outside training: nothing to save, or a command says what it kept
+        print(f"\ninterrupted: {one_line(exc)}" if str(exc) else "\ninterrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         if not other_torchrun_process():

@@ -1,9 +1,12 @@
 """Tests for ch07/dpo/preference_data.py against a real HTTP server on 127.0.0.1 that speaks Ollama's API
 (the fake from test_ch07_ollama_evaluate): the prompts it sends, reply validation and retries, a server
-that dies part-way, a rerun that continues (also after a half-written line), and, where chapter 7's own
-Ollama-API server `ch07.serve` exists, a run against it."""
+that dies part-way, a rerun that continues (also after a half-written line), an --output that is not a
+preference-pairs file (refused, left byte for byte as it was), a server that stalls, Ctrl-C, and, where
+chapter 7's own Ollama-API server `ch07.serve` exists, a run against it."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,9 +22,13 @@ from ch07.cli import QUICK_CONFIG
 from ch07.dpo import preference_data as pd
 from ch07.gpt_instruction_finetuning import format_input, save_finetuned_model
 from test_ch07_ollama_evaluate import (  # noqa: F401 (fixtures: the proxy switch-off and a closed port)
+    SILENT,
+    STALL,
+    TRICKLE,
     FakeOllama,
     _no_proxy_for_localhost,
     closed_port,
+    stderr_lines,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +150,7 @@ def test_bad_replies_server_death_and_rerun(data_file, tmp_path, capsys):
         argv = ["--data", str(data_file), "--output", str(out), "--host", fake.host, "--no-progress"]
         assert pd.main(argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: the server stopped answering") and "after 2 new records" in err
+    assert err.startswith(f"error: the server at {fake.host} stopped answering") and "after 2 new records" in err
     assert "run the same command again" in err
 
     prompts = [r["messages"][0]["content"] for r in fake.chat_requests]
@@ -199,7 +206,7 @@ def test_both_rewrites(tmp_path):
 
 def test_output_from_other_data_is_refused(data_file, tmp_path, capsys):
     out = tmp_path / "pairs.jsonl"
-    out.write_text(json.dumps({**DATA[1], "index": 0, "chosen": "a", "rejected": "b"}) + "\n")
+    out.write_text(json.dumps({**DATA[1], "index": 0, "chosen": "a", "rejected": "b", "politeness": "polite"}) + "\n")
     assert pd.main(["--data", str(data_file), "--output", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {out}: record 0 does not belong to this input data")
 
@@ -309,3 +316,149 @@ def test_without_the_instruction_data_file(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     # (pooch reports its download attempt before the error)
     assert any(line.startswith("error: Could not get 'instruction-data.json'") for line in err.splitlines())
+
+
+# --- an --output file that is not ours is never changed -----------------------------------------------------
+
+def pair_line(i, rewrite):
+    """The line the command writes for record i of DATA when the model's rewrite is `rewrite`."""
+    chosen, rejected = expected_pair(i, rewrite)
+    return json.dumps({**DATA[i], "chosen": chosen, "rejected": rejected, "politeness": plan()[i], "index": i},
+                      ensure_ascii=False) + "\n"
+
+
+NOT_PAIRS = {  # name: (content, the reason the one error line gives)
+    "binary, one line": (bytes(b for b in range(256) if b != 10) * 4,
+                         "line 1: neither a whole record nor the start of one"),
+    "binary, lines": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\n", "line 1: not UTF-8 text"),
+    "csv": ("instruction,chosen,rejected\nSay hi.,Hello!,hi\n".encode(), "line 1: not JSON"),
+    "json array": (json.dumps(DATA, indent=2).encode(), "line 1: not JSON"),
+    "json array, one line": (json.dumps(DATA).encode() + b"\n", "line 1: a JSON array, not an object"),
+    "a scores file": (b'{"index": 0, "record": "0123456789abcdef", "model": "llama3", "score": 90}\n',
+                      "line 1: a JSON object without 'instruction', 'chosen', 'rejected', 'politeness'"),
+    "instruction records": ((json.dumps(DATA[0]) + "\n").encode(),
+                            "line 1: a JSON object without 'index', 'chosen', 'rejected', 'politeness'"),
+    "someone's torn line": (b'{"name": "Bo', "line 1: neither a whole record nor the start of one"),
+    "damage before the end": ((pair_line(0, "Kindly, 45 km.") + "oops\n" + pair_line(1, "Sure: he goes home."))
+                              .encode(), "line 2: not JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_PAIRS)
+def test_output_of_another_kind_is_refused_and_left_as_it_was(kind, data_file, tmp_path, capsys):
+    content, why = NOT_PAIRS[kind]
+    out = tmp_path / "pairs.jsonl"
+    out.write_bytes(content)
+    with FakeOllama(["Kindly: blue."] * 8) as fake:
+        rc = pd.main(["--data", str(data_file), "--output", str(out), "--host", fake.host, "--no-progress"])
+    assert rc == 2
+    assert capsys.readouterr().err == (f"error: --output {out} is not a preference-pairs file of this command "
+                                       f"({why}); it was left as it is: choose another --output file\n")
+    assert out.read_bytes() == content
+    assert fake.paths == []  # refused before the server is asked anything
+
+
+def test_output_that_is_the_data_file_is_refused(data_file, tmp_path, capsys, closed_port):  # noqa: F811
+    content = data_file.read_bytes()
+    link = tmp_path / "link.json"
+    link.symlink_to(data_file)
+    for out in (data_file, link):
+        assert pd.main(["--data", str(data_file), "--output", str(out), "--host", f"127.0.0.1:{closed_port}"]) == 2
+        assert capsys.readouterr().err == (f"error: --output {out} is the instruction data (--data); the pairs go "
+                                           "to a .jsonl file of their own, e.g. instruction-data-with-preference.jsonl\n")
+    assert data_file.read_bytes() == content
+
+
+def test_the_reported_truncation(data_file, tmp_path, capsys, closed_port):  # noqa: F811 (fixture)
+    """The issue: a file given as --output was cut to 0 bytes, and then the server was not there."""
+    out = tmp_path / "notes.txt"
+    content = b"my notes, without a newline at the end"
+    out.write_bytes(content)
+    assert pd.main(["--data", str(data_file), "--output", str(out), "--host", f"127.0.0.1:{closed_port}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --output {out} is not a preference-pairs file")
+    assert out.read_bytes() == content
+
+
+def test_output_is_repaired_only_after_the_server_was_checked(data_file, tmp_path, capsys, closed_port):  # noqa: F811
+    out = tmp_path / "pairs.jsonl"
+    content = (pair_line(0, "Kindly, 45 km is 45000 m.") + pair_line(1, "Sure: he goes home.")[:30]).encode()
+    out.write_bytes(content)
+    argv = ["--data", str(data_file), "--output", str(out), "--limit", "2", "--no-progress"]
+    assert pd.main([*argv, "--host", f"127.0.0.1:{closed_port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: No Ollama server answers at") and len(err.splitlines()) == 1
+    assert out.read_bytes() == content
+    with FakeOllama(["Sure: he goes home."]) as fake:
+        assert pd.main([*argv, "--host", fake.host]) == 0
+    assert len(fake.chat_requests) == 1
+    assert out.read_text() == pair_line(0, "Kindly, 45 km is 45000 m.") + pair_line(1, "Sure: he goes home.")
+
+
+def test_read_jsonl_never_cuts_a_file_that_is_not_jsonl(tmp_path):
+    path = tmp_path / "data.bin"
+    content = b"\x00\x01binary without a newline"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="line 1"):
+        pd.read_jsonl(path, repair=True)
+    path.write_bytes(content := b'{"name": "a lone line, not after records"')
+    with pytest.raises(ValueError, match="line 1"):
+        pd.read_jsonl(path, repair=True)
+    assert path.read_bytes() == content
+
+
+# --- a server that stalls; Ctrl-C -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hang", [SILENT, STALL, TRICKLE], ids=["silent", "headers-then-stall", "trickle"])
+def test_a_reply_that_never_ends_stops_at_the_timeout(hang, data_file, tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    with FakeOllama(["Kindly: 45 kilometers is 45000 meters.", hang]) as fake:
+        start = time.monotonic()
+        rc = pd.main(["--data", str(data_file), "--output", str(out), "--host", fake.host, "--timeout", "1",
+                      "--no-progress"])
+        seconds = time.monotonic() - start
+    assert rc == 1 and seconds < 5, seconds
+    assert capsys.readouterr().err == (f"error: the server at {fake.host} stopped answering (no complete reply "
+                                       f"within 1 s) after 1 new records; they are saved in {out}: run the same "
+                                       "command again to continue.\n")
+    assert out.read_text() == pair_line(0, "Kindly: 45 kilometers is 45000 meters.")
+
+
+def test_ctrl_c_says_what_is_kept_in_one_line(data_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "pairs.jsonl"
+    real_query = pd.query_model
+
+    def query(*args, **kwargs):
+        if len(fake.chat_requests) == 2:
+            raise KeyboardInterrupt
+        return real_query(*args, **kwargs)
+
+    monkeypatch.setattr(pd, "query_model", query)
+    with FakeOllama(["Kindly: 45 kilometers is 45000 meters.", "Sure: he goes home."]) as fake:
+        rc = pd.main(["--data", str(data_file), "--output", str(out), "--host", fake.host, "--no-progress"])
+    assert rc == 130
+    assert capsys.readouterr().err == (f"\ninterrupted: 2 new records (2 of 5 in all) are saved in {out}; run the "
+                                       "same command again to continue\n")
+    assert out.read_text() == pair_line(0, "Kindly: 45 kilometers is 45000 meters.") + pair_line(1, "Sure: he goes home.")
+
+
+def test_ctrl_c_in_a_real_run(data_file, tmp_path):
+    """`python -m ch07.dpo.preference_data`, interrupted by SIGINT while the model works on record 2."""
+    out = tmp_path / "pairs.jsonl"
+    out.write_text(pair_line(0, "Kindly: 45 kilometers is 45000 meters."))  # from an earlier run
+    with FakeOllama(["Sure: he goes home.", SILENT]) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "ch07.dpo.preference_data", "--data", str(data_file),
+                                 "--output", str(out), "--host", fake.host, "--no-progress"], cwd=REPO,
+                                env={**os.environ, "NO_PROXY": "127.0.0.1"}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while len(fake.chat_requests) < 2 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert stderr_lines(err) == [f"interrupted: 1 new records (2 of 5 in all) are saved in {out}; run the same "
+                                 "command again to continue"]
+    assert out.read_text() == pair_line(0, "Kindly: 45 kilometers is 45000 meters.") + pair_line(1, "Sure: he goes home.")

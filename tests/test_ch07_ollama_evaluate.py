@@ -1,12 +1,19 @@
 """Tests for ch07/ollama_evaluate.py against a real HTTP server on 127.0.0.1 that speaks the parts of
 Ollama's API the evaluator uses (/api/version, /api/tags, /api/chat): the requests it sends, score
-parsing with a retry, the average, and the messages for an unreachable server and a missing model."""
+parsing with a retry, the average, the messages for an unreachable server and a missing model, a
+server that stalls or trickles (the deadline), Ctrl-C, and a --scores file that is not a scores file
+(refused, left byte for byte as it was)."""
 
 import json
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import requests
@@ -34,7 +41,12 @@ ENTRIES = [
 ]
 
 
+REPO = Path(__file__).resolve().parents[1]
 DIE = object()  # a reply that makes FakeOllama drop the connection and stop
+# Replies (or a `version`) that make FakeOllama hang: until the test ends, it says nothing at all
+# (SILENT), sends the headers of a 1,000-byte reply and then nothing (STALL), or sends those headers
+# and then a byte every 50 ms (TRICKLE: each read is quick, the reply never ends).
+SILENT, STALL, TRICKLE = object(), object(), object()
 
 
 class FakeOllama:
@@ -46,9 +58,26 @@ class FakeOllama:
         self.models = list(models)
         self.chat_requests = []
         self.paths = []
+        self.stop = threading.Event()  # set when the test ends: hanging replies give up
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _hang(self, how):
+                if how is not SILENT:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.flush()
+                try:
+                    while not fake.stop.wait(0.05):
+                        if how is TRICKLE:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                except OSError:  # the client gave up and closed the connection
+                    pass
+                self.close_connection = True
+
             def _send(self, status, payload):
                 body = json.dumps(payload).encode()
                 self.send_response(status)
@@ -59,7 +88,9 @@ class FakeOllama:
 
             def do_GET(self):
                 fake.paths.append(("GET", self.path))
-                if self.path == "/api/version":
+                if self.path == "/api/version" and fake.version in (SILENT, STALL, TRICKLE):
+                    self._hang(fake.version)
+                elif self.path == "/api/version":
                     self._send(*fake.version)
                 elif self.path == "/api/tags":
                     self._send(200, {"models": [{"name": m, "model": m} for m in fake.models]})
@@ -74,6 +105,9 @@ class FakeOllama:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.chat_requests.append(request)
                 reply = fake.replies.pop(0) if fake.replies else "no more replies"
+                if reply in (SILENT, STALL, TRICKLE):
+                    self._hang(reply)
+                    return
                 if reply is DIE:  # the server goes away mid-run: drop this connection, stop serving
                     self.close_connection = True
                     threading.Thread(target=fake.server.shutdown, daemon=True).start()
@@ -96,6 +130,7 @@ class FakeOllama:
         return self
 
     def __exit__(self, *exc):
+        self.stop.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
@@ -126,36 +161,116 @@ def responses_file(tmp_path):
 
 # --- parsing -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
+# (reply, score on 0-100 or None for unparsed). A score is read only on a scale that is known.
+PARSE_TABLE = [
+    # a whole number 0-100 (the scale the prompt asks for), alone or labelled
     ("85", 85),
     ("  100\n", 100),
     ("0", 0),
+    ("Score: 0", 0),
+    ("Score:85", 85),
+    (" score = 77 ", 77),
+    ("rated 60", 60),
+    ("**Score: 45**", 45),
+    ("The score is 60. It has 2 errors.", 60),
+    ("On a scale from 0 to 100, I would give this response 70.", 70),
+    ("On a scale from 0 to 100, I'd say 70.", 70),
+    ("I'd give it 85 points", 85),
+    ("Score (0-100): 85", 85),
+    ("GPT-4 would give it 85", 85),  # "-4" is part of a name, not a negative number
+    ("Score: 85. Final score: 85", 85),  # the same score twice counts once
+    ("It scored 80. Llama-3 would give it 80", 80),
+    # fractions on their stated scale, rounded half up
     ("I'd give it 85 out of 100", 85),
     ("Score: 92/100", 92),
-    ("**Score: 45**", 45),
-    ("On a scale from 0 to 100, I would give this response 70.", 70),
+    ("Score: 92/100\n\nThe response is accurate.", 92),
     ("I would rate this response 75 out of 100 because it covers 3 points.", 75),
-    ("The score is 60. It has 2 errors.", 60),
-    ("87.6", 88),
-    ("Score: 85%", 85),
-    ("great answer!", None),
-    ("", None),
-    ("150", None),
-    ("-5", None),
     ("Rating: 8/10", 80),
-    # other scales are converted to 0-100, never truncated
     ("Score: 8.5/10", 85),
     ("Rating: 7.5/10", 75),
     ("I would give it 4.5 out of 5", 90),
+    ("4 out of 5", 80),
     ("3/5", 60),
     ("Score: 9.5 out of 10.", 95),
     ("I'd say 99.5/100", 100),
-    ("Score: 3/4", None),  # a scale we cannot read: unparsed, not 3
+    ("Score: 3/4", 75),
+    ("Score: 40/50", 80),
+    ("1/2", 50),
+    ("0/10", 0),
+    ("10/10", 100),
+    ("a score of 8 out of 10", 80),
+    ("85 out of 100 points", 85),
+    ("Score: 85 (out of 100).", 85),
+    ("The response scores 2 points out of 3", 67),
+    ("9/10 - 2 minor errors", 90),
+    ("I'd give this 9/10 because 3 of 4 facts are right", 90),
+    # stars with their scale
+    ("4/5 stars", 80),
+    ("4 out of 5 stars", 80),
+    ("3.5 stars out of 5", 70),
+    ("Score: 7 out of 10 stars", 70),
+    # percentages
+    ("85%", 85),
+    ("Score: 85%", 85),
+    ("75%!", 75),
+    ("100%", 100),
+    ("Score: 82.5%", 83),
+    ("Score: 9/10 (90%)", 90),  # two ways of writing one score
+    ("Score: 85% (8.5/10)", 85),
+    # a scale the reply states
+    ("On a scale of 1 to 10, I'd give it 8", 80),
+    ("On a scale of 1-10: 8.5", 85),
+    ("On a 10-point scale: 7", 70),
+    # unparsed: no number, no known scale, out of range, negative, ambiguous
+    ("great answer!", None),
+    ("A good answer!", None),
+    ("", None),
+    ("150", None),
+    ("120", None),
+    ("Score: 101", None),
+    ("-5", None),
+    ("\u22125", None),  # a minus sign
+    ("Score: \u20135", None),  # an en dash used as one
+    ("Score: -10/10", None),
+    ("-3 out of 5", None),
+    ("-5%", None),
+    ("Score: 8/-10", None),
     ("11/10", None),
+    ("6/5", None),
+    ("120%", None),
+    ("8/0", None),
+    ("3 stars", None),
+    ("I'd give it 4 stars", None),
+    ("0.85", None),
+    ("87.6", None),
+    ("Score: 8.5", None),
+    ("Score: 85.0", None),
+    ("Score: 1e2", None),
+    ("On a scale of 5 to 10: 7", None),  # a scale that does not start at 0 or 1
     ("8/10, or maybe 9/10", None),
+    ("The answer gets 85/100, I'd say 9/10", None),
     ("somewhere between 60 and 70", None),
+    ("between 60 and 70", None),
     ("60-70", None),
-])
+    ("60-70%", None),
+    ("7-8/10", None),
+    ("8/10-9/10", None),
+    ("Score: 85 - 90/100", None),
+    ("3/4/2024", None),  # a date
+    ("85/100/2", None),
+    ("1. Accuracy 2. Clarity", None),
+]
+
+
+def test_parse_table_is_large_and_covers_the_issue():
+    texts = [text for text, _ in PARSE_TABLE]
+    assert len(texts) >= 60 and len(set(texts)) == len(texts)
+    # the misreadings reported in the issue are all in the table
+    assert {"Score: -10/10", "-3 out of 5", "3 stars", "0.85", "Score: 8.5",
+            "The response scores 2 points out of 3"} <= set(texts)
+
+
+@pytest.mark.parametrize("text, expected", PARSE_TABLE)
 def test_parse_score(text, expected):
     assert parse_score(text) == expected
 
@@ -389,3 +504,205 @@ def test_odd_version_replies_say_what_the_server_answered(version, expected, res
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error:")
     assert "Traceback" not in err and server.chat_requests == []
+
+
+# --- a --scores file that is not ours is never changed ----------------------------------------------------
+
+def score_line(i, score, model="llama3"):
+    """The line `generate_model_scores` writes for record i of ENTRIES."""
+    return json.dumps({"index": i, "record": ev._record_id(ENTRIES[i], "model_response"), "model": model,
+                       "score": score}) + "\n"
+
+
+NOT_SCORES = {  # name: (content, the reason the one error line gives)
+    "binary, one line": (bytes(b for b in range(256) if b != 10) * 4, "line 1: neither a whole record nor the start of one"),
+    "binary, lines": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\n", "line 1: not UTF-8 text"),
+    "csv": (b"index,score\n0,90\n1,80\n", "line 1: not JSON"),
+    "json array": (json.dumps(ENTRIES, indent=2).encode(), "line 1: not JSON"),
+    "json array, one line": (json.dumps(ENTRIES).encode() + b"\n", "line 1: a JSON array, not an object"),
+    "other records": (b'{"index": 0, "instruction": "x", "chosen": "a", "rejected": "b", "politeness": "polite"}\n',
+                      "line 1: a JSON object without 'record', 'model', 'score'"),
+    "one object, no newline": (b'{"name": "Bob", "age": 42}', "line 1: a JSON object without 'index', 'record', "
+                               "'model', 'score'"),
+    "someone's torn line": (b'{"name": "Bo', "line 1: neither a whole record nor the start of one"),
+    "notes": (b"my notes, no newline", "line 1: neither a whole record nor the start of one"),
+    "damage before the end": (score_line(0, 90).encode() + b"not json\n" + score_line(1, 80).encode(),
+                              "line 2: not JSON"),
+    "a score out of range": (score_line(0, 90).replace("90", "900").encode(),
+                             "line 1: 'score' is 900, not a whole number from 0 to 100 or null"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_SCORES)
+def test_scores_file_of_another_kind_is_refused_and_left_as_it_was(kind, responses_file, tmp_path, capsys):
+    content, why = NOT_SCORES[kind]
+    scores = tmp_path / "scores.jsonl"
+    scores.write_bytes(content)
+    with FakeOllama(["90"] * 8) as server:
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores),
+                      "--no-progress"])
+    assert rc == 2
+    assert capsys.readouterr().err == (f"error: --scores {scores} is not a scores file of this command ({why}); "
+                                       "it was left as it is: choose another --scores file\n")
+    assert scores.read_bytes() == content
+    assert server.paths == []  # refused before the server is asked anything
+
+
+def test_the_reported_truncation(responses_file, tmp_path, capsys, closed_port):
+    """The issue: a binary file given as --scores was cut to 0 bytes, and then the server was not there."""
+    scores = tmp_path / "photo.jpg"
+    content = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 16  # no newline anywhere
+    scores.write_bytes(content)
+    assert ev.main(["--file", str(responses_file), "--host", f"127.0.0.1:{closed_port}", "--scores",
+                    str(scores)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --scores {scores} is not a scores file of this command")
+    assert scores.read_bytes() == content
+
+
+def test_scores_file_is_repaired_only_after_the_server_was_checked(responses_file, tmp_path, capsys, closed_port):
+    """A scores file of ours with a torn last line: left as it is while the server is missing; cut when the run
+    goes ahead."""
+    scores = tmp_path / "scores.jsonl"
+    content = (score_line(0, 90) + score_line(1, None) + score_line(2, 70)[:25]).encode()
+    scores.write_bytes(content)
+    argv = ["--file", str(responses_file), "--scores", str(scores), "--no-progress"]
+    assert ev.main([*argv, "--host", f"127.0.0.1:{closed_port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: No Ollama server answers at http://127.0.0.1:{closed_port}/api/version")
+    assert len(err.splitlines()) == 1 and scores.read_bytes() == content
+    with FakeOllama(["70", "60"]) as server:
+        assert ev.main([*argv, "--host", server.host]) == 0
+    assert len(server.chat_requests) == 2
+    assert scores.read_text() == score_line(0, 90) + score_line(1, None) + score_line(2, 70) + score_line(3, 60)
+
+
+def test_a_lone_torn_scores_line_is_ours_and_a_whole_last_line_is_finished(responses_file, tmp_path):
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(score_line(0, 90)[:20])  # killed during the first write
+    with FakeOllama(["90", "80", "70", "60"]) as server:
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores),
+                        "--no-progress"]) == 0
+    assert scores.read_text() == "".join(score_line(i, s) for i, s in enumerate([90, 80, 70, 60]))
+    scores.write_text(score_line(0, 90) + score_line(1, 80).rstrip("\n"))  # whole record, newline missing
+    with FakeOllama(["70", "60"]) as server:
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores),
+                        "--no-progress"]) == 0
+    assert len(server.chat_requests) == 2
+    assert scores.read_text() == "".join(score_line(i, s) for i, s in enumerate([90, 80, 70, 60]))
+
+
+def test_scores_that_are_the_responses_file_or_a_folder_are_refused(responses_file, tmp_path, capsys):
+    content = responses_file.read_bytes()
+    link = tmp_path / "link.json"
+    link.symlink_to(responses_file)
+    with FakeOllama(["90"] * 8) as server:
+        for scores in (responses_file, link):
+            assert ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores)]) == 2
+            default = ev.default_scores_path(responses_file, "llama3")
+            assert capsys.readouterr().err == (f"error: --scores {scores} is the responses file (--file); the "
+                                               f"scores go to a file of their own, e.g. {default}\n")
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == (f"error: --scores {tmp_path} is a folder; give the .jsonl file to "
+                                           "append the scores to\n")
+    assert responses_file.read_bytes() == content and server.paths == []
+
+
+def test_a_preference_pairs_file_is_not_a_scores_file(responses_file, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    content = json.dumps({**ENTRIES[0], "chosen": "a", "rejected": "b", "politeness": "both", "index": 0}) + "\n"
+    pairs.write_text(content)
+    with FakeOllama(["90"] * 8) as server:
+        assert ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(pairs)]) == 2
+    assert "is not a scores file of this command (line 1: a JSON object without 'record', 'model', 'score')" in \
+        capsys.readouterr().err
+    assert pairs.read_text() == content and server.paths == []
+
+
+# --- deadlines: a server that never finishes its reply ----------------------------------------------------
+
+@pytest.mark.parametrize("hang", [SILENT, STALL, TRICKLE], ids=["silent", "headers-then-stall", "trickle"])
+def test_a_judge_reply_that_never_ends_stops_at_the_timeout(hang, responses_file, tmp_path, capsys):
+    scores = tmp_path / "scores.jsonl"
+    with FakeOllama(["90", hang]) as server:
+        start = time.monotonic()
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores),
+                      "--timeout", "1", "--no-progress"])
+        seconds = time.monotonic() - start
+    assert rc == 1 and seconds < 5, seconds
+    assert capsys.readouterr().err == (f"error: The Ollama server at {server.host} stopped answering (no complete "
+                                       f"reply within 1 s); 1 of 4 scores are kept in {scores}: rerun the same "
+                                       "command to continue\n")
+    assert scores.read_text() == score_line(0, 90)
+
+
+@pytest.mark.parametrize("hang", [SILENT, STALL, TRICKLE], ids=["silent", "headers-then-stall", "trickle"])
+def test_a_server_check_that_never_ends_stops_at_the_deadline(hang, responses_file, capsys):
+    with FakeOllama(version=hang) as server:
+        start = time.monotonic()
+        with pytest.raises(OllamaUnavailable, match=r"/api/version \(no complete reply within 0\.5 s\)"):
+            check_server(server.host, timeout=0.5)
+        assert time.monotonic() - start < 2.5
+        start = time.monotonic()
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--timeout", "1"])
+        seconds = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert rc == 1 and seconds < 5, seconds
+    assert err.startswith(f"error: No Ollama server answers at {server.host}/api/version (no complete reply "
+                          "within 1 s)") and len(err.splitlines()) == 1
+    assert server.chat_requests == []
+
+
+def test_query_model_deadline_is_for_the_whole_reply():
+    with FakeOllama([TRICKLE]) as server:
+        start = time.monotonic()
+        with pytest.raises(ev.NoReplyInTime, match=rf"no complete reply from {server.host}/api/chat within 0\.5 s"):
+            query_model("x", host=server.host, timeout=0.5)
+        assert time.monotonic() - start < 2.5
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_says_what_is_kept_in_one_line(responses_file, tmp_path, capsys, monkeypatch):
+    scores = tmp_path / "scores.jsonl"
+    real_query = ev.query_model
+
+    def query(*args, **kwargs):
+        if len(server.chat_requests) == 2:
+            raise KeyboardInterrupt
+        return real_query(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "query_model", query)
+    with FakeOllama(["90", "80"]) as server:
+        rc = ev.main(["--file", str(responses_file), "--host", server.host, "--scores", str(scores),
+                      "--no-progress"])
+    assert rc == 130
+    assert capsys.readouterr().err == (f"\ninterrupted: 2 of 4 scores are saved in {scores}; run the same command "
+                                       "again to continue\n")
+    assert scores.read_text() == score_line(0, 90) + score_line(1, 80)
+
+
+def stderr_lines(err):
+    """The lines of a command's stderr, without llmfs.cli.run's note on settings from the environment."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("settings from the environment")]
+
+
+def test_ctrl_c_in_a_real_run(responses_file, tmp_path):
+    """`python -m ch07.ollama_evaluate`, interrupted by SIGINT while the judge works on record 3."""
+    scores = tmp_path / "scores.jsonl"
+    with FakeOllama(["90", "Score: 8/10", SILENT]) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "ch07.ollama_evaluate", "--file", str(responses_file),
+                                 "--host", server.host, "--scores", str(scores), "--no-progress"], cwd=REPO,
+                                env={**os.environ, "NO_PROXY": "127.0.0.1"}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while len(server.chat_requests) < 3 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert stderr_lines(err) == [f"interrupted: 2 of 4 scores are saved in {scores}; run the same command again "
+                                 "to continue"]
+    assert scores.read_text() == score_line(0, 90) + score_line(1, 80)

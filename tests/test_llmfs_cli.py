@@ -73,6 +73,9 @@ def test_pickle_errors_are_not_user_errors_any_more():
 def test_ctrl_c_outside_training_is_exit_130(capsys):
     assert cli.run(raising(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+    # a command that catches Ctrl-C and raises it again with what it kept: that, on the same line
+    assert cli.run(raising(KeyboardInterrupt("3 of 9 scores are saved in s.jsonl\nrerun to continue"))) == 130
+    assert capsys.readouterr().err == "\ninterrupted: 3 of 9 scores are saved in s.jsonl; rerun to continue\n"
 
 
 def test_other_errors_map_to_their_exit_code(capsys):

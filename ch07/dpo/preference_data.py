@@ -16,11 +16,14 @@ and the original answer is not used.
 The requests are plain Ollama API calls (GET /api/version and /api/tags to check the server
 and the model, POST /api/chat with a fixed seed and temperature 0) made by
 `ch07.ollama_evaluate.query_model`, so any Ollama-compatible server works; `--max-new-tokens`
-caps each reply (sent as Ollama's `num_predict`). Records are appended to a JSONL file as
-they arrive (one line each, flushed to disk), so an interrupted run loses at most the record
-in flight; running the same command again continues after the last complete line. A
-reply is checked before it is kept (not empty, not the prompt echoed back, not the
-original answer unchanged, not runaway long); a bad one is asked for once more with a
+caps each reply (sent as Ollama's `num_predict`) and `--timeout` bounds the time a whole reply
+may take. Records are appended to a JSONL file as they arrive (one line each, flushed to disk),
+so an interrupted run (server gone, Ctrl-C) loses at most the record in flight; running the
+same command again continues after the last complete line. The file is opened only after the
+data, the file itself and the server have been checked, and only when it is a preference-pairs
+file of this data (a last line torn by a killed run is cut off); any other file is refused and
+left as it is. A reply is checked before it is kept (not empty, not the prompt echoed back, not
+the original answer unchanged, not runaway long); a bad one is asked for once more with a
 stricter prompt, and a record whose replies stay bad is left out (a rerun tries it again).
 """
 
@@ -36,17 +39,26 @@ import requests
 
 from ch07.gpt_instruction_finetuning import format_input, load_instruction_data
 from ch07.ollama_evaluate import (
+    CHECK_TIMEOUT,
     DEFAULT_MODEL,
     OllamaUnavailable,
     add_server_arguments,
+    append_jsonl,
     check_ollama,
     check_server_arguments,
+    is_torn_record,
     ollama_host,
+    open_jsonl_output,
     query_model,
+    read_jsonl_output,
+    same_file,
     server_options,
+    short_reason,
 )
 from llmfs.cli import Parser, check_output_dir, positive_int, run
+from llmfs.download import get_data_file
 from llmfs.errors import InvalidInput
+from llmfs.instruction_data import INSTRUCTION_DATA_FILE
 from llmfs.runtime import outputs_dir
 
 POLITENESS = ("polite", "impolite")
@@ -110,8 +122,9 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     """The records of a JSONL file (one JSON object per line).
 
     A last line without its newline is what an interrupted write leaves: with `repair`
-    it is cut off the file (and its record dropped); otherwise, and for any other bad
-    line, InvalidInput (a ValueError) names the file and the line.
+    it is cut off the file (and its record dropped) when it is the start of a JSON object
+    after whole ones; otherwise, and for any other bad line, InvalidInput (a ValueError)
+    names the file and the line, and the file is left as it is.
     """
     path = Path(path)
     raw = path.read_bytes()
@@ -127,7 +140,7 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
             if not isinstance(record, dict):
                 raise ValueError(f"a {type(record).__name__}, not an object")
         except ValueError as exc:
-            if repair and not complete:
+            if repair and not complete and is_torn_record(line, (), after_records=bool(records)):
                 break
             raise InvalidInput(f"{path}, line {lineno}: not a JSON object ({exc})") from None
         if not complete and repair:  # a whole object but no newline: keep it, finish the line
@@ -141,24 +154,42 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     return records
 
 
-def _append_jsonl(f, record: dict) -> None:
-    """One record as one line, on disk before the next request goes out."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+PAIR_KEYS = ("index", "instruction", "chosen", "rejected", "politeness")
+# A torn last line alone in the file is taken for one of ours when its first key is one of these
+# (a record is the input record, usually starting with "instruction", plus PAIR_KEYS).
+_FIRST_KEYS = ("instruction", "input", "output", *PAIR_KEYS)
+
+
+def _pair_problem(record: dict) -> str | None:
+    """Why `record` is not a line `generate_preference_data` writes (None: it is one)."""
+    missing = [key for key in PAIR_KEYS if key not in record]
+    if missing:
+        return f"a JSON object without {', '.join(map(repr, missing))}"
+    index = record["index"]
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return f"'index' is {index!r}, not a record number"
+    if not all(isinstance(record[key], str) for key in ("instruction", "chosen", "rejected")):
+        return "'instruction', 'chosen' and 'rejected' are not all strings"
+    if record["politeness"] not in (*POLITENESS, "both"):
+        return f"'politeness' is {record['politeness']!r}, not polite, impolite or both"
+    return None
+
+
+def read_pairs(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """The records of a preference-pairs file this command wrote (with their line numbers), read
+    without changing it; a file of another kind raises a one-line error and is left as it is."""
+    return read_jsonl_output(path, "--output", "preference-pairs", _pair_problem, _FIRST_KEYS).records
 
 
 def records_done(path: Path, data: list[dict]) -> set[int]:
-    """Indices already in the output file; refuses a file made from other data."""
-    if not path.is_file():
-        return set()
+    """Indices already in the output file, read without changing it; refuses a file that is not a
+    preference-pairs file, and one made from other data."""
     done = set()
-    for i, record in enumerate(read_jsonl(path, repair=True)):
-        index = record.get("index")
-        if not isinstance(index, int) or not 0 <= index < len(data) \
-                or record.get("instruction") != data[index]["instruction"]:
+    for i, (_, record) in enumerate(read_pairs(path)):
+        index = record["index"]
+        if not index < len(data) or record["instruction"] != data[index]["instruction"]:
             raise InvalidInput(f"{path}: record {i} does not belong to this input data (its index "
-                             f"{index!r} and instruction do not match); choose another --output")
+                               f"{index!r} and instruction do not match); choose another --output")
         done.add(index)
     return done
 
@@ -194,7 +225,7 @@ def generate_preference_data(data: list[dict], output_path: str | os.PathLike, m
     todo = [i for i in range(len(data)) if i not in done]
     summary = {"total": len(data), "done_before": len(done), "written": 0, "invalid": 0}
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "a", encoding="utf-8") as f:
+    with open_jsonl_output(output_path, "--output", "preference-pairs", _pair_problem, _FIRST_KEYS)[1] as f:
         for i in tqdm(todo, desc="Writing entries", unit="entry", disable=not progress):
             entry = data[i]
             if both:
@@ -212,8 +243,8 @@ def generate_preference_data(data: list[dict], output_path: str | os.PathLike, m
                 if progress:
                     tqdm.write(f"record {i}: no usable reply ({why}); a rerun asks again")
                 continue
-            _append_jsonl(f, {**entry, "chosen": chosen, "rejected": rejected, "politeness": politeness,
-                              "index": i})
+            append_jsonl(f, {**entry, "chosen": chosen, "rejected": rejected, "politeness": politeness,
+                             "index": i})
             summary["written"] += 1
     return summary
 
@@ -240,36 +271,54 @@ def parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ch07.dpo.preference_data [options]`; returns the exit code (2: bad input, 1: server trouble)."""
+    """`python -m ch07.dpo.preference_data [options]`; returns the exit code (2: bad input, 1: server trouble).
+
+    Checks come first, in this order, and --output is changed only after all of them: --data, --output
+    (a preference-pairs file of this data, or none yet; anything else is refused and left as it is),
+    then the server and the model.
+    """
     p = parser()
     args = p.parse_args(argv)
     check_server_arguments(p, args)
 
     def generate() -> None:
         output = Path(args.output)
+        if args.data is not None and Path(args.data).is_dir():
+            raise IsADirectoryError(f"--data {args.data} is a folder; give the instruction file (a JSON list)")
         if args.data is not None and not Path(args.data).is_file():
             raise FileNotFoundError(f"--data {args.data} does not exist")
         if output.is_dir():
             raise IsADirectoryError(f"--output {output} is a folder; give the .jsonl file to append to")
         check_output_dir(output.parent, option="--output")
-        data = load_instruction_data(args.data)
+        data_path = Path(args.data) if args.data is not None else get_data_file(INSTRUCTION_DATA_FILE)
+        if same_file(output, data_path):
+            raise InvalidInput(f"--output {output} is the instruction data (--data); the pairs go to a .jsonl file "
+                               "of their own, e.g. instruction-data-with-preference.jsonl")
+        data = load_instruction_data(data_path)
         data = data[:args.limit] if args.limit else data
         done = records_done(output, data)
         if len(done) == len(data):
             print(f"{output} already holds all {len(data)} records; nothing to do")
             return
-        check_ollama(args.model, args.host)
-        print(f"{ollama_host(args.host)}, model {args.model}: {len(data) - len(done)} of {len(data)} records to do "
-              f"-> {output}")
+        host = ollama_host(args.host)
         try:
-            summary = generate_preference_data(data, output, args.model, args.host, seed=args.seed, both=args.both,
-                                               options=server_options(args), timeout=args.timeout,
-                                               progress=not args.no_progress)
-        except (requests.RequestException, OllamaUnavailable) as exc:
-            written = len(records_done(output, data)) - len(done)
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
-            raise OllamaUnavailable(f"the server stopped answering ({reason}) after {written} new records; they are "
-                                    f"saved in {output}: run the same command again to continue.") from None
+            check_ollama(args.model, args.host, timeout=min(CHECK_TIMEOUT, args.timeout))
+            print(f"{host}, model {args.model}: {len(data) - len(done)} of {len(data)} records to do -> {output}")
+            try:
+                summary = generate_preference_data(data, output, args.model, args.host, seed=args.seed,
+                                                   both=args.both, options=server_options(args),
+                                                   timeout=args.timeout, progress=not args.no_progress)
+            except (requests.RequestException, OllamaUnavailable) as exc:
+                written = len(records_done(output, data)) - len(done)
+                reason = short_reason(exc) if isinstance(exc, requests.RequestException) else " ".join(str(exc).split())
+                raise OllamaUnavailable(f"the server at {host} stopped answering ({reason}) after {written} new "
+                                        f"records; they are saved in {output}: run the same command again to "
+                                        "continue.") from None
+        except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept (llmfs.cli.run prints it)
+            total = len(records_done(output, data))
+            raise KeyboardInterrupt(f"{total - len(done)} new records ({total} of {len(data)} in all) are saved in "
+                                    f"{output}; run the same command again to continue" if output.exists()
+                                    else "no records were written") from None
         print(f"{summary['written']} records written, {summary['done_before']} were there before, "
               f"{summary['invalid']} without a usable reply (rerun to ask again): {output}")
 
