@@ -58,7 +58,7 @@ except ImportError:  # project not installed: import the files next to this scri
     )
 
 from llmfs.atomic import atomic_write
-from llmfs.cli import Parser, check_output_dir, positive_float, positive_int, run
+from llmfs.cli import Parser, check_output_dir, path_argument, positive_float, positive_int, run
 from llmfs.runtime import distributed_backend, get_device, set_seed
 
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=2, help="examples per process and step (default 2)")
     parser.add_argument("--lr", type=positive_float, default=0.5, help="SGD learning rate (default 0.5)")
     parser.add_argument("--seed", type=int, default=123, help="random seed, the same on every process (default 123)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for rank<k>.json results")
+    parser.add_argument("--out", type=path_argument, default=None, help="folder for rank<k>.json results")
     args = parser.parse_args(argv)
     return run(lambda: train_ddp(args), argv)
 

@@ -26,7 +26,7 @@ from typing import Callable
 from ch02.bpe.bpe import BPETokenizerSimple, bytes_to_unicode, train_naive
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from llmfs.bench import machine_description, write_report
-from llmfs.cli import Parser, add_quick_argument, check_output_dir, positive_int, run
+from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 from llmfs.download import get_data_file
 
 # naive: (vocab size, characters) for the naive trainer, whose time grows with merges x characters.
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.bpe [options]`; returns the exit code."""
     p = Parser(prog="python -m benchmarks.bpe", description=__doc__.splitlines()[0])
     add_quick_argument(p, "a slice of the corpus, small vocabularies, one round")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bpe",
+    p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results" / "bpe",
                    help="folder for results.md and results.json (default benchmarks/results/bpe)")
     p.add_argument("--naive-chars", type=positive_int, default=None,
                    help="characters the naive trainer gets, for every vocabulary size (default: "

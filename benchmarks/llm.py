@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmfs.cli import Parser, add_quick_argument, check_output_dir, positive_int, run
+from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 
 QWEN3_06B_HF = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                 "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens to decode per timed run (default 32; every run decodes all of them)")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="processes per measurement (default 2; --quick: 1)")
-    p.add_argument("--workdir", type=Path, default=None,
+    p.add_argument("--workdir", type=path_argument, default=None,
                    help="keep the model folders here and reuse them (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results",
                    help="folder for llm.md and llm.json (default benchmarks/results)")
     p.add_argument("--only", choices=("generate", "load"), default=None, help="run one of the two sections")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

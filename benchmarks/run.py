@@ -21,7 +21,7 @@ from pathlib import Path
 from ch04.gpt import GPT_CONFIG_124M
 from llmfs.atomic import atomic_path, atomic_write
 from llmfs.bench import machine_description
-from llmfs.cli import Parser, add_quick_argument, check_output_dir, positive_int, run
+from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 
 TINY_CONFIG = {"vocab_size": 1000, "context_length": 64, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                "drop_rate": 0.1, "qkv_bias": False}
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.run [options]`; returns the exit code."""
     p = Parser(prog="python -m benchmarks.run", description="Benchmark our GPT against transformers' GPT-2.")
     add_quick_argument(p, "tiny config: checks the harness, not the speed")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results",
                    help="folder for results.md, results.json and the plots (default benchmarks/results)")
     p.add_argument("--only", type=section_names, default=list(SECTIONS),
                    help=f"comma-separated sections (default all: {','.join(SECTIONS)}); the report and plots "

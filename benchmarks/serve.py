@@ -32,7 +32,7 @@ from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from llmfs.atomic import atomic_write
 from llmfs.bench import machine_description
 from llmfs.checkpoint import save_model
-from llmfs.cli import Parser, add_quick_argument, check_output_dir, positive_int, run
+from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 
 PROMPT = "Every effort moves you"
 QUICK_CONFIG = {**TINY_CONFIG, "vocab_size": 50257, "drop_rate": 0.0}  # the GPT-2 tokenizer's ids must fit
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=positive_int, default=1, help="interleaved rounds of each measurement")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads, on both sides (default 1: steadier on a shared machine)")
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
+    p.add_argument("--out", type=path_argument, default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.out is not None and args.out.is_dir():
         p.error(f"argument --out: {args.out} is a folder; give a file name, e.g. {args.out / 'serve.json'}")

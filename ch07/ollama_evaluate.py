@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 import requests
 
 from ch07.gpt_instruction_finetuning import format_input, read_json_file, validate_instruction_data
-from llmfs.cli import Parser, check_output_dir, positive_float, positive_int, run
+from llmfs.cli import Parser, check_output_dir, path_argument, positive_float, positive_int, run
 from llmfs.errors import InvalidInput
 from llmfs.runtime import outputs_dir
 
@@ -649,7 +649,7 @@ def parser() -> Parser:
     p.add_argument("--file", default=str(outputs_dir("ch07") / "instruction-data-with-response.json"),
                    help="JSON list of records with instruction, input, output and model_response")
     p.add_argument("--key", default="model_response", help="which field holds the answer to score")
-    p.add_argument("--scores", default=None,
+    p.add_argument("--scores", type=path_argument, default=None,
                    help="JSONL file the scores are appended to as they arrive; a rerun continues from it "
                         "(default: beside --file, e.g. instruction-data-with-response.scores-llama3.jsonl)")
     add_server_arguments(p, "judge model served by Ollama (default llama3)")

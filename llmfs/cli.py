@@ -89,6 +89,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def path_argument(text: str) -> Path:
+    """A file or folder option: an empty value is refused (as a Path it would silently mean the current
+    folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; name a file or folder")
+    return Path(text)
+
+
 def device_name(text: str) -> str:
     """A device PyTorch knows and this machine has (cpu, cuda, cuda:1, mps), checked when parsed."""
     from llmfs.runtime import get_device

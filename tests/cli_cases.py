@@ -98,7 +98,8 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--file", "{responses}", "--timeout", "0"], ["--file", "{responses}", "--timeout", "nan"],
         ["--file", "{responses}", "--host", "http://localhost:99999"], ["--file", "{responses}", "--model", ""],
         ["--file", "{responses}", "--key", ""], ["--bogus"],
-        ["--file", "{responses}", "--scores", "{text}"], ["--file", "{responses}", "--max-new-tokens", "0"],
+        ["--file", "{responses}", "--scores", "{text}"], ["--file", "{responses}", "--scores", ""],
+        ["--file", "{responses}", "--max-new-tokens", "0"],
     ]],
     # --- ch07.dpo (a tiny instruction-tuned model; everything fails before training)
     *[(DPO, f"{DPO} {' '.join(a)}", ["--model", "{tiny_sft}", *a]) for a in [
@@ -117,7 +118,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--limit", "0"], ["--limit", "-2"], ["--timeout", "0"], ["--max-new-tokens", "0"], ["--max-tokens", "8"],
         ["--host", "http://localhost:99999"], ["--model", ""], ["--seed", "x"], ["--bogus"],
         ["--data", "{missing}"], ["--data", "{text}"], ["--data", "{json_trailing_comma}"],
-        ["--output", "{text}"], ["--output", "{folder}"], ["--output", "{file_parent}"],
+        ["--output", "{text}"], ["--output", "{folder}"], ["--output", "{file_parent}"], ["--output", ""],
     ]],
 ]
 

@@ -130,3 +130,16 @@ def test_an_unwritable_out_folder_is_refused_before_measuring(tmp_path, capsys, 
     assert run.main(["--only", "train", "--out", str(tmp_path / "file" / "results")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and "cannot be written" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("benchmarks.run", ["--out", ""]), ("benchmarks.llm", ["--out", " "]), ("benchmarks.llm", ["--workdir", ""]),
+    ("benchmarks.bpe", ["--out", ""]), ("benchmarks.serve", ["--out", ""]),
+])
+def test_an_empty_folder_or_file_option_is_refused_not_taken_as_the_current_folder(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == f"error: argument {argv[0]}: is empty; name a file or folder (see --help)\n"

@@ -55,7 +55,7 @@ from ch07.ollama_evaluate import (
     server_options,
     short_reason,
 )
-from llmfs.cli import Parser, check_output_dir, positive_int, run
+from llmfs.cli import Parser, check_output_dir, path_argument, positive_int, run
 from llmfs.download import get_data_file
 from llmfs.errors import InvalidInput
 from llmfs.instruction_data import INSTRUCTION_DATA_FILE
@@ -258,7 +258,8 @@ def parser() -> Parser:
     p.add_argument("--data", default=None,
                    help="instruction records (JSON list with instruction, input, output; default: the chapter's "
                         "instruction-data.json)")
-    p.add_argument("--output", default=str(outputs_dir("ch07") / "instruction-data-with-preference.jsonl"),
+    p.add_argument("--output", type=path_argument,
+                   default=str(outputs_dir("ch07") / "instruction-data-with-preference.jsonl"),
                    help="JSONL file the records are appended to; rerun with the same file to continue "
                         "(default outputs/ch07/instruction-data-with-preference.jsonl)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N records")
