@@ -109,6 +109,7 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--output-dir", "{file_parent}"], ["--output-dir", "{finished_dpo}"], ["--output-dir", ""],
         ["--output-dir", "{interrupted}"], ["--device", ""],
         ["--data", "{missing}"], ["--data", "{folder}"], ["--data", "{text}"], ["--data", "{json_not_records}"],
+        ["--data", "{prefs_empty}"], ["--data", "{prefs_one}"],
         ["--resume", "{text}"], ["--resume", "{empty}"], ["--quick", "--resume", "{tiny_ckpt}", "--output-dir", "{fresh}"],
     ]],
     *[(DPO, name, args) for name, args in _file_cases(DPO, "--model") if "folder" not in name],
@@ -153,6 +154,9 @@ def make_fixtures(folder: Path) -> dict[str, str]:
                           ("_dpo", "quick-sft-dpo.pth")):
         (folder / f"finished{chapter}").mkdir(exist_ok=True)
         (folder / f"finished{chapter}" / name).write_bytes(b"a trained model")
+    pair = {"instruction": "Say hi.", "input": "", "output": "Hi!", "chosen": "Hello!", "rejected": "What."}
+    (folder / "prefs-empty.json").write_text("[]")
+    (folder / "prefs-one.json").write_text(json.dumps([pair]))
     (folder / "interrupted").mkdir(exist_ok=True)  # what Ctrl-C leaves: a checkpoint, no model yet
     (folder / "interrupted" / "checkpoint.pth").write_bytes((folder / "tiny" / "checkpoint.pth").read_bytes())
     (folder / "trailing-comma.json").write_text('[\n  {"instruction": "a",\n   "output": "b",}\n]\n')
@@ -169,6 +173,7 @@ def make_fixtures(folder: Path) -> dict[str, str]:
         "tiny_sft": str(folder / "tiny-sft" / "tiny-sft.pth"), "json_trailing_comma": str(folder / "trailing-comma.json"),
         "json_not_records": str(folder / "not-records.json"), "responses": str(folder / "responses.json"),
         "fresh": str(folder / "fresh"), "interrupted": str(folder / "interrupted"),
+        "prefs_empty": str(folder / "prefs-empty.json"), "prefs_one": str(folder / "prefs-one.json"),
     }
 
 

@@ -317,3 +317,48 @@ def test_check_model_config_accepts_real_configs():
         assert check_model_config(cfg, "x", REQUIRED) is cfg
     with pytest.raises(CheckpointFileError, match="is a list"):
         check_model_config([1], "x")
+
+
+def test_kill_9_at_any_moment_of_checkpoint_writes_leaves_a_whole_checkpoint(tmp_path):
+    """A process writing checkpoints one after another is killed -9 at several moments: the file on disk is
+    always a whole checkpoint, the previous one or the next (never a torn file), and it loads."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "checkpoint.pth"
+    code = ("import sys, torch\n"
+            "from ch04.gpt import GPTModel\n"
+            "from llmfs.checkpoint import save_checkpoint\n"
+            "cfg = {'vocab_size': 500, 'context_length': 16, 'emb_dim': 64, 'n_heads': 2, 'n_layers': 2,"
+            " 'drop_rate': 0.0, 'qkv_bias': False}\n"
+            "model = GPTModel(cfg); opt = torch.optim.AdamW(model.parameters())\n"
+            "step = 0\n"
+            "while True:\n"
+            "    with torch.no_grad():\n"
+            "        model.out_head.weight.fill_(step)\n"
+            "    save_checkpoint(sys.argv[1], model, opt, global_step=step, epoch=0, batch_in_epoch=step, tokens=0,"
+            " examples=0, num_epochs=1, steps_per_epoch=10**6, history={}, rng_state=torch.get_rng_state(),"
+            " rng_epoch_start=torch.get_rng_state(), config=cfg)\n"
+            "    print(step, flush=True)\n"
+            "    step += 1\n")
+    rng = random.Random(123)
+    seen = set()
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "0"  # one whole checkpoint exists
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        written = [int(line) for line in proc.stdout.read().split()]
+        proc.stdout.close()
+        state = torch.load(target, weights_only=True)  # whole, or this raises
+        step = state["global_step"]
+        assert torch.all(state["model_state_dict"]["out_head.weight"] == step)
+        last = written[-1] if written else 0
+        assert step in (last, last + 1)  # the previous or the one being written
+        seen.add(step)
+    assert len(seen) > 1  # the kills did land at different moments

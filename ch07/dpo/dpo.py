@@ -504,6 +504,18 @@ def train_dpo(policy_model: nn.Module, reference_model: nn.Module, train_loader,
     return {name: result.get(name, []) for name in names}
 
 
+def check_enough_records(total: int, train: int, val: int, batch_size: int) -> None:
+    """One training batch and one validation record at least, said before any model loads (an empty
+    loader would otherwise fail deep inside PyTorch)."""
+    if train >= batch_size and val >= 1:
+        return
+    need = next(n for n in range(1, 10 * batch_size + 100)
+                if int(n * 0.85) >= batch_size and n - int(n * 0.85) - int(n * 0.10) >= 1)
+    raise InvalidInput(f"{total} preference records are too few: the 85/10/5 split leaves {train} for training "
+                       f"and {val} for validation, and a run needs one batch of {batch_size} (--batch-size) and "
+                       f"one validation record; give at least {need} records or a smaller --batch-size")
+
+
 def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str | os.PathLike | None = None,
          *, data: list[dict] | None = None, device=None, source: str | None = None,
          resume: str | os.PathLike | None = None, checkpoint_every: int | None = None,
@@ -526,6 +538,7 @@ def main(settings: dict, model: str | os.PathLike | nn.Module, output_dir: str |
     train_data, _test_data, val_data = split_data(data)
     train_data = train_data[:settings["num_train"]] if settings.get("num_train") else train_data
     val_data = val_data[:settings["num_val"]] if settings.get("num_val") else val_data
+    check_enough_records(len(data), len(train_data), len(val_data), settings["batch_size"])
 
     if isinstance(model, nn.Module):
         policy_model = model.to(device)
