@@ -231,7 +231,7 @@ def environment_variables() -> tuple[EnvironmentVariable, ...]:
                             "set by torchrun (with LOCAL_RANK, RANK, ...): train data-parallel across processes "
                             "(`llmfs.distributed`, appendix A's DDP-script.py)", lambda value: None, announced=False,
                             also=("LOCAL_RANK", "RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                                  "GLOO_SOCKET_IFNAME")),
+                                  "GLOO_SOCKET_IFNAME", "TORCHELASTIC_RUN_ID")),
         EnvironmentVariable("TOKENIZERS_PARALLELISM", "unset",
                             "Hugging Face tokenizers' thread switch: `python -m benchmarks.bpe` sets it around each "
                             "measurement and puts the previous value back", lambda value: None, announced=False),
