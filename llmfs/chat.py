@@ -11,7 +11,8 @@ share, so that all of them format prompts and decode tokens the same way:
   decoding UTF-8 across token boundaries and holding back text that may start a stop string;
 * `GenerationOptions` is what one answer is generated with; `parse_options` applies a request's
   Ollama options to a server's defaults (Ollama's `num_predict` is `max_new_tokens` here, as in
-  `generate_stream` and every command's `--max-new-tokens`).
+  `generate_stream` and every command's `--max-new-tokens`), refusing every malformed value with
+  a short message (`shown` keeps a client's megabyte-long or deeply nested value out of it).
 
 Loading is the chapter's: `ch07.cli.load_chat_model(spec)` builds a `ChatModel` from a chapter-7
 instruction-tuned model or anything chapter 5 reads.
@@ -22,9 +23,11 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import math
 import os
 import random
 import re
+import reprlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,11 +39,16 @@ from llmfs.errors import InvalidInput
 from llmfs.generate_stream import generate_stream
 
 # Options a client may send that only tune Ollama's runtime (threads, GPU layers, context
-# allocation): accepted and ignored, as they cannot change our model's output.
-IGNORED_OPTIONS = frozenset({
-    "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "numa", "low_vram", "use_mmap", "use_mlock",
-    "num_keep", "vocab_only", "f16_kv", "logits_all", "embedding_only",
-})
+# allocation): accepted and ignored, as they cannot change our model's output -- but checked for
+# the type Ollama gives them (a whole number, or true/false), as Ollama checks them.
+IGNORED_OPTIONS = {
+    **dict.fromkeys(("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep"), int),
+    **dict.fromkeys(("numa", "low_vram", "use_mmap", "use_mlock", "vocab_only", "f16_kv", "logits_all",
+                     "embedding_only"), bool),
+}
+# Stop strings are compared with the answer after every token: a few short ones are what clients
+# send ("\n\n", "###", "<|im_end|>"); thousands of long ones would make each step slow.
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 32, 256
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -73,6 +81,7 @@ class GenerationOptions:
     max_new_tokens: int = 128    # Ollama's `num_predict`
     stop: tuple[str, ...] = ()
     truncate: bool = False       # a prompt longer than the context: keep its end instead of refusing
+    fill_context: bool = False   # Ollama's num_predict -2: also stop when prompt + answer fill the context
 
     def as_ollama(self) -> dict:
         """The sampling settings under Ollama's names and conventions (top_k 0 and top_p 1 mean off)."""
@@ -85,29 +94,81 @@ class GenerationOptions:
 OLLAMA_OPTIONS = ("temperature", "top_k", "top_p", "seed", "num_predict", "stop", "truncate")
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+
+
+def shown(value) -> str:
+    """A client's JSON value as an error message quotes it: short, whatever its size or nesting."""
+    if isinstance(value, (list, dict)):
+        return _SHORT.repr(value)
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(options: dict, key: str, kind: type):
+    """options[key] as an int or a finite float (JSON's 1e999 is a float infinity, 10**400 an int)."""
     value = options[key]
-    wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
-    if wrong_type or (kind is int and value != int(value)):
-        what = "an integer" if kind is int else "a number"
-        raise InvalidInput(f"option {key!r} must be {what}, got {value!r}")
-    return kind(value)
+    wrong = f"option {key!r} must be {'an integer' if kind is int else 'a finite number'}, got {shown(value)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(wrong)
+    try:
+        converted = kind(value)
+    except (OverflowError, ValueError):  # an infinite float to int, a huge int to float
+        raise InvalidInput(wrong) from None
+    if (kind is int and converted != value) or (kind is float and not math.isfinite(converted)):
+        raise InvalidInput(wrong)
+    return converted
 
 
-def parse_options(options: dict | None, defaults: GenerationOptions | None = None) -> GenerationOptions:
+def _check_ignored(options: dict) -> None:
+    """Runtime-only options change nothing here, but a value of the wrong type is still a client's bug."""
+    for key, kind in IGNORED_OPTIONS.items():
+        if options.get(key) is None:
+            continue
+        if kind is bool and not isinstance(options[key], bool):
+            raise InvalidInput(f"option {key!r} must be true or false, got {shown(options[key])}")
+        if kind is int and not -2**63 <= _number(options, key, int) < 2**63:
+            raise InvalidInput(f"option {key!r} must fit in 64 bits, got {shown(options[key])}")
+    if options.get("num_ctx") is not None and options["num_ctx"] < 1:
+        raise InvalidInput(f"option 'num_ctx' must be >= 1, got {shown(options['num_ctx'])}")
+
+
+def _num_predict(options: dict, ceiling: int | None) -> dict:
+    """GenerationOptions' changes for a request's num_predict: Ollama's -1 (no limit) is the ceiling,
+    -2 (fill the context) the ceiling or the room the prompt leaves, whichever is less."""
+    num_predict = _number(options, "num_predict", int)
+    if ceiling is not None and num_predict in (-1, -2):
+        return {"max_new_tokens": ceiling, "fill_context": num_predict == -2}
+    if num_predict < 0:
+        special = " or -1 (as many as allowed) or -2 (until the context is full)" if ceiling else ""
+        raise InvalidInput(f"option 'num_predict' must be >= 0{special}, got {num_predict}")
+    if ceiling is not None and num_predict > ceiling:
+        raise InvalidInput(f"option 'num_predict' is {num_predict}, more than this server's ceiling of {ceiling} "
+                           f"tokens per answer; ask for at most {ceiling} (or -1: as many as allowed)")
+    return {"max_new_tokens": num_predict, "fill_context": False}
+
+
+def parse_options(options: dict | None, defaults: GenerationOptions | None = None,
+                  ceiling: int | None = None) -> GenerationOptions:
     """`defaults` with the Ollama-style `options` of one request applied (temperature, top_k, top_p, seed,
     num_predict, stop, truncate; `null` keeps the default).
 
     Only the request's values are checked (the defaults were checked where they were set: the
     command line's option types): InvalidInput with a one-line reason for a bad one. top_k 0 and
-    top_p 1 mean "off", as in Ollama; runtime-only options such as num_ctx are ignored; unknown
-    ones are refused.
+    top_p 1 mean "off", as in Ollama; runtime-only options such as num_ctx are checked and ignored;
+    unknown ones are refused. `ceiling`: the most tokens one answer may have (a server's); a larger
+    num_predict is refused, and Ollama's -1 and -2 are accepted (without a ceiling they are refused).
     """
+    if not isinstance(options, (dict, type(None))):
+        raise InvalidInput(f"options must be a JSON object, got {shown(options)}")
+    _check_ignored(options or {})
     options = {k: v for k, v in (options or {}).items() if v is not None and k not in IGNORED_OPTIONS}
     unknown = sorted(set(options) - set(OLLAMA_OPTIONS))
     if unknown:
-        raise InvalidInput(f"unsupported option(s) {', '.join(map(repr, unknown))}; this server knows "
-                           f"{', '.join(OLLAMA_OPTIONS)}")
+        raise InvalidInput(f"unsupported option(s) {', '.join(shown(k) for k in unknown[:5])}; this server "
+                           f"knows {', '.join(OLLAMA_OPTIONS)}")
     changes = {}
     if "temperature" in options:
         changes["temperature"] = temperature = _number(options, "temperature", float)
@@ -126,21 +187,22 @@ def parse_options(options: dict | None, defaults: GenerationOptions | None = Non
     if "seed" in options:
         changes["seed"] = seed = _number(options, "seed", int)
         if not -2**63 <= seed < 2**64:
-            raise InvalidInput(f"option 'seed' must fit in 64 bits, got {seed}")
+            raise InvalidInput(f"option 'seed' must fit in 64 bits, got {shown(seed)}")
     if "num_predict" in options:
-        changes["max_new_tokens"] = num_predict = _number(options, "num_predict", int)
-        if num_predict < 0:
-            raise InvalidInput(f"option 'num_predict' must be >= 0, got {num_predict} (this server cannot "
-                               "generate without a limit)")
+        changes.update(_num_predict(options, ceiling))
     if "stop" in options:
         stop = options["stop"]
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidInput(f"option 'stop' must be a string or a list of non-empty strings, got {stop!r}")
+            raise InvalidInput(f"option 'stop' must be a string or a list of non-empty strings, got "
+                               f"{shown(options['stop'])}")
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stop):
+            raise InvalidInput(f"option 'stop' may hold at most {MAX_STOP_STRINGS} strings of at most "
+                               f"{MAX_STOP_LENGTH} characters each")
         changes["stop"] = tuple(stop)
     if "truncate" in options:
         if not isinstance(options["truncate"], bool):
-            raise InvalidInput(f"option 'truncate' must be true or false, got {options['truncate']!r}")
+            raise InvalidInput(f"option 'truncate' must be true or false, got {shown(options['truncate'])}")
         changes["truncate"] = options["truncate"]
     return replace(defaults or GenerationOptions(), **changes)
 
@@ -155,7 +217,8 @@ class TextGeneration:
     Bytes are decoded incrementally, so a character split over two tokens comes out whole, and
     text that could be the start of a stop string is held back until it is clearly not. After
     the last piece, `done_reason` is "stop" (end-of-text token or a stop string) or "length"
-    (`max_new_tokens` tokens). `close()` ends the generation early and resets the model's cache.
+    (`max_new_tokens` tokens, fewer with `fill_context`). `close()` ends the generation early and
+    resets the model's cache.
     """
 
     def __init__(self, chat: ChatModel, prompt_ids: list[int], options: GenerationOptions):
@@ -163,7 +226,10 @@ class TextGeneration:
         seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator(device=chat.device).manual_seed(seed)
         idx = torch.tensor([prompt_ids], device=chat.device)  # (1, num_tokens)
-        self.tokens = generate_stream(chat.model, idx, options.max_new_tokens, chat.context_length,
+        self.max_new_tokens = options.max_new_tokens
+        if options.fill_context:  # no more than the context has room for after the prompt
+            self.max_new_tokens = min(self.max_new_tokens, max(chat.context_length - len(prompt_ids), 0))
+        self.tokens = generate_stream(chat.model, idx, self.max_new_tokens, chat.context_length,
                                       temperature=options.temperature, top_k=options.top_k,
                                       eos_id=chat.eos_id, top_p=options.top_p, generator=self.generator)
         self.eval_count = 0
@@ -205,7 +271,7 @@ class TextGeneration:
                     return
                 yield piece
             piece, stopped, held = self._cut(held + decoder.decode(b"", final=True))
-            at_limit = self.eval_count == self.options.max_new_tokens
+            at_limit = self.eval_count == self.max_new_tokens
             self.done_reason = "length" if at_limit and not stopped else "stop"
             yield piece + held  # the answer is over: what was held back can no longer become a stop string
         finally:

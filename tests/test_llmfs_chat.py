@@ -65,6 +65,42 @@ def test_parse_options_rejects(options, word):
         parse_options(options)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": float("inf")}, "'temperature' must be a finite number, got Infinity"),  # JSON's 1e999
+    ({"top_p": 10**400}, "'top_p' must be a finite number"),
+    ({"top_k": float("-inf")}, "'top_k' must be an integer, got -Infinity"),
+    ({"seed": 2**64}, "'seed' must fit in 64 bits"),
+    ({"stop": [[[[["deep"]]]]]}, r"got \[\[\[\.\.\.\]\]\]$"),  # a client's value, shortened in the message
+    ({"stop": "x" * 10_000}, "at most 32 strings of at most 256 characters"),
+    ({"num_ctx": "2048"}, "'num_ctx' must be an integer"),  # ignored, but checked as Ollama checks it
+    ({"num_ctx": 0}, "'num_ctx' must be >= 1"),
+    ({"low_vram": 1}, "'low_vram' must be true or false"),
+    ({"num_predict": 25}, "'num_predict' is 25, more than this server's ceiling of 24 tokens"),
+    ({"num_predict": -3}, r"'num_predict' must be >= 0 or -1 \(as many as allowed\) or -2"),
+])
+def test_parse_options_refuses_with_short_messages(options, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(options, ceiling=24)
+
+
+def test_num_predict_ceiling_and_ollamas_negative_values():
+    assert parse_options({"num_predict": 24}, ceiling=24).max_new_tokens == 24
+    assert parse_options({"num_predict": -1}, ceiling=24) == GenerationOptions(max_new_tokens=24)
+    assert parse_options({"num_predict": -2}, ceiling=24) == GenerationOptions(max_new_tokens=24, fill_context=True)
+    with pytest.raises(ValueError, match="num_predict"):  # without a ceiling, "no limit" has no meaning here
+        parse_options({"num_predict": -1})
+
+
+def test_fill_context_stops_when_prompt_and_answer_fill_it(base):
+    ids = TOKENIZER.encode("Every effort moves you")  # 4 tokens; the context is 24
+    gen = base.generation(ids, parse_options({"num_predict": -2, "temperature": 0}, ceiling=24))
+    text = "".join(gen)
+    assert gen.eval_count == 20 and gen.done_reason == "length"
+    assert text == "".join(base.generation(ids, parse_options({"num_predict": 20, "temperature": 0})))
+    gen = base.generation(ids, parse_options({"num_predict": -2, "temperature": 0}, ceiling=5))
+    assert len(list(gen)) == 6 and gen.eval_count == 5  # the ceiling is lower than the room left
+
+
 def test_alpaca_chat_prompt(sft):
     one = sft.chat_prompt([{"role": "user", "content": "Name a color."}])
     assert one == format_input({"instruction": "Name a color."}) + "\n\n### Response:\n"

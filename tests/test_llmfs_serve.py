@@ -6,6 +6,7 @@ line, and ch07.ollama_evaluate against it, run as subprocesses).
 """
 
 import json
+import logging
 import os
 import re
 import socket
@@ -34,7 +35,7 @@ from ch07.gpt_instruction_finetuning import (
 )
 from llmfs.chat import GenerationOptions
 from llmfs.checkpoint import save_model
-from llmfs.serve import bind_socket, create_app
+from llmfs.serve import DEFAULT_REQUEST_TIMEOUT, bind_socket, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
@@ -68,9 +69,14 @@ def sft_path(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def serving(path, **defaults):
-    """uvicorn in a thread on a free port; yields (base URL, app). `defaults`: GenerationOptions' fields."""
-    app = create_app(load_chat_model(path, device="cpu"), GenerationOptions(**defaults))
+def serving(path, step_delay=0.0, max_num_predict=None, request_timeout=DEFAULT_REQUEST_TIMEOUT, **defaults):
+    """uvicorn in a thread on a free port; yields (base URL, app). `defaults`: GenerationOptions' fields
+    (none: the server's); `step_delay`: seconds each forward pass sleeps first (a slow model)."""
+    chat = load_chat_model(path, device="cpu")
+    if step_delay:
+        chat.model.register_forward_pre_hook(lambda module, args: time.sleep(step_delay))
+    app = create_app(chat, GenerationOptions(**defaults) if defaults else None, max_num_predict=max_num_predict,
+                     request_timeout=request_timeout)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -96,6 +102,27 @@ def base_server(base_path):
 def sft_server(sft_path):
     with serving(sft_path, max_new_tokens=12) as served:
         yield served
+
+
+@pytest.fixture(scope="module")
+def slow_server(base_path):
+    """The base model at 0.2 s a token: a full answer (the ceiling, 32 tokens) takes 6 seconds."""
+    with serving(base_path, step_delay=0.2) as served:
+        yield served
+
+
+@pytest.fixture
+def server_log():
+    """What the server logs at warning level and above: a malformed request must leave no traceback there."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "asyncio")]  # uvicorn's errors, asyncio's
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield records
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +158,7 @@ def test_version_list_and_show(base_server):
     shown = client.show(name.removesuffix(":latest"))  # a name without a tag means :latest
     assert shown.modelinfo["gpt2.context_length"] == 32 and shown.modelinfo["gpt2.block_count"] == 2
     assert shown.details.family == "gpt2" and shown.template == "{{ .Prompt }}"
-    assert "num_predict 128" in shown.parameters
+    assert "num_predict 32" in shown.parameters  # 128 by default, but no more than the context
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
@@ -139,20 +166,20 @@ def test_generate_equals_ch05_generate(base_server, reference, sampling):
     host, app = base_server
     client, name = ollama.Client(host=host), app.state.worker.chat.name
     prompt_ids = TOKENIZER.encode(PROMPT)
-    # 40 new tokens with a 32-token context: the window slides.
-    want = expected_text(reference, prompt_ids, 40, **sampling)
-    reply = client.generate(model=name, prompt=PROMPT, options=ollama_options(40, **sampling))
+    # 4 prompt tokens and 32 new ones with a 32-token context: the window slides.
+    want = expected_text(reference, prompt_ids, 32, **sampling)
+    reply = client.generate(model=name, prompt=PROMPT, options=ollama_options(32, **sampling))
     assert reply.response == want
-    assert reply.done and reply.done_reason == "length" and reply.eval_count == 40
+    assert reply.done and reply.done_reason == "length" and reply.eval_count == 32
     assert reply.prompt_eval_count == len(prompt_ids)
     assert reply.total_duration >= reply.eval_duration > 0 and reply.prompt_eval_duration > 0
     assert reply.load_duration >= 0
-    chunks = list(client.generate(model=name, prompt=PROMPT, options=ollama_options(40, **sampling), stream=True))
+    chunks = list(client.generate(model=name, prompt=PROMPT, options=ollama_options(32, **sampling), stream=True))
     assert "".join(c.response for c in chunks) == want
     assert [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert len(chunks) > 10  # token by token, not in one piece
     final = chunks[-1]
-    assert final.done_reason == "length" and final.eval_count == 40 and final.prompt_eval_count == len(prompt_ids)
+    assert final.done_reason == "length" and final.eval_count == 32 and final.prompt_eval_count == len(prompt_ids)
     assert final.total_duration >= final.prompt_eval_duration + final.eval_duration
 
 
@@ -196,7 +223,7 @@ def test_instruction_model_gets_the_alpaca_prompt(sft_path, sft_server):
     assert "### Instruction:\n{{ .Prompt }}" in client.show(name).template
 
 
-def test_bad_requests_get_ollama_errors(base_server, reference):
+def test_bad_requests_get_ollama_errors(base_server, reference, server_log):
     host, app = base_server
     name = app.state.worker.chat.name
     long_prompt = " ".join(["word"] * 40)  # 40 tokens > context 32
@@ -216,7 +243,7 @@ def test_bad_requests_get_ollama_errors(base_server, reference):
     assert "40 tokens" in error and "context of 32" in error and "truncate" in error
     error = post("/api/chat", {"model": name, "messages": [{"role": "user", "content": long_prompt}]}, 400)["error"]
     assert "context of 32" in error
-    for options, word in [({"num_predict": -1}, "num_predict"), ({"temperature": -0.5}, "temperature"),
+    for options, word in [({"num_predict": -3}, "num_predict"), ({"temperature": -0.5}, "temperature"),
                           ({"top_p": 0}, "top_p"), ({"temperature": "hot"}, "temperature"),
                           ({"mirostat": 2}, "mirostat"), ({"stop": [""]}, "stop")]:
         assert word in post("/api/generate", {"model": name, "prompt": "hi", "options": options}, 400)["error"]
@@ -235,26 +262,199 @@ def test_bad_requests_get_ollama_errors(base_server, reference):
         assert reply["response"] == want and reply["prompt_eval_count"] == 32
     # An empty prompt loads the model, as in Ollama.
     assert post("/api/generate", {"model": name}, 200)["done_reason"] == "load"
+    assert server_log == []
 
 
-def test_client_disconnect_stops_generation(base_server, reference):
-    host, app = base_server
+def _wait_for_generations(worker, requests: int, deadline_s: float = 10) -> None:
+    """Until the worker has finished `requests` generations and holds the model no more."""
+    deadline = time.monotonic() + deadline_s
+    while worker.stats["requests"] < requests or worker.lock.locked():
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.02)
+
+
+def test_client_disconnect_stops_streaming_generation(slow_server, reference, server_log):
+    host, app = slow_server
     worker = app.state.worker
     before = dict(worker.stats)
-    payload = {"model": worker.chat.name, "prompt": PROMPT, "options": {"num_predict": 100_000, "temperature": 0}}
+    payload = {"model": worker.chat.name, "prompt": PROMPT, "options": {"num_predict": -1, "temperature": 0}}
     with httpx.stream("POST", f"{host}/api/generate", json=payload) as reply:
         lines = reply.iter_lines()
         first = [json.loads(next(lines)) for _ in range(3)]
     assert not any(c["done"] for c in first)
-    deadline = time.monotonic() + 10
-    while worker.stats["requests"] == before["requests"] or worker.lock.locked():
-        assert time.monotonic() < deadline, "the generation went on after the client left"
-        time.sleep(0.02)
+    _wait_for_generations(worker, before["requests"] + 1, deadline_s=4)  # 32 tokens would take 6 s
     assert worker.stats["stopped_early"] == before["stopped_early"] + 1
-    assert worker.stats["tokens"] - before["tokens"] < 20_000
+    assert worker.stats["tokens"] - before["tokens"] < 32
     # The model (and its cache) is fine for the next client.
-    reply = ollama.Client(host=host).generate(model=worker.chat.name, prompt=PROMPT, options=ollama_options(8))
-    assert reply.response == expected_text(reference, TOKENIZER.encode(PROMPT), 8)
+    reply = ollama.Client(host=host).generate(model=worker.chat.name, prompt=PROMPT, options=ollama_options(3))
+    assert reply.response == expected_text(reference, TOKENIZER.encode(PROMPT), 3)
+    assert server_log == [], [r.getMessage() for r in server_log]
+
+
+def test_client_that_gives_up_on_a_whole_reply_frees_the_model(slow_server, reference, server_log):
+    """"stream": false: the client waits for one reply and gives up (its timeout); the server stops that
+    generation at once instead of finishing 32 tokens (6 s) that no one will read."""
+    host, app = slow_server
+    worker = app.state.worker
+    before = dict(worker.stats)
+    payload = {"model": worker.chat.name, "prompt": PROMPT, "stream": False,
+               "options": {"num_predict": -1, "temperature": 0}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{host}/api/generate", json=payload, timeout=0.6)
+    start = time.monotonic()
+    reply = httpx.post(f"{host}/api/generate", timeout=10,
+                       json={**payload, "options": {"num_predict": 2, "temperature": 0}})
+    waited = time.monotonic() - start
+    assert reply.status_code == 200 and reply.json()["response"] == expected_text(reference, TOKENIZER.encode(PROMPT), 2)
+    assert waited < 3, f"the next request waited {waited:.1f} s: the abandoned one kept the model"
+    assert worker.stats["requests"] == before["requests"] + 2
+    assert worker.stats["stopped_early"] == before["stopped_early"] + 1
+    assert worker.stats["tokens"] - before["tokens"] < 32 + 2
+    assert server_log == [], [r.getMessage() for r in server_log]
+
+
+def test_a_request_over_the_time_limit_is_stopped_with_an_error(base_path, reference, server_log):
+    """--request-timeout 0.5 at 0.1 s a token: an answer of 32 tokens is stopped after about 5 of them."""
+    with serving(base_path, step_delay=0.1, request_timeout=0.5) as (host, app):
+        worker, client = app.state.worker, ollama.Client(host=host)
+        name, options = worker.chat.name, ollama_options(-1)
+        start = time.monotonic()
+        reply = httpx.post(f"{host}/api/generate", json={"model": name, "prompt": PROMPT, "stream": False,
+                                                         "options": options}, timeout=10)
+        assert reply.status_code == 503 and "limit of 0.5 s per request" in reply.json()["error"]
+        assert "--request-timeout" in reply.json()["error"]
+        assert time.monotonic() - start < 2.5  # not the 3.2 s of the whole answer
+        # Streamed: the text so far, then Ollama's error line, which the official client raises.
+        pieces = []
+        with pytest.raises(ollama.ResponseError, match="limit of 0.5 s") as info:
+            for part in client.chat(model=name, messages=[{"role": "user", "content": PROMPT}], stream=True,
+                                    options=options):
+                pieces.append(part)
+        assert pieces and not any(p.done for p in pieces) and info.value.status_code == -1  # in the stream
+        with pytest.raises(ollama.ResponseError) as info:
+            client.generate(model=name, prompt=PROMPT, options=options)
+        assert info.value.status_code == 503
+        assert worker.stats["timed_out"] == 3 and not worker.lock.locked()
+        # A request within the limit is answered as usual.
+        reply = client.generate(model=name, prompt=PROMPT, options=ollama_options(2))
+        assert reply.response == expected_text(reference, TOKENIZER.encode(PROMPT), 2)
+    assert server_log == []
+
+
+def test_num_predict_ceiling_and_ollamas_negative_values(base_server, reference, server_log):
+    """The ceiling is the context (32 tokens); -1 means up to it, -2 until prompt and answer fill the context."""
+    host, app = base_server
+    client, name = ollama.Client(host=host), app.state.worker.chat.name
+    prompt_ids = TOKENIZER.encode(PROMPT)
+    reply = client.generate(model=name, prompt=PROMPT, options=ollama_options(-1))
+    assert reply.eval_count == 32 and reply.response == expected_text(reference, prompt_ids, 32)
+    reply = client.generate(model=name, prompt=PROMPT, options=ollama_options(-2))
+    assert reply.eval_count == 32 - len(prompt_ids) and reply.done_reason == "length"
+    assert reply.response == expected_text(reference, prompt_ids, 32 - len(prompt_ids))
+    full = client.generate(model=name, prompt=" ".join(["word"] * 40), options=ollama_options(-2, truncate=True))
+    assert full.prompt_eval_count == 32 and full.eval_count == 0 and full.response == ""  # no room left
+    for num_predict in (33, 10**9):
+        with pytest.raises(ollama.ResponseError, match="ceiling of 32 tokens") as info:
+            client.generate(model=name, prompt=PROMPT, options=ollama_options(num_predict))
+        assert info.value.status_code == 400
+    with pytest.raises(ollama.ResponseError, match=r"-1 \(as many as allowed\) or -2"):
+        client.generate(model=name, prompt=PROMPT, options=ollama_options(-3))
+    assert server_log == []
+
+
+def test_a_smaller_ceiling(base_path, reference):
+    with serving(base_path, max_num_predict=5) as (host, app):
+        client, name = ollama.Client(host=host), app.state.worker.chat.name
+        assert "num_predict 5" in client.show(name).parameters  # the default answer length follows it down
+        assert client.generate(model=name, prompt=PROMPT, options={"temperature": 0}).eval_count == 5
+        assert client.generate(model=name, prompt=PROMPT, options=ollama_options(-1)).eval_count == 5
+        with pytest.raises(ollama.ResponseError, match="ceiling of 5 tokens"):
+            client.generate(model=name, prompt=PROMPT, options=ollama_options(6))
+
+
+def test_limits_the_model_cannot_have_are_refused(base_path):
+    chat = load_chat_model(base_path, device="cpu")
+    with pytest.raises(ValueError, match="--max-num-predict must be from 1 to the model's context length of 32"):
+        create_app(chat, max_num_predict=33)
+    with pytest.raises(ValueError, match="--max-new-tokens 20 is more than the ceiling of 16 tokens"):
+        create_app(chat, GenerationOptions(max_new_tokens=20), max_num_predict=16)
+
+
+DEEP = 100_000  # levels of nesting: more than Python's recursion limit
+MALFORMED = [  # (path, body, a word of the error)
+    ("/api/generate", b'{"model": "M", "prompt": "hi", "options": {"temperature": NaN}}', "NaN"),
+    ("/api/generate", b'{"model": "M", "prompt": "hi", "keep_alive": Infinity}', "Infinity"),
+    ("/api/chat", b'{"model": "M", "messages": [{"role": "user", "content": "x", "n": -Infinity}]}', "-Infinity"),
+    ("/api/show", b'{"model": "M", "verbose": NaN}', "NaN"),
+    ("/api/generate", b'{"model": "M", "prompt": "hi", "options": {"temperature": 1e999}}', "temperature"),
+    ("/api/generate", b'{"model": "M", "prompt": "hi", "options": {"top_k": -1e999}}', "top_k"),
+    ("/api/generate", b"[" * DEEP + b"]" * DEEP, "nested too deeply"),
+    ("/api/chat", b'{"a": ' * DEEP + b"1" + b"}" * DEEP, "nested too deeply"),
+    ("/api/generate", b'{"model": "M", "prompt": "hi", "options": {"stop": ' + b"[" * 500 + b"]" * 500 + b"}}", "stop"),
+    ("/api/generate", b"\xff\xfe{", "invalid JSON"),
+    ("/api/generate", b"[1, 2]", "JSON object"),
+    ("/api/chat", b'"hello"', "JSON object"),
+    ("/api/show", b"null", "JSON object"),
+    ("/api/generate", {"prompt": "hi", "stream": "false"}, "'stream' must be true or false"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi"}], "stream": 0}, "'stream'"),
+    ("/api/generate", {"prompt": "hi", "raw": "yes"}, "'raw'"),
+    ("/api/generate", {"prompt": "hi", "options": []}, "'options' must be a JSON object"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi"}], "options": "fast"}, "'options'"),
+    ("/api/generate", {"prompt": "hi", "options": {"temperature": "hot"}}, "temperature"),
+    ("/api/generate", {"prompt": "hi", "options": {"temperature": -1}}, "temperature"),
+    ("/api/generate", {"prompt": "hi", "options": {"temperature": True}}, "temperature"),
+    ("/api/generate", {"prompt": "hi", "options": {"top_k": 1.5}}, "top_k"),
+    ("/api/generate", {"prompt": "hi", "options": {"top_k": -1}}, "top_k"),
+    ("/api/generate", {"prompt": "hi", "options": {"top_p": 0}}, "top_p"),
+    ("/api/generate", {"prompt": "hi", "options": {"top_p": 1.5}}, "top_p"),
+    ("/api/generate", {"prompt": "hi", "options": {"top_p": 10**400}}, "top_p"),
+    ("/api/generate", {"prompt": "hi", "options": {"seed": "x"}}, "seed"),
+    ("/api/generate", {"prompt": "hi", "options": {"seed": 2**64}}, "seed"),
+    ("/api/generate", {"prompt": "hi", "options": {"num_predict": 10**9}}, "ceiling of 32"),
+    ("/api/generate", {"prompt": "hi", "options": {"num_predict": -3}}, "num_predict"),
+    ("/api/generate", {"prompt": "hi", "options": {"num_predict": "10"}}, "num_predict"),
+    ("/api/generate", {"prompt": "hi", "options": {"stop": 5}}, "stop"),
+    ("/api/generate", {"prompt": "hi", "options": {"stop": ["###", 1]}}, "stop"),
+    ("/api/generate", {"prompt": "hi", "options": {"stop": ["x"] * 33}}, "stop"),
+    ("/api/generate", {"prompt": "hi", "options": {"stop": "x" * 257}}, "stop"),
+    ("/api/generate", {"prompt": "hi", "options": {"truncate": "yes"}}, "truncate"),
+    ("/api/generate", {"prompt": "hi", "truncate": 1}, "truncate"),
+    ("/api/generate", {"prompt": "hi", "options": {"num_ctx": "big"}}, "num_ctx"),
+    ("/api/generate", {"prompt": "hi", "options": {"num_ctx": 0}}, "num_ctx"),
+    ("/api/generate", {"prompt": "hi", "options": {"num_thread": 1.5}}, "num_thread"),
+    ("/api/generate", {"prompt": "hi", "options": {"use_mmap": "no"}}, "use_mmap"),
+    ("/api/generate", {"prompt": "hi", "options": {"mirostat": 2}}, "mirostat"),
+    ("/api/generate", {"prompt": 5}, "'prompt' must be a string"),
+    ("/api/generate", {"prompt": ["hi"]}, "'prompt'"),
+    ("/api/generate", {"prompt": "hi", "system": {"role": "system"}}, "'system'"),
+    ("/api/generate", {"prompt": "hi", "think": 5}, "'think'"),
+    ("/api/generate", {"prompt": "hi", "keep_alive": [5]}, "'keep_alive'"),
+    ("/api/chat", {"messages": "hi"}, "'messages' must be a list"),
+    ("/api/chat", {"messages": {"role": "user", "content": "hi"}}, "'messages'"),
+    ("/api/chat", {"messages": [5]}, "message 0"),
+    ("/api/chat", {"messages": [{"role": "user", "content": 5}]}, "message 0"),
+    ("/api/chat", {"messages": [{"role": 5, "content": "hi"}]}, "message 0"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, "images"),
+    ("/api/generate", {"model": 5, "prompt": "hi"}, "'model' must be a string"),
+    ("/api/chat", {"model": ["M"], "messages": []}, "'model'"),
+    ("/api/show", {"model": {"name": "M"}}, "'model'"),
+    ("/api/show", b'{"name": 5}', "'name'"),
+    ("/api/show", {"model": "M", "verbose": "yes"}, "'verbose'"),
+]
+
+
+@pytest.mark.parametrize("path, body, word", MALFORMED, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(MALFORMED)])
+def test_malformed_requests_are_400_without_a_traceback(base_server, server_log, path, body, word):
+    host, app = base_server
+    name = app.state.worker.chat.name
+    if isinstance(body, dict):  # every field right but one: the model is the server's unless the test is about it
+        body = json.dumps({"model": name, **body}).encode()
+    reply = httpx.post(f"{host}{path}", content=body.replace(b'"M"', json.dumps(name).encode()),
+                       headers={"Content-Type": "application/json"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert word in reply.json()["error"] and len(reply.json()["error"]) < 400
+    assert server_log == [], [r.getMessage() for r in server_log]
+    assert not app.state.worker.lock.locked()
 
 
 def _rss_bytes() -> int:
@@ -318,6 +518,9 @@ def test_cli_errors_before_serving(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--port", "65536"], "argument --port: must be a whole number from 0 to 65535, got 65536"),
     (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be a whole number >= 0, got -1"),
+    (["--max-num-predict", "0"], "argument --max-num-predict: must be a whole number >= 1, got 0"),
+    (["--request-timeout", "0"], "argument --request-timeout: must be a finite number > 0, got 0"),
+    (["--request-timeout", "inf"], "argument --request-timeout: must be a finite number > 0, got inf"),
     (["--num-predict", "5"], "unrecognized arguments: --num-predict 5"),  # Ollama's name is for requests only
     (["--device", "tpu"], "argument --device: "),
     (["--prompt-style", "chatml"], "argument --prompt-style: invalid choice: 'chatml'"),
@@ -332,19 +535,31 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert capsys.readouterr().out.startswith("usage: python -m ch07.serve ")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--max-num-predict", "33"], "--max-num-predict must be from 1 to the model's context length of 32 tokens"),
+    (["--max-new-tokens", "40"], "--max-new-tokens 40 is more than the ceiling of 32 tokens per answer"),
+    (["--max-num-predict", "8", "--max-new-tokens", "9"], "--max-new-tokens 9 is more than the ceiling of 8"),
+])
+def test_limits_are_checked_against_the_model_at_start_up(base_path, argv, message, capsys):
+    assert serve_main(["--model", str(base_path), "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
 def test_command_line_answer_length_is_the_requests_default(base_path, reference):
-    """`python -m ch07.serve --max-new-tokens 7`: a request without num_predict gets 7 tokens; one with it, its own."""
+    """`python -m ch07.serve --max-new-tokens 7 --max-num-predict 20`: a request without num_predict gets 7
+    tokens; one with it, its own, up to 20."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFS_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "ch07.serve", "--model", str(base_path), "--port", "0",
-                             "--max-new-tokens", "7"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                             "--max-new-tokens", "7", "--max-num-predict", "20", "--request-timeout", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = []
         while not (lines and "OLLAMA_HOST=" in lines[-1]):
             lines.append(proc.stderr.readline())
             assert lines[-1], "the server stopped: " + "".join(lines)
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its log flowing
-        assert "answers of at most 7 tokens" in lines[-2]
+        assert "answers of at most 7 tokens unless a request sets num_predict (at most 20); 60 s per" in lines[-2]
         client = ollama.Client(host=re.search(r"OLLAMA_HOST=(\S+)", lines[-1]).group(1))
         name = client.list().models[0].model
         assert "num_predict 7" in client.show(name).parameters
@@ -353,6 +568,9 @@ def test_command_line_answer_length_is_the_requests_default(base_path, reference
         assert reply.eval_count == 7 and reply.response == expected_text(reference, prompt_ids, 7)
         reply = client.generate(model=name, prompt=PROMPT, options={"temperature": 0, "num_predict": 3})
         assert reply.eval_count == 3
+        assert client.generate(model=name, prompt=PROMPT, options=ollama_options(-1)).eval_count == 20
+        with pytest.raises(ollama.ResponseError, match="ceiling of 20"):
+            client.generate(model=name, prompt=PROMPT, options=ollama_options(21))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
