@@ -33,6 +33,7 @@ from llmfs.atomic import atomic_write
 from llmfs.bench import machine_description
 from llmfs.checkpoint import save_model
 from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
+from llmfs.errors import InvalidInput
 
 PROMPT = "Every effort moves you"
 QUICK_CONFIG = {**TINY_CONFIG, "vocab_size": 50257, "drop_rate": 0.0}  # the GPT-2 tokenizer's ids must fit
@@ -147,6 +148,9 @@ def benchmark(args: argparse.Namespace) -> None:
     tokens = args.max_new_tokens or (8 if args.quick else 32)
     requests = args.requests or 4
     cfg = QUICK_CONFIG if args.quick else {**GPT_CONFIG_124M, "drop_rate": 0.0}
+    if tokens > cfg["context_length"]:  # the server would answer 400 (its ceiling is the context)
+        raise InvalidInput(f"--max-new-tokens {tokens} is more than the {cfg['context_length']}-token context of the "
+                           f"{'tiny' if args.quick else 'GPT-2 124M-shaped'} model; give at most {cfg['context_length']}")
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:

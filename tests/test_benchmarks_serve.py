@@ -34,3 +34,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
             serve.main(["--quick", *argv])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_more_new_tokens_than_the_context_is_refused_before_the_server_starts(capsys, monkeypatch):
+    from benchmarks import serve as bench_serve
+
+    monkeypatch.setattr(bench_serve, "start_server", lambda *a, **k: pytest.fail("started a server"))
+    assert bench_serve.main(["--quick", "--max-new-tokens", "65"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("error: --max-new-tokens 65 is more than the 64-token context of the tiny "
+                                            "model; give at most 64")
