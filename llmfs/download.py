@@ -104,11 +104,14 @@ class ChecksumError(UserError, RuntimeError):
 
 
 class EndpointStalled(UserError, RuntimeError):
-    """A server went the whole wait without answering, or without sending more of its answer."""
+    """A server went the whole wait without answering, without sending more of its answer, or (a listing
+    or metadata request) without finishing it."""
 
-    def __init__(self, url: str, waited: float, answered: bool):
+    def __init__(self, url: str, waited: float, answered: bool, slow: bool = False):
         self.url, self.waited, self.answered = url, waited, answered
-        self.what = f"stopped sending data for {waited:.0f} s" if answered else f"did not answer within {waited:.0f} s"
+        self.what = (f"did not finish its answer within {waited:.0f} s" if slow
+                     else f"stopped sending data for {waited:.0f} s" if answered
+                     else f"did not answer within {waited:.0f} s")
         super().__init__(f"{_origin(url)} {self.what}")
 
 
@@ -156,7 +159,8 @@ def _verify(path: Path, spec: DataFile, in_mirror: bool = False) -> None:
 def _origin(url: str) -> str:
     """'https://host:port' of a URL: the endpoint a message names."""
     parts = urlparse(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else url
+    netloc = parts.netloc.rpartition("@")[2]  # never a user name or token from the URL
+    return f"{parts.scheme}://{netloc}" if parts.scheme and netloc else url
 
 
 def _first_line(exc: BaseException) -> str:
@@ -199,14 +203,15 @@ def reachable(url: str, timeout: float) -> bool:
 
 
 class _Watchdog:
-    """Bounds every request of an httpx client (huggingface_hub's session) while installed.
+    """Bounds every request huggingface_hub's httpx clients make during a `bounded_hub_waits` block.
 
     Each request may wait at most what is left of `wait_s` since the last progress; once nothing is
     left, the next request raises EndpointStalled, which huggingface_hub does not retry. Progress is
-    the first answer from an address, and bytes of a body beyond what earlier attempts at the same
-    address received: a retry that gets the same headers and stalls again gains no time, while a
-    download that keeps receiving data is never cut off. `cancel()` (Ctrl-C) refuses every further
-    request and wakes the threads waiting on the connections opened meanwhile.
+    the first answer from an address, and bytes of a file's body beyond what earlier attempts at the
+    same address received: a retry that gets the same headers and stalls again gains no time, while
+    a download that keeps receiving data is never cut off. A listing or metadata answer (/api/,
+    HEAD) must be complete within the wait, however slowly it trickles. `cancel()` (Ctrl-C) refuses
+    every further request and wakes the threads waiting on the connections opened meanwhile.
     """
 
     def __init__(self, wait_s: float):
@@ -240,15 +245,22 @@ class _Watchdog:
         request.extensions["trace"] = self._tracer(request.extensions.get("trace"))
 
     def on_response(self, response) -> None:
-        key = (response.request.method, str(response.request.url))
+        request = response.request
+        key = (request.method, str(request.url))
         if key not in self._received:
             self._received[key] = 0
             self.progress()
         self.answered = True
         offset = _resume_offset(response)
+        # A listing or metadata answer is small: the wait bounds all of it, however slowly it trickles.
+        metadata = request.method == "HEAD" or "/api/" in request.url.path
 
         def on_data(n: int) -> None:
             nonlocal offset
+            if metadata:
+                if self.idle() > self.wait_s:
+                    raise EndpointStalled(str(request.url), self.wait_s, True, slow=True)
+                return
             offset += n
             if offset > self._received[key]:
                 self._received[key] = offset
@@ -360,8 +372,8 @@ def bounded_hub_waits(wait_s: float | None = None) -> Iterator[_Watchdog]:
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
         def interrupted(signum, frame):
             watch.cancel()  # the download threads end now, so the command can say "interrupted" and exit
             raise KeyboardInterrupt
@@ -373,8 +385,8 @@ def bounded_hub_waits(wait_s: float | None = None) -> Iterator[_Watchdog]:
     finally:
         if watch in _ACTIVE:
             _ACTIVE.remove(watch)
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if in_main_thread:  # None: a handler not set from Python; Python's own is the nearest
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 

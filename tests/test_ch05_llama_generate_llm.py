@@ -211,6 +211,17 @@ def _qwen_listing(file_reply):
             *hub_files(QWEN, b"x" * 1000, file_reply)]
 
 
+def test_a_hub_id_downloads_from_an_endpoint_that_answers(tmp_path, monkeypatch):
+    """The bounds leave a working endpoint alone: the listing, the metadata and both files come through."""
+    from ch05.llama.llama3 import resolve_model_dir
+
+    with StallingServer(_qwen_listing(None)) as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        folder = resolve_model_dir(QWEN, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == b"x" * 1000
+
+
 def test_a_hub_id_whose_endpoint_never_answers_is_one_error_line(tmp_path, monkeypatch, capsys):
     import llmfs.download
 

@@ -26,7 +26,7 @@ from ch05.llama.llama3 import (
 )
 from hf_tiny import check_greedy_text, check_parity, model_dir_fixture, verdict
 from llmfs.checkpoint import CheckpointMismatchError
-from stalling_server import SILENT, StallingServer, stall_body, use_hub_endpoint
+from stalling_server import SILENT, StallingServer, stall_body, trickle, use_hub_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +205,12 @@ def test_hub_id_offline_gives_the_offline_message(tmp_path, monkeypatch):
     assert "\n" not in str(info.value) and "huggingface-cli login" in str(info.value)
 
 
-@pytest.mark.parametrize("listing, says", [(SILENT, "did not answer within 1 s"),
-                                           (stall_body(5000, b'{"id": "meta-llama/'), "stopped sending data for 1 s")],
-                         ids=["never-answers", "stalls-the-body"])
+@pytest.mark.parametrize("listing, says", [
+    (SILENT, "did not answer within 1 s"),
+    (stall_body(5000, b'{"id": "meta-llama/'), "stopped sending data for 1 s"),
+    (trickle(b'{"id": "meta-llama/Llama-3.2-1B", "siblings": []}' * 8, pieces=10, interval=0.4),
+     "did not finish its answer within 1 s"),
+], ids=["never-answers", "stalls-the-body", "trickles"])
 def test_a_hub_listing_that_never_comes_is_given_up_on_after_the_wait(tmp_path, monkeypatch, listing, says):
     """The listing request had no timeout at all: one endpoint kept a user waiting for over 400 s."""
     import llmfs.download
