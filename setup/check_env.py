@@ -341,6 +341,10 @@ def check_data(report: Report, download: bool = False, skip: set[str] = frozense
             report.line("FAIL", name, f"in the {where}, but its checksum does not match")
             report.errors.append(f"{exc}")
             continue
+        except OSError as exc:  # e.g. a mirror file this user may not read
+            report.line("FAIL", name, f"in the {where}, but it cannot be read")
+            report.errors.append(f"{name}: {exc}")
+            continue
         report.line("ok", name, f"{where}: {path}")
     hosts = sorted({urlparse(spec.url).hostname for spec in missing})
     unreachable = [h for h in hosts if not host_reachable(h)]

@@ -424,6 +424,8 @@ def test_a_cached_copy_serves_when_the_endpoint_stalls(monkeypatch, tmp_path, sh
         assert time.monotonic() - start < 5 and silent.requests  # it asked, and then used the cache
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows delivers Ctrl-C only once a blocking "
+                    "socket call returns, and os.kill(SIGINT) would end the test process")
 def test_ctrl_c_during_a_stalled_download_is_one_line(monkeypatch, tmp_path, capsys):
     with StallingServer(hub_files(GPT2_FILE, WEIGHTS, stall_body(len(WEIGHTS)))) as server:
         use_hub_endpoint(monkeypatch, server.url, tmp_path)

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -236,6 +237,8 @@ def test_a_hub_id_whose_endpoint_never_answers_is_one_error_line(tmp_path, monke
            "(HF_ENDPOINT) did not answer within 1 s" in err
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows delivers Ctrl-C only once a blocking "
+                    "socket call returns, and os.kill(SIGINT) would end the test process")
 def test_ctrl_c_while_the_files_stall_ends_at_once_in_one_line(tmp_path, monkeypatch, capsys):
     """The files download in huggingface_hub's threads: Ctrl-C stops them too, so the command ends now."""
     with StallingServer(_qwen_listing(stall_body(1000, b"x"))) as server:
