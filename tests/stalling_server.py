@@ -129,7 +129,7 @@ class StallingServer:
                     conn.sendall(reply.partial)
                     self._closed.wait(self.give_up_after)
                     return
-                if method != "HEAD":
+                if method != "HEAD" and reply.body:
                     size = -(-len(reply.body) // reply.pieces)
                     for start in range(0, len(reply.body), size):
                         if start and self._closed.wait(reply.interval):
