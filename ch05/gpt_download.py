@@ -5,8 +5,9 @@ Hugging Face Hub as `model.safetensors` files (repositories openai-community/gpt
 -medium, -large, -xl), a plain tensor format that loads without TensorFlow and
 without unpickling anything. This module downloads such a file with
 `huggingface_hub` (cache, resumed downloads, progress bar, the HF_ENDPOINT mirror
-and HF_HUB_OFFLINE settings all come from there), or reads one you already have,
-and copies every tensor into the matching place of chapter 4's `GPTModel`.
+and HF_HUB_OFFLINE settings all come from there; `llmfs.download.from_hub` bounds its
+waits), or reads one you already have, and copies every tensor into the matching place
+of chapter 4's `GPTModel`.
 
 The mapping, for block i (Hugging Face name -> our name):
 
@@ -34,16 +35,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 
 from ch04.gpt import GPT2_SIZES, GPT_CONFIG_124M, GPTModel
+from llmfs.download import HubUnavailable, from_hub
 from llmfs.errors import InvalidInput, PretrainedWeightsUnavailable  # noqa: F401  (raised here; imported from here too)
 
 GPT2_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -55,15 +55,14 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _unavailable_message(what: str, cause: object) -> str:
+    """One line: what is missing, why, and the ways to get it (a command prints it as its `error:` line)."""
     return (
-        f"GPT-2 weights {what} are not available: {cause}\n"
-        "Ways to get them:\n"
-        "  - with internet access they download automatically (about 0.5 GB for gpt2); behind a firewall, set\n"
-        "    HF_ENDPOINT to a Hugging Face mirror, e.g. HF_ENDPOINT=https://hf-mirror.com;\n"
-        "  - fetch them once on a connected machine (`python -m ch05.gpt_download gpt2`) and copy the\n"
-        "    Hugging Face cache (HF_HOME, default ~/.cache/huggingface); HF_HUB_OFFLINE=1 then uses only\n"
-        "    that cache and never the network;\n"
-        "  - or pass a local path: a folder with model.safetensors (and config.json), or a .safetensors file."
+        f"GPT-2 weights {what} are not available: {cause}. Ways to get them: with internet access they download "
+        "automatically (about 0.5 GB for gpt2), and behind a firewall HF_ENDPOINT names a Hugging Face mirror, "
+        "e.g. HF_ENDPOINT=https://hf-mirror.com; offline, fetch them once on a connected machine "
+        "(`python -m ch05.gpt_download gpt2`), copy its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) "
+        "and set HF_HUB_OFFLINE=1 to use only that cache; or pass a local path: a folder with model.safetensors "
+        "(and config.json), or a .safetensors file"
     )
 
 
@@ -99,73 +98,26 @@ def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
 
 
-# The longest a download waits for an endpoint to answer at all before using the local cache or
-# giving up (huggingface_hub's own retries on an endpoint that accepts connections but never
-# answers can take minutes).
-ENDPOINT_WAIT_S = 20.0
-
-
-def _endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """Does `endpoint` answer HTTP within ENDPOINT_WAIT_S seconds in all (DNS, connection and reply)?
-
-    A quick TCP check first, so that a machine without network fails in seconds; then one HEAD
-    request, in a thread so that even a hanging DNS lookup cannot stretch the wait. Behind a
-    proxy the direct TCP check means nothing and is skipped.
-    """
-    url = urlparse(endpoint)
-    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        try:
-            with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                          timeout=timeout):
-                pass
-        except (OSError, ValueError):
-            return False
-    import threading
-
-    import requests
-
-    answered = threading.Event()
-
-    def probe():
-        try:
-            requests.head(endpoint, timeout=(min(timeout, ENDPOINT_WAIT_S), ENDPOINT_WAIT_S), allow_redirects=False)
-            answered.set()
-        except requests.RequestException:
-            pass
-
-    threading.Thread(target=probe, daemon=True).start()
-    return answered.wait(ENDPOINT_WAIT_S)
-
-
 def download_gpt2_safetensors(model_name: str = "gpt2", cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of `model.safetensors` for a GPT-2 size, downloaded into the Hugging Face cache if needed.
 
-    Honours HF_ENDPOINT (a mirror) and HF_HUB_OFFLINE=1 (cache only), read when called.
-    When the endpoint cannot be reached, the local cache is still used.
+    Honours HF_ENDPOINT (a mirror) and HF_HUB_OFFLINE=1 (cache only), read when called. No wait
+    lasts longer than `llmfs.download.NETWORK_WAIT_S` without data (`llmfs.download.from_hub`);
+    when the endpoint cannot be reached or stalls, the local cache is still used.
     Raises PretrainedWeightsUnavailable when the file is neither reachable nor cached.
     """
     with warnings.catch_warnings():
         # huggingface_hub imports tqdm.auto, which warns in notebooks that lack ipywidgets.
         warnings.filterwarnings("ignore", message="IProgress not found")
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
 
     name = canonical_model_name(model_name)
     repo_id = f"{HF_ORGANIZATION}/{name}"
-    endpoint = _endpoint()
-    offline = _offline()
-    local_only = offline or not _endpoint_reachable(endpoint)
     try:
-        path = hf_hub_download(repo_id=repo_id, filename=WEIGHTS_FILE, cache_dir=cache_dir,
-                               endpoint=endpoint, local_files_only=local_only)
-    except Exception as exc:  # network, HTTP, missing cache entry: all mean "not available"
-        if offline:
-            cause = "HF_HUB_OFFLINE=1 is set and they are not in the local Hugging Face cache"
-        elif local_only:
-            cause = (f"{endpoint} (HF_ENDPOINT) cannot be reached or did not answer within {ENDPOINT_WAIT_S:.0f} s, "
-                     "and they are not in the local Hugging Face cache")
-        else:
-            cause = f"downloading {repo_id}/{WEIGHTS_FILE} from {endpoint} failed ({type(exc).__name__}: {exc})"
-        raise PretrainedWeightsUnavailable(_unavailable_message(f"{name!r} ({repo_id})", cause)) from exc
+        path = from_hub(huggingface_hub.hf_hub_download, _endpoint(), _offline(), repo_id=repo_id,
+                        filename=WEIGHTS_FILE, cache_dir=cache_dir)
+    except HubUnavailable as exc:
+        raise PretrainedWeightsUnavailable(_unavailable_message(f"{name!r} ({repo_id})", exc)) from exc
     return Path(path)
 
 

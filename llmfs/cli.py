@@ -1,6 +1,7 @@
 """The command-line toolkit every command uses: one parser, one set of option checks, one error path.
 
-* `Parser`: argparse whose errors are one line (`error: ...`, exit code 2) instead of a usage block;
+* `Parser`: argparse whose errors are one line (`error: ...`, exit code 2) instead of a usage block, and
+  which refuses a relative path in LLMFS_OUTPUT_DIR, LLMFS_DATA_MIRROR or LLMFS_CACHE_DIR the same way;
 * the option types (`positive_int`, `positive_float`, `device_name`, ...) and the option groups every
   training command has (`add_common_args`, `add_sampling_arguments`);
 * `run(main)`: first names the settings that come from the environment (`llmfs.runtime.environment_notice`);
@@ -29,6 +30,7 @@ from types import ModuleType
 
 from llmfs.atomic import remove_stale_temporary_files
 from llmfs.checkpoint import CheckpointFileError, is_torch_file
+from llmfs.env_paths import check_path_variables
 from llmfs.errors import InvalidInput, UserError
 from llmfs.onednn_linear import onednn_linear
 from llmfs.runtime import DeviceUnavailableError, environment_notice
@@ -47,7 +49,17 @@ def other_torchrun_process() -> bool:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: argument --lr: ...` instead of usage + message."""
+    """argparse with one-line errors: `error: argument --lr: ...` instead of usage + message.
+
+    Made before any option default is computed, it first refuses a relative path in a path-valued
+    variable (`llmfs.env_paths.check_path_variables`; defaults such as `outputs_dir(...)` read them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            check_path_variables()
+        except UserError as exc:
+            self.exit(2, None if other_torchrun_process() else f"error: {one_line(exc)}\n")
 
     def error(self, message: str):
         self.exit(2, None if other_torchrun_process() else f"error: {message} (see --help)\n")

@@ -8,10 +8,11 @@ RuntimeError), so code that catches those still catches it.
 The kinds: `InvalidInput` (a bad value, option or file content) and, built on it,
 `llmfs.checkpoint.CheckpointFileError` (a model or checkpoint file that is empty, damaged, of another
 kind, or holds a config no model can have) and `CheckpointMismatchError` (weights that do not fit the
-model); `llmfs.download.DataUnavailableError` and `ChecksumError`; `llmfs.runtime.DeviceUnavailableError`;
-`PretrainedWeightsUnavailable` (below) and `ch05.llama.llama3.LLMUnavailable`. A programming error (a
-wrongly shaped tensor passed by code, a listing called with impossible arguments) stays a plain
-ValueError or TypeError: a command checks a user's value before it reaches such a check.
+model); `llmfs.download.DataUnavailableError`, `ChecksumError`, `EndpointStalled` and `HubUnavailable`;
+`llmfs.runtime.DeviceUnavailableError`; `PretrainedWeightsUnavailable` (below) and
+`ch05.llama.llama3.LLMUnavailable`. A programming error (a wrongly shaped tensor passed by code, a
+listing called with impossible arguments) stays a plain ValueError or TypeError: a command checks a
+user's value before it reaches such a check.
 """
 
 from __future__ import annotations

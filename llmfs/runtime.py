@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmfs.env_paths import CACHE_ENV, MIRROR_ENV, OUTPUT_ENV, env_path
 from llmfs.errors import UserError
 
 QUICK_ENV = "LLMFS_QUICK"
 DEVICE_ENV = "LLMFS_DEVICE"
-OUTPUT_ENV = "LLMFS_OUTPUT_DIR"
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -32,11 +32,12 @@ def outputs_dir(chapter: str) -> Path:
     location, so a notebook run from `ch06/` and `python -m ch06.gpt_class_finetune` run from
     the repository root write to the same `outputs/ch06/`), or the current folder when the
     package is installed elsewhere. `$LLMFS_OUTPUT_DIR` replaces `<root>/outputs` (the tests
-    point it at a temporary folder, so they never write into the checkout).
+    point it at a temporary folder, so they never write into the checkout); it must be an absolute
+    path (`llmfs.env_paths.env_path`: InvalidInput otherwise).
     """
-    override = os.environ.get(OUTPUT_ENV, "").strip()
-    if override:
-        return Path(override).expanduser() / chapter
+    override = env_path(OUTPUT_ENV)
+    if override is not None:
+        return override / chapter
     checkout = Path(__file__).resolve().parents[1]
     if not (checkout / "pyproject.toml").is_file():  # installed, not a checkout
         return Path("outputs") / chapter
@@ -206,13 +207,13 @@ def environment_variables() -> tuple[EnvironmentVariable, ...]:
                             "force a device (cpu, cuda, cuda:N, mps) where no --device option is given",
                             _when_set()),
         EnvironmentVariable(OUTPUT_ENV, "unset (outputs/ in the checkout, or in the current folder)",
-                            "folder that replaces outputs/: results go to $LLMFS_OUTPUT_DIR/<chapter>",
-                            _when_set("outputs go there")),
-        EnvironmentVariable("LLMFS_DATA_MIRROR", "unset",
-                            "read-only folder searched first for the data files (checked by sha256)",
-                            _when_set("data files come from there first")),
-        EnvironmentVariable("LLMFS_CACHE_DIR", "~/.cache/llms-from-scratch",
-                            "where downloaded data files are kept", _when_set("download cache")),
+                            "folder (an absolute path) that replaces outputs/: results go to "
+                            "$LLMFS_OUTPUT_DIR/<chapter>", _when_set("outputs go there")),
+        EnvironmentVariable(MIRROR_ENV, "unset",
+                            "read-only folder (an absolute path) searched first for the data files (checked "
+                            "by sha256)", _when_set("data files come from there first")),
+        EnvironmentVariable(CACHE_ENV, "~/.cache/llms-from-scratch",
+                            "where downloaded data files are kept (an absolute path)", _when_set("download cache")),
         EnvironmentVariable("LLMFS_DECODING_LAYOUT", "1 (on)",
                             "0: generation keeps the float32 weights in their training layout "
                             "(llmfs.decoding_layout; to compare speed on another CPU)",

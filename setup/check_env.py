@@ -3,11 +3,17 @@
     python setup/check_env.py              # report; exit code 1 if something required is missing
     python setup/check_env.py --download   # also download any data file not yet available
 
-It reports the Python and package versions against the project's minimums, the device
-PyTorch will use, whether the bundled GPT-2 tokenizer loads and gives the right ids, and
-where each data file would be read from. A data file that is not yet downloaded is only
-a note (the chapters fetch it on first use); a missing or too-old package, a broken
-tokenizer or a corrupt data file is an error, reported with what to do about it.
+It reports the Python and package versions against the project's minimums, which PyTorch
+build is installed (CPU-only, CUDA, ROCm, macOS) and its size, the device PyTorch will use,
+whether the bundled GPT-2 tokenizer loads and gives the right ids, the folders named by
+LLMFS_OUTPUT_DIR, LLMFS_DATA_MIRROR and LLMFS_CACHE_DIR (absolute paths), and where each data
+file would be read from. A data file that is not yet downloaded is only a note (the chapters
+fetch it on first use); a missing or too-old package, a broken tokenizer, a relative path in
+one of those variables or a corrupt data file is an error, reported with what to do about it.
+
+The network is touched only by a quick connection test (3 s at most) of the hosts a
+recommendation depends on: the data files' hosts when files are missing, and
+download.pytorch.org before recommending the CPU-only PyTorch (which comes from there).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import importlib.util
 import os
 import platform
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +173,32 @@ def check_project(report: Report) -> bool:
     return True
 
 
+PYTORCH_INDEX_HOST = "download.pytorch.org"
+CPU_INSTALL = "pip install -r requirements-cpu.txt"
+
+
+def torch_build(torch_module, system: str | None = None) -> str:
+    """Which PyTorch build this is: 'CPU-only', 'CUDA 12.8', 'ROCm 6.2' or 'macOS (CPU and Apple GPU)'."""
+    version = getattr(torch_module, "version", None)
+    if getattr(version, "hip", None):
+        return f"ROCm {version.hip}"
+    if getattr(version, "cuda", None):
+        return f"CUDA {version.cuda}"
+    if (system or platform.system()) == "Darwin":
+        return "macOS (CPU and Apple GPU)"
+    return "CPU-only"
+
+
+def torch_installed_size() -> float | None:
+    """GB on disk of torch and the GPU libraries installed with it (nvidia-*, triton), from their RECORD files."""
+    total = 0
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name == "torch" or name.startswith("nvidia-") or "triton" in name:
+            total += sum(f.size or 0 for f in dist.files or [])
+    return total / 1e9 if total else None
+
+
 def check_device(report: Report) -> None:
     try:
         import torch
@@ -173,6 +206,11 @@ def check_device(report: Report) -> None:
         from llmfs.runtime import DEVICE_ENV, get_device
     except Exception:
         return  # already reported as a missing package
+    build = torch_build(torch)
+    size = torch_installed_size()
+    gpu_build = build.startswith(("CUDA", "ROCm"))
+    weight = f", {size:.1f} GB installed" + (" with its GPU libraries" if gpu_build else "") if size else ""
+    report.line("ok", "PyTorch build", f"{build} (torch {torch.__version__}{weight})")
     forced = os.environ.get(DEVICE_ENV)
     try:
         device = get_device()
@@ -182,23 +220,38 @@ def check_device(report: Report) -> None:
         return
     detail = str(device)
     if device.type == "cuda":
-        detail += f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
+        detail += f" ({torch.cuda.get_device_name(device)}, {build})"
     elif device.type == "mps":
         detail += " (Apple GPU)"
         report.notes.append("If losses look wrong on MPS (a known PyTorch/macOS issue), run with "
                             f"{DEVICE_ENV}=cpu.")
-    elif torch.version.cuda is None and platform.system() != "Darwin":
-        detail += " (this PyTorch build is CPU-only)"
     if forced:
         detail += f"  [forced by {DEVICE_ENV}={forced}]"
     report.line("ok", "device", detail)
-    if torch.version.cuda is not None and not torch.cuda.is_available() and platform.system() == "Linux":
-        report.notes.append("This PyTorch is the CUDA build (with its NVIDIA libraries, a ~6 GB virtual environment), "
-                            "but there is no GPU: the CPU build is enough and far smaller. In a new virtual "
-                            "environment: pip install -r requirements-cpu.txt")
+    if gpu_build and not torch.cuda.is_available() and platform.system() != "Darwin":
+        report.notes.append(gpu_build_without_gpu(build, weight))
+    elif build == "CPU-only" and shutil.which("nvidia-smi"):
+        report.notes.append("This machine has an NVIDIA driver (nvidia-smi), but this PyTorch is the CPU-only build: "
+                            "for the GPU, install a CUDA build of PyTorch (setup/README.md, \"PyTorch builds\").")
     if device.type == "cpu":
-        report.notes.append("No GPU in use: every chapter runs on CPU; set LLMFS_QUICK=1 for small, fast runs. "
-                            "For an NVIDIA GPU, install a CUDA build of PyTorch (setup/README.md).")
+        report.notes.append("No GPU in use: every chapter runs on CPU; set LLMFS_QUICK=1 for small, fast runs."
+                            + ("" if gpu_build else " For an NVIDIA GPU, install a CUDA build of PyTorch (setup/README.md)."))
+
+
+def gpu_build_without_gpu(build: str, weight: str) -> str:
+    """The note for a CUDA or ROCm build that finds no GPU: recommend the CPU-only build only where it can be had."""
+    kind = "NVIDIA" if build.startswith("CUDA") else "AMD"
+    text = (f"This PyTorch is the {build} build{f' ({weight[2:]})' if weight else ''}, but no {kind} GPU is usable "
+            "here (torch.cuda.is_available() is False); it runs on the CPU, only larger than it needs to be. If the "
+            f"machine has an {kind} GPU, its driver is missing or too old. ")
+    if host_reachable(PYTORCH_INDEX_HOST):
+        return text + ("The CPU-only build is about 3 GB smaller than the ~6 GB CUDA set-up; it comes from PyTorch's "
+                       f"own wheel index, {PYTORCH_INDEX_HOST}, which answers from here: in a new virtual environment, "
+                       f"{CPU_INSTALL}")
+    return text + (f"The CPU-only build comes from {PYTORCH_INDEX_HOST}, which cannot be reached from here (checked "
+                   "just now), so requirements-cpu.txt would install this same build again: keep this one (it "
+                   "works), or install torch from a mirror of PyTorch's CPU wheel index first (pip install torch "
+                   "--index-url <mirror>), then pip install -r requirements.txt (setup/README.md).")
 
 
 def check_tokenizer(report: Report) -> None:
@@ -224,7 +277,29 @@ def check_tokenizer(report: Report) -> None:
         report.line("ok", "GPT-2 tokenizer", "bundled ch02/gpt2.tiktoken loads; test sentence gives the right ids")
 
 
-def check_data(report: Report, download: bool = False) -> None:
+def check_folders(report: Report) -> set[str]:
+    """LLMFS_OUTPUT_DIR, LLMFS_DATA_MIRROR, LLMFS_CACHE_DIR, when set, must be absolute paths (a relative one
+    names another folder in a notebook, which starts in its chapter's folder). Returns the ones that are not."""
+    try:
+        from llmfs.env_paths import PATH_VARIABLES, env_path
+        from llmfs.errors import UserError
+    except Exception:
+        return set()
+    relative = set()
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        try:
+            report.line("ok", name, str(env_path(name)))
+        except UserError as exc:
+            report.line("FAIL", name, f"{value} is a relative path")
+            report.errors.append(str(exc))
+            relative.add(name)
+    return relative
+
+
+def check_data(report: Report, download: bool = False, skip: set[str] = frozenset()) -> None:
     try:
         from llmfs.download import (
             CACHE_ENV,
@@ -236,6 +311,9 @@ def check_data(report: Report, download: bool = False) -> None:
             get_data_file,
         )
     except Exception:
+        return
+    if {MIRROR_ENV, CACHE_ENV} & skip:
+        print(f"  not checked: {' and '.join(sorted({MIRROR_ENV, CACHE_ENV} & skip))} must be an absolute path first")
         return
     mirror = os.environ.get(MIRROR_ENV)
     print(f"  data mirror ({MIRROR_ENV}): {mirror or 'not set'}")
@@ -263,6 +341,10 @@ def check_data(report: Report, download: bool = False) -> None:
             report.line("FAIL", name, f"in the {where}, but its checksum does not match")
             report.errors.append(f"{exc}")
             continue
+        except OSError as exc:  # e.g. a mirror file this user may not read
+            report.line("FAIL", name, f"in the {where}, but it cannot be read")
+            report.errors.append(f"{name}: {exc}")
+            continue
         report.line("ok", name, f"{where}: {path}")
     hosts = sorted({urlparse(spec.url).hostname for spec in missing})
     unreachable = [h for h in hosts if not host_reachable(h)]
@@ -277,16 +359,27 @@ def check_data(report: Report, download: bool = False) -> None:
 
 
 def host_reachable(host: str | None, timeout: float = 3.0) -> bool:
-    """Can a TCP connection to `host`'s HTTPS port be opened (a proxy counts as yes)?"""
+    """Can a TCP connection to `host`'s HTTPS port be opened within `timeout` seconds, the name lookup
+    included (a proxy counts as yes)?"""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
         return True
     import socket
+    import threading
 
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except (OSError, TypeError, UnicodeError):
-        return False
+    opened, done = threading.Event(), threading.Event()
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                opened.set()
+        except (OSError, TypeError, UnicodeError):
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, daemon=True).start()  # in a thread: a hanging DNS lookup is bounded too
+    done.wait(timeout)
+    return opened.is_set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     if project_ok:
         check_device(report)
         check_tokenizer(report)
-        print("\nData files:")
-        check_data(report, download=args.download)
+        print("\nFolders and data files:")
+        relative = check_folders(report)
+        check_data(report, download=args.download, skip=relative)
 
     for var in ("LLMFS_QUICK", "LLMFS_DEVICE", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
         if os.environ.get(var):

@@ -7,9 +7,13 @@ HF_HUB_OFFLINE=1 and an empty cache, and must fail with a clear PretrainedWeight
 """
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +38,7 @@ from ch05.gpt_download import (
     load_weights_into_gpt,
 )
 from ch05.gpt_generate import generate
+from stalling_server import StallingServer, hub_files, stall_body, trickle, use_hub_endpoint
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -229,6 +234,8 @@ def test_missing_local_path_raises(tmp_path):
 
 def test_download_arguments(monkeypatch, hf_dir):
     """The hub call: right repository and file, the mirror from HF_ENDPOINT, cache only when offline."""
+    import llmfs.download
+
     calls = []
 
     def fake_download(**kwargs):
@@ -238,7 +245,7 @@ def test_download_arguments(monkeypatch, hf_dir):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(gpt_download, "_endpoint_reachable", lambda endpoint, timeout=3.0: True)
+    monkeypatch.setattr(llmfs.download, "reachable", lambda url, timeout: True)
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     path = download_gpt2_safetensors("355M", cache_dir="/somewhere")
@@ -355,26 +362,75 @@ def test_download_and_load_gpt2_sizes_and_offline_cache(monkeypatch, tmp_path):
     assert asked == ["gpt2-medium"]
 
 
-def test_an_endpoint_that_never_answers_is_given_up_on_in_bounded_time(monkeypatch, tmp_path, capsys):
-    """A server that accepts connections but never replies: a bounded wait, then one line naming it."""
-    import socket
-    import time
+# --- a Hugging Face endpoint that stalls: bounded waits, one line, Ctrl-C ------------------------------
 
-    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setattr(gpt_download, "ENDPOINT_WAIT_S", 1.0)
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
-        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        monkeypatch.setenv("HF_ENDPOINT", endpoint)
-        start = time.perf_counter()
+GPT2_FILE = "openai-community/gpt2"
+WEIGHTS = b"not really weights, " * 100
+
+
+@pytest.fixture
+def short_wait(monkeypatch):
+    import llmfs.download
+
+    monkeypatch.setattr(llmfs.download, "NETWORK_WAIT_S", 1.0)
+
+
+def test_an_endpoint_that_never_answers_is_given_up_on_in_bounded_time(monkeypatch, tmp_path, capsys, short_wait):
+    """A server that accepts connections but never replies: a bounded wait, then one line naming it."""
+    with StallingServer() as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        start = time.monotonic()
         with pytest.raises(PretrainedWeightsUnavailable, match="did not answer within 1 s"):
             download_gpt2_safetensors("gpt2", cache_dir=tmp_path)
-        assert time.perf_counter() - start < 10
+        assert time.monotonic() - start < 5
         assert download_main(["gpt2", "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and endpoint in err
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"{server.url} (HF_ENDPOINT)" in err
     assert "HF_HUB_OFFLINE" in err and "local path" in err
+
+
+def test_a_body_that_stalls_ends_in_one_line_without_retry_messages(monkeypatch, tmp_path, capsys, short_wait):
+    """Headers, a few bytes, then nothing: huggingface_hub would retry six times, ten seconds each, and say so."""
+    with StallingServer(hub_files(GPT2_FILE, WEIGHTS, stall_body(len(WEIGHTS), WEIGHTS[:50]))) \
+            as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        start = time.monotonic()
+        assert download_main(["gpt2", "--cache-dir", str(tmp_path / "cache")]) == 2
+        elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert elapsed < 6 and [m for m, _ in server.requests].count("GET") <= 2
+    assert err.count("\n") == 1 and err.startswith("error: GPT-2 weights 'gpt2' (openai-community/gpt2) are not")
+    assert f"{server.url} (HF_ENDPOINT) stopped sending data for 1 s" in err
+
+
+def test_a_slow_download_that_keeps_sending_is_not_cut_off(monkeypatch, tmp_path, short_wait):
+    """2 s of data with no pause of 1 s: the bound is on waiting, not on downloading."""
+    with StallingServer(hub_files(GPT2_FILE, WEIGHTS, trickle(WEIGHTS, 6, 0.4))) as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        start = time.monotonic()
+        path = download_gpt2_safetensors("gpt2", cache_dir=tmp_path)
+    assert time.monotonic() - start > 1.5 and path.read_bytes() == WEIGHTS
+
+
+def test_a_cached_copy_serves_when_the_endpoint_stalls(monkeypatch, tmp_path, short_wait):
+    with StallingServer(hub_files(GPT2_FILE, WEIGHTS)) as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        cached = download_gpt2_safetensors("gpt2", cache_dir=tmp_path)
+    with StallingServer() as silent:
+        use_hub_endpoint(monkeypatch, silent.url, tmp_path)
+        start = time.monotonic()
+        assert download_gpt2_safetensors("gpt2", cache_dir=tmp_path) == cached
+        assert time.monotonic() - start < 5 and silent.requests  # it asked, and then used the cache
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows delivers Ctrl-C only once a blocking "
+                    "socket call returns, and os.kill(SIGINT) would end the test process")
+def test_ctrl_c_during_a_stalled_download_is_one_line(monkeypatch, tmp_path, capsys):
+    with StallingServer(hub_files(GPT2_FILE, WEIGHTS, stall_body(len(WEIGHTS)))) as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        start = time.monotonic()
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        assert download_main(["gpt2", "--cache-dir", str(tmp_path / "cache")]) == 130
+    assert time.monotonic() - start < 5
+    assert capsys.readouterr().err == "\ninterrupted\n"

@@ -1,7 +1,12 @@
 """python -m ch05.llama (ch05/llama/generate_llm.py): one command for Llama 3, Qwen3, GPT-2 folders and our checkpoints."""
 
 import json
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -9,6 +14,7 @@ import torch
 from ch05.llama import generate_llm
 from ch05.llama.generate_llm import generate_text, load_llm, main
 from hf_tiny import model_dir_fixture
+from stalling_server import COMMIT, StallingServer, answer, hub_files, stall_body, use_hub_endpoint
 
 PROMPT = "I had always thought Jack Gisburn rather a cheap genius"
 
@@ -195,3 +201,58 @@ def test_help_names_the_command_and_a_bug_keeps_its_traceback(qwen_dir, capsys, 
     monkeypatch.setattr(generate_llm, "generate", broken_generate)
     with pytest.raises(ValueError, match="a bug"):  # not turned into `error:` and exit code 2
         main(["--model", str(qwen_dir[0]), "--prompt", "Hi", "--max-new-tokens", "2"])
+
+
+# --- a Hub id whose endpoint stalls: one line after the wait; Ctrl-C: one line at once ---------------------
+
+QWEN = "Qwen/Qwen3-0.6B"
+
+
+def _qwen_listing(file_reply):
+    """A Hub endpoint that lists QWEN's two files quickly and then serves them with `file_reply`."""
+    listing = json.dumps({"id": QWEN, "sha": COMMIT, "siblings": [{"rfilename": "config.json"},
+                                                                 {"rfilename": "model.safetensors"}]}).encode()
+    tree = json.dumps([{"type": "file", "path": name, "size": 1000, "oid": "0" * 40}
+                       for name in ("config.json", "model.safetensors")]).encode()
+    return [("GET", f"/api/models/{QWEN}/tree/", answer(200, tree)), ("GET", f"/api/models/{QWEN}", answer(200, listing)),
+            *hub_files(QWEN, b"x" * 1000, file_reply)]
+
+
+def test_a_hub_id_downloads_from_an_endpoint_that_answers(tmp_path, monkeypatch):
+    """The bounds leave a working endpoint alone: the listing, the metadata and both files come through."""
+    from ch05.llama.llama3 import resolve_model_dir
+
+    with StallingServer(_qwen_listing(None)) as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        folder = resolve_model_dir(QWEN, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == b"x" * 1000
+
+
+def test_a_hub_id_whose_endpoint_never_answers_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import llmfs.download
+
+    monkeypatch.setattr(llmfs.download, "NETWORK_WAIT_S", 1.0)
+    with StallingServer() as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        start = time.monotonic()
+        err = _run_error(capsys, ["--model", QWEN, "--prompt", "Hi"])
+        assert time.monotonic() - start < 5
+    assert err.count("\n") == 1
+    assert f"model '{QWEN}' is not available: not in the local Hugging Face cache, and {server.url} " \
+           "(HF_ENDPOINT) did not answer within 1 s" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows delivers Ctrl-C only once a blocking "
+                    "socket call returns, and os.kill(SIGINT) would end the test process")
+def test_ctrl_c_while_the_files_stall_ends_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    """The files download in huggingface_hub's threads: Ctrl-C stops them too, so the command ends now."""
+    with StallingServer(_qwen_listing(stall_body(1000, b"x"))) as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.monotonic()
+        assert main(["--model", QWEN, "--prompt", "Hi"]) == 130
+        assert time.monotonic() - start < 6
+        assert any(m == "GET" and f"/{QWEN}/resolve/{COMMIT}/" in p for m, p in server.requests)  # in the files
+    err = capsys.readouterr().err
+    assert err.endswith("\ninterrupted\n") and "Traceback" not in err and "error" not in err

@@ -6,6 +6,7 @@ then loaded by our code from that folder: same logits, same greedy text, with an
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from ch05.llama.llama3 import (
 )
 from hf_tiny import check_greedy_text, check_parity, model_dir_fixture, verdict
 from llmfs.checkpoint import CheckpointMismatchError
+from stalling_server import SILENT, StallingServer, stall_body, trickle, use_hub_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +199,31 @@ def test_bad_inputs_give_clear_errors(tmp_path, llama_dir):
 def test_hub_id_offline_gives_the_offline_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(LLMUnavailable, match="HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face"):
+    with pytest.raises(LLMUnavailable, match="not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 is set") \
+            as info:
         resolve_model_dir("meta-llama/Llama-3.2-1B", cache_dir=tmp_path)
+    assert "\n" not in str(info.value) and "huggingface-cli login" in str(info.value)
+
+
+@pytest.mark.parametrize("listing, says", [
+    (SILENT, "did not answer within 1 s"),
+    (stall_body(5000, b'{"id": "meta-llama/'), "stopped sending data for 1 s"),
+    (trickle(b'{"id": "meta-llama/Llama-3.2-1B", "siblings": []}' * 8, pieces=10, interval=0.4),
+     "did not finish its answer within 1 s"),
+], ids=["never-answers", "stalls-the-body", "trickles"])
+def test_a_hub_listing_that_never_comes_is_given_up_on_after_the_wait(tmp_path, monkeypatch, listing, says):
+    """The listing request had no timeout at all: one endpoint kept a user waiting for over 400 s."""
+    import llmfs.download
+
+    monkeypatch.setattr(llmfs.download, "NETWORK_WAIT_S", 1.0)
+    with StallingServer([("GET", "/api/models/", listing)]) as server:
+        use_hub_endpoint(monkeypatch, server.url, tmp_path)
+        start = time.monotonic()
+        with pytest.raises(LLMUnavailable) as info:
+            resolve_model_dir("meta-llama/Llama-3.2-1B", cache_dir=tmp_path / "cache")
+        assert time.monotonic() - start < 5
+    assert f"not in the local Hugging Face cache, and {server.url} (HF_ENDPOINT) {says}" in str(info.value)
+    assert ("GET", "/api/models/meta-llama/Llama-3.2-1B/revision/main") in server.requests
 
 
 # --- a folder that does not hold such a model: one line (a UserError), never a KeyError or TypeError ---

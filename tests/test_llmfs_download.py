@@ -1,21 +1,28 @@
 """llmfs/download.py: mirror -> cache -> download, always sha256-verified, never online.
 
 Downloads are tested against a throw-away HTTP server on 127.0.0.1; the data file specs
-are swapped for ones whose URL and checksum match what that server holds.
+are swapped for ones whose URL and checksum match what that server holds. The bounded waits
+are tested against `stalling_server` (a server that never answers, or stalls its body) with
+NETWORK_WAIT_S lowered to a second.
 """
 
 import dataclasses
 import hashlib
 import http.server
 import io
+import os
 import re
+import signal
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from llmfs import download
+from llmfs.cli import run
 from llmfs.download import (
     DATA_FILES,
     ChecksumError,
@@ -26,6 +33,7 @@ from llmfs.download import (
     read_text_file,
     sha256sum,
 )
+from stalling_server import SILENT, StallingServer, stall_body, trickle
 
 CONTENT = "I had always thought Jack Gisburn rather a cheap genius--\n".encode() * 20
 CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -311,3 +319,85 @@ def test_zip_without_the_member_is_data_unavailable(dirs, server, monkeypatch, p
 def test_module_imports_pooch_lazily():
     # Importing llmfs.download must stay cheap and never touch the network.
     assert "pooch" not in vars(download)
+
+
+# --- a corrupt mirror file, bounded waits, Ctrl-C: one line each -------------------------------------
+
+def test_a_corrupt_file_in_the_mirror_is_one_line_that_says_what_to_do(dirs, monkeypatch, capsys):
+    mirror, _ = dirs
+    use_spec(monkeypatch, sha256=CONTENT_SHA, url="http://127.0.0.1:1/never-used")
+    (mirror / "the-verdict.txt").write_bytes(BAD)
+    assert run(lambda: get_data_file("the-verdict.txt")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the-verdict.txt: ") and "Traceback" not in err
+    assert str(mirror / "the-verdict.txt") in err and BAD_SHA in err and CONTENT_SHA in err
+    assert "replace it in the mirror with a good copy, or unset LLMFS_DATA_MIRROR" in err
+
+
+@pytest.mark.parametrize("reply, says", [(SILENT, "did not answer within 1 s"),
+                                         (stall_body(100_000, b"x" * 5000), "stopped sending data for 1 s")],
+                         ids=["never-answers", "stalls-the-body"])
+def test_a_stalled_server_is_given_up_on_after_the_wait_in_one_line(dirs, monkeypatch, capsys, reply, says):
+    _, cache = dirs
+    monkeypatch.setattr(download, "NETWORK_WAIT_S", 1.0)
+    with StallingServer([("GET", "/", reply)]) as server:
+        use_spec(monkeypatch, url=f"{server.url}/verdict.txt", sha256=CONTENT_SHA)
+        start = time.monotonic()
+        assert run(lambda: get_data_file("the-verdict.txt")) == 2
+        elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert 1 <= elapsed < 6
+    assert err.count("\n") == 1 and err.startswith("error: Could not get 'the-verdict.txt'")
+    assert f"{server.url} {says}" in err and "LLMFS_DATA_MIRROR" in err
+    assert leftovers(cache) == []
+
+
+def test_a_slow_download_that_keeps_sending_is_not_cut_off(dirs, monkeypatch):
+    """The wait bounds a pause, not the download: 2 s of data, never 1 s without any."""
+    monkeypatch.setattr(download, "NETWORK_WAIT_S", 1.0)
+    with StallingServer([("GET", "/", trickle(CONTENT, pieces=6, interval=0.4))]) as server:
+        use_spec(monkeypatch, url=f"{server.url}/verdict.txt", sha256=CONTENT_SHA)
+        start = time.monotonic()
+        assert get_data_file("the-verdict.txt").read_bytes() == CONTENT
+    assert time.monotonic() - start > 1.5
+
+
+def test_an_unreachable_host_fails_at_once(dirs, monkeypatch):
+    use_spec(monkeypatch, url="http://127.0.0.1:9/verdict.txt", sha256=CONTENT_SHA)  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(DataUnavailableError, match=r"http://127.0.0.1:9 cannot be reached"):
+        get_data_file("the-verdict.txt")
+    assert time.monotonic() - start < 3
+
+
+def _interrupt_after(seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows delivers Ctrl-C only once a blocking "
+                    "socket call returns, and os.kill(SIGINT) would end the test process")
+def test_ctrl_c_while_a_server_keeps_us_waiting_is_one_line(dirs, monkeypatch, capsys):
+    _, cache = dirs
+    with StallingServer() as server:
+        use_spec(monkeypatch, url=f"{server.url}/verdict.txt", sha256=CONTENT_SHA)
+        start = time.monotonic()
+        _interrupt_after(0.5)
+        assert run(lambda: get_data_file("the-verdict.txt")) == 130
+    assert time.monotonic() - start < 5
+    assert capsys.readouterr().err == "\ninterrupted\n"
+    assert leftovers(cache) == []
+
+
+def test_relative_mirror_and_cache_paths_are_refused(monkeypatch, tmp_path):
+    from llmfs.errors import InvalidInput
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMFS_CACHE_DIR", "cache")
+    with pytest.raises(InvalidInput, match=re.escape(f"LLMFS_CACHE_DIR={tmp_path / 'cache'}")):
+        cache_dir()
+    monkeypatch.setenv("LLMFS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMFS_DATA_MIRROR", "data")
+    with pytest.raises(InvalidInput, match="LLMFS_DATA_MIRROR=data is a relative path"):
+        get_data_file("the-verdict.txt", download=False)

@@ -485,18 +485,73 @@ def test_ci_also_runs_the_fast_suite_on_the_oldest_and_newest_python():
     assert result.returncode == 0, result.stderr
 
 
-def test_check_env_recommends_the_cpu_build_without_a_gpu(monkeypatch, capsys):
+@pytest.fixture
+def cuda_build_without_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LLMFS_DEVICE", raising=False)
+    check_env = load_check_env()
+    monkeypatch.setattr(check_env.platform, "system", lambda: "Linux")
+    return check_env
+
+
+def test_check_env_recommends_the_cpu_build_without_a_gpu_only_where_its_index_answers(cuda_build_without_gpu,
+                                                                                    monkeypatch):
+    check_env = cuda_build_without_gpu
+    asked = []
+    monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: asked.append(host) or True)
+    report = check_env.Report()
+    check_env.check_device(report)
+    assert asked == ["download.pytorch.org"]
+    [note] = [n for n in report.notes if "CUDA 12.4 build" in n]
+    assert "no NVIDIA GPU is usable here" in note and "6 GB" in note and "answers from here" in note
+    assert note.endswith("in a new virtual environment, pip install -r requirements-cpu.txt")
+    assert not any("install a CUDA build" in n for n in report.notes)  # it has one
+
+
+def test_check_env_never_recommends_requirements_cpu_when_download_pytorch_org_is_unreachable(
+        cuda_build_without_gpu, monkeypatch):
+    """That command would fall back to the same CUDA build: what the user just got."""
+    check_env = cuda_build_without_gpu
+    monkeypatch.setattr(check_env, "host_reachable", lambda host, timeout=3.0: False)
+    report = check_env.Report()
+    check_env.check_device(report)
+    [note] = [n for n in report.notes if "CUDA 12.4 build" in n]
+    assert "download.pytorch.org, which cannot be reached from here" in note
+    assert "would install this same build again" in note and "mirror of PyTorch's CPU wheel index" in note
+    assert "pip install -r requirements.txt" in note and "pip install -r requirements-cpu.txt" not in note
+
+
+def test_check_env_says_which_pytorch_build_is_installed(monkeypatch, capsys):
     import torch
 
     check_env = load_check_env()
-    monkeypatch.setattr(torch.version, "cuda", "12.4")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    builds = {(None, None, "Linux"): "CPU-only", ("12.8", None, "Linux"): "CUDA 12.8",
+              (None, "6.2", "Linux"): "ROCm 6.2", (None, None, "Darwin"): "macOS (CPU and Apple GPU)"}
+    for (cuda, hip, system), expected in builds.items():
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        monkeypatch.setattr(torch.version, "hip", hip, raising=False)
+        assert check_env.torch_build(torch, system) == expected
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
     monkeypatch.setattr(check_env.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(check_env, "torch_installed_size", lambda: 0.72)
     monkeypatch.delenv("LLMFS_DEVICE", raising=False)
     report = check_env.Report()
     check_env.check_device(report)
-    assert any("pip install -r requirements-cpu.txt" in note and "6 GB" in note for note in report.notes)
-    monkeypatch.setattr(torch.version, "cuda", None)  # the CPU build: nothing to recommend
-    report = check_env.Report()
-    check_env.check_device(report)
-    assert not any("requirements-cpu.txt" in note for note in report.notes)
+    assert not any("requirements-cpu.txt" in note for note in report.notes)  # the CPU build: nothing to recommend
+    assert re.search(rf"\[ok\s*\] PyTorch build\s+CPU-only \(torch {re.escape(torch.__version__)}, 0.7 GB installed\)",
+                     capsys.readouterr().out)
+    assert check_env.torch_installed_size() > 0.1  # the torch installed here, from its RECORD
+
+
+def test_check_env_refuses_a_relative_path_variable_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMFS_DATA_MIRROR", "shared/data")
+    assert load_check_env().main([]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\[FAIL\] LLMFS_DATA_MIRROR\s+shared/data is a relative path", out)
+    assert f"give an absolute path, e.g. LLMFS_DATA_MIRROR={tmp_path / 'shared' / 'data'}\n" in out
+    assert "All required checks passed" not in out

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ch03.attention import MultiHeadAttention
 from ch04.gpt import GPTModel
 from llmfs.checkpoint import CheckpointFileError, check_model_config, check_state_dict, read_config_json
+from llmfs.download import HubUnavailable, from_hub
 from llmfs.errors import InvalidInput, UserError
 
 LLAMA32_CONFIG_1B = {
@@ -483,8 +484,11 @@ HF_ALLOW_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", 
 def resolve_model_dir(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local model folder for `spec`: the folder itself, or a Hub id ("Qwen/Qwen3-0.6B") downloaded
     with `huggingface_hub` into its cache (HF_ENDPOINT picks a mirror; HF_HUB_OFFLINE=1 uses only the cache).
+
+    No wait lasts longer than `llmfs.download.NETWORK_WAIT_S` without data (the listing included); an
+    endpoint that cannot be reached or stalls leaves the local cache, or LLMUnavailable in one line.
     """
-    from ch05.gpt_download import _endpoint, _endpoint_reachable, _offline
+    from ch05.gpt_download import _endpoint, _offline
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -493,28 +497,18 @@ def resolve_model_dir(spec: str | os.PathLike, cache_dir: str | os.PathLike | No
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or "\\" in text:
         raise FileNotFoundError(f"no model folder at {text} (expected a folder with config.json, *.safetensors "
                                 "and tokenizer.json, or a Hugging Face Hub id such as Qwen/Qwen3-0.6B)")
-    from huggingface_hub import snapshot_download
+    import huggingface_hub
 
-    endpoint, offline = _endpoint(), _offline()
-    local_only = offline or not _endpoint_reachable(endpoint)
     try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=HF_ALLOW_PATTERNS, cache_dir=cache_dir,
-                                      endpoint=endpoint, local_files_only=local_only))
-    except Exception as exc:  # network, HTTP, gated repository, missing cache entry
-        if offline:
-            cause = "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache"
-        elif local_only:
-            cause = f"{endpoint} cannot be reached and it is not in the local Hugging Face cache"
-        else:
-            cause = f"downloading it from {endpoint} failed ({type(exc).__name__}: {exc})"
+        return Path(from_hub(huggingface_hub.snapshot_download, _endpoint(), _offline(), repo_id=text,
+                             allow_patterns=HF_ALLOW_PATTERNS, cache_dir=cache_dir))
+    except HubUnavailable as exc:  # network, HTTP, gated repository, missing cache entry
         raise LLMUnavailable(
-            f"model {text!r} is not available: {cause}\n"
-            "Ways to get it:\n"
-            "  - with internet access it downloads automatically; behind a firewall set HF_ENDPOINT to a mirror;\n"
-            "    gated models (Llama) need `huggingface-cli login` after accepting the licence on the Hub;\n"
-            "  - download it once on a connected machine and copy the Hugging Face cache (HF_HOME); with\n"
-            "    HF_HUB_OFFLINE=1 only that cache is used;\n"
-            "  - or pass a local folder with config.json, the *.safetensors files and tokenizer.json."
+            f"model {text!r} is not available: {exc}. Ways to get it: with internet access it downloads "
+            "automatically, and behind a firewall HF_ENDPOINT names a Hugging Face mirror; gated models (Llama) "
+            "need `huggingface-cli login` after accepting the licence on the Hub; offline, download it once on a "
+            "connected machine, copy its Hugging Face cache (HF_HOME) and set HF_HUB_OFFLINE=1 to use only that "
+            "cache; or pass a local folder with config.json, the *.safetensors files and tokenizer.json"
         ) from exc
 
 
