@@ -5,8 +5,6 @@ preference-pairs file (refused, left byte for byte as it was), a server that sta
 chapter 7's own Ollama-API server `ch07.serve` exists, a run against it."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ from test_ch07_ollama_evaluate import (  # noqa: F401 (fixtures: the proxy switc
     FakeOllama,
     _no_proxy_for_localhost,
     closed_port,
+    interrupt_real_run,
     stderr_lines,
 )
 
@@ -446,19 +445,9 @@ def test_ctrl_c_in_a_real_run(data_file, tmp_path):
     out = tmp_path / "pairs.jsonl"
     out.write_text(pair_line(0, "Kindly: 45 kilometers is 45000 meters."))  # from an earlier run
     with FakeOllama(["Sure: he goes home.", SILENT]) as fake:
-        proc = subprocess.Popen([sys.executable, "-m", "ch07.dpo.preference_data", "--data", str(data_file),
-                                 "--output", str(out), "--host", fake.host, "--no-progress"], cwd=REPO,
-                                env={**os.environ, "NO_PROXY": "127.0.0.1"}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 120
-            while len(fake.chat_requests) < 2 and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-    assert proc.returncode == 130, err
+        returncode, err = interrupt_real_run("ch07.dpo.preference_data", ["--data", str(data_file), "--output",
+                                                                          str(out)], fake, 2)
+    assert returncode == 130, err
     assert stderr_lines(err) == [f"interrupted: 1 new records (2 of 5 in all) are saved in {out}; run the same "
                                  "command again to continue"]
     assert out.read_text() == pair_line(0, "Kindly: 45 kilometers is 45000 meters.") + pair_line(1, "Sure: he goes home.")

@@ -686,23 +686,30 @@ def stderr_lines(err):
     return [line for line in err.splitlines() if line.strip() and not line.startswith("settings from the environment")]
 
 
+def interrupt_real_run(module: str, args: list[str], fake: FakeOllama, after_requests: int) -> tuple[int, str]:
+    """Run `python -m module args` against `fake`; once it has sent `after_requests` chat requests, press
+    Ctrl-C (SIGINT). Returns the exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args, "--host", fake.host, "--no-progress"], cwd=REPO,
+                            env={**os.environ, "NO_PROXY": "127.0.0.1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(fake.chat_requests) < after_requests and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 def test_ctrl_c_in_a_real_run(responses_file, tmp_path):
     """`python -m ch07.ollama_evaluate`, interrupted by SIGINT while the judge works on record 3."""
     scores = tmp_path / "scores.jsonl"
     with FakeOllama(["90", "Score: 8/10", SILENT]) as server:
-        proc = subprocess.Popen([sys.executable, "-m", "ch07.ollama_evaluate", "--file", str(responses_file),
-                                 "--host", server.host, "--scores", str(scores), "--no-progress"], cwd=REPO,
-                                env={**os.environ, "NO_PROXY": "127.0.0.1"}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 120
-            while len(server.chat_requests) < 3 and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-    assert proc.returncode == 130, err
+        returncode, err = interrupt_real_run("ch07.ollama_evaluate", ["--file", str(responses_file), "--scores",
+                                                                      str(scores)], server, 3)
+    assert returncode == 130, err
     assert stderr_lines(err) == [f"interrupted: 2 of 4 scores are saved in {scores}; run the same command again "
                                  "to continue"]
     assert scores.read_text() == score_line(0, 90) + score_line(1, 80)
