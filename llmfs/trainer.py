@@ -29,6 +29,7 @@ The chapter-5 run (`python -m ch05.gpt_train`) is `ch05.cli.pretrain`.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 from collections.abc import Callable
@@ -393,7 +394,7 @@ def train(
                 if not _all_finite([loss], device, everywhere=True):
                     bar.close()
                     value = loss.detach().float().item()
-                    what = (f"the training loss is {value}" if not torch.isfinite(torch.tensor(value))
+                    what = (f"the training loss is {value}" if not math.isfinite(value)
                             else "another process's training loss is not a finite number")
                     raise TrainingDiverged(what, global_step + 2, lr_now(), last_saved)
                 loss.backward()
