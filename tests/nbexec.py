@@ -4,11 +4,19 @@
     python tests/nbexec.py --full --save ch02/ch02.ipynb
 
 A failing cell raises NotebookFailed with the cell's source and traceback.
+
+`--save` also records, in the notebook's metadata (`llmfs`), the mode of the run and a digest of
+what produced the stored outputs: the code cells, and every project module the code cells import
+(a file under this repository, found from the import statements without importing anything).
+`tests/test_notebook_digests.py` recomputes it, so a commit that changes a cell or an imported
+module without re-running the notebook fails a fast test that names the notebook to re-run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -21,8 +29,61 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIRS = ("ch0*", "appendix-*")
 
 
+# Import names whose folder differs from the package name (see pyproject's package-dir).
+PACKAGE_DIRS = {"appendix_a": "appendix-A", "appendix_d": "appendix-D", "appendix_e": "appendix-E"}
+
+
 class NotebookFailed(AssertionError):
     pass
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def code_sources(nb: dict) -> list[str]:
+    """The source of every code cell, in order (what the digest covers of the notebook itself)."""
+    cells = nb["cells"] if isinstance(nb, dict) else nb.cells
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in cells if c["cell_type"] == "code"]
+
+
+def module_file(dotted: str) -> Path | None:
+    """The repository file of a project module (`ch05.gpt_train` -> ch05/gpt_train.py), else None."""
+    parts = dotted.split(".")
+    parts[0] = PACKAGE_DIRS.get(parts[0], parts[0])
+    base = REPO.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file() and ".venv" not in candidate.relative_to(REPO).parts:
+            return candidate
+    return None
+
+
+def imported_project_files(sources: list[str]) -> list[Path]:
+    """Project files named by the import statements of the code cells (magics skipped)."""
+    found: set[Path] = set()
+    for src in sources:
+        lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n")]
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from ch05 import gpt_train` imports the package and, when it names one, a submodule.
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                path = module_file(name)
+                if path is not None:
+                    found.add(path)
+    return sorted(found)
+
+
+def notebook_digest(nb: dict) -> dict:
+    """What the stored outputs depend on: the code cells and the project modules they import."""
+    sources = code_sources(nb)
+    code = _sha("\n\0\n".join(sources).encode("utf-8"))
+    modules = {p.relative_to(REPO).as_posix(): _sha(p.read_bytes().replace(b"\r\n", b"\n")) for p in imported_project_files(sources)}
+    return {"code": code, "modules": modules}
 
 
 def discover() -> list[Path]:
@@ -53,6 +114,7 @@ def execute(path: Path, quick: bool = True, save: bool = False, timeout: int = 9
         else:
             os.environ["LLMFS_QUICK"] = env_backup
     if save:
+        nb.metadata["llmfs"] = {"mode": "quick" if quick else "full", **notebook_digest(nb)}
         nbformat.write(nb, path)
     return nb
 
