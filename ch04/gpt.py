@@ -201,9 +201,16 @@ class GPTModelFast(GPTModel):
     that changes. Same outputs as `GPTModel` for the same weights (with each block's
     W_query/W_key/W_value stacked into `att.qkv` and `att.out_proj` as `att.proj`), and the
     same KV cache (`use_cache=True`, `reset_kv_cache()`).
+
+    Under the same seed it also starts from the book's `GPTModelFast` weights: the book builds
+    the fused layers directly, drawing the numbers `GPTModel` draws in the same order (without
+    Q/K/V biases, `qkv` holds exactly `GPTModel`'s W_query, W_key and W_value). Building
+    `GPTModel` first and then replacing attention would draw twice, so the weights are drawn
+    again from the generator's starting state, module by module in the book's order.
     """
 
     def __init__(self, cfg: dict):
+        start = torch.random.get_rng_state()
         super().__init__(cfg)
         for block in self.trf_blocks:
             block.att = PyTorchMultiHeadAttention(
@@ -214,6 +221,14 @@ class GPTModelFast(GPTModel):
                 qkv_bias=cfg["qkv_bias"],
                 context_length=cfg["context_length"],
             )
+        torch.random.set_rng_state(start)
+        # Registration order (tok_emb, pos_emb, each block's qkv, proj, feed-forward, ..., out_head)
+        # is the book's construction order; the replaced attention kept its place in each block.
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters") and next(module.parameters(False), None) is not None:
+                module.reset_parameters()
+        if cfg.get("tie_weights", False):  # as GPTModel: GPT-2's small start for the shared matrix
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
 
 
 def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:

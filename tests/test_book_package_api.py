@@ -173,10 +173,11 @@ def test_mha():
 
 # --- test_ch04.py ------------------------------------------------------------------------------------
 
-def test_GPTModel(tokenizer):
-    """Same seed, same initial weights as the book's GPTModel: the same ten greedy tokens."""
+@pytest.mark.parametrize("ModelClass", [GPTModel, GPTModelFast])
+def test_GPTModel(tokenizer, ModelClass):
+    """Same seed, same initial weights as the book's GPTModel and GPTModelFast: the same ten greedy tokens."""
     torch.manual_seed(123)
-    model = GPTModel(BOOK_GPT_CONFIG_124M)
+    model = ModelClass(BOOK_GPT_CONFIG_124M)
     model.eval()
     encoded_tensor = torch.tensor(tokenizer.encode("Hello, I am")).unsqueeze(0)
     out = generate_text_simple(model=model, idx=encoded_tensor, max_new_tokens=10,

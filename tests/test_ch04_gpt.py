@@ -347,6 +347,22 @@ def test_gpt_model_fast_equals_gpt_model_with_the_same_weights(qkv_bias):
     assert torch.equal(out, generate_text_simple(model, idx[:1, :3], 20, TINY["context_length"]))
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_gpt_model_fast_draws_the_book_weights_under_a_seed(tie):
+    """The book's GPTModelFast draws GPTModel's numbers in GPTModel's order: Q/K/V stacked."""
+    cfg = {**TINY, "tie_weights": tie}
+    torch.manual_seed(123)
+    model = GPTModel(cfg)
+    after_model = torch.rand(3)
+    torch.manual_seed(123)
+    fast = GPTModelFast(cfg)
+    assert torch.equal(torch.rand(3), after_model), "GPTModelFast draws more random numbers than the book's"
+    assert set(fast.state_dict()) == set(fast_state_from(model))
+    for key, value in fast_state_from(model).items():
+        assert torch.equal(fast.state_dict()[key], value), key
+    assert (fast.out_head.weight is fast.tok_emb.weight) == tie
+
+
 def test_gpt_model_fast_trains_and_generates_with_the_kv_cache():
     torch.manual_seed(123)
     fast = GPTModelFast({**TINY, "drop_rate": 0.1})
