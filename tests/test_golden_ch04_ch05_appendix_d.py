@@ -1,18 +1,16 @@
 """The stored outputs of the chapter 4, chapter 5 and appendix D notebooks print the book's numbers.
 
 Fast: nothing is executed; the outputs are read from the .ipynb JSON. The expected values are
-the book's printed ones (same inputs, same seeds). Chapter 5's training numbers exist only in a
-run at the book's full settings; if the stored outputs come from quick mode (the first code
-cell prints `quick mode: True`), only the numbers that do not depend on the mode are checked,
-and the test says so in its name.
+the book's printed ones (same inputs, same seeds). Chapter 5's and appendix D's training numbers
+exist only in a run at the book's full settings, so these notebooks must store a full-settings
+run (recorded by `tests/nbexec.py --save --full` in the notebook's metadata); a quick-mode store
+fails here instead of skipping the comparison.
 """
 
 from __future__ import annotations
 
 import json
 import re
-
-import pytest
 
 from nbexec import REPO
 
@@ -58,9 +56,11 @@ def stored_in_quick_mode(rel: str) -> bool:
     return match.group(1) == "True"
 
 
-def skip_if_quick(rel: str) -> None:
-    if stored_in_quick_mode(rel):
-        pytest.skip(f"{rel}: outputs stored from quick mode, which has no book numbers to compare")
+def require_full_run(rel: str) -> None:
+    """These notebooks exist to show the book's numbers: their stored outputs must be a full-settings run."""
+    recorded = json.loads((REPO / rel).read_text(encoding="utf-8"))["metadata"].get("llmfs", {}).get("mode")
+    assert recorded == "full" and not stored_in_quick_mode(rel), (
+        f"{rel}: the stored outputs are not a full-settings run; re-run: python tests/nbexec.py --save --full {rel}")
 
 
 def close(actual: list[float], expected: list[float], tol: float) -> bool:
@@ -147,7 +147,7 @@ def test_ch05_numbers_that_do_not_depend_on_the_mode():
 
 
 def test_ch05_full_run_untrained_model_and_losses():
-    skip_if_quick(CH05)
+    require_full_run(CH05)
     text = all_text(CH05)
     assert "Every effort moves you rentingetic wasnم refres RexMeCHicular stren" in text
     assert close(numbers_after(text, "Text 1: tensor(", 3), [7.4541e-05, 3.1061e-05, 1.1563e-05], 1e-8)
@@ -160,7 +160,7 @@ def test_ch05_full_run_untrained_model_and_losses():
 
 
 def test_ch05_full_run_training_log_and_samples():
-    skip_if_quick(CH05)
+    require_full_run(CH05)
     text = all_text(CH05)
     log = {int(step): (float(train), float(val)) for step, train, val in
            re.findall(r"Ep \d+ \(Step (\d+)\): Train loss (" + NUMBER + r"), Val loss (" + NUMBER + ")", text)}
@@ -183,11 +183,10 @@ APPENDIX_D = "appendix-D/appendix-D.ipynb"
 
 
 def test_appendix_d_schedule_and_run():
+    require_full_run(APPENDIX_D)
     text = all_text(APPENDIX_D)
-    quick = stored_in_quick_mode(APPENDIX_D)
-    if not quick:
-        # 9 batches per epoch, 15 epochs: 27 warm-up steps, as printed in the book.
-        assert "\n27\n" in f"\n{text}"
+    # 9 batches per epoch, 15 epochs: 27 warm-up steps, as printed in the book.
+    assert "\n27\n" in f"\n{text}"
     run = cell_with(APPENDIX_D, " steps in ")
     log = re.findall(r"Ep \d+ \(Iter (\d+)\): Train loss (" + NUMBER + r"), Val loss (" + NUMBER + ")", run)
     assert log, "the D.4 run prints its losses"
@@ -195,16 +194,16 @@ def test_appendix_d_schedule_and_run():
     assert steps == list(range(0, steps[-1] + 1, 5))
     assert float(log[-1][1]) < float(log[0][1])  # the run trains
     assert "same learning rates, and the same losses until step 2, the first step after warm-up" in text
-    if not quick:  # the book's run: 15 epochs of 9 steps, warm-up 27 steps, peak 0.001
-        losses = {int(s): (float(t), float(v)) for s, t, v in log}
-        assert steps[-1] == 130
-        book = {0: (10.934, 10.939), 5: (9.151, 9.461), 10: (7.949, 8.184), 15: (6.362, 6.876)}
-        for step, (train, val) in book.items():
-            assert abs(losses[step][0] - train) <= 0.005 and abs(losses[step][1] - val) <= 0.005, (step, losses[step])
-        # The notebook's book listing clips as printed (`global_step > warmup_steps`), so its log ends
-        # where the book's does (ours, with `>=`, ends at 0.035 / 6.937).
-        assert losses[130] == (0.041, 6.915), losses[130]
-        assert "final train loss 0.041, val loss 6.915" in text
+    # The book's run: 15 epochs of 9 steps, warm-up 27 steps, peak 0.001.
+    losses = {int(s): (float(t), float(v)) for s, t, v in log}
+    assert steps[-1] == 130
+    book = {0: (10.934, 10.939), 5: (9.151, 9.461), 10: (7.949, 8.184), 15: (6.362, 6.876)}
+    for step, (train, val) in book.items():
+        assert abs(losses[step][0] - train) <= 0.005 and abs(losses[step][1] - val) <= 0.005, (step, losses[step])
+    # The notebook's book listing clips as printed (`global_step > warmup_steps`), so its log ends
+    # where the book's does (ours, with `>=`, ends at 0.035 / 6.937).
+    assert losses[130] == (0.041, 6.915), losses[130]
+    assert "final train loss 0.041, val loss 6.915" in text
 
 
 def test_ch05_exercise_5_1_sampling_frequencies():

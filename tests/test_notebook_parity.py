@@ -124,3 +124,34 @@ def test_the_check_can_fail(tmp_path):
     b = ast.parse('def f(x):\n    """other doc"""\n    return x + 1\n').body[0]
     c = ast.parse("def f(x):\n    return x + 2\n").body[0]
     assert normalized(a) == normalized(b) != normalized(c)
+
+
+def private_imports(sources: list[str]) -> list[str]:
+    """Underscore names a notebook imports (`from m import _x`, `import m._x`); dunders aside."""
+    found = []
+    for src in sources:
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                module, names = "", [alias.name for alias in node.names]
+            else:
+                continue
+            for dotted in [module, *names]:
+                if any(part.startswith("_") and not part.startswith("__") for part in dotted.split(".") if part):
+                    found.append(f"{module}: {dotted}" if module and dotted != module else dotted)
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[str(p.relative_to(REPO)) for p in NOTEBOOKS])
+def test_notebooks_import_no_private_names(path):
+    """A reader never needs an underscore name: what a notebook uses is public API."""
+    found = private_imports(code_cells(path))
+    assert not found, f"{path.relative_to(REPO)} imports private names: {found}"
+
+
+def test_private_imports_are_found():
+    assert private_imports(["from ch07.gpt_instruction_finetuning import _split_item, format_input\n"
+                            "import torch._dynamo\nfrom __future__ import annotations\nimport os"]) == [
+        "ch07.gpt_instruction_finetuning: _split_item", "torch._dynamo"]
