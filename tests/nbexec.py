@@ -6,8 +6,9 @@
 A failing cell raises NotebookFailed with the cell's source and traceback.
 
 `--save` also records, in the notebook's metadata (`llmfs`), the mode of the run and a digest of
-what produced the stored outputs: the code cells, and every project module the code cells import
-(a file under this repository, found from the import statements without importing anything).
+what produced the stored outputs: the code cells, every project module the code cells import
+(a file under this repository, found from the import statements without importing anything) and
+every project script they name in a string (`DDP-script.py`, which appendix A runs).
 `tests/test_notebook_digests.py` recomputes it, so a commit that changes a cell or an imported
 module without re-running the notebook fails a fast test that names the notebook to re-run.
 """
@@ -78,11 +79,30 @@ def imported_project_files(sources: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def notebook_digest(nb: dict) -> dict:
-    """What the stored outputs depend on: the code cells and the project modules they import."""
+def named_project_scripts(sources: list[str], folder: Path) -> list[Path]:
+    """Python files of the project a code cell names in a string (e.g. `Path("DDP-script.py")`, run or
+    printed by the notebook), relative to the notebook's folder."""
+    found: set[Path] = set()
+    for src in sources:
+        lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n")]
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py") \
+                    and "\n" not in node.value:
+                path = (folder / node.value).resolve()
+                if path.is_file() and REPO in path.parents:
+                    found.add(path)
+    return sorted(found)
+
+
+def notebook_digest(nb: dict, folder: Path | None = None) -> dict:
+    """What the stored outputs depend on: the code cells, the project modules they import and the
+    project scripts they name (`folder`: the notebook's folder, where such names are looked up)."""
     sources = code_sources(nb)
     code = _sha("\n\0\n".join(sources).encode("utf-8"))
-    modules = {p.relative_to(REPO).as_posix(): _sha(p.read_bytes().replace(b"\r\n", b"\n")) for p in imported_project_files(sources)}
+    files = set(imported_project_files(sources))
+    if folder is not None:
+        files |= set(named_project_scripts(sources, Path(folder)))
+    modules = {p.relative_to(REPO).as_posix(): _sha(p.read_bytes().replace(b"\r\n", b"\n")) for p in sorted(files)}
     return {"code": code, "modules": modules}
 
 
@@ -114,7 +134,7 @@ def execute(path: Path, quick: bool = True, save: bool = False, timeout: int = 9
         else:
             os.environ["LLMFS_QUICK"] = env_backup
     if save:
-        nb.metadata["llmfs"] = {"mode": "quick" if quick else "full", **notebook_digest(nb)}
+        nb.metadata["llmfs"] = {"mode": "quick" if quick else "full", **notebook_digest(nb, path.parent)}
         nbformat.write(nb, path)
     return nb
 

@@ -28,7 +28,7 @@ def test_stored_outputs_come_from_the_current_code(path):
     stored = nb["metadata"].get("llmfs")
     assert stored and stored.get("mode") in ("quick", "full"), \
         f"{rel} has no record of the run that stored its outputs; run: {rerun_command(rel, 'quick or --full')}"
-    now = notebook_digest(nb)
+    now = notebook_digest(nb, path.parent)
     changed = []
     if stored.get("code") != now["code"]:
         changed.append("its code cells")
@@ -65,3 +65,5 @@ def test_the_digest_sees_cells_and_imported_modules():
     assert notebook_digest(nb)["code"] == notebook_digest({"cells": nb["cells"][1:]})["code"]
     assert [p.relative_to(REPO).as_posix() for p in imported_project_files(["import appendix_a"])] \
         == ["appendix-A/__init__.py"]
+    run_script = {"cells": [{"cell_type": "code", "source": 'script = Path("DDP-script.py")\nx = "no-such.py"'}]}
+    assert list(notebook_digest(run_script, REPO / "appendix-A")["modules"]) == ["appendix-A/DDP-script.py"]
