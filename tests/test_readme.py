@@ -293,3 +293,19 @@ def test_the_readme_table_and_the_commands_list_agree(readme):
     listed = {name.upper() for var in environment_variables() for name in (var.name, *var.also)}
     missing = sorted(listed - documented_variables(readme))  # the table writes http_proxy as HTTP_PROXY
     assert not missing, f"{readme.name}'s environment-variable table lacks {missing}"
+
+
+def test_screenshots_come_from_documented_commands():
+    """tests/screenshots.py runs the README's own commands, and both READMEs show its pictures
+    with the command that produced each model."""
+    import screenshots
+
+    commands = {"python -m " + " ".join(args) for args in screenshots.TRAIN.values()}
+    for readme in (REPO / "README.md", REPO / "README.zh-CN.md"):
+        text = read(readme)
+        blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S))
+        if readme.name == "README.md":
+            assert all(c in blocks for c in commands), "the screenshot tool trains with commands the README documents"
+        for chapter in screenshots.TRAIN:
+            assert f"docs/screenshots/{chapter}-app.png" in text and (REPO / f"docs/screenshots/{chapter}-app.png").is_file()
+        assert all(f"`{c}`" in text for c in commands), f"{readme.name}: each caption names the command behind its model"
