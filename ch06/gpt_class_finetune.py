@@ -4,8 +4,9 @@ Sections 6.2-6.3, the data: `download_and_unzip_spam_data` (listing 6.1, through
 data helper), `create_balanced_dataset` and `random_split` (the 70/10/20 split written to CSV
 files), `SpamDataset` (right padding, truncation, validated input) and the three data loaders.
 Sections 6.5-6.8, the classifier: the classification head (`prepare_classifier`), the loss and
-accuracy (`calc_loss_batch`, `calc_loss_loader`, `calc_accuracy_loader`), `evaluate_model`, the
-training loop `train_classifier_simple`, `plot_values` and `classify_review`. The chapter's run as
+accuracy (`calc_loss_batch`, `calc_loss_loader`, `calc_accuracy_loader`), `evaluate_model` (chapter 5's
+code, written out again as in the book), the training loop `train_classifier_simple`, `plot_values` and
+`classify_review`. The chapter's run as
 a script (`python -m ch06.gpt_class_finetune`) is `ch06.cli`, which trains with the project's
 training layer (`llmfs.trainer`).
 
@@ -27,9 +28,6 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ch04.gpt import REQUIRED_KEYS, GPTModel
-from ch05.gpt_train import calc_loss_loader as _ch05_calc_loss_loader
-from ch05.gpt_train import evaluate_model as _ch05_evaluate_model
-from ch05.gpt_train import plot_losses
 from llmfs.atomic import atomic_path, atomic_write
 from llmfs.download import get_data_file
 from llmfs.errors import InvalidInput
@@ -111,16 +109,20 @@ def download_and_unzip_spam_data(url: str, zip_path: str | Path, extracted_path:
     """The book's listing 6.1: put the SMS Spam Collection at `data_file_path` (e.g. a .tsv name).
 
     Same signature and messages as the book. The file comes through `llmfs.download.get_data_file`
-    (the offline mirror, the cache, else a download from `url`, checked by sha256), which
-    unpacks the archive itself, so no zip file is left at `zip_path`; `extracted_path` is
-    created as in the book.
+    (the offline mirror $LLMFS_DATA_MIRROR, the cache, else a download from `url`, checked by
+    sha256), which unpacks the archive itself, so no zip file is left at `zip_path`;
+    `extracted_path` is created as in the book.
     """
-    data_file_path = Path(data_file_path)
+    data_file_path = Path(data_file_path)  # New: a str path works too (the book's needs a Path)
     if data_file_path.exists():
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return
+
+    # New: downloading and unzipping in one step, offline first and verified
     source = get_data_file(SPAM_FILE, url=url)
     Path(extracted_path).mkdir(parents=True, exist_ok=True)
+
+    # Add .tsv file extension (New: by writing a copy under that name, atomically)
     with atomic_write(data_file_path, "wb") as f:
         f.write(source.read_bytes())
     print(f"File downloaded and saved as {data_file_path}")
@@ -322,14 +324,34 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     return loss
 
 
-# The book writes chapter 5's loss-over-batches loop and evaluation out again here; they are the
-# same code with this chapter's calc_loss_batch, so they are chapter 5's functions, given it.
+# The book writes chapter 5's loss over a loader and evaluation out again here, so that they call
+# this chapter's calc_loss_batch; the code is chapter 5's.
 def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None) -> float:
-    return _ch05_calc_loss_loader(data_loader, model, device, num_batches, calc_loss_batch)
+    total_loss = 0.
+    if len(data_loader) == 0:
+        return float("nan")
+    elif num_batches is None:
+        num_batches = len(data_loader)
+    else:
+        # Reduce the number of batches to match the total number of batches in the data loader
+        # if num_batches exceeds the number of batches in the data loader
+        num_batches = min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i < num_batches:
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            total_loss += loss.item()
+        else:
+            break
+    return total_loss / num_batches
 
 
 def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:
-    return _ch05_evaluate_model(model, train_loader, val_loader, device, eval_iter, calc_loss_batch)
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
 
 
 # --- 6.7 Fine-tuning the model on supervised data ----------------------------------------------------
@@ -374,23 +396,32 @@ def train_classifier_simple(model: nn.Module, train_loader, val_loader, optimize
 
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label: str = "loss",
                 path: str | Path | None = None):
-    """Training and validation curves against epochs (bottom) and examples seen (top axis).
+    """Training and validation curves against epochs (bottom axis) and examples seen (top axis).
 
-    Chapter 5's loss plot with the labels changed to `label` and "Examples seen".
+    Returns the figure; with `path` it is also saved there (atomically) and closed.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # New: imported on use, so importing this module stays light
 
-    fig = plot_losses(epochs_seen, examples_seen, train_values, val_values, path=None)
-    ax1, ax2 = fig.axes
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+
+    # Plot training and validation loss against epochs
+    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
-    ax1.legend([f"Training {label}", f"Validation {label}"], loc="best")
+    ax1.legend()
+
+    # Create a second x-axis for examples seen
+    ax2 = ax1.twiny()  # Create a second x-axis that shares the same y-axis
+    ax2.plot(examples_seen, train_values, alpha=0)  # Invisible plot for aligning ticks
     ax2.set_xlabel("Examples seen")
-    fig.tight_layout()
-    if path is not None:
+
+    fig.tight_layout()  # Adjust layout to make room
+    if path is not None:  # New: saved only when asked, where asked (the book writes f"{label}-plot.pdf")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
         plt.close(fig)
-    return fig
+    return fig  # New: the caller shows or saves it (the book calls plt.show())
 
 # --- 6.8 Using the LLM as a spam classifier ------------------------------------------------------------
 

@@ -57,7 +57,8 @@ PROMPT_STYLES = ("alpaca", "phi3")
 RESPONSE_HEADERS = {"alpaca": "### Response:", "phi3": "<|assistant|>"}
 
 
-def _check_style(style: str) -> None:
+def check_style(style: str) -> None:
+    """Raise a ValueError naming the choices unless `style` is one of PROMPT_STYLES."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; choose one of {PROMPT_STYLES}")
 
@@ -81,7 +82,7 @@ def format_input(entry: dict, style: str = "alpaca") -> str:
         <instruction>
         <input>
     """
-    _check_style(style)
+    check_style(style)
     extra = entry.get("input") or ""
     if style == "phi3":
         return f"<|user|>\n{entry['instruction']}" + (f"\n{extra}" if extra else "")
@@ -91,7 +92,7 @@ def format_input(entry: dict, style: str = "alpaca") -> str:
 
 def format_response(entry: dict, style: str = "alpaca") -> str:
     """The answer part that follows `format_input(entry)` in a training example."""
-    _check_style(style)
+    check_style(style)
     if style == "phi3":
         return f"\n{RESPONSE_HEADERS['phi3']}\n{entry['output']}"
     return f"\n\n{RESPONSE_HEADERS['alpaca']}\n{entry['output']}"
@@ -145,7 +146,7 @@ class InstructionDataset(Dataset):
     """
 
     def __init__(self, data: list[dict], tokenizer, mask_instructions: bool = False, style: str = "alpaca"):
-        _check_style(style)
+        check_style(style)
         self.data = data
         self.mask_instructions = mask_instructions
         self.encoded_texts: list[list[int]] = []
@@ -165,7 +166,7 @@ class InstructionDataset(Dataset):
         return len(self.encoded_texts)
 
 
-def _split_item(item) -> tuple[list[int], int | None]:
+def split_item(item) -> tuple[list[int], int | None]:
     """An item is a token-id sequence, or a pair (token ids, prompt length)."""
     if isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], int) \
             and isinstance(item[1], int):
@@ -198,7 +199,7 @@ def custom_collate_fn(
     """
     if len(batch) == 0:
         raise ValueError("custom_collate_fn got an empty batch")
-    items = [_split_item(item) for item in batch]
+    items = [split_item(item) for item in batch]
     batch_max_length = max(len(ids) + 1 for ids, _ in items)  # +1: the end-of-text token
 
     inputs_lst, targets_lst = [], []
@@ -325,7 +326,7 @@ def extract_response(generated_text: str, input_text: str, style: str = "alpaca"
     Drops the prompt, the response header ("### Response:", also when repeated) and
     everything from the first <|endoftext|> on, and strips surrounding whitespace.
     """
-    _check_style(style)
+    check_style(style)
     text = generated_text[len(input_text):] if generated_text.startswith(input_text) else generated_text
     text = text.split("<|endoftext|>", 1)[0].strip()
     header = RESPONSE_HEADERS[style]

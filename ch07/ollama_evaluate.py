@@ -147,10 +147,13 @@ def short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def _answered(resp: requests.Response) -> str:
-    """What a server sent back, on one short line (for error messages)."""
-    text = " ".join(resp.text.split())
-    return f"HTTP {resp.status_code}" + (f": {text[:120]}" if text else " with an empty body")
+def describe_reply(resp: requests.Response) -> str:
+    """What a server sent back, on one short line, for error messages: "HTTP 404: <body>".
+
+    Trailing punctuation of the body is dropped, so the message around it can go on with its own.
+    """
+    text = " ".join(resp.text.split())[:120].rstrip(" .,;:")
+    return f"HTTP {resp.status_code}" + (f": {text}" if text else " with an empty body")
 
 
 def _get_json(url: str, timeout: float, model: str, what: str) -> dict:
@@ -161,15 +164,15 @@ def _get_json(url: str, timeout: float, model: str, what: str) -> dict:
         raise OllamaUnavailable(f"No Ollama server answers at {url} ({short_reason(exc)}).\n"
                                 + _start_advice(model)) from None
     if resp.status_code != 200:
-        raise OllamaUnavailable(f"{url} answered {_answered(resp)}; is an Ollama server running there? "
+        raise OllamaUnavailable(f"{url} answered {describe_reply(resp)}. Is an Ollama server running there? "
                                 + _start_advice(model))
     try:
         body = resp.json()
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        raise OllamaUnavailable(f"{url} answered {_answered(resp)}, not Ollama's JSON object with {what}; "
-                                "is --host / OLLAMA_HOST an Ollama server?")
+        raise OllamaUnavailable(f"{url} answered {describe_reply(resp)}, not Ollama's JSON object with {what}. "
+                                "Is --host / OLLAMA_HOST an Ollama server?")
     return body
 
 
@@ -240,7 +243,7 @@ def query_model(prompt: str, model: str = DEFAULT_MODEL, url: str | None = None,
     except ValueError:
         body = None
     if resp.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("message"), dict):
-        detail = body.get("error") if isinstance(body, dict) and body.get("error") else _answered(resp)
+        detail = body.get("error") if isinstance(body, dict) and body.get("error") else describe_reply(resp)
         raise OllamaUnavailable(f"{url} answered HTTP {resp.status_code} without a chat message: "
                                 f"{' '.join(str(detail).split())[:200]}")
     return str(body["message"].get("content") or "")
@@ -407,7 +410,7 @@ def generate_model_scores(json_data: list[dict], json_key: str = "model_response
     done, log = {}, None
     if scores_path is not None:
         done = read_scores(scores_path, json_data, json_key, model)
-        log = open_jsonl_output(scores_path, "--scores", "scores", _score_row_problem)[1]
+        log = open_jsonl_output(scores_path, "--scores", "scores", score_row_problem)[1]
     scores = []
     try:
         for i, entry in enumerate(tqdm(json_data, desc="Scoring entries", unit="entry", disable=not progress,
@@ -418,7 +421,7 @@ def generate_model_scores(json_data: list[dict], json_key: str = "model_response
             score = score_entry(entry, json_key, model, host, options, timeout)
             scores.append(score)
             if log is not None:
-                append_jsonl(log, {"index": i, "record": _record_id(entry, json_key), "model": model,
+                append_jsonl(log, {"index": i, "record": record_id(entry, json_key), "model": model,
                                    "score": score})
     finally:
         if log is not None:
@@ -426,7 +429,7 @@ def generate_model_scores(json_data: list[dict], json_key: str = "model_response
     return scores
 
 
-def _record_id(entry: dict, json_key: str) -> str:
+def record_id(entry: dict, json_key: str) -> str:
     """A short fingerprint of what the judge is asked about one record."""
     text = json.dumps([entry.get("instruction"), entry.get("input"), entry.get("output"), entry.get(json_key)])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -441,7 +444,7 @@ def default_scores_path(responses: str | os.PathLike, model: str = DEFAULT_MODEL
 SCORE_KEYS = ("index", "record", "model", "score")
 
 
-def _score_row_problem(row: dict) -> str | None:
+def score_row_problem(row: dict) -> str | None:
     """Why `row` is not a line `generate_model_scores` writes (None: it is one)."""
     missing = [key for key in SCORE_KEYS if key not in row]
     if missing:
@@ -464,9 +467,9 @@ def read_scores(path: str | os.PathLike, json_data: list[dict], json_key: str, m
     so do scores of other responses or another judge: the file belongs to another run.
     """
     done = {}
-    for n, row in read_jsonl_output(path, "--scores", "scores", _score_row_problem).records:
+    for n, row in read_jsonl_output(path, "--scores", "scores", score_row_problem).records:
         i = row["index"]
-        if row["model"] != model or not i < len(json_data) or row["record"] != _record_id(json_data[i], json_key):
+        if row["model"] != model or not i < len(json_data) or row["record"] != record_id(json_data[i], json_key):
             raise InvalidInput(f"{path} holds scores of other responses or another judge (line {n}); delete it "
                                "or choose another --scores file")
         done[i] = row["score"]

@@ -510,7 +510,7 @@ def test_odd_version_replies_say_what_the_server_answered(version, expected, res
 
 def score_line(i, score, model="llama3"):
     """The line `generate_model_scores` writes for record i of ENTRIES."""
-    return json.dumps({"index": i, "record": ev._record_id(ENTRIES[i], "model_response"), "model": model,
+    return json.dumps({"index": i, "record": ev.record_id(ENTRIES[i], "model_response"), "model": model,
                        "score": score}) + "\n"
 
 
