@@ -5,7 +5,7 @@ data helper), `create_balanced_dataset` and `random_split` (the 70/10/20 split w
 files), `SpamDataset` (right padding, truncation, validated input) and the three data loaders.
 Sections 6.5-6.8, the classifier: the classification head (`prepare_classifier`), the loss and
 accuracy (`calc_loss_batch`, `calc_loss_loader`, `calc_accuracy_loader`), `evaluate_model` (chapter 5's
-code, written out again as in the book), the training loop `train_classifier_simple`, `plot_values` and
+functions, given this chapter's loss), the training loop `train_classifier_simple`, `plot_values` and
 `classify_review`. The chapter's run as
 a script (`python -m ch06.gpt_class_finetune`) is `ch06.cli`, which trains with the project's
 training layer (`llmfs.trainer`).
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+import ch05.gpt_train
 from ch04.gpt import REQUIRED_KEYS, GPTModel
 from llmfs.atomic import atomic_path, atomic_write
 from llmfs.download import get_data_file
@@ -325,33 +326,16 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
 
 
 # The book writes chapter 5's loss over a loader and evaluation out again here, so that they call
-# this chapter's calc_loss_batch; the code is chapter 5's.
+# this chapter's calc_loss_batch (the notebook shows that copy). Ours hands this chapter's
+# calc_loss_batch to chapter 5's functions, so the loop exists once.
 def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None) -> float:
-    total_loss = 0.
-    if len(data_loader) == 0:
-        return float("nan")
-    elif num_batches is None:
-        num_batches = len(data_loader)
-    else:
-        # Reduce the number of batches to match the total number of batches in the data loader
-        # if num_batches exceeds the number of batches in the data loader
-        num_batches = min(num_batches, len(data_loader))
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i < num_batches:
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            total_loss += loss.item()
-        else:
-            break
-    return total_loss / num_batches
+    # New: chapter 5's code, given this chapter's loss
+    return ch05.gpt_train.calc_loss_loader(data_loader, model, device, num_batches, calc_loss_batch)
 
 
 def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
+    # New: chapter 5's code, given this chapter's loss
+    return ch05.gpt_train.evaluate_model(model, train_loader, val_loader, device, eval_iter, calc_loss_batch)
 
 
 # --- 6.7 Fine-tuning the model on supervised data ----------------------------------------------------
