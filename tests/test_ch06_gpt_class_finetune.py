@@ -2,6 +2,8 @@
 last-real-token reading, loss and accuracy, the book's training loop (and chapter 5's training layer
 running it step for step), classify_review, saving/loading. Tiny models throughout."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -90,10 +92,36 @@ def test_classify_review_errors_and_truncation(tiny_classifier, tokenizer):
     assert classify_review(long_text, tiny_classifier, tokenizer, "cpu", max_length=1024) in {"spam", "not spam"}
 
 
+class ConstantClassifier(torch.nn.Module):
+    """Scores class `label` highest at every position, so its accuracy is the share of that label."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*in_idx.shape, 2)
+        logits[..., self.label] = 1.0
+        return logits
+
+
 def test_loss_and_accuracy_on_a_loader(splits, tokenizer, tiny_classifier):
     _, val_loader, _ = create_spam_loaders(splits, tokenizer, batch_size=8, max_length=TINY["context_length"])
-    acc = calc_accuracy_loader(val_loader, tiny_classifier, "cpu", num_batches=3)
-    assert 0.0 <= acc <= 1.0
+    first_four = list(itertools.islice(val_loader, 4))
+    labels = torch.cat([targets for _, targets in first_four])
+    spam_share = (labels == 1).float().mean().item()
+    all_labels = torch.cat([targets for _, targets in val_loader])
+    # The data make the checks below sharp: both classes present but not half and half (so reading
+    # argmin for argmax would show), and a different share than in the whole set (so would ignoring num_batches).
+    assert len(labels) == 32 and spam_share not in (0.0, 0.5, 1.0)
+    assert spam_share != pytest.approx((all_labels == 1).float().mean().item())
+    assert calc_accuracy_loader(val_loader, ConstantClassifier(1), "cpu", num_batches=4) == pytest.approx(spam_share)
+    assert calc_accuracy_loader(val_loader, ConstantClassifier(0), "cpu", num_batches=4) == pytest.approx(1 - spam_share)
+    # A real model: the share of the 32 messages whose argmax at the last real token is the label.
+    with torch.no_grad():
+        predicted = torch.cat([last_token_logits(tiny_classifier, inputs).argmax(dim=-1) for inputs, _ in first_four])
+    acc = calc_accuracy_loader(val_loader, tiny_classifier, "cpu", num_batches=4)
+    assert acc == (predicted == labels).sum().item() / len(labels)
     inputs, targets = next(iter(val_loader))
     loss = calc_loss_batch(inputs, targets, tiny_classifier, "cpu")
     assert loss.shape == () and 0.1 < loss.item() < 3.0  # near ln 2 for an untrained 2-class head

@@ -96,7 +96,15 @@ def test_ch06_shows_the_books_reading_changes_predictions_with_padding(ch06):
     assert match and int(match.group(1)) > 0
     # Accuracies are printed three times (book's reading, ours, after training), each as a percentage.
     accuracies = [float(a) for a in re.findall(r"^Test accuracy: ([\d.]+)%$", ch06, re.M)]
-    assert len(accuracies) == 3 and all(0 <= a <= 100 for a in accuracies)
+    assert len(accuracies) == 3
+    # Each is a count of right answers over a known number of messages, printed with two decimals: the
+    # first two over num_batches=10 batches of 8, the last over the whole test set.
+    n_test = int(re.search(r"on (\d+) test messages", ch06).group(1))
+    for accuracy, n in zip(accuracies, (80, 80, n_test)):
+        correct = accuracy / 100 * n
+        assert abs(correct - round(correct)) <= 0.005 / 100 * n + 1e-9, (accuracy, n)
+    assert accuracies[2] > max(accuracies[:2])  # fine-tuning beats both readings of the untrained head
+    assert f"reloaded model, same test accuracy: {accuracies[2]:.2f}%" in ch06
 
 
 # --- chapter 7 ---------------------------------------------------------------------------------------
@@ -151,8 +159,13 @@ def test_appendix_e_loaders_are_the_books(appendix_e):
 
 
 def test_the_checks_can_fail():
-    """A wrong number in the outputs is caught."""
+    """A wrong number in the outputs is caught: a check above fails on doctored outputs, passes on the right ones."""
     with pytest.raises(AssertionError):
         number_after("Number of entries: 1100", "Test set length:")
-    assert number_after("Training set length: 935", "Training set length:") != 936
+    assert number_after("Training set length: 935", "Training set length:") == 935
+    assert number_after("Total trainable LoRA parameters: 2,666,528", "Total trainable LoRA parameters:") == 2_666_528
+    right = "Number of entries: 1100\nTraining set length: 935\nValidation set length: 55\nTest set length: 110\n"
+    test_ch07_data_and_split_are_the_books(right)
+    with pytest.raises(AssertionError):
+        test_ch07_data_and_split_are_the_books(right.replace("935", "936"))
     assert all_tensors("tensor([[1, 2],\n        [3, -100]])") == [[[1, 2], [3, -100]]]
