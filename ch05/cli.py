@@ -145,7 +145,8 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}, "
               f"perplexity {math.exp(val_losses[-1]):.1f}; {elapsed / 60:.1f} min")
     beside = "config.json, checkpoint.pth" + (" and loss.png" if train_losses else "")
-    print(f"wrote {output_dir / 'model.pth'}, {beside} in {output_dir.resolve()}")
+    # The folder as given (a notebook's relative outputs path stays relative, with no machine-specific prefix).
+    print(f"wrote {output_dir / 'model.pth'} and, beside it, {beside}")
     return out
 
 
