@@ -194,6 +194,9 @@ def test_appendix_d_schedule_and_run():
     assert steps == list(range(0, steps[-1] + 1, 5))
     assert float(log[-1][1]) < float(log[0][1])  # the run trains
     assert "same learning rates, and the same losses until step 2, the first step after warm-up" in text
+    # The two short runs' logs are each printed under a line saying whose they are.
+    short = cell_with(APPENDIX_D, "same learning rates")
+    assert short.index("Our train_model") < short.index("The book's train_model") < short.index("same learning")
     # The book's run: 15 epochs of 9 steps, warm-up 27 steps, peak 0.001.
     losses = {int(s): (float(t), float(v)) for s, t, v in log}
     assert steps[-1] == 130
@@ -201,7 +204,7 @@ def test_appendix_d_schedule_and_run():
     for step, (train, val) in book.items():
         assert abs(losses[step][0] - train) <= 0.005 and abs(losses[step][1] - val) <= 0.005, (step, losses[step])
     # The notebook's book listing clips as printed (`global_step > warmup_steps`), so its log ends
-    # where the book's does (ours, with `>=`, ends at 0.035 / 6.937).
+    # where the book's does.
     assert losses[130] == (0.041, 6.915), losses[130]
     assert "final train loss 0.041, val loss 6.915" in text
 
