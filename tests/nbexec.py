@@ -60,22 +60,27 @@ def module_file(dotted: str) -> Path | None:
     return None
 
 
-def imported_project_files(sources: list[str]) -> list[Path]:
-    """Project files named by the import statements of the code cells (magics skipped)."""
-    found: set[Path] = set()
+def cell_nodes(sources: list[str]):
+    """Every syntax node of the code cells (IPython magics and shell escapes are not Python: skipped)."""
     for src in sources:
         lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n")]
-        for node in ast.walk(ast.parse("\n".join(lines))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                # `from ch05 import gpt_train` imports the package and, when it names one, a submodule.
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            for name in names:
-                path = module_file(name)
-                if path is not None:
-                    found.add(path)
+        yield from ast.walk(ast.parse("\n".join(lines)))
+
+
+def imported_project_files(sources: list[str]) -> list[Path]:
+    """Project files named by the import statements of the code cells."""
+    found: set[Path] = set()
+    for node in cell_nodes(sources):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            # `from ch05 import gpt_train` imports the package and, when it names one, a submodule.
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            path = module_file(name)
+            if path is not None:
+                found.add(path)
     return sorted(found)
 
 
@@ -83,14 +88,12 @@ def named_project_scripts(sources: list[str], folder: Path) -> list[Path]:
     """Python files of the project a code cell names in a string (e.g. `Path("DDP-script.py")`, run or
     printed by the notebook), relative to the notebook's folder."""
     found: set[Path] = set()
-    for src in sources:
-        lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n")]
-        for node in ast.walk(ast.parse("\n".join(lines))):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py") \
-                    and "\n" not in node.value:
-                path = (folder / node.value).resolve()
-                if path.is_file() and REPO in path.parents:
-                    found.add(path)
+    for node in cell_nodes(sources):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py") \
+                and "\n" not in node.value:
+            path = (folder / node.value).resolve()
+            if path.is_file() and REPO in path.parents:
+                found.add(path)
     return sorted(found)
 
 
