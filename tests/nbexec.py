@@ -110,11 +110,15 @@ def notebook_digest(nb: dict, folder: Path | None = None) -> dict:
 
 
 def discover() -> list[Path]:
-    """Every notebook in the chapter and appendix folders (new ones are picked up automatically)."""
+    """Every notebook in the chapter and appendix folders (new ones are picked up automatically).
+
+    The Chinese twins (`*.zh-CN.ipynb`) are left out: their code and outputs are the English
+    notebook's (tests/translate_notebooks.py writes them, tests/test_translations.py proves it)."""
     found = []
     for pattern in NOTEBOOK_DIRS:
         for folder in sorted(REPO.glob(pattern)):
-            found += sorted(p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+            found += sorted(p for p in folder.rglob("*.ipynb")
+                            if ".ipynb_checkpoints" not in p.parts and not p.name.endswith(".zh-CN.ipynb"))
     return found
 
 

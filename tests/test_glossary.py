@@ -56,3 +56,58 @@ def test_the_glossary_check_finds_a_rejected_word():
     """The check can fail: a text with 令牌 for token is caught."""
     rejected = {word for _, _, words in edition_terms() for word in words}
     assert "令牌" in rejected and any(word in "每个令牌都有一个嵌入" for word in rejected)
+
+
+# The English words each term of the first table stands for, as they appear in running text.
+ENGLISH_FORMS = {
+    "token": r"\btokens?\b",
+    "tokenizer": r"\btokeni[sz]ers?\b",
+    "tokenization": r"\btokeni[sz](?:ation|e|es|ed|ing)\b",
+    "embedding": r"\bembeddings?\b",
+    "self-attention": r"\bself-attention\b",
+    "pretraining": r"\bpre-?train(?:s|ed|ing)?\b",
+    "fine-tuning": r"\bfine-?tun(?:e|es|ed|ing)\b",
+}
+
+
+def prose(markdown: str) -> str:
+    """The running text of a markdown cell: no code blocks, code spans, link targets or URLs."""
+    markdown = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    markdown = re.sub(r"`[^`]*`", " ", markdown)
+    markdown = re.sub(r"\]\([^)]*\)", "]", markdown)
+    return re.sub(r"https?://\S+", " ", markdown)
+
+
+def missing_terms(english: str, chinese: str) -> list[str]:
+    """The glossary terms the English cell uses whose Chinese term its translation lacks."""
+    chinese_terms = {english_term: chinese_term for english_term, chinese_term, _ in edition_terms()}
+    text = prose(english)
+    return [f"{term} -> {chinese_terms[term]}" for term, pattern in ENGLISH_FORMS.items()
+            if re.search(pattern, text, re.I) and chinese_terms[term] not in chinese]
+
+
+def test_every_edition_term_has_its_english_forms():
+    assert {english for english, _, _ in edition_terms()} == set(ENGLISH_FORMS)
+
+
+def test_translated_cells_use_the_editions_term_for_each_term_they_translate():
+    """Where an English notebook cell says "token", its Chinese twin says 词元 (and so on for each term)."""
+    found = []
+    for nb in sorted(REPO.rglob("*.zh-CN.ipynb")):
+        if {".venv", ".ci-venv"} & set(nb.relative_to(REPO).parts):
+            continue
+        english = nb.with_name(nb.name.replace(".zh-CN.ipynb", ".ipynb"))
+        en, zh = (json.loads(p.read_text(encoding="utf-8"))["cells"] for p in (english, nb))
+        for a, b in zip(en, zh):
+            if a["cell_type"] == "markdown":
+                lacking = missing_terms("".join(a["source"]), "".join(b["source"]))
+                if lacking:
+                    found.append(f"{nb.relative_to(REPO).as_posix()} cell {a.get('id')}: {', '.join(lacking)}")
+    assert not found, "translations without the edition's term:\n" + "\n".join(found)
+
+
+def test_the_term_check_finds_a_missing_term():
+    assert missing_terms("Each token has an embedding (`tok_emb`).", "每个词元都有一个嵌入。") == []
+    assert missing_terms("Each token has an embedding.", "每个单词都有一个向量。") == ["token -> 词元", "embedding -> 嵌入"]
+    assert missing_terms("We fine-tune the pretrained model; see `tokens`.", "我们微调这个预训练模型。") == []
+    assert missing_terms("The `tokenizer` object", "这个对象") == []
