@@ -173,3 +173,11 @@ def test_links_to_english_notebooks_point_to_their_twins():
         "见 [第 4 章](../ch04/ch04.zh-CN.ipynb#4.6) 和 [代码](gpt_train.py)"
     assert localize_links("[x](https://example.org/a.ipynb) [y](missing.ipynb)", folder) == \
         "[x](https://example.org/a.ipynb) [y](missing.ipynb)"
+
+
+def test_the_chinese_set_up_adds_jupyterlabs_language_pack():
+    lines = [line.strip() for line in (REPO / "requirements-zh.txt").read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "-r requirements.txt" and lines[1].startswith("jupyterlab-language-pack-zh-CN")
+    readme = (REPO / "README.zh-CN.md").read_text(encoding="utf-8")
+    assert "pip install -r requirements-zh.txt" in readme and "HF_ENDPOINT" in readme and "LLMFS_DATA_MIRROR" in readme
