@@ -17,9 +17,21 @@ from pathlib import Path
 import pytest
 
 from nbexec import REPO, discover
-from translate_notebooks import (COMMAND, Entry, catalogue_path, digest, english_notebooks, load_catalogue,
-                                 localize_links, parse_catalogue, problems, same_code, translate, translations,
-                                 twin_path)
+from translate_notebooks import (
+    COMMAND,
+    Entry,
+    catalogue_path,
+    digest,
+    english_notebooks,
+    load_catalogue,
+    localize_links,
+    parse_catalogue,
+    problems,
+    same_code,
+    translate,
+    translations,
+    twin_path,
+)
 
 ENGLISH = english_notebooks()
 IDS = [p.relative_to(REPO).as_posix() for p in ENGLISH]
