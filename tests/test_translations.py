@@ -23,6 +23,7 @@ from translate_notebooks import (
     catalogue_path,
     digest,
     english_notebooks,
+    join_cjk_lines,
     load_catalogue,
     localize_links,
     parse_catalogue,
@@ -193,3 +194,12 @@ def test_the_chinese_set_up_adds_jupyterlabs_language_pack():
     assert lines[0] == "-r requirements.txt" and lines[1].startswith("jupyterlab-language-pack-zh-CN")
     readme = (REPO / "README.zh-CN.md").read_text(encoding="utf-8")
     assert "pip install -r requirements-zh.txt" in readme and "HF_ENDPOINT" in readme and "LLMFS_DATA_MIRROR" in readme
+
+
+def test_chinese_lines_of_a_paragraph_are_joined_outside_code_blocks():
+    """A line break between two Chinese characters would render as a stray space."""
+    assert join_cjk_lines("第一行，\n第二行。\n\n新段落") == "第一行，第二行。\n\n新段落"
+    assert join_cjk_lines("使用 `x`\n和 y。\n- 列表\n- 项") == "使用 `x`\n和 y。\n- 列表\n- 项"
+    assert join_cjk_lines("噪声、\n4.4 节\n和 `x`，\n`y` 和\n`z`") == "噪声、4.4 节和 `x`，`y` 和\n`z`"
+    assert join_cjk_lines("- 第一项，\n  继续\n- 第二项") == "- 第一项，继续\n- 第二项"
+    assert join_cjk_lines("```text\n中\n文\n```\n中\n文") == "```text\n中\n文\n```\n中文"

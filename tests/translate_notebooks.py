@@ -188,6 +188,22 @@ def localize_links(text: str, folder: Path) -> str:
     return re.sub(r"\]\((?!https?:)([^)#\s]+\.ipynb)(#[^)\s]*)?\)", swap, text)
 
 
+CJK = r"\u3000-\u303f\u4e00-\u9fff\uff00-\uffef"
+CJK_PUNCT = r"\u3000-\u303f\uff00-\uffef"
+# A break between two Chinese characters, or next to full-width punctuation (which brings its own spacing),
+# unless the next line opens a block (list item, heading, table row, quote, code fence, HTML).
+SOFT_BREAK = rf"(?<=[{CJK}])\n[ \t]*(?=[{CJK}])|(?<=[{CJK_PUNCT}])\n[ \t]*(?=\S)(?![-*+] |\d+[.)] |#|\||>|```|<)|\n[ \t]*(?=[{CJK_PUNCT}])"
+
+
+def join_cjk_lines(text: str) -> str:
+    """Join a paragraph's lines where the break touches Chinese on both sides or full-width punctuation:
+    Markdown turns a line break into a space, which a browser shows between two Chinese characters.
+    Code blocks keep their lines."""
+    parts = re.split(r"(^```.*?^```[^\n]*$)", text, flags=re.M | re.S)
+    return "".join(part if part.startswith("```") else re.sub(SOFT_BREAK, "", part)
+                   for part in parts)
+
+
 def translate(english: Path) -> str:
     """The Chinese notebook's text; ValueError naming the cells when the catalogue is not current."""
     nb = json.loads(english.read_text(encoding="utf-8"))
@@ -201,7 +217,7 @@ def translate(english: Path) -> str:
     for cell in zh["cells"]:
         entry = entries.get(cell.get("id"))
         if entry is not None:
-            text = entry.text if entry.code else localize_links(entry.text, english.parent)
+            text = entry.text if entry.code else join_cjk_lines(localize_links(entry.text, english.parent))
             cell["source"] = text
     zh["metadata"]["llmfs_translation"] = {"language": LANG, "source": english.name}
     text = nbformat.writes(nbformat.from_dict(zh))
