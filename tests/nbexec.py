@@ -11,6 +11,8 @@ what produced the stored outputs: the code cells, every project module the code 
 every project script they name in a string (`DDP-script.py`, which appendix A runs).
 `tests/test_notebook_digests.py` recomputes it, so a commit that changes a cell or an imported
 module without re-running the notebook fails a fast test that names the notebook to re-run.
+It then rewrites the notebook's Chinese twin, whose outputs are the English notebook's
+(tests/translate_notebooks.py).
 """
 
 from __future__ import annotations
@@ -143,7 +145,20 @@ def execute(path: Path, quick: bool = True, save: bool = False, timeout: int = 9
     if save:
         nb.metadata["llmfs"] = {"mode": "quick" if quick else "full", **notebook_digest(nb, path.parent)}
         nbformat.write(nb, path)
+        refresh_translation(path)
     return nb
+
+
+def refresh_translation(path: Path) -> None:
+    """New outputs go into the Chinese twin too (its outputs are the English notebook's)."""
+    import translate_notebooks  # imports this module: imported here, not at the top
+
+    try:
+        text = translate_notebooks.translate(path)
+    except ValueError as exc:  # a changed cell waits for its translation: the tests say which
+        print(f"the Chinese twin was not rewritten: {exc}", file=sys.stderr)
+        return
+    translate_notebooks.twin_path(path).write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,3 +203,14 @@ def test_chinese_lines_of_a_paragraph_are_joined_outside_code_blocks():
     assert join_cjk_lines("噪声、\n4.4 节\n和 `x`，\n`y` 和\n`z`") == "噪声、4.4 节和 `x`，`y` 和\n`z`"
     assert join_cjk_lines("- 第一项，\n  继续\n- 第二项") == "- 第一项，继续\n- 第二项"
     assert join_cjk_lines("```text\n中\n文\n```\n中\n文") == "```text\n中\n文\n```\n中文"
+
+
+def test_saving_a_run_rewrites_the_chinese_twin(monkeypatch, tmp_path):
+    """`nbexec.py --save` stores new outputs; the twin takes them at once (here written to a temporary file)."""
+    import nbexec
+    import translate_notebooks
+
+    english = REPO / "ch04" / "exercise-solutions.ipynb"
+    monkeypatch.setattr(translate_notebooks, "twin_path", lambda path: tmp_path / "twin.ipynb")
+    nbexec.refresh_translation(english)
+    assert (tmp_path / "twin.ipynb").read_text(encoding="utf-8") == translate(english)
