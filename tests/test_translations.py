@@ -51,8 +51,8 @@ def test_every_english_notebook_has_a_current_chinese_twin(english):
     rel = english.relative_to(REPO).as_posix()
     found = problems(load(english), load_catalogue(english))
     assert not found, (f"{rel}: " + "; ".join(found) + f". Translate them in "
-                       f"{catalogue_path(english).relative_to(REPO).as_posix()} (`{COMMAND} --todo {rel}` adds "
-                       f"the missing entries), then run `{COMMAND}`")
+                       f"{catalogue_path(english).relative_to(REPO).as_posix()} (`{COMMAND} --todo {rel}` marks "
+                       f"each one `todo` there, with the text to translate), then run `{COMMAND}`")
     twin = twin_path(english)
     assert twin.exists(), f"{rel} has no Chinese twin; run `{COMMAND}`"
     assert twin.read_text(encoding="utf-8") == translate(english), \

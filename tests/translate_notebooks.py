@@ -212,7 +212,7 @@ def translate(english: Path) -> str:
     if found:
         raise ValueError(f"{rel(english)}: " + "; ".join(found) +
                          f" (translate them in {rel(catalogue_path(english))}; `{COMMAND} --todo {rel(english)}` "
-                         f"adds the missing entries)")
+                         f"marks each one `todo` there, with the text to translate)")
     zh = copy.deepcopy(nb)
     for cell in zh["cells"]:
         entry = entries.get(cell.get("id"))
