@@ -214,3 +214,22 @@ def test_saving_a_run_rewrites_the_chinese_twin(monkeypatch, tmp_path):
     monkeypatch.setattr(translate_notebooks, "twin_path", lambda path: tmp_path / "twin.ipynb")
     nbexec.refresh_translation(english)
     assert (tmp_path / "twin.ipynb").read_text(encoding="utf-8") == translate(english)
+
+
+def test_todo_marks_a_stale_entry_where_it_stands_and_appends_a_new_one(monkeypatch, tmp_path):
+    import translate_notebooks
+
+    nb, entries = sample()
+    nb["cells"][0]["source"] = "## 3.1 Attention\n\nTwo tokens."
+    nb["cells"].append({"cell_type": "markdown", "id": "m2", "metadata": {}, "source": "New text."})
+    english = tmp_path / "sample.ipynb"
+    english.write_text(json.dumps(nb), encoding="utf-8")
+    catalogue = tmp_path / "sample.md"
+    catalogue.write_text("# header\n\n" + "\n".join(translate_notebooks.format_entry(cid, e)
+                                                 for cid, e in entries.items()), encoding="utf-8")
+    monkeypatch.setattr(translate_notebooks, "catalogue_path", lambda path: catalogue)
+    assert translate_notebooks.add_todo(english) == 2
+    redone = parse_catalogue(catalogue.read_text(encoding="utf-8"))
+    assert list(redone) == ["m1", "c1", "m2"]  # the stale entry kept its place
+    assert redone["m1"] == Entry(digest("## 3.1 Attention\n\nTwo tokens."), False, True, "## 3.1 注意力\n\n一个词元。")
+    assert redone["c1"] == entries["c1"] and redone["m2"] == Entry(digest("New text."), False, True, "New text.")

@@ -248,13 +248,13 @@ def add_todo(english: Path, code: bool = False) -> int:
         else:
             wanted = cell["cell_type"] == "markdown"
         if wanted and (entry is None or entry.digest != digest(src)):
-            start = src
-            if entry is not None:  # stale: drop the old entry, keep its text as the starting point
+            if entry is None:  # new: appended
+                text = text.rstrip("\n") + "\n\n" + format_entry(cid, Entry(digest(src), is_code, True, src))
+            else:  # stale: replaced where it stands; a translation's old text is the starting point
                 old = MARKER.search(text, text.index(f"<!-- cell {cid} en "))
                 nxt = MARKER.search(text, old.end())
-                text = text[:old.start()] + text[nxt.start() if nxt else len(text):]
-                start = entry.text if not is_code else src
-            text = text.rstrip("\n") + "\n\n" + format_entry(cid, Entry(digest(src), is_code, True, start))
+                redo = format_entry(cid, Entry(digest(src), is_code, True, src if is_code else entry.text))
+                text = text[:old.start()] + redo + ("\n" + text[nxt.start():] if nxt else "")
             added += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
