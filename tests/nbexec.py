@@ -44,11 +44,20 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def cell_source(cell: dict) -> str:
+    """A cell's text (notebook JSON stores it as one string or as a list of lines)."""
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
 def code_sources(nb: dict) -> list[str]:
     """The source of every code cell, in order (what the digest covers of the notebook itself)."""
     cells = nb["cells"] if isinstance(nb, dict) else nb.cells
-    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-            for c in cells if c["cell_type"] == "code"]
+    return [cell_source(c) for c in cells if c["cell_type"] == "code"]
+
+
+def python_only(src: str) -> str:
+    """A code cell with its IPython magics and shell escapes blanked (they are not Python)."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n"))
 
 
 def module_file(dotted: str) -> Path | None:
@@ -65,8 +74,7 @@ def module_file(dotted: str) -> Path | None:
 def cell_nodes(sources: list[str]):
     """Every syntax node of the code cells (IPython magics and shell escapes are not Python: skipped)."""
     for src in sources:
-        lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n")]
-        yield from ast.walk(ast.parse("\n".join(lines)))
+        yield from ast.walk(ast.parse(python_only(src)))
 
 
 def imported_project_files(sources: list[str]) -> list[Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nbexec import REPO, discover
+from nbexec import REPO, code_sources, discover, python_only
 
 # Main notebook -> the listings it must build (the book's names).
 REQUIRED = {
@@ -41,14 +41,8 @@ PACKAGE_DIRS = {"appendix-A": "appendix_a", "appendix-D": "appendix_d", "appendi
 
 
 def code_cells(path: Path) -> list[str]:
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    cells = []
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            src = "".join(cell["source"])
-            # IPython magics and shell escapes are not Python.
-            cells.append("\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n")))
-    return cells
+    """The code cells as Python (IPython magics and shell escapes blanked)."""
+    return [python_only(src) for src in code_sources(json.loads(path.read_text(encoding="utf-8")))]
 
 
 def strip_docstrings(node: ast.AST) -> ast.AST:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from nbexec import REPO, discover
+from nbexec import REPO, cell_source, discover
 from translate_notebooks import (
     COMMAND,
     Entry,
-    catalogue_path,
     digest,
     english_notebooks,
     join_cjk_lines,
@@ -29,6 +28,7 @@ from translate_notebooks import (
     parse_catalogue,
     problems,
     same_code,
+    stale_message,
     translate,
     translations,
     twin_path,
@@ -42,17 +42,11 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def text(cell: dict) -> str:
-    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-
-
 @pytest.mark.parametrize("english", ENGLISH, ids=IDS)
 def test_every_english_notebook_has_a_current_chinese_twin(english):
     rel = english.relative_to(REPO).as_posix()
     found = problems(load(english), load_catalogue(english))
-    assert not found, (f"{rel}: " + "; ".join(found) + f". Translate them in "
-                       f"{catalogue_path(english).relative_to(REPO).as_posix()} (`{COMMAND} --todo {rel}` marks "
-                       f"each one `todo` there, with the text to translate), then run `{COMMAND}`")
+    assert not found, stale_message(english, found)
     twin = twin_path(english)
     assert twin.exists(), f"{rel} has no Chinese twin; run `{COMMAND}`"
     assert twin.read_text(encoding="utf-8") == translate(english), \
@@ -84,9 +78,9 @@ def test_the_chinese_twin_has_the_english_code_and_outputs(english):
     for a, b in zip(en["cells"], zh["cells"]):
         if a["cell_type"] == "code":
             assert b["outputs"] == a["outputs"] and b["execution_count"] == a["execution_count"], a["id"]
-            assert same_code(text(a), text(b)), f"cell {a['id']}: the code differs in more than its comments"
-        elif a["cell_type"] == "markdown" and re.search(r"[A-Za-z]{4}", text(a)):
-            assert re.search(r"[\u4e00-\u9fff]", text(b)), f"cell {a['id']} is not translated"
+            assert same_code(cell_source(a), cell_source(b)), f"cell {a['id']}: the code differs in more than its comments"
+        elif a["cell_type"] == "markdown" and re.search(r"[A-Za-z]{4}", cell_source(a)):
+            assert re.search(r"[\u4e00-\u9fff]", cell_source(b)), f"cell {a['id']} is not translated"
 
 
 def headings(markdown: str) -> list[tuple[int, str]]:
@@ -107,7 +101,7 @@ def test_headings_keep_their_level_and_the_books_section_numbers(english):
     for a, b in zip(en["cells"], zh["cells"]):
         if a["cell_type"] != "markdown":
             continue
-        ha, hb = headings(text(a)), headings(text(b))
+        ha, hb = headings(cell_source(a)), headings(cell_source(b))
         assert [lvl for lvl, _ in ha] == [lvl for lvl, _ in hb], f"cell {a['id']}: headings {ha} -> {hb}"
         for (_, ta), (_, tb) in zip(ha, hb):
             numbers = re.findall(r"(?<![\w.])[A-E]?\d+(?:\.\d+)*", ta)
@@ -132,8 +126,8 @@ def sample() -> tuple[dict, dict[str, Entry]]:
          "source": "x = 1  # one\n# add them\ny = x + 1"},
         {"cell_type": "code", "id": "c2", "metadata": {}, "execution_count": 2, "outputs": [], "source": "print(y)"},
     ], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    entries = {"m1": Entry(digest(text(nb["cells"][0])), False, False, "## 3.1 注意力\n\n一个词元。"),
-               "c1": Entry(digest(text(nb["cells"][1])), True, False, "x = 1  # 一\n# 把它们相加\ny = x + 1")}
+    entries = {"m1": Entry(digest(cell_source(nb["cells"][0])), False, False, "## 3.1 注意力\n\n一个词元。"),
+               "c1": Entry(digest(cell_source(nb["cells"][1])), True, False, "x = 1  # 一\n# 把它们相加\ny = x + 1")}
     return nb, entries
 
 

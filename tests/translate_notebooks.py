@@ -34,7 +34,7 @@ from pathlib import Path
 
 import nbformat
 
-from nbexec import REPO, discover
+from nbexec import REPO, cell_source, discover, python_only
 
 LANG = "zh-CN"
 CATALOGUES = REPO / "docs" / LANG
@@ -82,11 +82,6 @@ def rel(path: Path) -> str:
     return path.resolve().relative_to(REPO).as_posix()
 
 
-def source(cell: dict) -> str:
-    src = cell["source"]
-    return src if isinstance(src, str) else "".join(src)
-
-
 # ---------------------------------------------------------------- the catalogue
 
 def parse_catalogue(text: str) -> dict[str, Entry]:
@@ -128,16 +123,21 @@ def load_catalogue(english: Path) -> dict[str, Entry]:
 
 # ---------------------------------------------------------------- code cells: comments only
 
-def code_tokens(src: str) -> list[tuple[int, str]] | str:
-    """The code without its comments (and IPython magic lines), as tokens; the text if it does not tokenize."""
-    text = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n"))
-    magics = [line for line in src.split("\n") if line.lstrip().startswith(("%", "!"))]
+def tokens(src: str) -> list[tokenize.TokenInfo] | None:
+    """The Python tokens of a code cell (magics blanked); None when it does not tokenize."""
     try:
-        toks = tokenize.generate_tokens(io.StringIO(text + "\n").readline)
-        kept = [(t.type, t.string) for t in toks if t.type not in (tokenize.COMMENT, tokenize.NL)]
+        return list(tokenize.generate_tokens(io.StringIO(python_only(src) + "\n").readline))
     except (tokenize.TokenError, IndentationError, SyntaxError):
+        return None
+
+
+def code_tokens(src: str) -> list[tuple[int, str]] | str:
+    """The code without its comments, as tokens (magic lines kept as text); the text if it does not tokenize."""
+    toks = tokens(src)
+    if toks is None:
         return src
-    return [(0, m) for m in magics] + kept
+    magics = [(0, line) for line in src.split("\n") if line.lstrip().startswith(("%", "!"))]
+    return magics + [(t.type, t.string) for t in toks if t.type not in (tokenize.COMMENT, tokenize.NL)]
 
 
 def same_code(english: str, translated: str) -> bool:
@@ -152,7 +152,7 @@ def problems(english_nb: dict, entries: dict[str, Entry]) -> list[str]:
     found = []
     ids = [c.get("id") for c in english_nb["cells"]]
     for i, cell in enumerate(english_nb["cells"]):
-        cid, text = cell.get("id"), source(cell)
+        cid, text = cell.get("id"), cell_source(cell)
         first = text.strip().split("\n")[0][:60]
         where = f"cell {i} (id {cid}: {first!r})"
         if not cid or ids.count(cid) > 1:
@@ -204,15 +204,20 @@ def join_cjk_lines(text: str) -> str:
                    for part in parts)
 
 
+def stale_message(english: Path, found: list[str]) -> str:
+    """What is stale, and what to run (the command's error and the test's message)."""
+    return (f"{rel(english)}: " + "; ".join(found) + f". Translate them in {rel(catalogue_path(english))} "
+            f"(`{COMMAND} --todo {rel(english)}` marks each one `todo` there, with the text to translate), "
+            f"then run `{COMMAND}`")
+
+
 def translate(english: Path) -> str:
     """The Chinese notebook's text; ValueError naming the cells when the catalogue is not current."""
     nb = json.loads(english.read_text(encoding="utf-8"))
     entries = load_catalogue(english)
     found = problems(nb, entries)
     if found:
-        raise ValueError(f"{rel(english)}: " + "; ".join(found) +
-                         f" (translate them in {rel(catalogue_path(english))}; `{COMMAND} --todo {rel(english)}` "
-                         f"marks each one `todo` there, with the text to translate)")
+        raise ValueError(stale_message(english, found))
     zh = copy.deepcopy(nb)
     for cell in zh["cells"]:
         entry = entries.get(cell.get("id"))
@@ -225,10 +230,7 @@ def translate(english: Path) -> str:
 
 
 def has_comments(src: str) -> bool:
-    try:
-        return any(t.type == tokenize.COMMENT for t in tokenize.generate_tokens(io.StringIO(src + "\n").readline))
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return False
+    return any(t.type == tokenize.COMMENT for t in tokens(src) or [])
 
 
 def add_todo(english: Path, code: bool = False) -> int:
@@ -240,7 +242,7 @@ def add_todo(english: Path, code: bool = False) -> int:
     entries = parse_catalogue(text)
     added = 0
     for cell in nb["cells"]:
-        cid, src = cell.get("id"), source(cell)
+        cid, src = cell.get("id"), cell_source(cell)
         entry = entries.get(cid)
         is_code = cell["cell_type"] == "code"
         if is_code:
