@@ -1,0 +1,1 @@
+"""Chapter 3 bonus: efficient multi-head attention implementations (see mha-implementations.ipynb)."""
