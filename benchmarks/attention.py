@@ -1,6 +1,6 @@
 """Benchmark the multi-head attention implementations of ch03/mha at GPT-2 124M's sizes: time, peak memory, equality.
 
-    python -m benchmarks.attention            # d 768, 12 heads, batch 4 x 1,024 tokens (~4 minutes on 2 cores)
+    python -m benchmarks.attention            # d 768, 12 heads, batch 4 x 1,024 tokens (~1-4 minutes on 2 cores)
     python -m benchmarks.attention --quick    # tiny sizes: a smoke test of the harness (seconds)
 
 Every implementation of ch03/mha/mha_implementations.py, plus chapter 3's `MultiHeadAttention` with the book's

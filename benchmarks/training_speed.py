@@ -2,7 +2,7 @@
 performance trick added at a time (fused AdamW, SDPA attention, fused LayerNorm/GELU, tied weights, bf16
 autocast, the allocator setting, a larger batch, torch.compile), each rung measured the same way.
 
-    python -m benchmarks.training_speed            # GPT-2 124M, batch 2 x 256 (~5-10 minutes on 2 cores)
+    python -m benchmarks.training_speed            # GPT-2 124M, batch 2 x 256 (~3 minutes on 2 idle cores; --rounds 3: ~10)
     python -m benchmarks.training_speed --quick    # a tiny model: a smoke test of the harness (no compile)
     python -m benchmarks.training_speed --rungs 0,1,2
 
