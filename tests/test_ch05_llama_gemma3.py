@@ -173,3 +173,23 @@ def test_a_config_json_that_cannot_describe_gemma3_is_a_one_line_user_error(tmp_
     with pytest.raises(UserError, match=match) as info:
         load_gemma3(folder)
     assert "\n" not in str(info.value)
+
+
+def test_the_notebooks_stored_outputs_show_the_matches_it_claims():
+    """ch05/llama/gemma3.ipynb: every comparison with transformers printed True, the published sizes are the ones
+    Gemma3Model has, and switching off any Gemma part changed the logits."""
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).parents[1] / "ch05/llama/gemma3.ipynb").read_text(encoding="utf-8"))
+    text = {c["id"]: "".join("".join(o.get("text", "")) for o in c.get("outputs", [])) for c in nb["cells"]}
+    assert nb["metadata"]["llmfs"]["mode"] == "quick" and "quick mode: True" in text["gemma3-01"]
+    for cell, claims in (("gemma3-04", 2), ("gemma3-06", 1), ("gemma3-14", 2)):
+        assert text[cell].count(": True") == claims and "False" not in text[cell], cell
+    assert "logits equal transformers' (atol 1e-5): True True" in text["gemma3-16"]
+    assert "same ids with and without the cache: True ; same as transformers: True" in text["gemma3-22"]
+    for line in text["gemma3-18"].splitlines():
+        assert float(line.rsplit(" ", 1)[1]) > 1e-3, line
+    for name, cfg in GEMMA3_CONFIGS.items():
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Gemma3Model({**cfg, "context_length": 64}).parameters())
+        assert f"{n:,}" in next(line for line in text["gemma3-20"].splitlines() if line.startswith(name))
