@@ -66,6 +66,16 @@ def test_logits_match_transformers_with_and_without_cache(layers, gemma_dir, tmp
     check_parity(ours, hf, _prompt_ids(Gemma3Tokenizer(path)), atol=ATOL)
 
 
+def test_final_logit_softcapping_when_a_config_asks_for_it(tmp_path):
+    """Gemma 3's configs have none (Gemma 2 used 30); a cap of 0.5 squeezes these logits (up to ~0.7) visibly."""
+    hf = write_model_dir(tmp_path, "gemma3_text", verdict(), final_logit_softcapping=0.5)
+    ours = load_gemma3(tmp_path)
+    ids = _prompt_ids(Gemma3Tokenizer(tmp_path))
+    check_parity(ours, hf, ids, atol=ATOL)
+    with torch.no_grad():
+        assert ours(ids).abs().max() < 0.5
+
+
 def test_greedy_text_matches_transformers_generate(gemma_dir):
     path, hf = gemma_dir
     check_greedy_text(load_gemma3(path), hf, Gemma3Tokenizer(path), verdict()[:300])
