@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 LLAMA_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0-3 as Gemma's
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 VOCAB_SIZE = 400  # the tokenizer's 300 BPE tokens + specials fit below this
 
@@ -32,9 +33,24 @@ def train_tokenizer(path: Path, special: list[str], text: str) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+def train_gemma_tokenizer(path: Path, text: str) -> None:
+    """A Gemma-style tokenizer.json: spaces become "▁" (no byte-level pre-tokenizer), BPE on that."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next")
+    tok.decoder = decoders.Replace("▁", " ")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=GEMMA_SPECIAL)
+    tok.train_from_iterator([text.replace(" ", "▁")], trainer=trainer)
+    tok.save(str(path / "tokenizer.json"))
+
+
 def hf_model(family: str, **overrides):
-    """A random-weight transformers model of `family` ("llama", "qwen3", "qwen3_moe"), seeded."""
+    """A random-weight transformers model of `family` ("llama", "qwen3", "qwen3_moe", "gemma3_text"), seeded."""
     from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         Qwen3Config,
@@ -57,13 +73,22 @@ def hf_model(family: str, **overrides):
         cfg = Qwen3MoeConfig(**{**COMMON, "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 6,
                                 "num_experts_per_tok": 2, "norm_topk_prob": True, **overrides})
         model = Qwen3MoeForCausalLM(cfg)
+    elif family == "gemma3_text":
+        # Both RoPE bases and linear scaling of the global one; a window of 8 (prompts are longer);
+        # query_pre_attn_scalar != head_dim so the score scale matters.
+        rope = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}
+        cfg = Gemma3TextConfig(**{**COMMON, "head_dim": 32, "rope_parameters": rope, "sliding_window": 8,
+                                  "query_pre_attn_scalar": 24, "sliding_window_pattern": 3,
+                                  "num_hidden_layers": 4, "tie_word_embeddings": True, **overrides})
+        model = Gemma3ForCausalLM(cfg)
     else:
         raise ValueError(family)
     # Random init uses std 0.02; larger norms' weights make the test see them doing something.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+            if name.endswith("norm.weight"):  # Gemma's norms scale by 1 + weight
+                p.uniform_(-0.5, 0.5) if family == "gemma3_text" else p.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -73,7 +98,10 @@ def write_model_dir(path: Path, family: str, text: str, max_shard_size: str | No
     model = hf_model(family, **overrides)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    train_tokenizer(path, LLAMA_SPECIAL if family == "llama" else QWEN_SPECIAL, text)
+    if family == "gemma3_text":
+        train_gemma_tokenizer(path, text)
+    else:
+        train_tokenizer(path, LLAMA_SPECIAL if family == "llama" else QWEN_SPECIAL, text)
     return model
 
 

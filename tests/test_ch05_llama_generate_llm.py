@@ -29,19 +29,47 @@ def llama_dir(tmp_path_factory):
     return model_dir_fixture(tmp_path_factory, "llama")
 
 
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    return model_dir_fixture(tmp_path_factory, "gemma3_text")
+
+
 def _hf_continuation(hf, ids, n):
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("fixture", ["qwen_dir", "llama_dir"])
+@pytest.mark.parametrize("fixture", ["qwen_dir", "llama_dir", "gemma_dir"])
 def test_cli_prints_the_same_greedy_text_as_transformers(fixture, request, capsys):
     path, hf = request.getfixturevalue(fixture)
     assert main(["--model", str(path), "--prompt", PROMPT, "--max-new-tokens", "12", "--device", "cpu"]) == 0
     llm = load_llm(path)
     expected = llm.tokenizer.decode(_hf_continuation(hf, llm.tokenizer.encode(PROMPT), 12))
     assert capsys.readouterr().out == PROMPT + expected + "\n"
+
+
+def test_gemma3_chat_prompt_and_end_of_turn(gemma_dir, tmp_path, capsys):
+    """A Gemma 3 folder (gemma3_text) through the same loader: its chat format, stopped at <end_of_turn>;
+    the multimodal model_type 'gemma3' is refused in one line."""
+    path, hf = gemma_dir
+    llm = load_llm(path)
+    assert llm.family == "gemma3_text" and llm.description.startswith("gemma3_text from ")
+    ids = llm.tokenizer.encode("Hello", chat=True, system="Be brief.")
+    expected = _hf_continuation(hf, ids, 8)
+    _, new = generate_text(llm, "Hello", max_new_tokens=8, chat=True, system="Be brief.")
+    assert new == expected
+    end_id = llm.tokenizer.token_id("<end_of_turn>")
+    llm.model.out_head.register_forward_hook(lambda module, inputs, out: out.index_fill_(-1, torch.tensor([end_id]),
+                                                                                         1e4))
+    assert generate_text(llm, "Hello", max_new_tokens=8, chat=True) == ("", [])
+    other = tmp_path / "multimodal"
+    shutil.copytree(path, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3"}))
+    assert main(["--model", str(other), "--prompt", "Hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "multimodal 'gemma3' model" in err and "\n" not in err
 
 
 def test_chat_stops_before_the_end_of_turn_token(qwen_dir):

@@ -36,7 +36,7 @@ CHAPTER_FILES = {
 BONUS_FOLDERS = {
     "ch02": {"bpe": {"bpe.py"}},
     "ch03": {"mha": {"mha_implementations.py"}},
-    "ch05": {"llama": {"llama3.py", "qwen3.py", "generate_llm.py", "__main__.py"}, "ui": {"app.py", "__main__.py"},
+    "ch05": {"llama": {"llama3.py", "qwen3.py", "gemma3.py", "generate_llm.py", "__main__.py"}, "ui": {"app.py", "__main__.py"},
              "training_speed": {"training_speed.py"}},
     "ch06": {"ui": {"app.py", "__main__.py"}},
     "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "serve": {"__main__.py"},

@@ -5,7 +5,7 @@
     python -m ch05.llama --model gpt2 --prompt "Every effort moves you" --max-new-tokens 30
     python -m ch05.llama --model outputs/ch05/checkpoint.pth --prompt "Every effort moves you"
 
-`--model` is a Hugging Face model folder (Llama 3.x, Qwen3, Qwen3-MoE or GPT-2; config.json,
+`--model` is a Hugging Face model folder (Llama 3.x, Qwen3, Qwen3-MoE, Gemma 3 text or GPT-2; config.json,
 safetensors, tokenizer.json), a Hub id (downloaded through `huggingface_hub`; HF_ENDPOINT and
 HF_HUB_OFFLINE apply), a GPT-2 name, or a chapter-5 checkpoint. The family comes from
 config.json's `model_type`. Text runs through chapter 5's `generate` (KV cache on by default),
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ch05.gpt_generate import generate, load_model_for_generation
+from ch05.llama.gemma3 import Gemma3Tokenizer, gemma3_config_from_hf, load_gemma3
 from ch05.llama.llama3 import Llama3Tokenizer, config_from_hf, load_llama3, read_hf_config, resolve_model_dir
 from ch05.llama.qwen3 import Qwen3Tokenizer, load_qwen3, qwen3_config_from_hf
 from llmfs.cli import Parser, add_sampling_arguments, device_name, non_negative_int, run, whole_number
@@ -38,9 +39,11 @@ FAMILIES = {
     "llama": (load_llama3, Llama3Tokenizer),
     "qwen3": (load_qwen3, Qwen3Tokenizer),
     "qwen3_moe": (load_qwen3, Qwen3Tokenizer),
+    "gemma3_text": (load_gemma3, Gemma3Tokenizer),
 }
 # ... and how each reads config.json: run on it before anything else, so that a folder's bad config fails at once.
-CONFIG_READERS = {"llama": config_from_hf, "qwen3": qwen3_config_from_hf, "qwen3_moe": qwen3_config_from_hf}
+CONFIG_READERS = {"llama": config_from_hf, "qwen3": qwen3_config_from_hf, "qwen3_moe": qwen3_config_from_hf,
+                  "gemma3_text": gemma3_config_from_hf}
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -76,7 +79,7 @@ class GPT2Tokenizer:
 @dataclass
 class LoadedLLM:
     model: nn.Module
-    tokenizer: object  # Llama3Tokenizer, Qwen3Tokenizer or GPT2Tokenizer
+    tokenizer: object  # Llama3Tokenizer, Qwen3Tokenizer, Gemma3Tokenizer or GPT2Tokenizer
     family: str
     description: str
 
@@ -100,6 +103,9 @@ def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_lengt
     family = hf.get("model_type")
     if family == "gpt2" or (family is None and "emb_dim" in hf):  # Hugging Face GPT-2, or our chapter-5 folder
         return _gpt_family(model_dir, dtype, device, decoding_layout, context_length)
+    if family == "gemma3":  # the multimodal Gemma 3 (4B and up): its text model sits under text_config
+        raise InvalidInput(f"{model_dir}/config.json describes a multimodal 'gemma3' model; this command runs the "
+                           "text-only Gemma 3 folders (model_type 'gemma3_text', such as google/gemma-3-1b-it)")
     if family not in FAMILIES:
         raise InvalidInput(f"{model_dir}/config.json describes a {family!r} model; this command runs "
                            f"{', '.join(sorted(FAMILIES))} and gpt2")
@@ -161,9 +167,10 @@ def generate_text(llm: LoadedLLM, prompt: str, max_new_tokens: int = 100, chat: 
 
 def parser() -> Parser:
     p = Parser(prog="python -m ch05.llama",
-               description="Generate text with Llama 3, Qwen3 (dense or MoE), GPT-2 or a chapter-5 checkpoint.")
+               description="Generate text with Llama 3, Qwen3 (dense or MoE), Gemma 3, GPT-2 or a chapter-5 "
+                           "checkpoint.")
     p.add_argument("--model", required=True,
-                   help="a Hugging Face model folder or Hub id (Llama 3.x, Qwen3, Qwen3-MoE, GPT-2), a GPT-2 name "
+                   help="a Hugging Face model folder or Hub id (Llama 3.x, Qwen3, Qwen3-MoE, Gemma 3 text, GPT-2), a GPT-2 name "
                         "(gpt2, 124M, ...), or checkpoint.pth / model.pth from ch05.gpt_train")
     p.add_argument("--prompt", required=True, help="text to continue, or the user's message with --chat")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the family's chat format")

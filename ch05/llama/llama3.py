@@ -84,10 +84,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(emb_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """x / sqrt(mean(x^2) + eps) in float32 (New: a method of its own, for Gemma 3's variant of the scale)."""
         x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.scale * normed.to(x.dtype)
+        return x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.normalized(x).to(x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -116,7 +119,10 @@ def compute_rope_params(head_dim: int, theta_base: float = 10_000.0, context_len
     by `factor`, keeps the high ones, and blends in between, so longer texts stay in range.
     """
     inv_freq = 1.0 / theta_base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-    if freq_config is not None:
+    if freq_config is not None and freq_config.get("rope_type") == "linear":
+        # New: linear scaling (Gemma 3's global layers): every frequency slowed by the same factor
+        inv_freq = inv_freq / freq_config["factor"]
+    elif freq_config is not None:
         old_len = freq_config["original_context_length"]
         low_wavelen = old_len / freq_config["low_freq_factor"]
         high_wavelen = old_len / freq_config["high_freq_factor"]
@@ -166,6 +172,10 @@ class GroupedQueryAttention(nn.Module):
         self.out_proj = nn.Linear(self.d_out, d_in, bias=False, dtype=dtype)
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
+        # New (for Gemma 3): a sliding window (each query sees only the last `sliding_window` positions,
+        # itself included) and the score scale (None: 1 / sqrt(head_dim)); Llama and Qwen3 use neither.
+        self.sliding_window: int | None = None
+        self.scale: float | None = None
 
     # The KV cache works as in chapter 3's MultiHeadAttention (cache_k/cache_v, grown by torch.cat).
     reset_cache = MultiHeadAttention.reset_cache
@@ -189,14 +199,18 @@ class GroupedQueryAttention(nn.Module):
                 keys = torch.cat([self.cache_k, keys], dim=2)  # (b, n_kv_groups, past + num_tokens, head_dim)
                 values = torch.cat([self.cache_v, values], dim=2)
             self.cache_k, self.cache_v = keys, values
-        if past == 0 or num_tokens == 1:
+        window = self.sliding_window if self.sliding_window and past + num_tokens > self.sliding_window else None
+        if window is None and (past == 0 or num_tokens == 1):
             # Causal square, or one new token that may see every cached key: no explicit mask.
             context = F.scaled_dot_product_attention(queries, keys, values, is_causal=past == 0 and num_tokens > 1,
-                                                     enable_gqa=True)
+                                                     scale=self.scale, enable_gqa=True)
         else:
             # Query i sits at position past + i and may see keys 0 .. past + i (True = may attend).
             allowed = torch.ones(num_tokens, past + num_tokens, dtype=torch.bool, device=x.device).tril(past)
-            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, enable_gqa=True)
+            if window is not None:  # New: ... and, in a sliding window, only keys past + i - window + 1 .. past + i
+                allowed = allowed.triu(past - window + 1)
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, scale=self.scale,
+                                                     enable_gqa=True)
         # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, num_heads * head_dim)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return self.out_proj(context)
@@ -240,7 +254,7 @@ class Llama3Model(nn.Module):
         self.cfg = dict(cfg)
         dtype = cfg.get("dtype")
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=dtype)
-        self.trf_blocks = nn.ModuleList([self.block_cls(cfg) for _ in range(cfg["n_layers"])])
+        self.trf_blocks = nn.ModuleList([self.make_block(cfg, i) for i in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"], eps=cfg.get("norm_eps", 1e-5))
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=dtype)
         if cfg.get("tie_weights", False):
@@ -258,6 +272,19 @@ class Llama3Model(nn.Module):
         self.register_buffer("cos", cos, persistent=False)  # (context_length, head_dim), float32
         self.register_buffer("sin", sin, persistent=False)
 
+    def make_block(self, cfg: dict, index: int) -> nn.Module:
+        """New: block `index` (all alike here; Gemma 3's differ: sliding-window or global attention)."""
+        return self.block_cls(cfg)
+
+    def rope_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """New: the (cos, sin) tables by name; a block's `rope_table` attribute picks its own
+        (Llama and Qwen3 have one, Gemma 3 a second one for its sliding-window layers)."""
+        return {"global": (self.cos, self.sin)}
+
+    def embed(self, in_idx: torch.Tensor) -> torch.Tensor:
+        """New: the token vectors (b, num_tokens, emb_dim); Gemma 3 scales them."""
+        return self.tok_emb(in_idx)
+
     def tie_weights(self) -> None:
         """One Parameter for the token embedding and the output head (as in `GPTModel.tie_weights`)."""
         self.out_head.weight = self.tok_emb.weight
@@ -271,11 +298,12 @@ class Llama3Model(nn.Module):
         past = self.current_pos if use_cache else 0
         GPTModel._check_input(self, in_idx, past)  # same shape/context/vocab checks as chapter 4's model
         num_tokens = in_idx.shape[1]
-        x = self.tok_emb(in_idx)  # (b, num_tokens, emb_dim)
-        cos = self.cos[past:past + num_tokens].to(x.dtype)  # (num_tokens, head_dim)
-        sin = self.sin[past:past + num_tokens].to(x.dtype)
+        x = self.embed(in_idx)  # (b, num_tokens, emb_dim)
+        # The rows of the tokens' positions, (num_tokens, head_dim), of each RoPE table
+        tables = {name: (cos[past:past + num_tokens].to(x.dtype), sin[past:past + num_tokens].to(x.dtype))
+                  for name, (cos, sin) in self.rope_tables().items()}
         for block in self.trf_blocks:
-            x = block(x, cos, sin, use_cache=use_cache)
+            x = block(x, *tables[getattr(block, "rope_table", "global")], use_cache=use_cache)
         if use_cache:
             self.current_pos += num_tokens
         return self.out_head(self.final_norm(x))  # (b, num_tokens, vocab_size)
@@ -422,6 +450,7 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
 
     from llmfs.decoding_layout import decoding_layout_enabled, laid_out_for_decoding
 
+    rename = getattr(model, "hf_to_ours", hf_to_ours)  # New: Gemma 3 maps its norms' names its own way
     tied = model.cfg.get("tie_weights", False)
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     relayout = set()
@@ -433,14 +462,14 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
         to_convert = []
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                if hf_to_ours(name) is None:
+                if rename(name) is None:
                     continue
                 t = f.get_tensor(name)  # a view of the mapped file: nothing read yet
                 final_dtype = dtype or t.dtype
                 # Only float32 weights get the decoding layout; everything else that keeps its
                 # dtype stays a zero-copy view of the file.
-                if final_dtype == t.dtype and not (hf_to_ours(name) in relayout and final_dtype == torch.float32):
-                    state[hf_to_ours(name)] = t
+                if final_dtype == t.dtype and not (rename(name) in relayout and final_dtype == torch.float32):
+                    state[rename(name)] = t
                 else:
                     to_convert.append(name)
         # A dtype change (or layout): convert tensor by tensor, each from a mapping of its own that
@@ -449,7 +478,7 @@ def load_hf_weights(model: nn.Module, model_dir: str | os.PathLike, dtype: torch
             with safe_open(str(file), framework="pt") as f:
                 t = f.get_tensor(name)
                 t = t if dtype is None else t.to(dtype)
-                state[hf_to_ours(name)] = laid_out_for_decoding(t) if hf_to_ours(name) in relayout else t
+                state[rename(name)] = laid_out_for_decoding(t) if rename(name) in relayout else t
     if tied:
         if "out_head.weight" in state and "tok_emb.weight" in state:
             del state["out_head.weight"]  # a file may store the tied matrix twice; the embedding's copy wins
