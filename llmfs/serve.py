@@ -276,23 +276,30 @@ async def _collect(events: AsyncIterator[str | dict]) -> tuple[str, dict]:
     return "".join(pieces), final
 
 
+async def whole_answer(request: Request, events: AsyncIterator[str | dict]) -> tuple[str, dict] | None:
+    """The whole answer (its text and the final fields), or None if the client left first.
+
+    Waits for whichever comes first: a client that gave up must not keep the model (and everyone
+    queued behind it) busy. Raises the generation's OllamaError (the time limit)."""
+    answer = asyncio.ensure_future(_collect(events))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        answer.cancel()  # if the client left: its generation stops at its next step
+    return answer.result() if answer in done else None
+
+
 async def _reply(worker: ModelWorker, request: Request, stream: bool, ids: list[int], opts: GenerationOptions,
                  received: float, chunk: Callable[[str], dict]) -> Response:
     """Stream NDJSON chunks (`chunk(text)` shapes one) or collect them into one JSON reply."""
     events = worker.events(ids, opts, received)
     if not stream:
-        # Wait for the answer or for the client to leave, whichever comes first: a client that
-        # gave up must not keep the model (and everyone queued behind it) busy.
-        answer = asyncio.ensure_future(_collect(events))
-        gone = asyncio.ensure_future(_client_gone(request))
-        try:
-            done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            answer.cancel()  # if the client left: its generation stops at its next step
-        if answer not in done:
+        answer = await whole_answer(request, events)
+        if answer is None:
             return Response(status_code=CLIENT_GONE)
-        text, final = answer.result()  # raises the generation's OllamaError (the time limit)
+        text, final = answer
         return JSONResponse({**chunk(text), "done": True, **final})
 
     async def ndjson() -> AsyncIterator[bytes]:
@@ -398,6 +405,9 @@ def create_app(chat: ChatModel, defaults: GenerationOptions | None = None, *, ma
         return await _reply(worker, request, stream, ids, opts, received, lambda text: {
             "model": name, "created_at": _now(), "message": {"role": "assistant", "content": text}})
 
+    from llmfs.openai_api import add_openai_routes  # here: that module builds on this one's helpers
+
+    add_openai_routes(app)  # /v1/...: the same worker and checks, OpenAI's wire format
     return app
 
 
