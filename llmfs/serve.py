@@ -1,4 +1,4 @@
-"""The Ollama-API server: serve a model of this book over HTTP, so any Ollama client can talk to it.
+"""The Ollama-API server: serve a model of this book over HTTP, so any Ollama (or OpenAI) client can talk to it.
 
     python -m ch07.serve --model outputs/ch07/gpt2-medium-sft.pth     # on 127.0.0.1:11435
     OLLAMA_HOST=127.0.0.1:11435 python -m ch07.ollama_evaluate --model gpt2-medium-sft \
@@ -12,6 +12,12 @@ last chunk has done: true, done_reason and Ollama's token counts and durations (
 Options: temperature, top_k, top_p, seed, num_predict, stop (and truncate, see below); a request
 that does not set num_predict gets the server's `--max-new-tokens` (default 128, or the ceiling
 if that is lower).
+
+The same app also speaks OpenAI's API (`llmfs.openai_api`, added by `create_app`): GET /v1/models,
+POST /v1/chat/completions and POST /v1/completions, in one reply or streamed as server-sent events,
+for the `openai` client with base_url="http://127.0.0.1:11435/v1". Its requests take the same path
+as the Ollama ones (the checks and defaults below, the prompt format, the worker, the limits); only
+the field names (max_tokens is num_predict) and the shapes of the replies and errors differ.
 
 One client can never stall the others:
 * a ceiling on num_predict, `--max-num-predict` (default and at most: the model's context length).

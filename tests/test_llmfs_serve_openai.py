@@ -80,7 +80,8 @@ def test_chat_equals_the_ollama_route_and_the_chat_layer(sft_server, sft_path):
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == want
     assert chunks[0].choices[0].delta.role == "assistant" and len(chunks) > 5  # token by token
     assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
-    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 2) + [reply.choices[0].finish_reason]
+    finish_reasons = [c.choices[0].finish_reason for c in chunks[:-1]]
+    assert finish_reasons == [None] * (len(chunks) - 2) + [reply.choices[0].finish_reason]
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage  # include_usage: a last chunk
     plain = list(client.chat.completions.create(model="tiny-sft", messages=QUESTION, temperature=0, stream=True))
