@@ -244,10 +244,11 @@ def add_openai_routes(app: FastAPI) -> None:
                 return reply
             message = json.loads(reply.body)["error"]
             code = getattr(exc, "code", None) if isinstance(exc, OpenAIError) else None
-            if isinstance(exc, OllamaError) and exc.status == 503:
-                code = "timeout"
+            headers = getattr(exc, "headers", None)
+            if isinstance(exc, OllamaError) and exc.status == 503:  # the time limit: the same request would hit
+                code, headers = "timeout", {"x-should-retry": "false"}  # it again, so the client must not retry
             return JSONResponse(error_body(reply.status_code, message, getattr(exc, "param", None), code),
-                                status_code=reply.status_code, headers=getattr(exc, "headers", None))
+                                status_code=reply.status_code, headers=headers)
 
         app.add_exception_handler(exc_class, handler)
 

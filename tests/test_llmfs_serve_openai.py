@@ -233,8 +233,11 @@ def test_the_time_limit_is_an_error_never_a_finished_answer(base_path, server_lo
     with serving(base_path, step_delay=0.1, request_timeout=0.5) as (host, app):
         client, name = client_for(host), app.state.worker.chat.name
         with pytest.raises(openai.InternalServerError, match="limit of 0.5 s per request") as info:
-            client.completions.create(model=name, prompt=PROMPT, max_tokens=32, temperature=0)
+            # The client's default retries (2 for a 5xx): the reply tells it not to, the same request would fail.
+            openai.OpenAI(base_url=f"{host}/v1", api_key="unused").completions.create(
+                model=name, prompt=PROMPT, max_tokens=32, temperature=0)
         assert info.value.status_code == 503 and info.value.body["code"] == "timeout"
+        assert app.state.worker.stats["timed_out"] == 1
         chunks = []
         with pytest.raises(openai.APIError, match="limit of 0.5 s per request") as info:
             for chunk in client.chat.completions.create(model=name, messages=QUESTION, max_tokens=32, stream=True):
