@@ -5,6 +5,7 @@ every answer is checked against the Ollama routes, `llmfs.chat` called directly 
 """
 
 import json
+import threading
 import time
 
 import httpx
@@ -270,3 +271,32 @@ def test_a_client_that_leaves_frees_the_model(slow_server, reference, server_log
     assert worker.stats["stopped_early"] == before["stopped_early"] + 2
     assert worker.stats["tokens"] - before["tokens"] < 32 + 2
     assert server_log == [], [r.getMessage() for r in server_log]
+
+
+def test_both_apis_share_one_queue(base_server, reference):
+    """Streams on both APIs at once, each sampled with its own seed: served one after another, none mixed up."""
+    host, app = base_server
+    name, ids = app.state.worker.chat.name, TOKENIZER.encode(PROMPT)
+    wanted = {seed: expected_text(reference, ids, 10, temperature=1.0, top_k=40, top_p=0.9, seed=seed)
+              for seed in range(8)}
+    results, errors = {}, []
+
+    def stream(seed):
+        try:
+            if seed % 2:
+                parts = client_for(host).completions.create(model=name, prompt=PROMPT, max_tokens=10, temperature=1.0,
+                                                            top_p=0.9, seed=seed, stream=True)
+                results[seed] = "".join(p.choices[0].text for p in parts)
+            else:
+                parts = ollama.Client(host=host).generate(model=name, prompt=PROMPT, stream=True, options={
+                    "num_predict": 10, "temperature": 1.0, "top_p": 0.9, "seed": seed})
+                results[seed] = "".join(p.response for p in parts)
+        except Exception as exc:  # collected: an assertion in a thread would be lost
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=stream, args=(seed,)) for seed in wanted]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and results == wanted
