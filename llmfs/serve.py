@@ -488,7 +488,8 @@ def main(load_chat_model: Callable[..., ChatModel], argv: list[str] | None = Non
             print(f"model: {chat.name} = {chat.description}; prompt style: {chat.style or 'none'}; "
                   f"device: {chat.device}; answers of at most {worker.defaults.max_new_tokens} tokens unless a "
                   f"request sets num_predict (at most {worker.ceiling}); {worker.time_limit:g} s per request\n"
-                  f"Ollama API at http://{address}:{port} -- point clients at it with OLLAMA_HOST={address}:{port}",
+                  f"Ollama API at http://{address}:{port} -- point clients at it with OLLAMA_HOST={address}:{port} "
+                  f"(OpenAI API: base_url http://{address}:{port}/v1)",
                   file=sys.stderr, flush=True)
             if host not in ("127.0.0.1", "::1", "localhost"):
                 print("warning: listening beyond this machine; the server has no authentication", file=sys.stderr)
