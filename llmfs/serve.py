@@ -1,4 +1,4 @@
-"""The Ollama-API server: serve a model of this book over HTTP, so any Ollama client can talk to it.
+"""The Ollama-API server: serve a model of this book over HTTP, so any Ollama (or OpenAI) client can talk to it.
 
     python -m ch07.serve --model outputs/ch07/gpt2-medium-sft.pth     # on 127.0.0.1:11435
     OLLAMA_HOST=127.0.0.1:11435 python -m ch07.ollama_evaluate --model gpt2-medium-sft \
@@ -12,6 +12,12 @@ last chunk has done: true, done_reason and Ollama's token counts and durations (
 Options: temperature, top_k, top_p, seed, num_predict, stop (and truncate, see below); a request
 that does not set num_predict gets the server's `--max-new-tokens` (default 128, or the ceiling
 if that is lower).
+
+The same app also speaks OpenAI's API (`llmfs.openai_api`, added by `create_app`): GET /v1/models,
+POST /v1/chat/completions and POST /v1/completions, in one reply or streamed as server-sent events,
+for the `openai` client with base_url="http://127.0.0.1:11435/v1". Its requests take the same path
+as the Ollama ones (the checks and defaults below, the prompt format, the worker, the limits); only
+the field names (max_tokens is num_predict) and the shapes of the replies and errors differ.
 
 One client can never stall the others:
 * a ceiling on num_predict, `--max-num-predict` (default and at most: the model's context length).
@@ -276,23 +282,30 @@ async def _collect(events: AsyncIterator[str | dict]) -> tuple[str, dict]:
     return "".join(pieces), final
 
 
+async def whole_answer(request: Request, events: AsyncIterator[str | dict]) -> tuple[str, dict] | None:
+    """The whole answer (its text and the final fields), or None if the client left first.
+
+    Waits for whichever comes first: a client that gave up must not keep the model (and everyone
+    queued behind it) busy. Raises the generation's OllamaError (the time limit)."""
+    answer = asyncio.ensure_future(_collect(events))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        answer.cancel()  # if the client left: its generation stops at its next step
+    return answer.result() if answer in done else None
+
+
 async def _reply(worker: ModelWorker, request: Request, stream: bool, ids: list[int], opts: GenerationOptions,
                  received: float, chunk: Callable[[str], dict]) -> Response:
     """Stream NDJSON chunks (`chunk(text)` shapes one) or collect them into one JSON reply."""
     events = worker.events(ids, opts, received)
     if not stream:
-        # Wait for the answer or for the client to leave, whichever comes first: a client that
-        # gave up must not keep the model (and everyone queued behind it) busy.
-        answer = asyncio.ensure_future(_collect(events))
-        gone = asyncio.ensure_future(_client_gone(request))
-        try:
-            done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            answer.cancel()  # if the client left: its generation stops at its next step
-        if answer not in done:
+        answer = await whole_answer(request, events)
+        if answer is None:
             return Response(status_code=CLIENT_GONE)
-        text, final = answer.result()  # raises the generation's OllamaError (the time limit)
+        text, final = answer
         return JSONResponse({**chunk(text), "done": True, **final})
 
     async def ndjson() -> AsyncIterator[bytes]:
@@ -398,6 +411,9 @@ def create_app(chat: ChatModel, defaults: GenerationOptions | None = None, *, ma
         return await _reply(worker, request, stream, ids, opts, received, lambda text: {
             "model": name, "created_at": _now(), "message": {"role": "assistant", "content": text}})
 
+    from llmfs.openai_api import add_openai_routes  # here: that module builds on this one's helpers
+
+    add_openai_routes(app)  # /v1/...: the same worker and checks, OpenAI's wire format
     return app
 
 
@@ -472,7 +488,8 @@ def main(load_chat_model: Callable[..., ChatModel], argv: list[str] | None = Non
             print(f"model: {chat.name} = {chat.description}; prompt style: {chat.style or 'none'}; "
                   f"device: {chat.device}; answers of at most {worker.defaults.max_new_tokens} tokens unless a "
                   f"request sets num_predict (at most {worker.ceiling}); {worker.time_limit:g} s per request\n"
-                  f"Ollama API at http://{address}:{port} -- point clients at it with OLLAMA_HOST={address}:{port}",
+                  f"Ollama API at http://{address}:{port} -- point clients at it with OLLAMA_HOST={address}:{port} "
+                  f"(OpenAI API: base_url http://{address}:{port}/v1)",
                   file=sys.stderr, flush=True)
             if host not in ("127.0.0.1", "::1", "localhost"):
                 print("warning: listening beyond this machine; the server has no authentication", file=sys.stderr)

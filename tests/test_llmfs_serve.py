@@ -560,6 +560,7 @@ def test_command_line_answer_length_is_the_requests_default(base_path, reference
             assert lines[-1], "the server stopped: " + "".join(lines)
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its log flowing
         assert "answers of at most 7 tokens unless a request sets num_predict (at most 20); 60 s per" in lines[-2]
+        assert re.search(r"OLLAMA_HOST=(\S+) \(OpenAI API: base_url http://\1/v1\)$", lines[-1])
         client = ollama.Client(host=re.search(r"OLLAMA_HOST=(\S+)", lines[-1]).group(1))
         name = client.list().models[0].model
         assert "num_predict 7" in client.show(name).parameters
