@@ -52,6 +52,7 @@ from ch03.mha.mha_implementations import (
     copy_weights,
     flex_attention_status,
 )
+from llmfs.bench import machine_description, proc_status_mib, write_report
 from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 from llmfs.errors import InvalidInput
 
@@ -192,11 +193,10 @@ def bench_device(device: torch.device, dtype: torch.dtype, cfg: dict, keys: list
 # --- CPU peak memory, in a fresh process ---------------------------------------------------------
 
 def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"no {field} in /proc/self/status")
+    value = proc_status_mib(field)
+    if value is None:
+        raise OSError(f"no {field} in /proc/self/status")
+    return value
 
 
 def _reset_peak() -> bool:
@@ -365,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         keys.insert(0, "reference")  # everything is compared with it
 
     def benchmark() -> None:
-        from llmfs.bench import machine_description, write_report
-
         cuda = torch.cuda.is_available()
         if args.device == "cuda" and not cuda:
             raise InvalidInput("--device cuda: CUDA is not available on this machine; use --device auto or cpu")

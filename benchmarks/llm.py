@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmfs.bench import machine_description, proc_status_mib, write_report
 from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 
 QWEN3_06B_HF = {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
@@ -41,21 +42,14 @@ PROMPT_TOKENS = 16
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = proc_status_mib("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 def _peak_rss_mib() -> float:
-    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: a child started by fork + exec
-    inherits its parent's ru_maxrss (here the parent that built the model), but not its VmHWM."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS (VmHWM: its own, where ru_maxrss would start at the parent's peak)."""
+    peak = proc_status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak  # KiB on Linux
 
 
 def prepare(workdir: Path, quick: bool) -> dict[str, Path]:
@@ -219,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def benchmark() -> None:
         import transformers
-
-        from llmfs.bench import machine_description, write_report
 
         check_output_dir(args.out, option="--out")  # before minutes of measuring
         if args.workdir is not None:

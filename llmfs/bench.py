@@ -30,6 +30,23 @@ def write_report(out: Path, json_name: str, md_name: str, data: dict, table: str
     print(f"{sum(ok for _, ok in goals)}/{len(goals)} goals met; results in {out}")
 
 
+def proc_status_mib(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its peak), in MiB;
+    None where there is no /proc (not Linux).
+
+    VmHWM rather than getrusage's ru_maxrss: a child started by fork + exec inherits its parent's ru_maxrss,
+    so a fresh measuring process would report the parent's peak; VmHWM is the process's own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def machine_description() -> dict:
     """The CPU model, cores, threads and library versions: what every benchmark table names beside its figures."""
     cpu = platform.processor() or platform.machine()

@@ -20,31 +20,14 @@ from test_llmfs_serve import PROMPT, TOKENIZER, _wait_for_generations, expected_
 # The Ollama side's fixtures: its tiny models, the proxy switch-off, the server's log.
 base_path, sft_path, reference = ollama_side.base_path, ollama_side.sft_path, ollama_side.reference
 _no_proxy_for_localhost, server_log = ollama_side._no_proxy_for_localhost, ollama_side.server_log
+# ... and its servers (module-scoped: this module starts its own, on the same tiny models).
+base_server, sft_server, slow_server = ollama_side.base_server, ollama_side.sft_server, ollama_side.slow_server
 
 QUESTION = [{"role": "user", "content": "Name a color."}]
 
 
 def client_for(host: str, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{host}/v1", api_key="unused", max_retries=0, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def base_server(base_path):
-    with serving(base_path) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def sft_server(sft_path):
-    with serving(sft_path, max_new_tokens=12) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def slow_server(base_path):
-    """The base model at 0.2 s a token: a full answer (the ceiling, 32 tokens) takes 6 seconds."""
-    with serving(base_path, step_delay=0.2) as served:
-        yield served
 
 
 def test_models_are_listed_and_found(base_server):

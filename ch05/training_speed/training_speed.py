@@ -24,13 +24,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ch04.gpt import GPTModel
 from ch05.gpt_train import calc_loss_batch
+from llmfs.bench import proc_status_mib
 from llmfs.runtime import cpu_bf16_supported
 from llmfs.trainer import autocast_context
 
@@ -196,17 +196,6 @@ def batch_size_for(tricks, base: int) -> int:
 
 # --- Measuring a rung ------------------------------------------------------------------------------------
 
-def _proc_status_mib(field: str) -> float | None:
-    """A memory figure (VmRSS, VmHWM) of this process from /proc/self/status, in MiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def eval_loss(model: nn.Module, input_batch: torch.Tensor, target_batch: torch.Tensor,
               device: torch.device | str, dtype: torch.dtype | None = None) -> float:
     """Chapter 5's loss on one batch with dropout off and no gradients (under autocast for bfloat16):
@@ -264,7 +253,7 @@ def measure(spec: dict) -> dict:
     data = torch.randint(0, spec["cfg"]["vocab_size"], (batch_size_for({"larger_batch"}, spec["batch"]), ctx + 1),
                          generator=gen)[:batch]
     inputs, targets = data[:, :-1].to(device), data[:, 1:].to(device)
-    rss_before = _proc_status_mib("VmRSS")
+    rss_before = proc_status_mib("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
@@ -282,7 +271,7 @@ def measure(spec: dict) -> dict:
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        hwm = _proc_status_mib("VmHWM")
+        hwm = proc_status_mib("VmHWM")
         peak = hwm - rss_before if hwm is not None and rss_before is not None else None
     result = {"tokens_per_s": batch * ctx / step_s, "step_s": step_s, "step_times": times, "losses": losses,
               "warmup_s": sum(times[:spec["warmup"]]), "batch": batch, "peak_mib": peak,
