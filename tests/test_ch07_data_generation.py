@@ -5,6 +5,7 @@ part-way, Ctrl-C, one-line errors before any work, files of another kind left as
 chapter 7's own server (in process, to see the exact prompt text it receives, and as
 `python -m ch07.serve`); and the notebook's stored outputs."""
 
+import ast
 import json
 import os
 import re
@@ -507,3 +508,53 @@ def test_commands_against_python_m_ch07_serve(tiny_sft, data_file, tmp_path, clo
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+# --- the notebook's stored outputs ---------------------------------------------------------------------------
+
+def notebook_cells():
+    cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+    return {c["id"]: ("".join(c["source"]),
+                      "".join("".join(o.get("text") or o.get("data", {}).get("text/plain", ""))
+                              for o in c.get("outputs", [])))
+            for c in cells if c["cell_type"] == "code"}
+
+
+def run_cell(source, **names):
+    """Run a notebook cell's code with `names` defined; return what it prints."""
+    printed = []
+    exec(source, {**names, "print": lambda *args, **kw: printed.append(" ".join(map(str, args)))})
+    return "\n".join(printed) + "\n"
+
+
+def summary_dicts(text):
+    return [ast.literal_eval(m) for m in re.findall(r"\{'total'[^}]*\}", text)]
+
+
+def test_notebook_stored_outputs_agree_with_the_modules():
+    from ch02.tokenizer import get_gpt2_tokenizer
+    from ch07.gpt_instruction_finetuning import load_instruction_data
+
+    meta = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["metadata"]["llmfs"]
+    assert meta["mode"] == "quick"
+    cells = notebook_cells()
+    assert cells["datagen-01"][1].startswith("quick mode: True, torch ")
+    assert "template alpaca" in cells["datagen-03"][1]
+    # The quick server read exactly the tokens of the raw template prefix.
+    match = re.search(r"prompt tokens the server read: (\d+) \| tokens of the prefix: (\d+)", cells["datagen-07"][1])
+    assert match and int(match[1]) == int(match[2]) == len(get_gpt2_tokenizer().encode(gen.TEMPLATES["alpaca"]))
+    # The verdicts and parses printed are what the module's checks say now.
+    reply = ast.literal_eval(cells["datagen-07"][1].split("the model continues: ", 1)[1].splitlines()[0])
+    assert run_cell(cells["datagen-09"][0], gen=gen, body={"response": reply}) == cells["datagen-09"][1]
+    data = load_instruction_data()
+    assert run_cell(cells["datagen-18"][0], refl=refl, entry=data[2]) == cells["datagen-18"][1]
+    # The counts add up, and the reruns found what the first runs wrote.
+    first, second = summary_dicts(cells["datagen-11"][1]) + summary_dicts(cells["datagen-13"][1])
+    instruction, response = summary_dicts(cells["datagen-20"][1])
+    (again,) = summary_dicts(cells["datagen-22"][1])
+    for s in (first, second, instruction, response, again):
+        assert s["written"] + s["invalid"] == s["total"] - s["done_before"], s
+    assert second["done_before"] == first["written"] and again["done_before"] == instruction["written"]
+    passed_through = [i for i, entry in enumerate(data[:instruction["total"]]) if entry["input"]]
+    shown = [int(i) for i in re.findall(r"#(\d+) reflected=False", cells["datagen-20"][1])]
+    assert shown == passed_through and instruction["written"] >= len(passed_through)
