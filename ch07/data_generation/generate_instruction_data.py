@@ -6,7 +6,8 @@ nothing but the start of a user turn of its chat template, and it goes on writin
 would ask, an instruction nobody wrote. Asked that instruction as an ordinary chat, it writes the
 response. Each pair becomes a record like chapter 7's: {"instruction", "input": "", "output"}.
 
-    ollama serve &  &&  ollama pull llama3
+    ollama serve &                  # or open the Ollama app
+    ollama pull llama3
     python -m ch07.data_generation.generate_instruction_data --num-samples 5
     python -m ch07.serve --model outputs/ch07/quick-sft.pth &      # or chapter 7's own server:
     python -m ch07.data_generation.generate_instruction_data --host 127.0.0.1:11435 --model quick-sft \\
