@@ -474,17 +474,28 @@ def stored_output(source_line: str) -> str:
     return "".join("".join(o.get("text") or o.get("data", {}).get("text/plain", "")) for o in found[0]["outputs"])
 
 
-@pytest.mark.skipif(not NOTEBOOK.exists(), reason="the notebook is not written yet")
 def test_notebook_outputs_agree_with_the_module():
-    """The counts the notebook shows for the chapter's data are what the module computes now."""
+    """The pairs the notebook shows for the chapter's data (whole prompts) and the records it removes are what
+    the module computes now; the planted pairs were found exactly by both methods."""
+    import re
+
     from llmfs.download import get_data_file
 
     data = json.loads(get_data_file("instruction-data.json").read_text(encoding="utf-8"))
     text = stored_output("# counts per method")
     for method in fnd.METHODS:
-        report = fnd.find_duplicates(data, ["instruction", "input", "output", "instruction+input"],
-                                     ["instruction+input"], fnd.DEFAULT_THRESHOLD[method], method)
-        counts = " ".join(f"{k}={len(v)}" for k, v in report.pairs.items())
-        assert f"{method}: {counts} removed={len(report.removed)}" in text
+        report = fnd.find_duplicates(data, ["instruction+input"], ["instruction+input"],
+                                     fnd.DEFAULT_THRESHOLD[method], method)
+        shown = re.search(rf"^{method}: .*instruction\+input=(\d+) removed=(\d+)$", text, re.MULTILINE)
+        assert shown and (int(shown[1]), int(shown[2])) == (len(report.pairs["instruction+input"]),
+                                                            len(report.removed)), (method, text)
     planted = stored_output("# the planted pairs")
-    assert str(sorted(PROMPT_PAIRS)) in planted or "found exactly" in planted
+    for method in fnd.METHODS:
+        assert f"{method}: found 10 pairs, the planted ones exactly: True" in planted
+    assert "the result is the data before planting: True" in stored_output("planted_file = OUTPUT_DIR")
+    assert "the input is unchanged: True" in stored_output("planted_file = OUTPUT_DIR")
+    first = stored_output("summary = cpv.create_entries(")
+    written, invalid = (int(re.search(rf"'{k}': (\d+)", first)[1]) for k in ("written", "invalid"))
+    assert first.count("left out:") == invalid and first.count("output_2:") == written
+    rerun = stored_output("exit_code = cpv.main(")
+    assert f"0 records written, {written} were there before, {invalid} without a usable reply" in rerun

@@ -31,14 +31,13 @@ records needs:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from llmfs.atomic import atomic_write
 from llmfs.cli import Parser, check_output_dir, path_argument, positive_int, run
@@ -282,7 +281,7 @@ def print_report(data: list[dict], report: DuplicateReport, max_pairs: int | Non
             continue
         for i, j, sim in pairs[:max_pairs]:
             print(f"Duplicate pair found with similarity {sim:.2f} (records {i} and {j}):\n"
-                  f"1. {field_text(data[i], key)}\n2. {field_text(data[j], key)}\n")
+                  f"1. {field_text(data[i], key).strip()}\n2. {field_text(data[j], key).strip()}\n")
         if max_pairs is not None and len(pairs) > max_pairs:
             print(f"... and {len(pairs) - max_pairs} more pairs")
         groups = report.groups[key]
@@ -343,8 +342,6 @@ def write_records(path: str | os.PathLike, data: list[dict], kind: str) -> None:
 
 def fraction(text: str) -> float:
     """A threshold: a number greater than 0 and less than 1."""
-    import argparse
-
     try:
         value = float(text)
     except ValueError:
@@ -356,8 +353,6 @@ def fraction(text: str) -> float:
 
 def field_name(text: str) -> str:
     """A field, or fields joined with "+": instruction, input, output, or e.g. instruction+input."""
-    import argparse
-
     parts = text.split("+")
     if not all(parts):
         raise argparse.ArgumentTypeError(f"must name fields, e.g. output or instruction+input, got {text!r}")
@@ -401,7 +396,7 @@ def parser() -> Parser:
 
 def check_new_file(path: Path | None, option: str, data_path: Path, overwrite: bool) -> None:
     """An output file the user named: not the input, not a folder, not an existing file unless --overwrite."""
-    from ch07.ollama_evaluate import same_file
+    from ch07.ollama_evaluate import same_file  # here: the search itself needs neither torch nor requests
 
     if path is None:
         return
