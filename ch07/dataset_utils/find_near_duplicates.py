@@ -71,13 +71,15 @@ def preprocess_text(text: str) -> str:
 
 # --- Similar pairs: TF-IDF (the book's method) ----------------------------------------------------
 
-def tfidf_pairs(texts: list[str], threshold: float, block_size: int = 1024) -> list[tuple[int, int, float]]:
+def tfidf_pairs(texts: list[str], threshold: float, block_size: int | None = None) -> list[tuple[int, int, float]]:
     """Every pair (i, j, cosine similarity), i < j, of TF-IDF vectors with a similarity above `threshold`.
 
     The book's vectorizer: character 1- to 3-grams of the preprocessed texts. The rows are
     L2-normalised, so the cosine similarity is a dot product; it is computed for `block_size`
-    rows at a time against all rows (sparse), which keeps the memory to one block, not n x n.
-    Texts that are empty, or one character long, after preprocessing are never paired.
+    rows at a time against all rows (a sparse product), which keeps the memory to one block, not
+    n x n (texts share single characters, so a block's product is nearly dense: by default a block
+    holds about 20 million similarities). Texts that are empty, or one character long, after
+    preprocessing are never paired.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -86,13 +88,15 @@ def tfidf_pairs(texts: list[str], threshold: float, block_size: int = 1024) -> l
         return []
     vectorizer = TfidfVectorizer(stop_words=None, analyzer="char", ngram_range=(1, 3))
     tfidf_matrix = vectorizer.fit_transform([preprocess_text(texts[i]) for i in kept])  # (n, vocab), rows of norm 1
+    n = len(kept)
+    block_size = block_size or max(1, min(1024, 20_000_000 // n))
     pairs = []
-    for start in range(0, len(kept), block_size):
+    for start in range(0, n, block_size):
         block = (tfidf_matrix[start:start + block_size] @ tfidf_matrix.T).tocoo()  # (block, n) cosine similarities
-        for r, c, sim in zip(block.row, block.col, block.data):
-            a, b = start + int(r), int(c)
-            if a < b and sim > threshold:
-                pairs.append((kept[a], kept[b], float(min(sim, 1.0))))
+        rows = block.row + start
+        hits = (rows < block.col) & (block.data > threshold)  # each pair once, above the threshold
+        for a, b, sim in zip(rows[hits], block.col[hits], block.data[hits]):
+            pairs.append((kept[a], kept[b], float(min(sim, 1.0))))
     return sorted(pairs)
 
 
