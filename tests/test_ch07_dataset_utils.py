@@ -214,7 +214,7 @@ def test_one_line_errors_before_any_work(case, planted_file, tmp_path, capsys):
     (tmp_path / "empty.json").write_text(" \n")
     (tmp_path / "bad.json").write_text('[{"instruction": "x",')
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": \n')
-    (tmp_path / "object.json").write_text('{"instruction": "x"}')
+    (tmp_path / "object.json").write_text('{\n  "instruction": "x"\n}\n')  # an object, not a list of records
     if case == "exists":
         out.write_text("keep me")
     before = planted_file.read_bytes()
@@ -329,6 +329,20 @@ def test_invalid_replies_are_counted_and_asked_again(data_file, tmp_path, capsys
     assert len(fake2.chat_requests) == 2  # only the two left out
     assert "2 records written, 2 were there before, 0 without" in capsys.readouterr().out
     assert sorted(json.loads(r)["index"] for r in out.read_text().splitlines()) == [0, 1, 2, 3]
+
+
+def test_a_limit_then_the_rest(data_file, tmp_path, capsys):
+    out = tmp_path / "passive.jsonl"
+    argv = ["--data", str(data_file), "--output", str(out), "--no-progress"]
+    with FakeOllama(["The verb \"sleeps\" is identified.", "A primary color is represented by red."]) as fake:
+        assert cpv.main([*argv, "--limit", "2", "--host", fake.host]) == 0
+    assert "2 records written, 0 were there before" in capsys.readouterr().out
+    with FakeOllama(["The game was finished by them.", "Hi is said by me."]) as fake:
+        assert cpv.main([*argv, "--host", fake.host]) == 0
+    assert len(fake.chat_requests) == 2 and "2 records written, 2 were there before" in capsys.readouterr().out
+    assert cpv.main([*argv, "--limit", "3"]) == 0  # a shorter run over a longer file: nothing to do, no server
+    assert "already holds all 3 records" in capsys.readouterr().out
+    assert [json.loads(r)["index"] for r in out.read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_malformed_server_answer_stops_with_one_line(data_file, tmp_path, capsys):

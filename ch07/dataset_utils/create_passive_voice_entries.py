@@ -138,8 +138,10 @@ def records_done(path: str | Path, data: list[dict], key: str, new_key: str) -> 
 
 def create_entries(data: list[dict], output_path: str | Path, model: str = DEFAULT_MODEL, host: str | None = None,
                    key: str = "output", new_key: str = "output_2", template: str = PROMPT_TEMPLATE,
-                   options: dict | None = None, timeout: float = 300.0, progress: bool = True) -> dict:
-    """Append `{**record, new_key: rewrite, "index": i}` to `output_path` for every record not there yet.
+                   options: dict | None = None, timeout: float = 300.0, progress: bool = True,
+                   limit: int | None = None) -> dict:
+    """Append `{**record, new_key: rewrite, "index": i}` to `output_path` for every record (of the first
+    `limit`) not there yet. The file may hold records beyond `limit` (from an earlier, longer run).
 
     A record whose text is empty is written with the empty text, without asking. Returns counts:
     {"total", "done_before", "written", "empty" (of those written), "invalid", "reasons"} ("reasons":
@@ -149,9 +151,10 @@ def create_entries(data: list[dict], output_path: str | Path, model: str = DEFAU
     from tqdm.auto import tqdm
 
     output_path = Path(output_path)
-    done = records_done(output_path, data, key, new_key)
-    todo = [i for i in range(len(data)) if i not in done]
-    summary = {"total": len(data), "done_before": len(done), "written": 0, "empty": 0, "invalid": 0, "reasons": {}}
+    total = min(limit or len(data), len(data))
+    done = records_done(output_path, data, key, new_key) & set(range(total))
+    todo = [i for i in range(total) if i not in done]
+    summary = {"total": total, "done_before": len(done), "written": 0, "empty": 0, "invalid": 0, "reasons": {}}
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with open_jsonl_output(output_path, "--output", "rewrites", entry_problem(new_key), first_keys(new_key))[1] as f:
         for i in tqdm(todo, desc="Rewriting entries", unit="entry", disable=not progress):
@@ -241,28 +244,32 @@ def main(argv: list[str] | None = None) -> int:
                                ".jsonl file of their own, e.g. instruction-data-passive-voice.jsonl")
         check_output_dir(output.parent, option="--output")
         data = load_data(data_path, args.key)
-        data = data[:args.limit] if args.limit else data
-        done = records_done(output, data, args.key, args.new_key)
-        if len(done) == len(data):
-            print(f"{output} already holds all {len(data)} records; nothing to do")
+        total = min(args.limit or len(data), len(data))
+
+        def kept() -> set[int]:  # the records of the first `total` in the file
+            return records_done(output, data, args.key, args.new_key) & set(range(total))
+
+        done = kept()
+        if len(done) == total:
+            print(f"{output} already holds all {total} records; nothing to do")
             return
         host = ollama_host(args.host)
         try:
             check_ollama(args.model, args.host, timeout=min(CHECK_TIMEOUT, args.timeout))
-            print(f"{host}, model {args.model}: {len(data) - len(done)} of {len(data)} records to do -> {output}")
+            print(f"{host}, model {args.model}: {total - len(done)} of {total} records to do -> {output}")
             try:
                 summary = create_entries(data, output, args.model, args.host, args.key, args.new_key, args.prompt,
                                          options=server_options(args), timeout=args.timeout,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, limit=total)
             except (requests.RequestException, OllamaUnavailable) as exc:
-                written = len(records_done(output, data, args.key, args.new_key)) - len(done)
+                written = len(kept()) - len(done)
                 reason = short_reason(exc) if isinstance(exc, requests.RequestException) else " ".join(str(exc).split())
                 raise OllamaUnavailable(f"the server at {host} stopped answering ({reason}) after {written} new "
                                         f"records; they are saved in {output}: run the same command again to "
                                         "continue.") from None
         except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept (llmfs.cli.run prints it)
-            total = len(records_done(output, data, args.key, args.new_key)) if output.exists() else 0
-            raise KeyboardInterrupt(f"{total - len(done)} new records ({total} of {len(data)} in all) are saved "
+            saved = len(kept()) if output.exists() else 0
+            raise KeyboardInterrupt(f"{saved - len(done)} new records ({saved} of {total} in all) are saved "
                                     f"in {output}; run the same command again to continue" if output.exists()
                                     else "no records were written") from None
         empty = f" ({summary['empty']} with an empty {args.key}, copied)" if summary["empty"] else ""
