@@ -41,6 +41,7 @@ BONUS_FOLDERS = {
     "ch06": {"ui": {"app.py", "__main__.py"}},
     "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "serve": {"__main__.py"},
              "data_generation": {"generate_instruction_data.py", "reflection.py"},
+             "dataset_utils": {"find_near_duplicates.py", "create_passive_voice_entries.py"},
              "ui": {"app.py", "__main__.py"}},
 }
 
@@ -48,7 +49,8 @@ BONUS_FOLDERS = {
 COMMANDS = ["ch05.gpt_train", "ch05.gpt_generate", "ch05.gpt_download", "ch05.llama", "ch05.llama.generate_llm",
             "ch05.ui", "ch06.gpt_class_finetune", "ch06.ui", "ch07.gpt_instruction_finetuning",
             "ch07.ollama_evaluate", "ch07.dpo", "ch07.dpo.preference_data", "ch07.serve", "ch07.ui",
-            "ch07.data_generation.generate_instruction_data", "ch07.data_generation.reflection"]
+            "ch07.data_generation.generate_instruction_data", "ch07.data_generation.reflection",
+            "ch07.dataset_utils.find_near_duplicates", "ch07.dataset_utils.create_passive_voice_entries"]
 
 
 def imported_names(path) -> set[str]:
