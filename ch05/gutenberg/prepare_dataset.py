@@ -57,8 +57,8 @@ FORMAT = "ch05.gutenberg shards v1: little-endian uint16 GPT-2 ids, <|endoftext|
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
 SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.bin$")
 
-SAMPLE_BYTES = 1 << 20  # what encoding detection looks at; the whole file is then checked in blocks
-BLOCK_BYTES = 1 << 20
+SAMPLE_BYTES = 1 << 20  # what charset_normalizer looks at; the whole file is then checked in blocks
+BLOCK_BYTES = 1 << 18
 LINE_LIMIT = 1 << 20  # a longer line is read in pieces
 CHUNK_CHARS = 1 << 16  # characters per tokenizer call: bounds the list of ids each call makes
 SPOOL_TOKENS = 1 << 18  # a document with more tokens goes to a spool file instead of the pipe
@@ -113,7 +113,7 @@ def detect_encoding(path: str | os.PathLike) -> tuple[str | None, str]:
     """
     path = Path(path)
     with open(path, "rb") as f:
-        sample = f.read(SAMPLE_BYTES)
+        sample = f.read(1 << 16)
     if not sample.strip():
         return None, "empty"
     if b"\x00" in sample:
@@ -123,7 +123,8 @@ def detect_encoding(path: str | os.PathLike) -> tuple[str | None, str]:
     else:
         from charset_normalizer import from_bytes
 
-        matches = list(from_bytes(sample))
+        with open(path, "rb") as f:
+            matches = list(from_bytes(f.read(SAMPLE_BYTES)))
         encoding, how = None, "latin-1 (fallback)"
         if matches:
             best = min(m.chaos for m in matches)
@@ -135,7 +136,7 @@ def detect_encoding(path: str | os.PathLike) -> tuple[str | None, str]:
             if not _decodes(path, "latin-1"):  # NUL bytes after the sample
                 return None, "binary"
             encoding = "latin-1"
-    if _control_fraction(sample[:65536].decode(encoding, errors="replace")) > 0.05:
+    if _control_fraction(sample.decode(encoding, errors="replace")) > 0.05:
         return None, "binary"
     return encoding, how
 
@@ -242,12 +243,12 @@ def tokenize_file(task: tuple[int, str, str, str]) -> dict:
     if encoding is None:
         return {**record, "status": "skipped", "reason": how}
     enc = _tokenizer()
-    arrays, tokens, spool = [], 0, None
+    arrays, tokens, spool, spool_name = [], 0, None, ""
     for chunk in document_chunks(strip_headers(read_lines(path, encoding))):
         ids = np.asarray(enc.encode_ordinary(chunk), dtype="<u2")
         tokens += len(ids)
         if spool is None and tokens > SPOOL_TOKENS:
-            fd, name = tempfile.mkstemp(dir=spool_dir, prefix=f"doc-{index}-", suffix=".spool")
+            fd, spool_name = tempfile.mkstemp(dir=spool_dir, prefix=f"doc-{index}-", suffix=".spool")
             spool = os.fdopen(fd, "wb")
             for a in arrays:
                 spool.write(a.tobytes())
@@ -261,7 +262,7 @@ def tokenize_file(task: tuple[int, str, str, str]) -> dict:
     record.update(status="document", encoding=how, tokens=tokens)
     if spool is not None:
         spool.close()
-        return {**record, "spool": spool.name}
+        return {**record, "spool": spool_name}
     return {**record, "ids": b"".join(a.tobytes() for a in arrays)}
 
 
