@@ -377,3 +377,12 @@ def test_module_docstring_commands_parse():
     text = textwrap.dedent(pd.__doc__)
     assert "python -m ch05.gutenberg.prepare_dataset prepare --data-dir" in text
     assert pd.parser().parse_args(["prepare", "--data-dir", "x"]).workers >= 1
+
+
+def test_workers_do_not_import_pytorch():
+    """A spawned worker imports this module: it must stay light (llmfs.cli, which imports PyTorch, is
+    imported only by the command)."""
+    code = "import sys, ch05.gutenberg.prepare_dataset as m; m._tokenizer(); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr

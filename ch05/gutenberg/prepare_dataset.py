@@ -48,8 +48,10 @@ from pathlib import Path
 import numpy as np
 
 from llmfs.atomic import atomic_write
-from llmfs.cli import Parser, check_output_dir, path_argument, positive_int, run
 from llmfs.errors import InvalidInput
+
+# New: llmfs.cli (the command's parser and checks) is imported inside the functions that use it: it imports
+# PyTorch, which would cost every spawned tokenizing worker seconds of start-up and ~300 MB for nothing.
 
 EOT_ID = 50256  # <|endoftext|>
 TOKENIZER = "gpt2 (tiktoken ranks, ch02/gpt2.tiktoken)"
@@ -97,9 +99,11 @@ def _decodes(path: Path, encoding: str) -> bool:
     return True
 
 
+CONTROL = re.compile("[\x00-\x08\x0e-\x19\x1c-\x1f\x7f-\x9f]")  # not \t \n \v \f \r, ^Z, ESC
+
+
 def _control_fraction(text: str) -> float:
-    control = sum(1 for c in text if (c < " " and c not in "\t\n\r\f\v\x1a\x1b") or "\x7f" <= c <= "\x9f")
-    return control / max(1, len(text))
+    return len(CONTROL.findall(text)) / max(1, len(text))
 
 
 def detect_encoding(path: str | os.PathLike) -> tuple[str | None, str]:
@@ -170,7 +174,7 @@ def strip_headers(lines: Iterable[str]) -> Iterator[str]:
     if head:
         yield from head
     for line in it:
-        if END_MARKERS.match(line):
+        if ("UTENBERG" in line or "utenberg" in line) and END_MARKERS.match(line):  # the test first: faster
             return
         yield line
 
@@ -385,6 +389,8 @@ def check_inputs(data_dir: str | os.PathLike, output_dir: str | os.PathLike, sha
     """Everything checked before any work: the data folder (exists, holds a text file), the output folder
     (writable, empty of another corpus's shards). Returns (files, source, progress state or None);
     raises a user error (one line) otherwise. `overwrite` removes our earlier shards and state."""
+    from llmfs.cli import check_output_dir
+
     data = Path(data_dir)
     if not data.exists():
         raise FileNotFoundError(f"--data-dir {data} does not exist; download the books first "
@@ -593,6 +599,7 @@ class NetworkUnavailable(RuntimeError):
 def download(output_dir: str | os.PathLike, execute: bool = False) -> None:
     """The book's way to get the books: clone pgcorpus/gutenberg and run its get_data.py (about 50 GB and
     10-15 hours as the book's README says; it needs rsync). Prints the steps; `execute` runs them."""
+    from llmfs.cli import check_output_dir
     from llmfs.download import reachable
 
     folder = Path(output_dir)
@@ -626,7 +633,9 @@ def fraction(text: str) -> float:
     return value
 
 
-def parser() -> Parser:
+def parser():
+    """The command's options (an `llmfs.cli.Parser`)."""
+    from llmfs.cli import Parser, path_argument, positive_int
     from llmfs.runtime import outputs_dir
 
     p = Parser(prog="python -m ch05.gutenberg.prepare_dataset",
@@ -654,6 +663,8 @@ def parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ch05.gutenberg.prepare_dataset {download,prepare} ...`; returns the exit code."""
+    from llmfs.cli import run
+
     args = parser().parse_args(argv)
 
     def work() -> None:
