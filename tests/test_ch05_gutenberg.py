@@ -188,7 +188,7 @@ def test_interrupted_preparation_resumes_to_the_same_bytes(corpus, tmp_path, cap
         if len(seen) == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="2 finished shards kept in .*run the same command again"):
         pd.prepare(root, tmp_path / "out", workers=2, shard_tokens=30, val_fraction=0.5, progress=False,
                    on_shard=stop_after_two)
     assert (tmp_path / "out" / "progress.json").exists() and not (tmp_path / "out" / "manifest.json").exists()
@@ -338,6 +338,8 @@ def test_bad_input_is_one_line_before_any_work(corpus, tmp_path, capsys):
     line = one_error(*cli(["prepare", "--data-dir", str(root), "--output-dir", str(out), "--shard-tokens", "7"],
                           capsys))
     assert "shard_tokens" in line and folder_bytes(out) == before
+    line = one_error(*cli(["prepare", "--data-dir", str(root), "--output-dir", str(root)], capsys))
+    assert "--output-dir is --data-dir" in line
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "train-00000.bin").write_bytes(b"\x01\x00")
@@ -386,3 +388,12 @@ def test_workers_do_not_import_pytorch():
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_a_file_gone_since_the_listing_is_skipped_and_counted(corpus, tmp_path, monkeypatch):
+    root, docs = corpus
+    listing = pd.list_files
+    monkeypatch.setattr(pd, "list_files", lambda *a, **k: [*listing(*a, **k), ("zz.txt", root / "zz.txt", 9, 0)])
+    manifest = pd.prepare(root, tmp_path / "out", workers=1, val_fraction=0.0, progress=False)
+    assert manifest["skipped"] == {"empty": 3, "binary": 2, "unreadable": 1}
+    assert get_gpt2_tokenizer().decode(all_ids(tmp_path / "out").tolist()) == EOT.join(docs) + EOT

@@ -242,25 +242,32 @@ def tokenize_file(task: tuple[int, str, str, str]) -> dict:
     """Detect, read, strip and tokenize one file (runs in a worker). Returns its record, with the ids
     (bytes) or, for a long document, the name of the spool file holding them."""
     index, path, relative, spool_dir = task
-    record: dict = {"index": index, "path": relative, "bytes": os.path.getsize(path)}
-    encoding, how = detect_encoding(path)
-    if encoding is None:
-        return {**record, "status": "skipped", "reason": how}
-    enc = _tokenizer()
+    record: dict = {"index": index, "path": relative, "bytes": 0}
     arrays, tokens, spool, spool_name = [], 0, None, ""
-    for chunk in document_chunks(strip_headers(read_lines(path, encoding))):
-        ids = np.asarray(enc.encode_ordinary(chunk), dtype="<u2")
-        tokens += len(ids)
-        if spool is None and tokens > SPOOL_TOKENS:
-            fd, spool_name = tempfile.mkstemp(dir=spool_dir, prefix=f"doc-{index}-", suffix=".spool")
-            spool = os.fdopen(fd, "wb")
-            for a in arrays:
-                spool.write(a.tobytes())
-            arrays = []
+    try:
+        record["bytes"] = os.path.getsize(path)
+        encoding, how = detect_encoding(path)
+        if encoding is None:
+            return {**record, "status": "skipped", "reason": how}
+        enc = _tokenizer()
+        for chunk in document_chunks(strip_headers(read_lines(path, encoding))):
+            ids = np.asarray(enc.encode_ordinary(chunk), dtype="<u2")
+            tokens += len(ids)
+            if spool is None and tokens > SPOOL_TOKENS:
+                fd, spool_name = tempfile.mkstemp(dir=spool_dir, prefix=f"doc-{index}-", suffix=".spool")
+                spool = os.fdopen(fd, "wb")
+                for a in arrays:
+                    spool.write(a.tobytes())
+                arrays = []
+            if spool is not None:
+                spool.write(ids.tobytes())
+            else:
+                arrays.append(ids)
+    except OSError as exc:  # gone or unreadable since the listing: skipped and counted, like a binary file
         if spool is not None:
-            spool.write(ids.tobytes())
-        else:
-            arrays.append(ids)
+            spool.close()
+            os.unlink(spool_name)
+        return {**record, "status": "skipped", "reason": "unreadable", "error": exc.strerror or str(exc)}
     if tokens == 0:
         return {**record, "status": "skipped", "reason": "empty"}
     record.update(status="document", encoding=how, tokens=tokens)
@@ -270,6 +277,13 @@ def tokenize_file(task: tuple[int, str, str, str]) -> dict:
     return {**record, "ids": b"".join(a.tobytes() for a in arrays)}
 
 
+def _ignore_ctrl_c() -> None:
+    """In a worker: Ctrl-C is the main process's to handle (one message, not one traceback per worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def ordered_results(tasks: list[tuple[int, str, str, str]], workers: int) -> Iterator[dict]:
     """`tokenize_file` of every task, in the tasks' order; at most 4 tasks per worker in flight, so
     memory does not grow with the corpus when the workers run ahead of the writer."""
@@ -277,7 +291,7 @@ def ordered_results(tasks: list[tuple[int, str, str, str]], workers: int) -> Ite
         yield from map(tokenize_file, tasks)
         return
     # spawn: the same on every OS, and safe after tiktoken's threads
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_ctrl_c) as pool:
         pending: deque = deque()
         queue = iter(tasks)
         for task in queue:
@@ -399,6 +413,9 @@ def check_inputs(data_dir: str | os.PathLike, output_dir: str | os.PathLike, sha
         raise NotADirectoryError(f"--data-dir {data} is not a folder")
     if not 0 <= val_fraction < 1:
         raise InvalidInput(f"--val-fraction must be from 0 to below 1, got {val_fraction}")
+    if Path(output_dir).resolve() == data.resolve():
+        raise InvalidInput(f"--output-dir is --data-dir ({data}); the shards would become input: choose another "
+                           "--output-dir")
     files = list_files(data, exclude=Path(output_dir))
     if not any(_looks_like_text(path) for _, path, _, _ in files):
         raise InvalidInput(f"--data-dir {data} holds no text files ({len(files)} files, all empty or binary)")
@@ -509,6 +526,12 @@ def prepare(data_dir: str | os.PathLike, output_dir: str | os.PathLike, workers:
                 save_state()
                 if on_shard:
                     on_shard(w.finished[-1])
+    except KeyboardInterrupt:
+        for w in writers.values():
+            w.abort()
+        kept = sum(len(w.finished) for w in writers.values())
+        raise KeyboardInterrupt(f"{kept} finished shards kept in {out}; run the same command again to "
+                                "continue after them") from None
     except BaseException:
         for w in writers.values():
             w.abort()
