@@ -25,6 +25,7 @@ import pytest
 
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch05.gutenberg import prepare_dataset as pd
+from llmfs.download import get_data_file
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = "<|endoftext|>"
@@ -62,6 +63,7 @@ def make_corpus(root: Path) -> list[str]:
     files = {
         "a_plain.txt": PLAIN.encode("utf-8"),
         "b_bom.txt": ("\ufeff" + "With a byte-order mark.\nÜber alles.\n").encode("utf-8"),
+        "c_utf16.txt": "Windows’ “Unicode” text: UTF-16 with a byte-order mark.\r\n".encode("utf-16"),
         "books/1/pg2701.txt": GUTENBERG.replace("\n", "\r\n").encode("utf-8"),
         "books/2/only_header.txt": ("*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n  \n"
                                     "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n").encode("utf-8"),
@@ -77,7 +79,8 @@ def make_corpus(root: Path) -> list[str]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     texts = {"a_plain.txt": PLAIN, "b_bom.txt": "With a byte-order mark.\nÜber alles.\n",
-             "books/1/pg2701.txt": GUTENBERG, "latin/cp1252.txt": CP1252, "latin/latin1.txt": LATIN1}
+             "c_utf16.txt": "Windows’ “Unicode” text: UTF-16 with a byte-order mark.\n",
+        "books/1/pg2701.txt": GUTENBERG, "latin/cp1252.txt": CP1252, "latin/latin1.txt": LATIN1}
     return [normalized(texts[name]) for name in sorted(texts)]
 
 
@@ -144,13 +147,14 @@ def test_prepare_is_exact(corpus, tmp_path):
     ids = all_ids(tmp_path / "out")
     assert enc.decode(ids.tolist()) == EOT.join(docs) + EOT
     assert ids.tolist() == [t for d in docs for t in enc.encode_ordinary(d) + [pd.EOT_ID]]
-    assert manifest["documents"] == len(docs) == 5
+    assert manifest["documents"] == len(docs) == 6
     assert manifest["skipped"] == {"empty": 3, "binary": 2}
     assert manifest["tokens"] == {"train": len(ids), "val": 0}
     assert len(manifest["shards"]) > 2 and all(s["tokens"] >= 40 for s in manifest["shards"][:-1])
-    assert sum(s["documents"] for s in manifest["shards"]) == 5
+    assert sum(s["documents"] for s in manifest["shards"]) == 6
     by_path = {r["path"]: r for r in manifest["files"]}
-    assert ".hidden.txt" not in by_path and len(by_path) == 10
+    assert ".hidden.txt" not in by_path and len(by_path) == 11
+    assert by_path["c_utf16.txt"]["encoding"] == "utf-16 (byte-order mark)"
     assert by_path["books/2/only_header.txt"]["reason"] == "empty"
     assert by_path["latin/cp1252.txt"]["encoding"] == "cp1252 (charset_normalizer)"
     assert not (tmp_path / "out" / "progress.json").exists()
@@ -249,10 +253,7 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     tokenizer buffers are in the baseline): the corpus is 20x the allowed growth. What does grow is the
     record kept per file (a few hundred bytes); measured here: about 0.4 MiB."""
     rng = random.Random(123)
-    lines = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt")
-    if not lines.exists():
-        pytest.skip("needs tinyshakespeare.txt in ../shared/data")
-    lines = lines.read_text(encoding="utf-8").splitlines()
+    lines = get_data_file("tinyshakespeare.txt").read_text(encoding="utf-8").splitlines()
 
     def book(size):
         out, n = [], 0
@@ -299,7 +300,7 @@ def test_command_prepares_and_reports(corpus, tmp_path, capsys):
                      "--no-progress"], capsys)
     assert code == 0
     summary = err.strip().splitlines()[-1]
-    assert summary.startswith("prepared 5 documents") and "skipped 5 files (binary 2, empty 3)" in summary
+    assert summary.startswith("prepared 6 documents") and "skipped 5 files (binary 2, empty 3)" in summary
     assert "MB/s" in summary and "cp1252 (charset_normalizer) " in summary
 
 

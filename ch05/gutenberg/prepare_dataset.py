@@ -90,7 +90,7 @@ def _decodes(path: Path, encoding: str) -> bool:
     with open(path, "rb") as f:
         try:
             while block := f.read(BLOCK_BYTES):
-                if b"\x00" in block:  # text has no NUL bytes, whatever its encoding
+                if b"\x00" in block and not encoding.startswith("utf-16"):  # text has none in other encodings
                     return False
                 decoder.decode(block)
             decoder.decode(b"", final=True)
@@ -112,14 +112,16 @@ def detect_encoding(path: str | os.PathLike) -> tuple[str | None, str]:
     The book reads UTF-8 and falls back to latin-1. New: between the two, `charset_normalizer` guesses
     from the first MiB, and the whole file must decode with its guess. Its guesses among the single-byte
     code pages are close calls on short texts (cp1250 for French); a Western one (cp1252, latin-1) is
-    taken when its score is within CHAOS_TOLERANCE of the best. A file with NUL bytes, or whose decoded
-    start is more than 5% control characters, is binary.
+    taken when its score is within CHAOS_TOLERANCE of the best. A file with NUL bytes (but for UTF-16 with
+    its byte-order mark), or whose decoded start is more than 5% control characters, is binary.
     """
     path = Path(path)
     with open(path, "rb") as f:
         sample = f.read(1 << 16)
     if not sample.strip():
         return None, "empty"
+    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # New: Windows' "Unicode" text files
+        return ("utf-16", "utf-16 (byte-order mark)") if _decodes(path, "utf-16") else (None, "binary")
     if b"\x00" in sample:
         return None, "binary"
     if _decodes(path, "utf-8"):
