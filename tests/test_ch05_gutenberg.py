@@ -398,3 +398,12 @@ def test_a_file_gone_since_the_listing_is_skipped_and_counted(corpus, tmp_path, 
     manifest = pd.prepare(root, tmp_path / "out", workers=1, val_fraction=0.0, progress=False)
     assert manifest["skipped"] == {"empty": 3, "binary": 2, "unreadable": 1}
     assert get_gpt2_tokenizer().decode(all_ids(tmp_path / "out").tolist()) == EOT.join(docs) + EOT
+
+
+def test_an_output_folder_inside_the_data_folder_is_not_read_as_input(corpus, tmp_path, capsys):
+    root, docs = corpus
+    first = pd.prepare(root, root / "prepared", workers=1, val_fraction=0.0, progress=False)
+    assert first["documents"] == len(docs) and not any(r["path"].startswith("prepared/") for r in first["files"])
+    capsys.readouterr()
+    assert pd.prepare(root, root / "prepared", workers=1, val_fraction=0.0, progress=False) == first
+    assert "nothing to do" in capsys.readouterr().err
