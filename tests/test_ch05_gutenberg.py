@@ -301,7 +301,7 @@ def test_command_prepares_and_reports(corpus, tmp_path, capsys):
     assert code == 0
     summary = err.strip().splitlines()[-1]
     assert summary.startswith("prepared 6 documents") and "skipped 5 files (binary 2, empty 3)" in summary
-    assert "MB/s" in summary and "cp1252 (charset_normalizer) " in summary
+    assert "MB/s" in summary and "tokens/s)" in summary and "cp1252 (charset_normalizer) " in summary
 
 
 def one_error(code, err, expected_code=2):

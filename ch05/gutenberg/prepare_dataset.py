@@ -503,7 +503,7 @@ def prepare(data_dir: str | os.PathLike, output_dir: str | os.PathLike, workers:
     shutil.rmtree(spool_dir, ignore_errors=True)  # left by a killed run
     spool_dir.mkdir()
     save_state()  # from now on the folder is recognisably this preparation's
-    done_bytes = 0
+    done_bytes = done_tokens = 0  # this run's, for the throughput
     try:
         tasks = [(i, str(files[i][1]), files[i][0], str(spool_dir)) for i in todo]
         for result in ordered_results(tasks, workers):
@@ -514,6 +514,7 @@ def prepare(data_dir: str | os.PathLike, output_dir: str | os.PathLike, workers:
                 result["split"] = split
                 blocks = _spool_blocks(spool) if spool else [ids]
                 records[index] = result
+                done_tokens += result["tokens"]
                 if writers[split].add(index, blocks):
                     save_state()
                     if on_shard:
@@ -563,7 +564,8 @@ def prepare(data_dir: str | os.PathLike, output_dir: str | os.PathLike, workers:
     print(f"prepared {documents:,} documents, {sum(tokens.values()):,} tokens (train {tokens['train']:,}, val "
           f"{tokens['val']:,}) in {len(finished)} shards; skipped {sum(skipped.values())} files ({skipped_text}); "
           f"encodings: {', '.join(f'{k} {v}' for k, v in sorted(encodings.items()))}; {done_bytes / 1e6:.1f} MB "
-          f"in {seconds:.1f} s ({done_bytes / 1e6 / seconds:.2f} MB/s)", file=sys.stderr)
+          f"in {seconds:.1f} s ({done_bytes / 1e6 / seconds:.2f} MB/s, {done_tokens / seconds:,.0f} tokens/s)",
+          file=sys.stderr)
     return manifest
 
 
