@@ -371,7 +371,7 @@ def test_download_offline_is_one_line_and_online_prints_the_book_steps(tmp_path,
     code = pd.main(["download", "--output-dir", str(tmp_path / "g")])
     out = capsys.readouterr().out
     assert code == 0 and "git clone https://github.com/pgcorpus/gutenberg.git" in out
-    assert "python get_data.py" in out and "prepare --data-dir" in out
+    assert "python get_data.py" in out and "prepare --data-dir" in out and "add --run" in out
     monkeypatch.setattr(pd.shutil, "which", lambda name: None)
     assert "git is not installed" in one_error(*cli(["download", "--output-dir", str(tmp_path / "g")], capsys))
 

@@ -644,7 +644,9 @@ def download(output_dir: str | os.PathLike, execute: bool = False) -> None:
     for step in BOOK_STEPS:
         print("  " + " ".join(step) + ("" if step[0] != "git" else "\n  cd gutenberg"))
     print(f"then: python -m ch05.gutenberg.prepare_dataset prepare --data-dir {folder / 'gutenberg/data/raw'}")
-    if execute:
+    if not execute:
+        print("(add --run to run these steps now)")
+    else:
         subprocess.run(BOOK_STEPS[0], cwd=folder, check=True)
         for step in BOOK_STEPS[1:]:
             subprocess.run([sys.executable, "-m", *step] if step[0] == "pip" else [sys.executable, *step[1:]],
