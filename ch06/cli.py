@@ -275,7 +275,8 @@ EXPERIMENT_OPTIONS = ("trainable_layers", "trainable_token_pos", "average_embedd
 def experiment_from_args(args, settings: dict):
     """The run's Experiment (None when no experiment switch is given: the chapter's run), after refusing
     combinations that contradict each other or would be ignored (InvalidInput). Updates `settings`."""
-    given = [name for name in EXPERIMENT_OPTIONS if getattr(args, name, None) not in (None, False)]
+    given = [name for name in EXPERIMENT_OPTIONS if getattr(args, name, None) is not None
+             and getattr(args, name) is not False]  # (0 is a value: --ignore-index 0, --pad-token-id 0)
     if not given:
         return None
     from ch06.experiments.additional_experiments import Experiment

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import ch05.gpt_train
 from ch03.attention import causal_mask
 from ch06 import gpt_class_finetune as book
+from ch06.cli import BOOK_SETTINGS, QUICK_SETTINGS, finetune
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import load_with_config, save_with_config
 
@@ -364,6 +365,13 @@ GRID = [
     (None, Experiment(trainable_token_pos="max")),
 ]
 
+# Quick mode (the notebook's stored outputs): the chapter's tiny random-init model on the first 200
+# training messages (50 validation, 50 test), 2 epochs, the quick run's learning rate. Full mode: the
+# book's settings on all 1,045 training messages.
+QUICK_TRAIN_ROWS = 200
+QUICK_GRID_SETTINGS = {**QUICK_SETTINGS, "num_epochs": 2, "max_length": None, "eval_freq": 100, "eval_iter": 2}
+FULL_GRID_SETTINGS = dict(BOOK_SETTINGS)
+
 
 def run_grid(settings: dict, output_dir: str | Path, grid=GRID, *, mode: str = "quick",
              train_rows: int | None = None, **finetune_kwargs) -> pd.DataFrame:
@@ -373,8 +381,6 @@ def run_grid(settings: dict, output_dir: str | Path, grid=GRID, *, mode: str = "
     Each row starts from the same seed and writes into its own folder under `output_dir`.
     `train_rows` slices the data for every row (quick runs).
     """
-    from ch06.cli import finetune
-
     rows = []
     for i, (book_row, experiment) in enumerate(grid):
         if train_rows is not None:
@@ -425,7 +431,7 @@ def trainable_parameter_formula(cfg: dict, trainable_layers: str, num_classes: i
 
 
 __all__ = [
-    "BOOK_RESULTS", "BOOK_SOURCE", "GRID", "TRAINABLE_LAYERS", "TRAINABLE_TOKEN_POS", "Experiment",
+    "BOOK_RESULTS", "BOOK_SOURCE", "FULL_GRID_SETTINGS", "GRID", "QUICK_GRID_SETTINGS", "QUICK_TRAIN_ROWS", "TRAINABLE_LAYERS", "TRAINABLE_TOKEN_POS", "Experiment",
     "book_results", "calc_accuracy_loader", "calc_loss_batch", "classifier_logits", "count_trainable_parameters",
     "final_hidden_states", "load_experiment_classifier", "pool_embeddings", "run_grid", "set_causal_mask",
     "trainable_parameter_formula",
