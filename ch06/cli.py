@@ -96,7 +96,7 @@ Without pretrained weights the chapter still runs offline:
 def finetune(settings: dict, output_dir: str | Path | None = None, *, mode: str = "pretrained",
              model_name: str = "gpt2", init_checkpoint: str | Path | None = None, n_heads: int | None = None,
              cfg: dict | None = None, device=None, progress: bool = True, resume: str | Path | None = None,
-             checkpoint_every: int | None = None, experiment=None) -> dict:
+             checkpoint_every: int | None = None, experiment=None, plots: bool = True) -> dict:
     """Prepare the data, build the model, fine-tune, evaluate, save plots and the classifier.
 
     mode: "pretrained" (the book: GPT-2 weights via chapter 5; PretrainedWeightsUnavailable with
@@ -105,7 +105,8 @@ def finetune(settings: dict, output_dir: str | Path | None = None, *, mode: str 
     random-init modes. `settings["num_threads"]` (quick: 1) limits CPU threads while it runs.
     A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
     `experiment` (a `ch06.experiments.additional_experiments.Experiment`; None: the chapter's run) supplies
-    the head, freezing, loaders, loss, accuracy and saving with the book's bonus switches.
+    the head, freezing, loaders, loss, accuracy and saving with the book's bonus switches; `plots=False`
+    skips the loss and accuracy plots (a grid of runs).
     """
     if mode not in ("pretrained", "quick", "scratch"):
         raise InvalidInput(f"mode must be 'pretrained', 'quick' or 'scratch', got {mode!r}")
@@ -113,11 +114,11 @@ def finetune(settings: dict, output_dir: str | Path | None = None, *, mode: str 
     with cpu_threads(settings.get("num_threads") if device.type == "cpu" else None):
         output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch06")
         return _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, cfg, device,
-                         progress, resume, checkpoint_every, experiment)
+                         progress, resume, checkpoint_every, experiment, plots)
 
 
 def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, cfg, device, progress,
-              resume, checkpoint_every, experiment=None) -> dict:
+              resume, checkpoint_every, experiment=None, plots=True) -> dict:
     # The chapter's listings, or an experiment's versions of them (same names and arguments).
     ops = book if experiment is None else experiment
     set_seed(settings["seed"])
@@ -193,16 +194,17 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     import matplotlib.pyplot as plt
 
     num_epochs = settings["num_epochs"]
-    if train_losses:
+    if train_losses and plots:
         book.plot_values(torch.linspace(0, num_epochs, len(train_losses)).tolist(),
                     torch.linspace(0, examples_seen, len(train_losses)).tolist(),
                     train_losses, val_losses, label="loss", path=output_dir / "loss-plot.png")
-    book.plot_values(torch.linspace(0, num_epochs, len(train_accs)).tolist(),
-                torch.linspace(0, examples_seen, len(train_accs)).tolist(),
-                train_accs, val_accs, label="accuracy", path=output_dir / "accuracy-plot.png")
+    if plots:
+        book.plot_values(torch.linspace(0, num_epochs, len(train_accs)).tolist(),
+                         torch.linspace(0, examples_seen, len(train_accs)).tolist(),
+                         train_accs, val_accs, label="accuracy", path=output_dir / "accuracy-plot.png")
     plt.close("all")
     model_path = ops.save_classifier(model, output_dir / book.MODEL_FILE, max_length=max_length)
-    print(f"saved {model_path} and plots in {output_dir}")
+    print(f"saved {model_path}{' and plots' if plots else ''} in {output_dir}")
     return {"model": model, "accuracies": accuracies, "train_losses": train_losses, "val_losses": val_losses,
             "train_accs": train_accs, "val_accs": val_accs, "examples_seen": examples_seen, "seconds": seconds,
             "max_length": max_length, "model_path": model_path, "loaders": (train_loader, val_loader, test_loader)}

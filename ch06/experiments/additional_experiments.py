@@ -32,7 +32,9 @@ book's switches (`--trainable-layers`, `--trainable-token-pos`, `--average-embed
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -89,16 +91,20 @@ def pool_embeddings(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -
 
 
 def classifier_logits(model: nn.Module, input_batch: torch.Tensor, trainable_token_pos: str = "last",
-                      pad_token_id: int = book.PAD_TOKEN_ID) -> torch.Tensor:
+                      pad_token_id: int = book.PAD_TOKEN_ID, trim: bool = True) -> torch.Tensor:
     """Class logits of right-padded token ids (b, num_tokens) -> (b, num_classes).
 
     "last": at the last real token (the chapter's `last_token_logits`); "first": at position 0;
     "average" / "max": the head applied to the pooled hidden states of the real tokens.
-    The padding runs through the model (no trimming), so the context length costs what it costs
-    and, without the causal mask, the real tokens see the padding as in the book's script.
+    With `trim` (as the chapter does) the padding columns after the batch's longest message are
+    dropped first: under the causal mask no real token sees them, so nothing changes but the time.
+    Without the causal mask the real tokens do see the padding, so an `Experiment` then passes
+    trim=False and the whole padded length runs through the model, as in the book's script.
     """
     if trainable_token_pos == "last":
-        return book.last_token_logits(model, input_batch, pad_token_id, trim=False)
+        return book.last_token_logits(model, input_batch, pad_token_id, trim=trim)
+    if trim:
+        input_batch = input_batch[:, :int(book.sequence_lengths(input_batch, pad_token_id).max())]
     if trainable_token_pos == "first":
         return model(input_batch)[:, 0, :]                     # (b, num_classes)
     if trainable_token_pos in ("average", "max"):
@@ -112,16 +118,17 @@ def classifier_logits(model: nn.Module, input_batch: torch.Tensor, trainable_tok
 
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module, device,
                     trainable_token_pos: str = "last", ignore_index: int = -100,
-                    pad_token_id: int = book.PAD_TOKEN_ID) -> torch.Tensor:
+                    pad_token_id: int = book.PAD_TOKEN_ID, trim: bool = True) -> torch.Tensor:
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = classifier_logits(model, input_batch, trainable_token_pos, pad_token_id)
+    logits = classifier_logits(model, input_batch, trainable_token_pos, pad_token_id, trim)
     # Targets equal to ignore_index count neither in the mean nor in the gradient.
     return F.cross_entropy(logits, target_batch, ignore_index=ignore_index)
 
 
 @torch.no_grad()  # Disable gradient tracking for efficiency
 def calc_accuracy_loader(data_loader, model: nn.Module, device, num_batches: int | None = None,
-                         trainable_token_pos: str = "last", pad_token_id: int = book.PAD_TOKEN_ID) -> float:
+                         trainable_token_pos: str = "last", pad_token_id: int = book.PAD_TOKEN_ID,
+                         trim: bool = True) -> float:
     model.eval()
     correct_predictions, num_examples = 0, 0
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
@@ -129,7 +136,7 @@ def calc_accuracy_loader(data_loader, model: nn.Module, device, num_batches: int
         if i >= num_batches:
             break
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-        logits = classifier_logits(model, input_batch, trainable_token_pos, pad_token_id)
+        logits = classifier_logits(model, input_batch, trainable_token_pos, pad_token_id, trim)
         predicted_labels = torch.argmax(logits, dim=-1)
         num_examples += predicted_labels.shape[0]
         correct_predictions += (predicted_labels == target_batch).sum().item()
@@ -282,11 +289,11 @@ class Experiment:
 
     def calc_loss_batch(self, input_batch, target_batch, model, device) -> torch.Tensor:
         return calc_loss_batch(input_batch, target_batch, model, device, self.trainable_token_pos,
-                               self.ignore_index, self.pad_token_id)
+                               self.ignore_index, self.pad_token_id, trim=not self.disable_causal_mask)
 
     def calc_accuracy_loader(self, data_loader, model, device, num_batches: int | None = None) -> float:
         return calc_accuracy_loader(data_loader, model, device, num_batches, self.trainable_token_pos,
-                                    self.pad_token_id)
+                                    self.pad_token_id, trim=not self.disable_causal_mask)
 
     def evaluate_model(self, model, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:
         # chapter 5's evaluation, given this row's loss
@@ -374,12 +381,13 @@ FULL_GRID_SETTINGS = dict(BOOK_SETTINGS)
 
 
 def run_grid(settings: dict, output_dir: str | Path, grid=GRID, *, mode: str = "quick",
-             train_rows: int | None = None, **finetune_kwargs) -> pd.DataFrame:
+             train_rows: int | None = None, verbose: bool = False, **finetune_kwargs) -> pd.DataFrame:
     """Fine-tune once per row of `grid` ((book row or None, Experiment) pairs) with `ch06.cli.finetune`
     and return the table: accuracies in %, trainable parameters, training time in seconds.
 
     Each row starts from the same seed and writes into its own folder under `output_dir`.
-    `train_rows` slices the data for every row (quick runs).
+    `train_rows` slices the data for every row (quick runs). Each run's own log is shown with
+    `verbose`; otherwise one line per row. No loss plots are drawn.
     """
     rows = []
     for i, (book_row, experiment) in enumerate(grid):
@@ -387,8 +395,11 @@ def run_grid(settings: dict, output_dir: str | Path, grid=GRID, *, mode: str = "
             experiment = replace(experiment, train_rows=train_rows)
         run_settings = {**settings, "trainable": experiment.trainable_layers}
         start = time.perf_counter()
-        result = finetune(run_settings, Path(output_dir) / f"row-{i:02d}", mode=mode, experiment=experiment,
-                          progress=False, **finetune_kwargs)
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+            result = finetune(run_settings, Path(output_dir) / f"row-{i:02d}", mode=mode, experiment=experiment,
+                              progress=False, plots=False, **finetune_kwargs)
+        accuracies = ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in result["accuracies"].items())
+        print(f"row {book_row or '-'} ({experiment.label}): {accuracies}; {result['seconds']:.1f} s training")
         rows.append({
             "book row": book_row if book_row is not None else "-",
             "experiment": experiment.label,
