@@ -46,10 +46,13 @@ import torch.nn.functional as F
 
 import ch05.gpt_train
 from ch03.attention import causal_mask
-from ch06 import gpt_class_finetune as book
 from ch06.cli import BOOK_SETTINGS, QUICK_SETTINGS, finetune
+from llmfs.cli import chapter_module
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import load_with_config, save_with_config
+
+# The chapter's listings (the module `python -m ch06.gpt_class_finetune` runs, never a second copy).
+book = chapter_module("ch06.gpt_class_finetune")
 
 TRAINABLE_LAYERS = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
 TRAINABLE_TOKEN_POS = ("last", "first", "average", "max")
