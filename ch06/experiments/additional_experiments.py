@@ -166,8 +166,7 @@ def set_causal_mask(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-def count_trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+count_trainable_parameters = book.count_trainable_parameters  # the chapter's, re-exported for the grid
 
 
 @dataclass(frozen=True)
