@@ -38,7 +38,7 @@ BONUS_FOLDERS = {
     "ch03": {"mha": {"mha_implementations.py"}},
     "ch05": {"llama": {"llama3.py", "qwen3.py", "gemma3.py", "generate_llm.py", "__main__.py"}, "ui": {"app.py", "__main__.py"},
              "training_speed": {"training_speed.py"}, "gutenberg": {"prepare_dataset.py"}},
-    "ch06": {"ui": {"app.py", "__main__.py"}},
+    "ch06": {"ui": {"app.py", "__main__.py"}, "experiments": {"additional_experiments.py"}},
     "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "serve": {"__main__.py"},
              "data_generation": {"generate_instruction_data.py", "reflection.py"},
              "dataset_utils": {"find_near_duplicates.py", "create_passive_voice_entries.py"},
