@@ -188,28 +188,48 @@ def test_a_checkpoint_of_two_processes_resumes_on_two_and_on_one(runs):
     shutil.rmtree(tmp)
 
 
-def _gpt_train(tmp_path, launcher, *args):
+def test_fsdp_without_torchrun_is_refused_in_one_line(tmp_path):
     env = {**_env(), "LLMFS_OUTPUT_DIR": str(tmp_path / "out")}
-    return subprocess.run([*launcher, "-m", "ch05.gpt_train", "--quick", *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "ch05.gpt_train", "--quick", "--fsdp"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in proc.stderr.splitlines() if line.strip()][-1:], proc.stderr
+    assert errors[0].startswith("error: --fsdp shards the model across the processes torchrun starts; run it as "
+                                "torchrun --nproc_per_node=N -m ch05.gpt_train --fsdp")
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("launcher, args, message", [
-    ("python", ["--fsdp"], "error: --fsdp shards the model across the processes torchrun starts"),
-    ("torchrun", ["--fsdp", "--batch-size", "3"], "error: --fsdp: the batch size 3 is the global batch and must "
-                                                  "be divisible by the 2 processes"),
-    ("torchrun", ["--fsdp", "--resume", "checkpoint.pth"], "error: --fsdp resumes the checkpoint.dcp folder"),
-    ("torchrun", ["--resume", "checkpoint.dcp"], "error: --resume checkpoint.dcp is the sharded checkpoint of an "
-                                                 "--fsdp run; resume it with --fsdp"),
+@pytest.mark.parametrize("args, message", [
+    (["--fsdp", "--batch-size", "3"],
+     "error: --fsdp: the batch size 3 is the global batch and must be divisible by the 2 processes"),
+    (["--fsdp", "--resume", "checkpoint.pth"], "error: --fsdp resumes the checkpoint.dcp folder an --fsdp run writes"),
+    (["--fsdp", "--resume", "missing.dcp"], "error: --resume missing.dcp does not exist"),
+    (["--fsdp", "--resume", "empty"], "error: --resume empty is a folder but not a sharded checkpoint"),
+    (["--resume", "checkpoint.dcp"], "error: --resume checkpoint.dcp is the sharded checkpoint of an --fsdp run; "
+                                     "resume it with --fsdp"),
 ])
-def test_what_fsdp_cannot_do_is_said_once_before_any_work(launcher, args, message, tmp_path):
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_what_fsdp_cannot_honour_is_said_once_before_any_work(args, message, rank, tmp_path, monkeypatch, capsys):
+    """As under `torchrun --nproc_per_node=2` (its variables set): the first process says it, the other is
+    silent, both stop with exit code 2 before the process group, the data or the output folder."""
+    from ch05.cli import train_main
+
+    for name, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "test", "LLMFS_OUTPUT_DIR": str(tmp_path / "out")
+                        }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoint.pth").write_bytes(b"PK")
+    (tmp_path / "empty").mkdir()
     (tmp_path / "checkpoint.dcp").mkdir()
     for name in (".metadata", "train_state.pth"):
         (tmp_path / "checkpoint.dcp" / name).write_bytes(b"x")
-    proc = _gpt_train(tmp_path, [sys.executable] if launcher == "python" else _torchrun(2), *args)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
-    assert "device:" not in proc.stdout  # refused before the run started
-    assert not (tmp_path / "out").exists()
+    assert train_main(["--quick", *args]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    if rank == "0":
+        assert len(errors) == 1 and errors[0].startswith(message), captured.err
+    else:
+        assert errors == []
+    assert captured.out == "" and not (tmp_path / "out").exists()
