@@ -114,11 +114,12 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
                                                                  settings["train_ratio"])
     model = GPTModel(cfg).to(device)
     is_main = dist_info is None or dist_info.is_main
+    batch_per_process = settings["batch_size"]
     if dist_info is not None and fsdp:
         # New: every rank starts from the same weights (same seed) and keeps its slice of each;
         # global batch = batch_size, each rank trains on batch_size / ranks of it.
-        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"],
-                                    batch_size=settings["batch_size"] // dist_info.world_size)
+        batch_per_process = settings["batch_size"] // dist_info.world_size
+        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"], batch_size=batch_per_process)
         model = shard_model(model, model.trf_blocks)
     elif dist_info is not None:
         # Every rank starts from the same weights (same seed); DDP averages gradients across ranks,
@@ -175,7 +176,7 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         json.dump(model.cfg, f, indent=2)
     if train_losses:
         # Fractional epochs from the tokens seen (also right for runs stopped early or resumed).
-        tokens_per_epoch = len(train_loader) * settings["batch_size"] * cfg["context_length"]
+        tokens_per_epoch = len(train_loader) * batch_per_process * cfg["context_length"]  # as tokens_seen: per process
         epochs_seen = [t / tokens_per_epoch for t in tokens_seen]
         fig = gpt_train().plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, output_dir / "loss.png")
         import matplotlib.pyplot as plt
