@@ -21,7 +21,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.test_llmfs_distributed import _free_port
+from test_llmfs_distributed import _free_port
 
 RTOL = 1e-5  # float32, two processes: the gradients are summed in another order than in one process
 
