@@ -31,7 +31,7 @@ import torch.nn as nn
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, QUICK_CONFIG, GPTModel
 from llmfs.atomic import atomic_write
-from llmfs.checkpoint import CheckpointFileError, is_sharded_checkpoint, save_model
+from llmfs.checkpoint import CheckpointFileError, save_model
 from llmfs.cli import (
     Parser,
     add_common_args,
@@ -52,6 +52,7 @@ from llmfs.distributed import (
     cleanup,
     gather_full_state_dict,
     init_distributed,
+    is_sharded_checkpoint,
     launched_by_torchrun,
     shard_loader,
     shard_model,

@@ -35,14 +35,18 @@ Resuming, on any number of processes: add `--resume /shared/run1/checkpoint.dcp`
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from llmfs.atomic import atomic_path
+from llmfs.checkpoint import CheckpointFileError, CheckpointMismatchError, load_state_file
 from llmfs.runtime import distributed_backend
 
 
@@ -134,3 +138,79 @@ def cleanup() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# --- Sharded checkpoints (FSDP): a folder written by all processes together --------------------------
+
+# New: FSDP keeps a slice of every tensor on each process; torch.distributed.checkpoint (DCP) writes the
+# slices in parallel and re-slices them on loading, for any number of processes.
+SHARDED_STATE_FILE = "train_state.pth"  # step, RNG states, history: plain values, read with weights_only
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder written by `save_sharded_checkpoint` (DCP's `.metadata` and our training state)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / SHARDED_STATE_FILE).is_file()
+
+
+def save_sharded_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            **training_state) -> Path:
+    """Model + optimizer slices of every process, and the training state, as the folder `path`; a collective.
+
+    Written into `.<name>.tmp` beside it, then renamed into place by rank 0 once every process has
+    written its slice, so a run killed while saving leaves the previous checkpoint as it was (the
+    old folder is renamed to `.<name>.old` for the moment between the two renames).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    main = dist.get_rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if main:
+        with atomic_path(tmp / SHARDED_STATE_FILE) as file:
+            torch.save(training_state, file)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        fd = os.open(path.parent, os.O_RDONLY)  # the renames themselves reach the disk
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def read_sharded_training_state(path: str | os.PathLike) -> dict:
+    """The training state (step, RNG states, history, settings) of a sharded checkpoint folder."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointFileError(f"{path} is not a sharded checkpoint folder (it lacks .metadata or "
+                                  f"{SHARDED_STATE_FILE}); give the checkpoint.dcp folder an --fsdp run wrote")
+    return load_state_file(path / SHARDED_STATE_FILE)
+
+
+def load_sharded_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint's model and optimizer into the sharded `model`/`optimizer`; a collective.
+
+    The folder may have been written by another number of processes: DCP reads, for each
+    process, the parts of the saved slices that make up its own slices now.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=Path(path))
+    except dcp.CheckpointException as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointMismatchError(f"{path} does not fit the model and optimizer ({first})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -18,7 +18,7 @@ for the DPO loop `ch07.dpo.dpo.train_model_dpo_simple`) and adds:
 * DistributedDataParallel under `torchrun` (`llmfs.distributed`), `max_steps`, mixed
   precision (`autocast_dtype`), a progress bar;
 * a model sharded with FSDP (`llmfs.distributed.shard_model`): checkpoints are then folders that
-  all processes write together (`llmfs.checkpoint.save_sharded_checkpoint`) and that resume on
+  all processes write together (`llmfs.distributed.save_sharded_checkpoint`) and that resume on
   any number of processes; evaluation and `epoch_end_fn` run on every process (the sharded
   model's forward is a collective);
 * hooks, so that chapter 5 (the book's loss, evaluation and sample), chapter 6 (classification
@@ -46,14 +46,16 @@ from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipyw
 from llmfs.checkpoint import (
     CheckpointMismatchError,
     check_state_dict,
+    load_state_file,
+    save_checkpoint,
+)
+from llmfs.distributed import (
+    is_sharded,
     is_sharded_checkpoint,
     load_sharded_checkpoint,
-    load_state_file,
     read_sharded_training_state,
-    save_checkpoint,
     save_sharded_checkpoint,
 )
-from llmfs.distributed import is_sharded
 from llmfs.errors import InvalidInput, UserError
 from llmfs.runtime import DeviceUnavailableError, cpu_bf16_supported
 
