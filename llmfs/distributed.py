@@ -17,7 +17,9 @@ is picked automatically (NCCL on CUDA, Gloo on CPU/Windows).
   batches when it is resumed on another number of processes. Checkpoints are a folder,
   `checkpoint.dcp`, written by all processes together with `torch.distributed.checkpoint`
   (one file of slices per process, plus `train_state.pth` with the step, RNG states and sampler
-  position); DCP re-slices them on loading, so a run saved with 2 processes resumes with 1, 2 or 4.
+  position); DCP re-slices them on loading, so a run saved with 2 processes resumes with 1 or 2
+  (or any number that divides the global batch) and trains on as if uninterrupted. Ctrl-C (or
+  SIGTERM) on any process stops every process after the same step, and they write the checkpoint.
   At the end the full weights are gathered once into the first process and written as the usual
   single-file `model.pth` that `python -m ch05.gpt_generate --model .../model.pth` loads.
 
