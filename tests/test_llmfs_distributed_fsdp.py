@@ -13,7 +13,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -185,7 +184,6 @@ def test_a_checkpoint_of_two_processes_resumes_on_two_and_on_one(runs):
     one = _train(tmp, "resume1", _torchrun(1), "fsdp", 2, step8)
     assert sorted(one["losses"]) == list(range(8, len(uninterrupted)))
     _assert_close(one["losses"], uninterrupted, "resumed on 1 process vs uninterrupted")
-    shutil.rmtree(tmp)
 
 
 def test_fsdp_without_torchrun_is_refused_in_one_line(tmp_path):
