@@ -214,7 +214,14 @@ def open_study(study_db: str | Path, search: dict, seed: int = 123) -> optuna.St
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage, pruner=pruner)
         stored = study.user_attrs.get("search")
         if stored != search or study.user_attrs.get("sampler_seed") != seed:
-            differ = sorted(k for k in search if stored is None or stored.get(k) != search[k])
+            stored = stored or {}
+            differ = []
+            for key in search:  # name what differs, down to the key of a settings dict
+                old, new = stored.get(key), search[key]
+                if isinstance(old, dict) and isinstance(new, dict):
+                    differ += [f"{key}.{k}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+                elif old != new:
+                    differ.append(key)
             if study.user_attrs.get("sampler_seed") != seed:
                 differ.append("seed")
             raise InvalidInput(f"--study-db {path} holds a study with other settings ({', '.join(differ)} differ): "
