@@ -38,7 +38,6 @@ from llmfs.cli import (
     check_output_dir,
     common_overrides,
     device_name,
-    non_negative_float,
     non_negative_int,
     positive_int,
     run,
@@ -189,8 +188,6 @@ def train_parser() -> argparse.ArgumentParser:
     add_quick_argument(p, "small model and few epochs (about a minute on a CPU)")
     add_common_args(p, str(outputs_dir("ch05")))
     p.add_argument("--context-length", type=positive_int, help="context length (default 256; quick: 64)")
-    # New: the dropout rate as an option, so ch05.hparam_tuning's best settings are one command line.
-    p.add_argument("--drop-rate", type=non_negative_float, help="dropout rate, below 1 (default 0.1)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
@@ -210,10 +207,6 @@ def train_settings(args: argparse.Namespace) -> tuple[dict, dict]:
         if args.context_length > GPT_CONFIG_124M["context_length"]:
             raise InvalidInput(f"--context-length {args.context_length} is longer than GPT-2's 1024 positions")
         cfg["context_length"] = args.context_length
-    if args.drop_rate is not None:
-        if args.drop_rate >= 1:
-            raise InvalidInput(f"--drop-rate {args.drop_rate:g} would drop every activation: give a rate below 1")
-        cfg["drop_rate"] = args.drop_rate
     return cfg, settings
 
 

@@ -22,8 +22,9 @@ from nbexec import REPO
 
 TINY = ["--quick", "--context-length", "16", "--eval-freq", "1", "--eval-iter", "1", "--max-steps", "2",
         "--device", "cpu"]
-# One value for every key but the learning rate and weight decay; no warm-up, so the command reproduces.
-TINY_SPACE = {"batch_size": ("categorical", [2]), "drop_rate": ("categorical", [0.0, 0.1]),
+# One value for every key but the learning rate and weight decay; no warm-up and chapter 5's dropout,
+# so the command reproduces the best trial.
+TINY_SPACE = {"batch_size": ("categorical", [2]), "drop_rate": ("categorical", [0.1]),
               "warmup_iters": ("categorical", [0]), "weight_decay": ("float", 0.0, 0.1),
               "peak_lr": ("log", 1e-4, 3e-3), "n_epochs": ("categorical", [1])}
 
@@ -47,7 +48,7 @@ def summary(study: optuna.Study) -> list[tuple]:
 def test_a_tiny_study_runs_and_prunes_a_planted_bad_trial(tmp_path, verdict_text):
     study = hs.open_study(tmp_path / "s.db", tiny_search(n_startup_trials=2, n_warmup_steps=1))
     hs.run_search(study, 2, verdict_text, "cpu", verbose=False)
-    bad = {"batch_size": 2, "drop_rate": 0.0, "warmup_iters": 0, "weight_decay": 0.0, "n_epochs": 1,
+    bad = {"batch_size": 2, "drop_rate": 0.1, "warmup_iters": 0, "weight_decay": 0.0, "n_epochs": 1,
            "peak_lr": 0.5}  # far outside the space: the loss climbs instead of falling
     study.enqueue_trial(bad)
     with warnings.catch_warnings():
@@ -135,14 +136,19 @@ def test_the_best_command_gives_the_best_trials_validation_loss(tmp_path, verdic
     assert out["val_losses"] == [best.intermediate_values[s] for s in sorted(best.intermediate_values)]
     assert out["val_losses"][-1] == study.best_value
     assert (out_dir / "model.pth").is_file()
-    # With a warm-up the command is the nearest one, and says so.
-    warm = optuna.create_study()
-    warm.set_user_attr("search", study.user_attrs["search"])
-    warm.add_trial(optuna.trial.create_trial(
-        params={**best.params, "warmup_iters": 4}, value=0.0,
-        distributions={**best.distributions, "warmup_iters": optuna.distributions.CategoricalDistribution([0, 4])}))
-    argv, note = hs.best_command(warm, out_dir)
-    assert "nearest command" in note and "warmup_iters=4" in note and "--drop-rate" in argv
+    # With a warm-up or another dropout rate the command is the nearest one, and says so.
+    for changed, expected in (({"warmup_iters": 4}, "no option for warmup_iters=4 (it trains without a warm-up)"),
+                              ({"drop_rate": 0.0}, "no option for drop_rate=0 (it trains with 0.1)")):
+        other = optuna.create_study()
+        other.set_user_attr("search", study.user_attrs["search"])
+        other.add_trial(optuna.trial.create_trial(
+            params={**best.params, **changed}, value=0.0,
+            distributions={**best.distributions,
+                           "warmup_iters": optuna.distributions.CategoricalDistribution([0, 4]),
+                           "drop_rate": optuna.distributions.CategoricalDistribution([0.0, 0.1])}))
+        argv, note = hs.best_command(other, out_dir)
+        assert expected in note and "nearest command" in note
+        assert argv == hs.best_command(study, out_dir)[0]  # the same command: the settings it can be given
 
 
 def test_the_command_prints_the_table_and_writes_the_best_command(tmp_path, capsys):
@@ -208,6 +214,5 @@ def test_the_notebooks_stored_outputs_agree_with_the_module():
     space = hs.QUICK_SEARCH_SPACE
     assert args.quick and args.batch_size in space["batch_size"][1]
     assert space["peak_lr"][1] <= args.lr <= space["peak_lr"][2]
-    assert space["drop_rate"][1] <= args.drop_rate <= space["drop_rate"][2]
     rows = [line for line in text.splitlines() if line.startswith("| ") and "| trial |" not in line]
     assert any("| pruned |" in row for row in rows) and any("| done |" in row for row in rows)
