@@ -97,8 +97,12 @@ def test_an_interrupted_search_resumes_to_exactly_n_trials(tmp_path, monkeypatch
     assert len(finished) == 4
     assert summary(study)[:2] == first_two  # unchanged
     assert [t.state.name for t in study.trials].count("FAIL") == 1  # the interrupted one, kept as such
-    # The resumed sampler drew new settings, not the first trials' again.
+    # The interrupted trial ran again first, with its settings; then the resumed sampler drew new settings,
+    # not the first trials' again.
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert finished[2].params == failed.params and finished[2].user_attrs["rerun_of"] == failed.number
     assert all(t.params != u.params for t in finished[2:] for u in finished[:2])
+    assert finished[3].params != failed.params
     # Asking for no more trials than are finished runs none.
     assert hs.main([*TINY, "--study-db", str(db), "--trials", "3"]) == 0
     assert len(optuna.load_study(study_name=hs.STUDY_NAME, storage=f"sqlite:///{db}").trials) == 5

@@ -226,7 +226,8 @@ def open_study(study_db: str | Path, search: dict, seed: int = 123) -> optuna.St
                     differ.append(key)
             if study.user_attrs.get("sampler_seed") != seed:
                 differ.append("seed")
-            raise InvalidInput(f"--study-db {path} holds a study with other settings ({', '.join(differ)} differ): "
+            named = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+            raise InvalidInput(f"--study-db {path} holds a study with other settings ({named} differ): "
                                "rerun it with the same options, or give another --study-db")
         # New: a seeded sampler restarted on a resumed study would propose its first points again;
         # offsetting its seed by the trials already there makes a resumed search draw new ones.
@@ -234,6 +235,11 @@ def open_study(study_db: str | Path, search: dict, seed: int = 123) -> optuna.St
         # A trial still "running" was cut off (the process was killed): mark it failed, not finished.
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        # An interrupted trial runs again first, with its settings (once: a rerun names the trial it repeats).
+        rerun = {t.user_attrs.get("rerun_of") for t in study.trials}
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            if t.number not in rerun and t.params:
+                study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number})
         return study
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="minimize",
                                 sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
@@ -381,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             space["batch_size"][2]
         check_text_fits(text, get_gpt2_tokenizer(), search["config"]["context_length"], largest_batch,
                         search["settings"]["train_ratio"])
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial, ours
+        # One line per trial, ours (Optuna would also log an interrupted trial's traceback as a warning).
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = open_study(args.study_db, search, args.seed)
         before = len(finished_trials(study))
         print(f"study {args.study_db}: {before} finished trials, {max(n_trials - before, 0)} to run"
