@@ -176,7 +176,10 @@ def test_loss_falls(shards, tmp_path):
 
 
 def cli(argv, capsys):
-    code = ps.main(argv)
+    try:
+        code = ps.main(argv)
+    except SystemExit as exc:  # the parser's own errors
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
