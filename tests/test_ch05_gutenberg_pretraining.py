@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,33 @@ def test_command_trains_and_writes_tensorboard(shards, tmp_path, capsys):
     assert "Step 000002" in out and "tokens/s" in out
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pth", "config.json", "model.pth"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+NOTEBOOK = REPO / "ch05" / "gutenberg" / "pretraining-on-gutenberg.ipynb"
+
+
+def stored_outputs(cell_id: str) -> str:
+    cells = {c["id"]: c for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]}
+    return "".join("".join(o.get("text", "")) for o in cells[cell_id].get("outputs", []))
+
+
+def test_notebook_outputs_agree_with_a_recomputation(tmp_path):
+    """The stored (quick-mode) outputs: the library and its preparation recomputed here give the same
+    counts, the interrupted run was resumed, the loss fell, and the TensorBoard tags were read back."""
+    assert "quick mode: True" in stored_outputs("pretrain-01")
+    files = ps.write_demo_library(tmp_path / "books", max_chars=60_000, doc_chars=6_000)
+    assert f"{len(files)} files:" in stored_outputs("pretrain-03")
+    manifest = prepare(tmp_path / "books", tmp_path / "shards", workers=1, shard_tokens=4_000, val_fraction=0.3,
+                       progress=False)
+    prepared = stored_outputs("pretrain-05")
+    assert str({k: manifest[k] for k in ("documents", "tokens")}) in prepared
+    assert str(manifest["skipped"]) in prepared and manifest["skipped"] == {"empty": 1, "binary": 1}
+    assert "Gutenberg boilerplate left: False" in stored_outputs("pretrain-07")
+    assert f"<|endoftext|> tokens: {manifest['documents']} documents: {manifest['documents']}" in \
+        stored_outputs("pretrain-07")
+    assert "step 12 of 24" in stored_outputs("pretrain-11")
+    resumed = stored_outputs("pretrain-12")
+    assert "resumed from" in resumed and "step 24 of 24" in resumed
+    first, last = (float(x) for x in re.search(r"loss: train ([\d.]+) -> ([\d.]+)", resumed).groups())
+    assert last < first - 1.0
+    assert "['loss/train', 'loss/val', 'lr', 'tokens_per_s']" in stored_outputs("pretrain-15")

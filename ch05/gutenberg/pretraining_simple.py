@@ -361,6 +361,48 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
             "steps_per_epoch": steps_per_epoch}
 
 
+# --- A small library to try it on ----------------------------------------------------------------------------
+
+PG_HEADER = ("The Project Gutenberg eBook of {title}\n\nThis eBook is for the use of anyone anywhere in the United "
+             "States and most other parts of the world at no cost.\n\n*** START OF THE PROJECT GUTENBERG EBOOK "
+             "{title_upper} ***\n\n")
+PG_FOOTER = ("\n\n*** END OF THE PROJECT GUTENBERG EBOOK {title_upper} ***\n\nUpdated editions will replace the "
+             "previous one--the old editions will be renamed.\n")
+
+
+def write_demo_library(folder: str | Path, max_chars: int | None = None, doc_chars: int = 20_000) -> list[Path]:
+    """A folder of "books" the project can ship offline: tinyshakespeare (its first `max_chars` characters) cut at
+    blank lines into documents of about `doc_chars` characters, every other one wrapped in a Project Gutenberg
+    header and footer, and the-verdict; plus a binary file and an empty one (the preparation skips both).
+    Returns the files written, sorted."""
+    from llmfs.download import get_data_file
+
+    folder = Path(folder)
+    shakespeare = get_data_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:max_chars]
+    docs, current = [], []
+    for paragraph in shakespeare.split("\n\n"):
+        current.append(paragraph)
+        if sum(len(p) for p in current) >= doc_chars:
+            docs.append("\n\n".join(current))
+            current = []
+    if current:
+        docs.append("\n\n".join(current))
+    files = {}
+    for i, doc in enumerate(docs):
+        title = f"Tiny Shakespeare, part {i + 1}"
+        if i % 2 == 0:
+            doc = PG_HEADER.format(title=title, title_upper=title.upper()) + doc + \
+                PG_FOOTER.format(title_upper=title.upper())
+        files[f"shakespeare/pg{i + 1:03d}.txt"] = doc.encode("utf-8")
+    files["wharton/the-verdict.txt"] = get_data_file("the-verdict.txt").read_bytes()
+    files["wharton/cover.png"] = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+    files["notes/empty.txt"] = b""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return sorted(folder / name for name in files)
+
+
 # --- The command -----------------------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
