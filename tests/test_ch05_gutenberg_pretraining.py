@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shlex
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +262,33 @@ def test_notebook_outputs_agree_with_a_recomputation(tmp_path):
     first, last = (float(x) for x in re.search(r"loss: train ([\d.]+) -> ([\d.]+)", resumed).groups())
     assert last < first - 1.0
     assert "['loss/train', 'loss/val', 'lr', 'tokens_per_s']" in stored_outputs("pretrain-15")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_the_printed_command_resumes_exactly(shards, tmp_path, capsys, monkeypatch):
+    args = ["--quick", "--no-progress", "--device", "cpu", "--data-dir", str(shards), "--max-steps", "8",
+            "--eval-freq", "2", "--batch-size", "2", "--context-length", "16", "--print-sample-iter", "1000"]
+    assert cli([*args, "--output-dir", str(tmp_path / "whole")], capsys)[0] == 0
+    real, calls = ps.calc_loss_batch, []
+
+    def ctrl_c_at_the_fourth_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # the step finishes, then the trainer saves and stops
+        return real(*a, **k)
+
+    monkeypatch.setattr(ps, "calc_loss_batch", ctrl_c_at_the_fourth_step)
+    part = tmp_path / "part"
+    code, out, err = cli([*args, "--output-dir", str(part)], capsys)
+    assert code == 130 and "interrupted: SIGINT after step 4" in err and (part / "checkpoint.pth").exists()
+    assert not (part / "model.pth").exists()
+    command = next(line for line in err.splitlines() if line.startswith("resume with: "))
+    words = shlex.split(command)  # resume with: python -m MODULE (the module pytest runs as, here) ARGS
+    assert words[2:4] == ["python", "-m"]
+    argv = words[5:]
+    assert argv[-2:] == ["--resume", str(part / "checkpoint.pth")]
+    monkeypatch.setattr(ps, "calc_loss_batch", real)
+    code, out, err = cli(argv, capsys)
+    assert code == 0 and "resumed from" in out, err
+    whole = torch.load(tmp_path / "whole" / "model.pth", weights_only=True)
+    resumed = torch.load(part / "model.pth", weights_only=True)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
