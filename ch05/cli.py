@@ -1,6 +1,7 @@
 """Chapter 5's commands: the chapter's listings wired to the project's machinery (`llmfs`).
 
     python -m ch05.gpt_train [--quick] [...]       # -> train_main -> pretrain (llmfs.trainer.train)
+    torchrun --nproc_per_node=2 -m ch05.gpt_train --quick [--fsdp]   # DDP, or FSDP (llmfs.distributed)
     python -m ch05.gpt_generate --model gpt2 ...   # -> generate_main
     python -m ch05.gpt_download gpt2               # -> download_main
 
@@ -14,8 +15,11 @@ gpt_train.py once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -27,7 +31,7 @@ import torch.nn as nn
 from ch02.tokenizer import END_OF_TEXT, get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, QUICK_CONFIG, GPTModel
 from llmfs.atomic import atomic_write
-from llmfs.checkpoint import save_model
+from llmfs.checkpoint import CheckpointFileError, save_model
 from llmfs.cli import (
     Parser,
     add_common_args,
@@ -43,7 +47,17 @@ from llmfs.cli import (
     run,
 )
 from llmfs.decoding_layout import layout_for_decoding
-from llmfs.distributed import DistInfo, cleanup, init_distributed, launched_by_torchrun, shard_loader
+from llmfs.distributed import (
+    DistInfo,
+    cleanup,
+    gather_full_state_dict,
+    init_distributed,
+    is_sharded_checkpoint,
+    launched_by_torchrun,
+    shard_loader,
+    shard_model,
+    under_torchrun,
+)
 from llmfs.download import get_data_file
 from llmfs.errors import InvalidInput
 from llmfs.runtime import get_device, outputs_dir, reuse_freed_memory, set_seed
@@ -65,7 +79,7 @@ def gpt_generate():
 def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume: str | None = None,
              checkpoint_every: int | None = None, dtype: str | None = None, text: str | None = None,
              max_steps: int | None = None, progress: bool = True, keep_freed_memory: bool = True,
-             sample_tokens: int = 50) -> dict:
+             sample_tokens: int = 50, fsdp: bool = False) -> dict:
     """Train on the-verdict (or `text`); write checkpoint.pth, model.pth, config.json and loss.png to `output_dir`.
 
     checkpoint.pth holds everything needed to resume (`resume=` that path); model.pth
@@ -74,9 +88,17 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     `keep_freed_memory` (default on) trades ~0.3-0.5 GB of peak memory for far fewer page
     faults (see `llmfs.runtime.reuse_freed_memory`); turn it off where memory is tight. It changes
     the C allocator of the whole process, so the run says so in its first lines.
+
+    `fsdp` (under torchrun, one process or more) shards the model with FSDP2 (`llmfs.distributed`):
+    `settings["batch_size"]` is then the global batch, split across the processes; the checkpoint is
+    the folder checkpoint.dcp, which resumes on any number of processes. The returned "model" is the
+    whole model on the first process (the one written to model.pth), the sharded one on the others.
     """
+    if fsdp:
+        check_fsdp_settings(settings, resume)
     kept_freed_memory = reuse_freed_memory() if keep_freed_memory else False
-    dist_info: DistInfo | None = init_distributed() if launched_by_torchrun() else None
+    dist_info: DistInfo | None = (init_distributed() if launched_by_torchrun() or (fsdp and under_torchrun())
+                                  else None)
     if dist_info is not None:
         device = dist_info.device
     device = get_device(device)
@@ -92,15 +114,25 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     train_loader, val_loader = listings.create_train_val_loaders(text, cfg, settings["batch_size"],
                                                                  settings["train_ratio"])
     model = GPTModel(cfg).to(device)
-    optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     is_main = dist_info is None or dist_info.is_main
-    if dist_info is not None:
+    batch_per_process = settings["batch_size"]
+    if dist_info is not None and fsdp:
+        # New: every rank starts from the same weights (same seed) and keeps its slice of each;
+        # global batch = batch_size, each rank trains on batch_size / ranks of it.
+        batch_per_process = settings["batch_size"] // dist_info.world_size
+        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"], batch_size=batch_per_process)
+        model = shard_model(model, model.trf_blocks)
+    elif dist_info is not None:
         # Every rank starts from the same weights (same seed); DDP averages gradients across ranks,
         # and each rank trains on its own shard of the batches: global batch = batch_size x ranks.
         train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"])
         model = torch.nn.parallel.DistributedDataParallel(model)
+    # After sharding: under FSDP the optimizer updates (and keeps the moments of) this rank's slices.
+    optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     if is_main:
         ranks = f", {dist_info.world_size} processes ({torch.distributed.get_backend()})" if dist_info else ""
+        if fsdp:
+            ranks += f", FSDP (global batch {settings['batch_size']})"
         precision = "bfloat16 autocast" if autocast_dtype else "float32"
         print(f"device: {device}{ranks} ({precision}); {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(train_loader)} training batches per epoch (per process)")
@@ -110,7 +142,9 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
 
     def sample(m: nn.Module, epoch: int) -> None:
         if sample_tokens:
-            print_sample(m, tokenizer, device, settings["start_context"], sample_tokens)
+            # Under FSDP every process generates (the forward is a collective); the first one prints.
+            with contextlib.nullcontext() if is_main else contextlib.redirect_stdout(io.StringIO()):
+                print_sample(m, tokenizer, device, settings["start_context"], sample_tokens)
 
     start = time.perf_counter()
     result = train(model, train_loader, val_loader, optimizer, device, num_epochs=settings["num_epochs"],
@@ -119,11 +153,18 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
                    evaluate_fn=lambda m: listings.evaluate_model(m, train_loader, val_loader, device,
                                                                  settings["eval_iter"]),
                    epoch_end_fn=sample,
-                   checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
+                   checkpoint_path=output_dir / ("checkpoint.dcp" if fsdp else "checkpoint.pth"),
+                   checkpoint_every=checkpoint_every,
                    resume_from=resume, max_steps=max_steps, autocast_dtype=autocast_dtype, progress=progress,
                    run_settings=settings)
     elapsed = time.perf_counter() - start
     model = getattr(model, "module", model)
+    if fsdp:
+        # New: the whole weights, gathered once into the first process, for the usual model.pth.
+        full = gather_full_state_dict(model)
+        if is_main:
+            model = GPTModel(cfg)
+            model.load_state_dict(full)
     train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
     out = {"model": model, "train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
            "seconds": elapsed, "output_dir": output_dir}
@@ -136,7 +177,7 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         json.dump(model.cfg, f, indent=2)
     if train_losses:
         # Fractional epochs from the tokens seen (also right for runs stopped early or resumed).
-        tokens_per_epoch = len(train_loader) * settings["batch_size"] * cfg["context_length"]
+        tokens_per_epoch = len(train_loader) * batch_per_process * cfg["context_length"]  # as tokens_seen: per process
         epochs_seen = [t / tokens_per_epoch for t in tokens_seen]
         fig = gpt_train().plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, output_dir / "loss.png")
         import matplotlib.pyplot as plt
@@ -144,10 +185,27 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         plt.close(fig)  # saved to loss.png; don't keep (or, in a notebook, display) the figure
         print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}, "
               f"perplexity {math.exp(val_losses[-1]):.1f}; {elapsed / 60:.1f} min")
-    beside = "config.json, checkpoint.pth" + (" and loss.png" if train_losses else "")
+    beside = f"config.json, checkpoint.{'dcp' if fsdp else 'pth'}" + (" and loss.png" if train_losses else "")
     # The folder as given (a notebook's relative outputs path stays relative, with no machine-specific prefix).
     print(f"wrote {output_dir / 'model.pth'} and, beside it, {beside}")
     return out
+
+
+def check_fsdp_settings(settings: dict, resume: str | Path | None) -> None:
+    """Refuse, before any work, what an FSDP run cannot honour: a run outside torchrun, a global batch
+    the processes cannot split evenly, a single-file checkpoint to resume from."""
+    if not under_torchrun():
+        raise InvalidInput("--fsdp shards the model across the processes torchrun starts; run it as "
+                           "torchrun --nproc_per_node=N -m ch05.gpt_train --fsdp ... (N=1 works too)")
+    world = int(os.environ["WORLD_SIZE"])
+    if settings["batch_size"] % world:
+        raise InvalidInput(f"--fsdp: the batch size {settings['batch_size']} is the global batch and must be "
+                           f"divisible by the {world} processes; use a multiple of {world}")
+    if resume is not None and not Path(resume).exists():
+        raise FileNotFoundError(f"--resume {resume} does not exist")
+    if resume is not None and not Path(resume).is_dir():
+        raise InvalidInput(f"--fsdp resumes the checkpoint.dcp folder an --fsdp run writes; {resume} is not a "
+                           "folder (a checkpoint.pth resumes without --fsdp)")
 
 
 def check_text_fits(text: str, tokenizer, context_length: int, batch_size: int, train_ratio: float) -> None:
@@ -191,6 +249,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state across the processes "
+                        "(FSDP2, for a model that does not fit one device); --batch-size is then the global batch "
+                        "and the checkpoint is the folder checkpoint.dcp, resumable on any number of processes")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 trains under torch.autocast (mixed precision)")
     p.add_argument("--release-freed-memory", action="store_true",
@@ -217,16 +279,35 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.onednn and args.dtype != "float32":
         parser.error("--onednn computes float32 linear layers and cannot run with --dtype bfloat16; choose one")
 
+    if args.fsdp and args.device == "mps":
+        parser.error("--fsdp runs on CUDA (NCCL) or the CPU (Gloo); PyTorch has no process group for mps")
+
     def main():
         cfg, settings = train_settings(args)
+        if args.fsdp:
+            check_fsdp_settings(settings, args.resume)
+        check_resume_kind(args.resume, args.fsdp)
         check_output_dir(args.output_dir, args.overwrite, ("model.pth",), resume=args.resume,
-                         checkpoint="checkpoint.pth")
-        check_input_file(args.resume, "--resume")
+                         checkpoint="checkpoint.dcp" if args.fsdp else "checkpoint.pth")
+        if not args.fsdp:
+            check_input_file(args.resume, "--resume")
         pretrain(cfg, settings, args.output_dir, device=args.device, resume=args.resume,
                  checkpoint_every=args.checkpoint_every, dtype=args.dtype, max_steps=args.max_steps,
-                 progress=not args.no_progress, keep_freed_memory=not args.release_freed_memory)
+                 progress=not args.no_progress, keep_freed_memory=not args.release_freed_memory, fsdp=args.fsdp)
 
     return run(main, argv, onednn=args.onednn)
+
+
+def check_resume_kind(resume: str | None, fsdp: bool) -> None:
+    """A sharded checkpoint folder resumes only with --fsdp (and --fsdp only from one): said before any work."""
+    if resume is None or not Path(resume).is_dir():
+        return
+    if not is_sharded_checkpoint(resume):
+        raise CheckpointFileError(f"--resume {resume} is a folder but not a sharded checkpoint (no .metadata and "
+                                  "train_state.pth); give the checkpoint.pth or checkpoint.dcp a run wrote")
+    if not fsdp:
+        raise InvalidInput(f"--resume {resume} is the sharded checkpoint of an --fsdp run; resume it with --fsdp "
+                           "under torchrun (any number of processes)")
 
 
 def generate_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,10 @@ for the DPO loop `ch07.dpo.dpo.train_model_dpo_simple`) and adds:
   not finite numbers are ever handed out, so the last checkpoint on disk stays the last good one;
 * DistributedDataParallel under `torchrun` (`llmfs.distributed`), `max_steps`, mixed
   precision (`autocast_dtype`), a progress bar;
+* a model sharded with FSDP (`llmfs.distributed.shard_model`): checkpoints are then folders that
+  all processes write together (`llmfs.distributed.save_sharded_checkpoint`) and that resume on
+  any number of processes; evaluation and `epoch_end_fn` run on every process (the sharded
+  model's forward is a collective);
 * hooks, so that chapter 5 (the book's loss, evaluation and sample), chapter 6 (classification
   loss, accuracies), chapter 7 (chapter 5's loss on instruction data) and chapter 7's DPO (a
   batch that is a dict of chosen and rejected answers, reward margins tracked beside the losses)
@@ -44,6 +48,13 @@ from llmfs.checkpoint import (
     check_state_dict,
     load_state_file,
     save_checkpoint,
+)
+from llmfs.distributed import (
+    is_sharded,
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    read_sharded_training_state,
+    save_sharded_checkpoint,
 )
 from llmfs.errors import InvalidInput, UserError
 from llmfs.runtime import DeviceUnavailableError, cpu_bf16_supported
@@ -186,6 +197,13 @@ def _all_finite(tensors, device, everywhere: bool = False) -> bool:
     return bool(ok.item())
 
 
+def _any_process(flag: bool, device) -> bool:
+    """Whether `flag` is True on any process (a collective: every process must ask)."""
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 # --- Resuming ----------------------------------------------------------------------------------------
 
 def _plain(settings: dict | None) -> dict | None:
@@ -201,11 +219,13 @@ def _plain(settings: dict | None) -> dict | None:
 RESUMABLE_CHANGES = ("num_epochs", "num_threads", "max_new_tokens", "num_test", "sample_tokens")
 
 
-def check_resume_settings(state: dict, path: str | Path, cfg: dict | None, settings: dict | None) -> None:
+def check_resume_settings(state: dict, path: str | Path, cfg: dict | None, settings: dict | None,
+                          sharded: bool = False) -> None:
     """Refuse to resume the checkpoint `state` (read from `path`) with another model config or other
     training settings, naming what differs. One written before settings were stored is checked by its config.
+    `sharded`: `state` is the training state of a sharded checkpoint folder (its weights are beside it).
     """
-    if "model_state_dict" not in state:
+    if "model_state_dict" not in state and not sharded:
         raise CheckpointMismatchError(f"{path} is not a training checkpoint (it holds weights only); resume needs "
                                       "the checkpoint.pth a run writes")
     missing = [k for k in ("global_step", "epoch", "batch_in_epoch", "rng_state", "rng_epoch_start") if k not in state]
@@ -294,6 +314,9 @@ def train(
     # plain model inside it, and let only the first process print and write files.
     core = getattr(model, "module", model)
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    # New: under FSDP every process holds a slice of the weights, so saving, loading, the finiteness
+    # check of the weights and every forward pass (evaluation, samples) involve all processes.
+    sharded = is_sharded(core)
     sampler = getattr(train_loader, "sampler", None)
     gen = _loader_generator(train_loader)
     steps_per_epoch = len(train_loader)
@@ -304,13 +327,23 @@ def train(
     if resume_from is not None:
         # Load to the CPU: RNG states must stay CPU tensors; weights and optimizer state are
         # copied onto the model's device by load_state_dict.
-        state = load_state_file(resume_from, map_location="cpu")
-        check_resume_settings(state, resume_from, getattr(core, "cfg", None), run_settings)
-        check_state_dict(core, state["model_state_dict"], source=str(resume_from))
-        core.load_state_dict(state["model_state_dict"])
-        if "optimizer_state_dict" not in state:
-            raise CheckpointMismatchError(f"{resume_from} has no optimizer state to resume from")
-        optimizer.load_state_dict(state["optimizer_state_dict"])
+        if sharded != is_sharded_checkpoint(resume_from):
+            raise CheckpointMismatchError(
+                f"{resume_from} is a sharded checkpoint folder: resume it with --fsdp under torchrun" if not sharded
+                else f"{resume_from} is not a sharded checkpoint folder: a sharded (FSDP) run resumes the "
+                     "checkpoint.dcp folder an FSDP run wrote")
+        if sharded:
+            state = read_sharded_training_state(resume_from)
+            check_resume_settings(state, resume_from, getattr(core, "cfg", None), run_settings, sharded=True)
+            load_sharded_checkpoint(resume_from, core, optimizer)
+        else:
+            state = load_state_file(resume_from, map_location="cpu")
+            check_resume_settings(state, resume_from, getattr(core, "cfg", None), run_settings)
+            check_state_dict(core, state["model_state_dict"], source=str(resume_from))
+            core.load_state_dict(state["model_state_dict"])
+            if "optimizer_state_dict" not in state:
+                raise CheckpointMismatchError(f"{resume_from} has no optimizer state to resume from")
+            optimizer.load_state_dict(state["optimizer_state_dict"])
         saved_steps = state.get("steps_per_epoch")
         if saved_steps is not None and saved_steps != steps_per_epoch:
             raise CheckpointMismatchError(
@@ -343,17 +376,20 @@ def train(
 
     def check_weights() -> None:
         """Never save (or hand back for saving) weights that are not finite numbers. (DDP keeps the
-        weights equal on every process, so each can check its own copy.)"""
-        if not _all_finite(list(core.parameters()), device):
+        weights equal on every process, so each can check its own copy; under FSDP each checks its
+        slice and all must agree.)"""
+        weights = [p.to_local() if hasattr(p, "to_local") else p for p in core.parameters()]
+        if not _all_finite(weights, device, everywhere=sharded):
             raise TrainingDiverged("the weights are no longer finite numbers (a gradient overflowed)",
                                    global_step + 1, lr_now(), last_saved)
 
     def checkpoint(epoch: int, batch_in_epoch: int, rng_epoch_start, loader_rng_epoch_start) -> Path | None:
         nonlocal last_saved
         check_weights()
-        if not (checkpoint_path and is_main):
+        if not (checkpoint_path and (is_main or sharded)):
             return None
-        last_saved = save_checkpoint(
+        save = save_sharded_checkpoint if sharded else save_checkpoint  # the sharded one: every process
+        last_saved = save(
             checkpoint_path, core, optimizer,
             global_step=global_step, epoch=epoch, batch_in_epoch=batch_in_epoch, tokens=tokens,
             examples=examples, history=history, num_epochs=num_epochs, steps_per_epoch=steps_per_epoch,
@@ -421,6 +457,8 @@ def train(
                     if is_main:
                         bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): " + describe(values))
 
+                if sharded and _any_process(bool(received), device) and not received:
+                    received.append(signal.SIGINT)  # New: another process was interrupted: all save together
                 if received:
                     bar.close()
                     saved = checkpoint(epoch, batch_in_epoch + 1, rng_epoch_start, loader_rng_epoch_start)
@@ -436,7 +474,7 @@ def train(
                 break
             if epoch_end_fn is not None:
                 with autocast_context(device, autocast_dtype):
-                    recorded = epoch_end_fn(core, epoch) if is_main else None
+                    recorded = epoch_end_fn(core, epoch) if is_main or sharded else None
                 for key, value in (recorded or {}).items():
                     history.setdefault(key, []).append(value)
             if epoch + 1 == num_epochs and final_checkpoint:

@@ -38,7 +38,9 @@ BONUS_FOLDERS = {
     "ch03": {"mha": {"mha_implementations.py"}},
     "ch05": {"llama": {"llama3.py", "qwen3.py", "gemma3.py", "generate_llm.py", "__main__.py"}, "ui": {"app.py", "__main__.py"},
              "training_speed": {"training_speed.py"}, "gutenberg": {"prepare_dataset.py"}},
-    "ch06": {"ui": {"app.py", "__main__.py"}},
+    "ch06": {"ui": {"app.py", "__main__.py"}, "experiments": {"additional_experiments.py"},
+             "imdb": {"labeled_data.py", "report.py", "download_prepare_dataset.py", "train_gpt.py", "train_bert_hf.py",
+                      "train_sklearn_logreg.py", "compare.py", "__main__.py"}},
     "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "serve": {"__main__.py"},
              "data_generation": {"generate_instruction_data.py", "reflection.py"},
              "dataset_utils": {"find_near_duplicates.py", "create_passive_voice_entries.py"},
@@ -48,7 +50,9 @@ BONUS_FOLDERS = {
 # Every documented command, as `python -m` runs it.
 COMMANDS = ["ch05.gpt_train", "ch05.gpt_generate", "ch05.gpt_download", "ch05.llama", "ch05.llama.generate_llm",
             "ch05.gutenberg.prepare_dataset",
-            "ch05.ui", "ch06.gpt_class_finetune", "ch06.ui", "ch07.gpt_instruction_finetuning",
+            "ch05.ui", "ch06.gpt_class_finetune", "ch06.ui",
+            "ch06.imdb", "ch06.imdb.download_prepare_dataset", "ch06.imdb.train_gpt", "ch06.imdb.train_bert_hf",
+            "ch06.imdb.train_sklearn_logreg", "ch07.gpt_instruction_finetuning",
             "ch07.ollama_evaluate", "ch07.dpo", "ch07.dpo.preference_data", "ch07.serve", "ch07.ui",
             "ch07.data_generation.generate_instruction_data", "ch07.data_generation.reflection",
             "ch07.dataset_utils.find_near_duplicates", "ch07.dataset_utils.create_passive_voice_entries"]
