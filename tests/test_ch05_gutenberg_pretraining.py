@@ -16,6 +16,8 @@ import os
 import re
 import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +294,36 @@ def test_ctrl_c_writes_a_checkpoint_and_the_printed_command_resumes_exactly(shar
     whole = torch.load(tmp_path / "whole" / "model.pth", weights_only=True)
     resumed = torch.load(part / "model.pth", weights_only=True)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_fsdp_under_torchrun_two_processes_equal_one(shards, tmp_path):
+    """`torchrun ... --fsdp`: the same global batch on 2 processes as on 1 gives the same val losses and final
+    weights; only the first process writes the TensorBoard events and model.pth; the checkpoint is checkpoint.dcp."""
+    from test_llmfs_distributed import _free_port
+    from test_llmfs_distributed_fsdp import RTOL, _env
+
+    # The command, without dropout (each process draws its own masks: 1 and 2 processes would differ by them).
+    script = tmp_path / "no_dropout.py"
+    script.write_text("import sys\nfrom ch05.gutenberg import pretraining_simple as ps\n"
+                      "ps.QUICK_CONFIG = {**ps.QUICK_CONFIG, 'drop_rate': 0.0}\nsys.exit(ps.main())\n")
+
+    def torchrun(nproc: int, name: str) -> tuple[list[float], dict]:
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+             f"--master_port={_free_port()}", str(script), "--fsdp", "--quick",
+             "--no-progress", "--device", "cpu", "--data-dir", str(shards), "--output-dir", str(out), "--max-steps",
+             "6", "--eval-freq", "2", "--batch-size", "4", "--context-length", "16", "--print-sample-iter", "1000",
+             "--log-dir", str(out / "tb")],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert (out / "checkpoint.dcp").is_dir() and len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+        assert proc.stdout.count("Step 000002") == 1 and f"{nproc} processes (FSDP)" in proc.stdout
+        val = [float(v) for v in re.findall(r"Val loss ([\d.]+)", proc.stdout)]
+        return val, torch.load(out / "model.pth", weights_only=True)
+
+    val2, weights2 = torchrun(2, "two")
+    val1, weights1 = torchrun(1, "one")
+    assert len(val1) == 3 and val1 == pytest.approx(val2, abs=1.5e-3)  # printed with 3 decimals
+    for key, value in weights1.items():
+        assert torch.allclose(value, weights2[key], rtol=RTOL, atol=1e-6), key

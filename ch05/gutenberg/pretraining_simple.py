@@ -24,6 +24,8 @@ from the uint16 shards instead:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from appendix_d.training import lr_at_step
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, QUICK_CONFIG, GPTModel
-from ch05.cli import print_sample
+from ch05.cli import check_fsdp_settings, check_resume_kind, print_sample
 from ch05.gpt_train import calc_loss_batch, evaluate_model, plot_losses
 from ch05.gutenberg.prepare_dataset import FORMAT, MANIFEST, PROGRESS, ShardSet
 from llmfs.atomic import atomic_write
@@ -54,6 +56,16 @@ from llmfs.cli import (
     positive_float,
     positive_int,
     run,
+)
+from llmfs.distributed import (
+    DistInfo,
+    cleanup,
+    gather_full_state_dict,
+    init_distributed,
+    launched_by_torchrun,
+    shard_loader,
+    shard_model,
+    under_torchrun,
 )
 from llmfs.errors import InvalidInput
 from llmfs.runtime import get_device, outputs_dir, set_seed
@@ -270,13 +282,24 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
                             resume: str | None = None, save_ckpt_freq: int | None = None,
                             log_dir: str | Path | None = None, stop_after: int | None = None,
                             progress: bool = True, sample_tokens: int = 50,
-                            on_lr: list[float] | None = None) -> dict:
+                            on_lr: list[float] | None = None, fsdp: bool = False) -> dict:
     """Train GPTModel(cfg) on the shards in `data_dir`; write model.pth, config.json, checkpoint.pth and (without
     `log_dir`) loss.png to `output_dir`. Returns the model, the history and the timing.
 
     `stop_after` ends the run after that many optimizer steps in all, with a checkpoint, as Ctrl-C does (the
     schedule stays that of the whole run; resume to continue). `on_lr` collects the learning rate of every step.
+
+    Under torchrun the run is DistributedDataParallel (`batch_size` per process), or with `fsdp` the model is
+    sharded with FSDP2 (`batch_size` is the global batch; the checkpoint is the folder checkpoint.dcp), as
+    `python -m ch05.gpt_train` does (`ch05.cli.pretrain`); only the first process prints and writes files.
     """
+    if fsdp:
+        check_fsdp_settings(settings, resume)
+    dist_info: DistInfo | None = (init_distributed() if launched_by_torchrun() or (fsdp and under_torchrun())
+                                  else None)
+    if dist_info is not None:
+        device = dist_info.device
+    is_main = dist_info is None or dist_info.is_main
     device = get_device(device)
     output_dir = Path(output_dir)
     shards = check_prepared(data_dir)
@@ -288,23 +311,35 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
     train_loader, val_loader = create_dataloaders(
         shards, settings["batch_size"], cfg["context_length"], settings["stride"],
         shuffle=settings["sampling"] == "random", generator=generator)
+    model = GPTModel(cfg).to(device)
+    world = dist_info.world_size if dist_info is not None else 1
+    global_batch = settings["batch_size"] * (1 if fsdp else world)
+    if dist_info is not None and fsdp:
+        # Every rank starts from the same weights (same seed) and keeps its slice of each.
+        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"],
+                                    batch_size=settings["batch_size"] // world)
+        model = shard_model(model, model.trf_blocks)
+    elif dist_info is not None:
+        train_loader = shard_loader(train_loader, dist_info, seed=settings["seed"])
+        model = torch.nn.parallel.DistributedDataParallel(model)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * settings["num_epochs"]
     if settings["max_steps"]:
         total_steps = min(total_steps, settings["max_steps"])
     run_settings = {**settings, "total_steps": total_steps, "data_tokens": shards.num_tokens("train")}
 
-    model = GPTModel(cfg).to(device)
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     hook = add_schedule(optimizer, model, total_steps, settings["warmup_steps"], settings["learning_rate"],
                         settings["initial_lr"], settings["min_lr"], settings["max_norm"], lrs=on_lr)
-    tokens_per_step = settings["batch_size"] * cfg["context_length"]
-    meter = Progress(optimizer, tokens_per_step, total_steps, log_dir)
+    tokens_per_step = global_batch * cfg["context_length"]  # all processes together
+    meter = Progress(optimizer, tokens_per_step, total_steps, log_dir if is_main else None)
     tokenizer = get_gpt2_tokenizer()
-    print(f"device: {device}; {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{shards.num_tokens('train'):,} train tokens ({steps_per_epoch:,} batches of {settings['batch_size']} x "
-          f"{cfg['context_length']} per epoch), {shards.num_tokens('val'):,} val tokens; {total_steps:,} steps "
-          f"({settings['sampling']} windows)")
+    ranks = "" if dist_info is None else f", {world} processes" + (" (FSDP)" if fsdp else " (DDP)")
+    if is_main:
+        print(f"device: {device}{ranks}; {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{shards.num_tokens('train'):,} train tokens ({steps_per_epoch:,} batches of {global_batch} x "
+              f"{cfg['context_length']} per epoch), {shards.num_tokens('val'):,} val tokens; {total_steps:,} steps "
+              f"({settings['sampling']} windows)")
 
     def evaluate(m: nn.Module) -> dict:
         measured = meter.measure()
@@ -314,7 +349,9 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
                   "lrs": optimizer.param_groups[0]["lr"], "tokens_per_s": measured["tokens_per_s"]}
         meter.log(global_step, values)
         if sample_tokens and settings["print_sample_iter"] and global_step % settings["print_sample_iter"] == 0:
-            print_sample(m, tokenizer, device, settings["start_context"], sample_tokens)
+            # Under FSDP every process generates (the forward is a collective); the first one prints.
+            with contextlib.nullcontext() if is_main else contextlib.redirect_stdout(io.StringIO()):
+                print_sample(m, tokenizer, device, settings["start_context"], sample_tokens)
         meter.restart_clock()
         return values
 
@@ -333,7 +370,8 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
         result = train(model, train_loader, val_loader, optimizer, device, num_epochs=settings["num_epochs"],
                        eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"],
                        loss_fn=loss_fn,
-                       evaluate_fn=evaluate, eval_line=line, checkpoint_path=output_dir / "checkpoint.pth",
+                       evaluate_fn=evaluate, eval_line=line,
+                       checkpoint_path=output_dir / ("checkpoint.dcp" if fsdp else "checkpoint.pth"),
                        checkpoint_every=save_ckpt_freq, resume_from=resume,
                        max_steps=min(stop_after or total_steps, total_steps), progress=progress,
                        run_settings=run_settings, desc="pretraining")
@@ -341,12 +379,23 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
         hook.remove()
         meter.close()
     elapsed = time.perf_counter() - start
+    model = getattr(model, "module", model)
+    if fsdp:
+        full = gather_full_state_dict(model)  # the whole weights, gathered into the first process
+        if is_main:
+            model = GPTModel(cfg)
+            model.load_state_dict(full)
+    if dist_info is not None:
+        cleanup()
+    if not is_main:
+        return {**result, "model": model, "seconds": elapsed, "total_steps": total_steps,
+                "steps_per_epoch": steps_per_epoch}
     save_model(model, output_dir / "model.pth")
     with atomic_write(output_dir / "config.json") as f:
         json.dump(model.cfg, f, indent=2)
     train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
     if train_losses and log_dir is None:
-        tokens_per_epoch = steps_per_epoch * tokens_per_step
+        tokens_per_epoch = steps_per_epoch * settings["batch_size"] // (world if fsdp else 1) * cfg["context_length"]
         fig = plot_losses([t / tokens_per_epoch for t in tokens_seen], tokens_seen, train_losses, val_losses,
                           output_dir / "loss.png")
         import matplotlib.pyplot as plt
@@ -355,7 +404,7 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
     if train_losses:
         print(f"step {result['global_step'] + 1} of {total_steps}: train loss {train_losses[-1]:.3f}, val loss "
               f"{val_losses[-1]:.3f}; {elapsed:.1f} s")
-    written = "model.pth, config.json, checkpoint.pth" + ("" if log_dir or not train_losses else ", loss.png")
+    written = f"model.pth, config.json, checkpoint.{'dcp' if fsdp else 'pth'}" + ("" if log_dir or not train_losses else ", loss.png")
     print(f"wrote {written} to {output_dir}" + (f"; TensorBoard logs in {log_dir}" if log_dir else ""))
     return {**result, "model": model, "seconds": elapsed, "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch}
@@ -427,6 +476,9 @@ def parser() -> argparse.ArgumentParser:
                    "contiguous: in order")
     p.add_argument("--stride", type=positive_int, help="tokens between window starts (default: the context length)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint.pth")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (--batch-size is then the global batch; the "
+                        "checkpoint is the folder checkpoint.dcp); without it torchrun runs DDP")
     p.add_argument("--log-dir", type=path_argument, default=None,
                    help="write the curves to TensorBoard here (tensorboard --logdir DIR); without it, loss.png")
     return p
@@ -456,13 +508,17 @@ def main(argv: list[str] | None = None) -> int:
         shards = check_prepared(args.data_dir)
         # Every window check before any file is written (create_dataloaders raises the one-line errors).
         create_dataloaders(shards, settings["batch_size"], cfg["context_length"], settings["stride"])
-        check_input_file(args.resume, "--resume")
+        if args.fsdp:
+            check_fsdp_settings(settings, args.resume)
+        check_resume_kind(args.resume, args.fsdp)
+        if not args.fsdp:
+            check_input_file(args.resume, "--resume")
         check_log_dir(args.log_dir, args.resume, args.overwrite)
         check_output_dir(args.output_dir, args.overwrite, ("model.pth",), resume=args.resume,
-                         checkpoint="checkpoint.pth")
+                         checkpoint="checkpoint.dcp" if args.fsdp else "checkpoint.pth")
         train_model_from_shards(cfg, settings, args.data_dir, args.output_dir, device=args.device,
                                 resume=args.resume, save_ckpt_freq=args.save_ckpt_freq, log_dir=args.log_dir,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, fsdp=args.fsdp)
 
     return run(work, argv, onednn=args.onednn)
 
