@@ -327,3 +327,15 @@ def test_fsdp_under_torchrun_two_processes_equal_one(shards, tmp_path):
     assert len(val1) == 3 and val1 == pytest.approx(val2, abs=1.5e-3)  # printed with 3 decimals
     for key, value in weights1.items():
         assert torch.allclose(value, weights2[key], rtol=RTOL, atol=1e-6), key
+
+
+def test_module_docstring_commands_parse():
+    """Every command line of the module's docstring parses with its parser (the book's spellings too)."""
+    lines = [line.strip() for line in ps.__doc__.splitlines() if "-m ch05.gutenberg.pretraining_simple" in line]
+    assert len(lines) == 2
+    for line in lines:
+        argv = [w.strip("[]") for w in line.split("pretraining_simple", 1)[1].split()]
+        args = ps.parser().parse_args([a for a in argv if a])
+        assert args.data_dir == Path("SHARDS")
+    args = ps.parser().parse_args(["--data_dir", "d", "--n_epochs", "2", "--save-ckpt-freq", "5"])
+    assert (args.data_dir, args.epochs, args.save_ckpt_freq) == (Path("d"), 2, 5)

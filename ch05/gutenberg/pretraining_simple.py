@@ -15,10 +15,13 @@ from the uint16 shards instead:
   appendix D's schedule (`appendix_d.training.lr_at_step`: linear warm-up, cosine decay; gradient
   clipping after the warm-up), applied by `add_schedule` just before every optimizer step;
 * the progress line adds tokens/s and an ETA; with `--log-dir` the curves go to TensorBoard, without
-  it the loss plot is chapter 5's `plot_losses`.
+  it the loss plot is chapter 5's `plot_losses`;
+* under torchrun: DistributedDataParallel, or with `--fsdp` the model sharded with FSDP2, as
+  `python -m ch05.gpt_train` runs (`llmfs.distributed`).
 
     python -m ch05.gutenberg.prepare_dataset prepare --data-dir BOOKS --output-dir SHARDS
     python -m ch05.gutenberg.pretraining_simple --data-dir SHARDS --output-dir RUN [--quick] [--log-dir TB]
+    torchrun --nproc_per_node=2 -m ch05.gutenberg.pretraining_simple --data-dir SHARDS --output-dir RUN [--fsdp]
 """
 
 from __future__ import annotations
@@ -293,6 +296,8 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
     sharded with FSDP2 (`batch_size` is the global batch; the checkpoint is the folder checkpoint.dcp), as
     `python -m ch05.gpt_train` does (`ch05.cli.pretrain`); only the first process prints and writes files.
     """
+    if settings["sampling"] not in SAMPLINGS:
+        raise InvalidInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {settings['sampling']!r}")
     if fsdp:
         check_fsdp_settings(settings, resume)
     dist_info: DistInfo | None = (init_distributed() if launched_by_torchrun() or (fsdp and under_torchrun())
@@ -303,8 +308,6 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
     device = get_device(device)
     output_dir = Path(output_dir)
     shards = check_prepared(data_dir)
-    if settings["sampling"] not in SAMPLINGS:
-        raise InvalidInput(f"sampling must be one of {', '.join(SAMPLINGS)}, got {settings['sampling']!r}")
     set_seed(settings["seed"])
     # New: the shuffle has its own seeded generator; the trainer saves its state in checkpoints.
     generator = torch.Generator().manual_seed(settings["seed"])
@@ -326,7 +329,9 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
     total_steps = steps_per_epoch * settings["num_epochs"]
     if settings["max_steps"]:
         total_steps = min(total_steps, settings["max_steps"])
-    run_settings = {**settings, "total_steps": total_steps, "data_tokens": shards.num_tokens("train")}
+    # Stored in checkpoints: a resume with other values is refused (printing samples changes no step).
+    run_settings = {**{k: v for k, v in settings.items() if k != "print_sample_iter"}, "total_steps": total_steps,
+                    "data_tokens": shards.num_tokens("train")}
 
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
     hook = add_schedule(optimizer, model, total_steps, settings["warmup_steps"], settings["learning_rate"],
@@ -404,7 +409,8 @@ def train_model_from_shards(cfg: dict, settings: dict, data_dir: str | Path, out
     if train_losses:
         print(f"step {result['global_step'] + 1} of {total_steps}: train loss {train_losses[-1]:.3f}, val loss "
               f"{val_losses[-1]:.3f}; {elapsed:.1f} s")
-    written = f"model.pth, config.json, checkpoint.{'dcp' if fsdp else 'pth'}" + ("" if log_dir or not train_losses else ", loss.png")
+    written = (f"model.pth, config.json, checkpoint.{'dcp' if fsdp else 'pth'}"
+               + ("" if log_dir or not train_losses else ", loss.png"))
     print(f"wrote {written} to {output_dir}" + (f"; TensorBoard logs in {log_dir}" if log_dir else ""))
     return {**result, "model": model, "seconds": elapsed, "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch}
