@@ -37,7 +37,7 @@ BONUS_FOLDERS = {
     "ch02": {"bpe": {"bpe.py"}},
     "ch03": {"mha": {"mha_implementations.py"}},
     "ch05": {"llama": {"llama3.py", "qwen3.py", "gemma3.py", "generate_llm.py", "__main__.py"}, "ui": {"app.py", "__main__.py"},
-             "training_speed": {"training_speed.py"}, "gutenberg": {"prepare_dataset.py"},
+             "training_speed": {"training_speed.py"}, "gutenberg": {"prepare_dataset.py", "pretraining_simple.py"},
              "hparam_tuning": {"hparam_search.py"}},
     "ch06": {"ui": {"app.py", "__main__.py"}, "experiments": {"additional_experiments.py"},
              "imdb": {"labeled_data.py", "report.py", "download_prepare_dataset.py", "train_gpt.py", "train_bert_hf.py",
@@ -50,7 +50,7 @@ BONUS_FOLDERS = {
 
 # Every documented command, as `python -m` runs it.
 COMMANDS = ["ch05.gpt_train", "ch05.gpt_generate", "ch05.gpt_download", "ch05.llama", "ch05.llama.generate_llm",
-            "ch05.gutenberg.prepare_dataset", "ch05.hparam_tuning.hparam_search",
+            "ch05.gutenberg.prepare_dataset", "ch05.gutenberg.pretraining_simple", "ch05.hparam_tuning.hparam_search",
             "ch05.ui", "ch06.gpt_class_finetune", "ch06.ui",
             "ch06.imdb", "ch06.imdb.download_prepare_dataset", "ch06.imdb.train_gpt", "ch06.imdb.train_bert_hf",
             "ch06.imdb.train_sklearn_logreg", "ch07.gpt_instruction_finetuning",
