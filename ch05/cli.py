@@ -42,6 +42,7 @@ from llmfs.cli import (
     check_output_dir,
     common_overrides,
     device_name,
+    non_negative_float,
     non_negative_int,
     positive_int,
     run,
@@ -129,6 +130,8 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         model = torch.nn.parallel.DistributedDataParallel(model)
     # After sharding: under FSDP the optimizer updates (and keeps the moments of) this rank's slices.
     optimizer = make_optimizer(model, settings["learning_rate"], settings["weight_decay"])
+    if settings.get("warmup_steps"):
+        add_warmup(optimizer, settings["learning_rate"], settings["warmup_steps"])
     if is_main:
         ranks = f", {dist_info.world_size} processes ({torch.distributed.get_backend()})" if dist_info else ""
         if fsdp:
@@ -228,6 +231,19 @@ def check_text_fits(text: str, tokenizer, context_length: int, batch_size: int, 
             )
 
 
+def add_warmup(optimizer: torch.optim.Optimizer, peak_lr: float, warmup_steps: int) -> None:
+    """New: a linear warm-up (appendix D's first phase) for `--warmup-steps`: step k (from 0) trains
+    at peak_lr * min(1, (k + 1) / (warmup_steps + 1)), then at peak_lr, chapter 5's constant rate.
+    Set just before each optimizer step from the optimizer's own step count, so a resumed run goes on
+    where it stopped (the hyperparameter search's warm-up, `ch05.hparam_tuning`, is the same)."""
+    def set_lr(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        done = next((int(st["step"]) for st in opt.state.values() if "step" in st), 0)
+        for group in opt.param_groups:
+            group["lr"] = peak_lr * min(1.0, (done + 1) / (warmup_steps + 1))
+
+    optimizer.register_step_pre_hook(set_lr)
+
+
 def print_sample(model: nn.Module, tokenizer, device, start_context: str, max_new_tokens: int = 50) -> str:
     """`generate_and_print_sample` with the KV cache: the same greedy tokens, each for one token's work."""
     listings = gpt_train()
@@ -249,6 +265,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
+    p.add_argument("--drop-rate", type=non_negative_float, default=None,
+                   help="dropout rate of the model (default 0.1, the book's)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0,
+                   help="raise the learning rate linearly to --lr over the first N steps (default 0: none)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state across the processes "
                         "(FSDP2, for a model that does not fit one device); --batch-size is then the global batch "
@@ -269,6 +289,12 @@ def train_settings(args: argparse.Namespace) -> tuple[dict, dict]:
         if args.context_length > GPT_CONFIG_124M["context_length"]:
             raise InvalidInput(f"--context-length {args.context_length} is longer than GPT-2's 1024 positions")
         cfg["context_length"] = args.context_length
+    if args.drop_rate is not None:
+        if args.drop_rate >= 1:
+            raise InvalidInput(f"--drop-rate must be below 1, got {args.drop_rate}")
+        cfg["drop_rate"] = args.drop_rate
+    if args.warmup_steps:
+        settings["warmup_steps"] = args.warmup_steps  # only when set: earlier checkpoints keep resuming
     return cfg, settings
 
 

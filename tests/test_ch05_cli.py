@@ -147,9 +147,42 @@ def test_train_settings():
     assert train_parser().parse_args([]).onednn is False
 
 
+def test_drop_rate_and_warmup_steps():
+    """--drop-rate sets the model's dropout; --warmup-steps raises the rate linearly to --lr (step k
+    trains at lr * min(1, (k + 1) / (N + 1))), from the optimizer's own step count, so a resumed run
+    (a new optimizer loaded with the old state) goes on where it stopped."""
+    import torch
+
+    from ch05.cli import add_warmup
+
+    cfg, settings = train_settings(train_parser().parse_args(["--quick"]))
+    assert "warmup_steps" not in settings  # a run without it keeps its settings (and its checkpoints resume)
+    cfg, settings = train_settings(train_parser().parse_args(["--quick", "--drop-rate", "0", "--warmup-steps", "3"]))
+    assert cfg["drop_rate"] == 0.0 and settings["warmup_steps"] == 3
+
+    def rates(steps, state=None):
+        w = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.AdamW([w], lr=0.123)
+        if state is not None:
+            opt.load_state_dict(state)
+        add_warmup(opt, 0.01, 3)
+        seen = []
+        for _ in range(steps):
+            w.sum().backward()
+            opt.step()
+            seen.append(opt.param_groups[0]["lr"])
+        return seen, opt.state_dict()
+
+    seen, state = rates(2)
+    assert seen == [0.01 * 1 / 4, 0.01 * 2 / 4]
+    more, _ = rates(3, state)
+    assert more == [0.01 * 3 / 4, 0.01, 0.01]
+
+
 @pytest.mark.parametrize("bad", [["--lr", "nan"], ["--lr", "inf"], ["--lr", "0"], ["--batch-size", "0"],
                                  ["--epochs", "0"], ["--eval-freq", "0"], ["--context-length", "0"],
-                                 ["--context-length", "4096"], ["--max-steps", "0"], ["--epochs", "two"]])
+                                 ["--context-length", "4096"], ["--max-steps", "0"], ["--epochs", "two"],
+                                 ["--drop-rate", "-0.1"], ["--drop-rate", "1"], ["--warmup-steps", "-1"]])
 def test_train_cli_rejects_bad_values_in_one_line(bad, capsys, tmp_path):
     rc, out, err = run_cli(capsys, "--quick", "--output-dir", str(tmp_path), *bad, main=train_main)
     assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
