@@ -351,9 +351,12 @@ def query_judge(prompt: str, model: str = DEFAULT_MODEL, *, api: str = "ollama",
         except openai.APIConnectionError as exc:  # the same error as query_model's for a server gone away
             raise requests.ConnectionError(f"{url}: {exc.__cause__ or exc}") from None
         except openai.APIError as exc:  # an error reply, or a body that is not a chat completion
-            status = getattr(exc, "status_code", 200)
-            raise OllamaUnavailable(f"{url} answered HTTP {status} without a chat message: "
-                                    f"{' '.join(str(exc.message).split())[:200]}") from None
+            body = exc.body if isinstance(exc.body, dict) else {}
+            detail = body.get("message") or exc.message
+            raise OllamaUnavailable(f"{url} answered HTTP {getattr(exc, 'status_code', 200)} without a chat message: "
+                                    f"{' '.join(str(detail).split())[:200]}") from None
+        except ValueError:  # the client's json.JSONDecodeError: a body that is not JSON at all
+            raise OllamaUnavailable(f"{url} answered without a chat message: the reply is not JSON") from None
     try:
         content = reply.choices[0].message.content
         readable = content is None or isinstance(content, str)  # None: no text (a refusal, say)
