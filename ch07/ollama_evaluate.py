@@ -817,6 +817,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.api == "openai":
         if args.host is not None:
             p.error("argument --host: is Ollama's server; with --api openai give --base-url")
+        if args.base_url is not None and not args.base_url.strip():
+            p.error(f"argument --base-url: must be the API's base URL, e.g. {DEFAULT_BASE_URL}")
         try:
             openai_base_url(args.base_url)
         except InvalidInput as exc:
