@@ -354,3 +354,45 @@ def test_query_judge_with_ollama_is_query_model():
     assert server.chat_requests[0]["options"] == ev.DEFAULT_OPTIONS
     with pytest.raises(ValueError, match="api must be one of"):
         ev.query_judge("Hello?", api="claude")
+
+
+# --- the notebook's stored outputs (quick mode) --------------------------------------------------------------
+
+def stored_outputs() -> dict[str, str]:
+    """{cell id: the text its stored outputs printed}."""
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    return {c["id"]: "".join("".join(o.get("text", "")) for o in c.get("outputs", []))
+            for c in nb["cells"] if c["cell_type"] == "code"}
+
+
+def test_the_notebooks_stored_outputs_agree_with_the_code(tmp_path):
+    out = stored_outputs()
+    assert out["eval-01"].startswith("quick mode: True; CPU: ")
+    # The prompt it prints is make_score_prompt's, for the first short record of the test split.
+    from ch07 import gpt_instruction_finetuning as ft
+
+    _, test_data, _ = ft.split_data(ft.load_instruction_data())
+    first = next(e for e in test_data
+                 if len(TOKENIZER.encode(ev.make_score_prompt({**e, "model_response": e["output"]}))) < 150)
+    assert ev.make_score_prompt({**first, "model_response": "<the model's answer>"}) in out["eval-04"]
+    assert f"settings of every request: {ev.DEFAULT_OPTIONS}" in out["eval-04"]
+    # Both APIs: one reply, the replies to every record, the scores, the command's scores.
+    assert "the same reply: True" in out["eval-10"]
+    same = re.search(r"the same reply through both APIs for (\d+) of (\d+) records", out["eval-21"])
+    assert same and same.group(1) == same.group(2) != "0"
+    listed = dict(re.findall(r"(ollama|openai) *: scores (\[.*?\]);", out["eval-12"]))
+    assert listed["ollama"] == listed["openai"] and "the two APIs agree: True" in out["eval-12"]
+    assert "the command's scores are the ones above: True" in out["eval-16"]
+    # The scores line it prints is one read_scores accepts for the openai judge and refuses for the ollama one,
+    # with the message the notebook printed.
+    line = json.loads(out["eval-12"].strip().splitlines()[-1])
+    assert line["api"] == "openai" and ev.score_row_problem(line) is None
+    refused = re.search(r"refused: (\S+) holds (.*)", out["eval-14"]).group(2)
+    scores = tmp_path / "openai.jsonl"
+    scores.write_text(json.dumps(line) + "\n")
+    entry = {"instruction": "x", "input": "", "output": "y", "model_response": ""}
+    with pytest.raises(ev.InvalidInput, match=re.escape(refused)):
+        ev.read_scores(scores, [entry], "model_response", line["model"], "ollama")
+    assert f"default scores file: {ev.default_scores_path('sample-with-response.json', line['model'], 'openai').name}" \
+        in out["eval-16"]
+    assert "quick mode: the book's judges are skipped" in out["eval-19"]
