@@ -26,6 +26,16 @@ stopped. That file is opened only after the responses, the file itself and the s
 been checked, and only when it is a scores file of these responses and this judge (a
 last line torn by a killed run is cut off); any other file there is refused and left as it
 is. `--max-new-tokens` caps the judge's replies (sent as Ollama's `num_predict`).
+
+New: `--api openai` asks the judge through OpenAI's API instead, with the official `openai` client
+(as the book's llm-instruction-eval-openai.ipynb does): OpenAI's service or any compatible server,
+at `--base-url` (default $OPENAI_BASE_URL, else http://127.0.0.1:11435/v1, where `python -m ch07.serve`
+answers both APIs), with the key in $OPENAI_API_KEY (optional for a local server). The same checks
+come first (GET /models: the server answers and has the judge), with the same deadlines, seed and
+temperature, and no retries by the client; each score line records the API, so a scores file of the
+other API's judge is refused.
+
+    python -m ch07.ollama_evaluate --api openai --base-url https://api.openai.com/v1 --model gpt-4-turbo
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ DEFAULT_MODEL = "llama3"
 DEFAULT_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 CHECK_TIMEOUT = 5.0  # seconds for each check of the server (/api/version, /api/tags), all of it
 CONNECT_TIMEOUT = 5.0  # seconds to open the connection, within the deadline
+# New: the judge can be asked through either API; `python -m ch07.serve` answers both on one port.
+APIS = ("ollama", "openai")
+DEFAULT_BASE_URL = "http://127.0.0.1:11435/v1"
 
 
 class OllamaUnavailable(RuntimeError):
@@ -81,26 +94,35 @@ def request_with_deadline(method: str, url: str, deadline: float, **kwargs) -> r
     at most `deadline` (Ctrl-C still stops the wait); after that it gets NoReplyInTime, and the
     thread is left to end at its own read timeout (or with the process).
     """
+    def exchange() -> requests.Response:
+        resp = requests.request(method, url, timeout=(min(CONNECT_TIMEOUT, deadline), deadline + 1),
+                                stream=True, **kwargs)
+        resp.content  # the whole body, read here, within the deadline
+        return resp
+
+    return call_with_deadline(exchange, url, deadline)
+
+
+def call_with_deadline(call: Callable[[], object], url: str, deadline: float):
+    """`call()`'s result within `deadline` seconds, else NoReplyInTime naming `url`: the call runs in a
+    daemon thread (its exceptions reach the caller), so this works for any client (the `openai` one too)."""
     box: dict = {}
     finished = threading.Event()
 
     def exchange() -> None:
         try:
-            resp = requests.request(method, url, timeout=(min(CONNECT_TIMEOUT, deadline), deadline + 1),
-                                    stream=True, **kwargs)
-            resp.content  # the whole body, read here, within the deadline
-            box["response"] = resp
+            box["result"] = call()
         except BaseException as exc:  # handed to the caller
             box["error"] = exc
         finally:
             finished.set()
 
-    threading.Thread(target=exchange, name=f"{method} {url}", daemon=True).start()
+    threading.Thread(target=exchange, name=url, daemon=True).start()
     if not finished.wait(deadline):
         raise NoReplyInTime(url, deadline)
     if "error" in box:
         raise box["error"]
-    return box["response"]
+    return box["result"]
 
 
 def ollama_host(host: str | None = None) -> str:
@@ -249,6 +271,103 @@ def query_model(prompt: str, model: str = DEFAULT_MODEL, url: str | None = None,
     return str(body["message"].get("content") or "")
 
 
+# --- New: the judge through OpenAI's API (the book's llm-instruction-eval-openai.ipynb) ----------------
+
+def openai_base_url(base_url: str | None = None) -> str:
+    """The OpenAI API's base URL: `base_url`, else $OPENAI_BASE_URL, else http://127.0.0.1:11435/v1
+    (`python -m ch07.serve`); InvalidInput for one that is not http(s)://host[:port][/path]."""
+    raw = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).strip()
+    where = "" if base_url or not os.environ.get("OPENAI_BASE_URL") else " (from OPENAI_BASE_URL)"
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"invalid OpenAI base URL {raw!r}{where}: give http(s)://host:port/v1, "
+                           f"e.g. {DEFAULT_BASE_URL} or https://api.openai.com/v1")
+    try:
+        parts.port
+    except ValueError:
+        raise InvalidInput(f"invalid OpenAI base URL {raw!r}{where}: the port is not a number from 0 to 65535") from None
+    return raw.rstrip("/")
+
+
+def check_openai(model: str = DEFAULT_MODEL, base_url: str | None = None, timeout: float = CHECK_TIMEOUT) -> list[str]:
+    """Make sure an OpenAI-compatible server answers at `base_url` and lists `model` (GET /models, with
+    $OPENAI_API_KEY when set); return the ids it lists. Raises OllamaUnavailable saying what is wrong."""
+    base = openai_base_url(base_url)
+    url = f"{base}/models"
+    key = os.environ.get("OPENAI_API_KEY")
+    try:
+        resp = request_with_deadline("GET", url, timeout, headers={"Authorization": f"Bearer {key}"} if key else {})
+    except requests.RequestException as exc:
+        raise OllamaUnavailable(f"No OpenAI-compatible server answers at {url} ({short_reason(exc)}). Start one with "
+                                f"`python -m ch07.serve --model ...` (it answers at {DEFAULT_BASE_URL}), or point "
+                                "--base-url (or OPENAI_BASE_URL) at one") from None
+    if resp.status_code in (401, 403):
+        raise OllamaUnavailable(f"{url} answered {describe_reply(resp)}: set OPENAI_API_KEY to a key this server "
+                                "accepts")
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    listed = body.get("data") if isinstance(body, dict) else None
+    if resp.status_code != 200 or not isinstance(listed, list):
+        raise OllamaUnavailable(f"{url} answered {describe_reply(resp)}, not OpenAI's list of models. Is --base-url "
+                                "an OpenAI-compatible API (its base URL usually ends in /v1)?")
+    ids = [str(m["id"]) for m in listed if isinstance(m, dict) and m.get("id")]
+    if not model_available(model, ids):
+        shown = ", ".join(ids[:8]) + (", ..." if len(ids) > 8 else "")
+        raise OllamaUnavailable(f"The server at {base} does not list the model {model!r} (models: {shown or 'none'}); "
+                                "choose one of its models with --model")
+    return ids
+
+
+def query_judge(prompt: str, model: str = DEFAULT_MODEL, *, api: str = "ollama", host: str | None = None,
+                base_url: str | None = None, options: dict | None = None, timeout: float = 300.0) -> str:
+    """One chat turn with the judge through Ollama's API (`query_model`) or OpenAI's (the official client).
+
+    Both send the prompt as one user message with seed 123 and temperature 0 (`DEFAULT_OPTIONS`;
+    num_ctx has no OpenAI name, num_predict travels as max_tokens), and both fail alike:
+    requests' errors when the connection fails or no whole reply comes within `timeout` seconds
+    (NoReplyInTime), OllamaUnavailable when the server answers with an error or without a message.
+    """
+    if api == "ollama":
+        return query_model(prompt, model, host=host, options=options, timeout=timeout)
+    if api != "openai":
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    import openai  # only this path needs it: pip install openai
+
+    opts = {**DEFAULT_OPTIONS, **(options or {})}
+    base = openai_base_url(base_url)
+    url = f"{base}/chat/completions"
+    limit = {"max_tokens": opts["num_predict"]} if opts.get("num_predict") is not None else {}
+    # The key from $OPENAI_API_KEY; a local server needs none (the client insists on one: any text).
+    with openai.OpenAI(base_url=base, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=0,
+                       timeout=timeout + 1) as client:
+        try:
+            reply = call_with_deadline(lambda: client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}],
+                temperature=opts["temperature"], seed=opts["seed"], **limit), url, timeout)
+        except openai.APITimeoutError:
+            raise NoReplyInTime(url, timeout) from None
+        except openai.APIConnectionError as exc:  # the same error as query_model's for a server gone away
+            raise requests.ConnectionError(f"{url}: {exc.__cause__ or exc}") from None
+        except openai.APIError as exc:  # an error reply, or a body that is not a chat completion
+            body = exc.body if isinstance(exc.body, dict) else {}
+            detail = body.get("message") or exc.message
+            raise OllamaUnavailable(f"{url} answered HTTP {getattr(exc, 'status_code', 200)} without a chat message: "
+                                    f"{' '.join(str(detail).split())[:200]}") from None
+        except ValueError:  # the client's json.JSONDecodeError: a body that is not JSON at all
+            raise OllamaUnavailable(f"{url} answered without a chat message: the reply is not JSON") from None
+    try:
+        content = reply.choices[0].message.content
+        readable = content is None or isinstance(content, str)  # None: no text (a refusal, say)
+    except (AttributeError, IndexError, KeyError, TypeError):  # a reply without choices or a message
+        readable = False
+    if not readable:
+        raise OllamaUnavailable(f"{url} answered HTTP 200 without a chat message: "
+                                f"{' '.join(str(reply).split())[:200]}")
+    return content or ""
+
+
 def check_if_running(process_name: str) -> bool:
     """The book's check before querying: is a process whose name contains `process_name` running?
 
@@ -385,31 +504,35 @@ STRICT_SUFFIX = ("\n\nYour previous reply could not be read as a score. Respond 
 
 
 def score_entry(entry: dict, json_key: str = "model_response", model: str = DEFAULT_MODEL,
-                host: str | None = None, options: dict | None = None, timeout: float = 300.0) -> int | None:
-    """The judge's score for one record, asking a second time, more strictly, if the first reply has none."""
+                host: str | None = None, options: dict | None = None, timeout: float = 300.0, *,
+                api: str = "ollama", base_url: str | None = None) -> int | None:
+    """The judge's score for one record, asking a second time, more strictly, if the first reply has none.
+
+    New: `api` ("ollama" or "openai", with `base_url`) picks the API the judge is asked through."""
     prompt = make_score_prompt(entry, json_key)
-    score = parse_score(query_model(prompt, model, host=host, options=options, timeout=timeout))
+    judge = dict(api=api, host=host, base_url=base_url, options=options, timeout=timeout)
+    score = parse_score(query_judge(prompt, model, **judge))
     if score is None:
-        score = parse_score(query_model(prompt + STRICT_SUFFIX, model, host=host, options=options,
-                                           timeout=timeout))
+        score = parse_score(query_judge(prompt + STRICT_SUFFIX, model, **judge))
     return score
 
 
 def generate_model_scores(json_data: list[dict], json_key: str = "model_response", model: str = DEFAULT_MODEL,
                           host: str | None = None, options: dict | None = None, timeout: float = 300.0,
-                          progress: bool = True, scores_path: str | os.PathLike | None = None) -> list[int | None]:
+                          progress: bool = True, scores_path: str | os.PathLike | None = None, *,
+                          api: str = "ollama", base_url: str | None = None) -> list[int | None]:
     """One score per record, None where the judge's replies held no readable score.
 
     With `scores_path`, each score is appended to that JSONL file as it arrives (one line per
     record), and records already scored there are not asked again: a run stopped part-way
     (server gone, Ctrl-C) continues where it stopped. A file there that is not a scores file
-    of these responses and this judge is refused (InvalidInput) and left as it is.
+    of these responses and this judge (model and API) is refused (InvalidInput) and left as it is.
     """
     from tqdm.auto import tqdm
 
     done, log = {}, None
     if scores_path is not None:
-        done = read_scores(scores_path, json_data, json_key, model)
+        done = read_scores(scores_path, json_data, json_key, model, api)
         log = open_jsonl_output(scores_path, "--scores", "scores", score_row_problem)[1]
     scores = []
     try:
@@ -418,11 +541,10 @@ def generate_model_scores(json_data: list[dict], json_key: str = "model_response
             if i in done:
                 scores.append(done[i])
                 continue
-            score = score_entry(entry, json_key, model, host, options, timeout)
+            score = score_entry(entry, json_key, model, host, options, timeout, api=api, base_url=base_url)
             scores.append(score)
             if log is not None:
-                append_jsonl(log, {"index": i, "record": record_id(entry, json_key), "model": model,
-                                   "score": score})
+                append_jsonl(log, score_row(i, entry, json_key, model, score, api))
     finally:
         if log is not None:
             log.close()
@@ -435,10 +557,19 @@ def record_id(entry: dict, json_key: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def default_scores_path(responses: str | os.PathLike, model: str = DEFAULT_MODEL) -> Path:
-    """Where the scores of `responses` by judge `model` are kept: beside it, e.g. `x.scores-llama3.jsonl`."""
+def default_scores_path(responses: str | os.PathLike, model: str = DEFAULT_MODEL, api: str = "ollama") -> Path:
+    """Where the scores of `responses` by judge `model` are kept: beside it, e.g. `x.scores-llama3.jsonl`
+    (New: `x.scores-openai-gpt-4-turbo.jsonl` for a judge asked through OpenAI's API)."""
     path = Path(responses)
-    return path.with_name(f"{path.stem}.scores-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}.jsonl")
+    judge = model if api == "ollama" else f"{api}-{model}"
+    return path.with_name(f"{path.stem}.scores-{re.sub(r'[^A-Za-z0-9_.-]+', '_', judge)}.jsonl")
+
+
+def score_row(index: int, entry: dict, json_key: str, model: str, score: int | None, api: str = "ollama") -> dict:
+    """The line `generate_model_scores` writes for one record; New: "api" is written for a judge asked through
+    OpenAI's API (a line without it is Ollama's, as in files written before there was a choice)."""
+    row = {"index": index, "record": record_id(entry, json_key), "model": model, "score": score}
+    return row if api == "ollama" else {**row, "api": api}
 
 
 SCORE_KEYS = ("index", "record", "model", "score")
@@ -456,19 +587,27 @@ def score_row_problem(row: dict) -> str | None:
         return "'record' and 'model' are not strings"
     if score is not None and (not isinstance(score, int) or isinstance(score, bool) or not 0 <= score <= 100):
         return f"'score' is {score!r}, not a whole number from 0 to 100 or null"
+    if row.get("api", "ollama") not in APIS:
+        return f"'api' is {row['api']!r}, not one of {', '.join(APIS)}"
     return None
 
 
-def read_scores(path: str | os.PathLike, json_data: list[dict], json_key: str, model: str) -> dict[int, int | None]:
+def read_scores(path: str | os.PathLike, json_data: list[dict], json_key: str, model: str,
+                api: str = "ollama") -> dict[int, int | None]:
     """The scores already in a JSONL file written by `generate_model_scores`: {record index: score}.
 
     Reads without changing the file (a last line cut short by a crash is skipped here, and cut off
     when the file is next opened to append). A file that is not a scores file raises InvalidInput;
-    so do scores of other responses or another judge: the file belongs to another run.
+    so do scores of other responses or another judge (New: the same model asked through the other
+    API counts as another judge): the file belongs to another run.
     """
     done = {}
     for n, row in read_jsonl_output(path, "--scores", "scores", score_row_problem).records:
         i = row["index"]
+        if row.get("api", "ollama") != api:
+            raise InvalidInput(f"{path} holds scores of another judge ({row['model']} through the "
+                               f"{row.get('api', 'ollama')} API, line {n}; this run asks {model} through the {api} "
+                               "API); delete it or choose another --scores file")
         if row["model"] != model or not i < len(json_data) or row["record"] != record_id(json_data[i], json_key):
             raise InvalidInput(f"{path} holds scores of other responses or another judge (line {n}); delete it "
                                "or choose another --scores file")
@@ -648,14 +787,22 @@ def server_options(args: argparse.Namespace) -> dict | None:
 
 def parser() -> Parser:
     p = Parser(prog="python -m ch07.ollama_evaluate",
-               description="Score a fine-tuned model's responses 0-100 with an Ollama judge.")
+               description="Score a fine-tuned model's responses 0-100 with a judge model behind Ollama's API "
+                           "(or OpenAI's: --api openai).")
     p.add_argument("--file", default=str(outputs_dir("ch07") / "instruction-data-with-response.json"),
                    help="JSON list of records with instruction, input, output and model_response")
     p.add_argument("--key", default="model_response", help="which field holds the answer to score")
     p.add_argument("--scores", type=path_argument, default=None,
                    help="JSONL file the scores are appended to as they arrive; a rerun continues from it "
                         "(default: beside --file, e.g. instruction-data-with-response.scores-llama3.jsonl)")
-    add_server_arguments(p, "judge model served by Ollama (default llama3)")
+    add_server_arguments(p, "judge model on the server (default llama3)")
+    # New: the book's second notebook asks GPT-4 through OpenAI's API; any OpenAI-compatible server works.
+    p.add_argument("--api", choices=APIS, default="ollama",
+                   help="the API the judge is asked through: ollama (--host) or openai (--base-url, key in "
+                        "$OPENAI_API_KEY; default ollama)")
+    p.add_argument("--base-url", default=None,
+                   help=f"with --api openai: the API's base URL (default $OPENAI_BASE_URL or {DEFAULT_BASE_URL}, "
+                        "where `python -m ch07.serve` answers; OpenAI's: https://api.openai.com/v1)")
     return p
 
 
@@ -665,6 +812,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_server_arguments(p, args)
     if not args.key.strip():
         p.error("argument --key: must name the field that holds the answers")
+    if args.api == "ollama" and args.base_url is not None:
+        p.error("argument --base-url: is for --api openai; Ollama's server is --host")
+    if args.api == "openai":
+        if args.host is not None:
+            p.error("argument --host: is Ollama's server; with --api openai give --base-url")
+        if args.base_url is not None and not args.base_url.strip():
+            p.error(f"argument --base-url: must be the API's base URL, e.g. {DEFAULT_BASE_URL}")
+        try:
+            openai_base_url(args.base_url)
+        except InvalidInput as exc:
+            p.error(f"argument --base-url: {exc}")
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            p.error("argument --api: openai needs the official client: pip install openai")
     return args
 
 
@@ -685,29 +847,36 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"{path} does not exist; create it with `python -m ch07.gpt_instruction_finetuning` "
                                     "(or --quick)")
         data = load_responses(path, args.key)
-        scores_path = Path(args.scores) if args.scores else default_scores_path(path, args.model)
+        default = default_scores_path(path, args.model, args.api)
+        scores_path = Path(args.scores) if args.scores else default
         if same_file(scores_path, path):
             raise InvalidInput(f"--scores {scores_path} is the responses file (--file); the scores go to a file of "
-                               f"their own, e.g. {default_scores_path(path, args.model)}")
-        done = read_scores(scores_path, data, args.key, args.model)
+                               f"their own, e.g. {default}")
+        done = read_scores(scores_path, data, args.key, args.model, args.api)
         check_output_dir(scores_path.parent, option="--scores")
-        host = ollama_host(args.host)
+        check_timeout = min(CHECK_TIMEOUT, args.timeout)
+        host = openai_base_url(args.base_url) if args.api == "openai" else ollama_host(args.host)
         try:
-            version = check_ollama(args.model, args.host, timeout=min(CHECK_TIMEOUT, args.timeout))
-            print(f"Ollama {version} at {host}; judge: {args.model}; {len(data)} entries"
+            if args.api == "openai":  # New: the judge behind OpenAI's API
+                check_openai(args.model, args.base_url, timeout=check_timeout)
+                server = f"OpenAI API at {host}"
+            else:
+                server = f"Ollama {check_ollama(args.model, args.host, timeout=check_timeout)} at {host}"
+            print(f"{server}; judge: {args.model}; {len(data)} entries"
                   + (f"; {len(done)} already scored in {scores_path}" if done else ""))
             try:
                 scores = generate_model_scores(data, args.key, args.model, args.host, options=server_options(args),
                                                timeout=args.timeout, progress=not args.no_progress,
-                                               scores_path=scores_path)
+                                               scores_path=scores_path, api=args.api, base_url=args.base_url)
             except (requests.RequestException, OllamaUnavailable) as exc:
-                kept = len(read_scores(scores_path, data, args.key, args.model))
-                reason = (f"The Ollama server at {host} stopped answering ({short_reason(exc)})"
+                kept = len(read_scores(scores_path, data, args.key, args.model, args.api))
+                name = "Ollama server" if args.api == "ollama" else "OpenAI-compatible server"
+                reason = (f"The {name} at {host} stopped answering ({short_reason(exc)})"
                           if isinstance(exc, requests.RequestException) else one_line_reason(exc))
                 raise OllamaUnavailable(f"{reason}; {kept} of {len(data)} scores are kept in {scores_path}: rerun "
                                         "the same command to continue") from None
         except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept (llmfs.cli.run prints it)
-            kept = len(read_scores(scores_path, data, args.key, args.model))
+            kept = len(read_scores(scores_path, data, args.key, args.model, args.api))
             raise KeyboardInterrupt(f"{kept} of {len(data)} scores are saved in {scores_path}; run the same command "
                                     "again to continue" if scores_path.exists() else "no scores were written") from None
         summary = summarize_scores(scores)

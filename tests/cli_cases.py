@@ -100,6 +100,12 @@ CASES: list[tuple[str, str, list[str]]] = [
         ["--file", "{responses}", "--key", ""], ["--bogus"],
         ["--file", "{responses}", "--scores", "{text}"], ["--file", "{responses}", "--scores", ""],
         ["--file", "{responses}", "--max-new-tokens", "0"],
+        ["--file", "{responses}", "--api", "gpt"], ["--file", "{responses}", "--api", "openai", "--base-url", ""],
+        ["--file", "{responses}", "--api", "openai", "--base-url", "ftp://127.0.0.1/v1"],
+        ["--file", "{responses}", "--api", "openai", "--base-url", "http://localhost:99999/v1"],
+        ["--file", "{responses}", "--api", "openai", "--host", "127.0.0.1:11434"],
+        ["--file", "{responses}", "--base-url", "http://127.0.0.1:11435/v1"],
+        ["--file", "{missing}", "--api", "openai"],
     ]],
     # --- ch07.dpo (a tiny instruction-tuned model; everything fails before training)
     *[(DPO, f"{DPO} {' '.join(a)}", ["--model", "{tiny_sft}", *a]) for a in [
