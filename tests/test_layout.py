@@ -45,6 +45,7 @@ BONUS_FOLDERS = {
     "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "serve": {"__main__.py"},
              "data_generation": {"generate_instruction_data.py", "reflection.py"},
              "dataset_utils": {"find_near_duplicates.py", "create_passive_voice_entries.py"},
+             "model_evaluation": set(),
              "ui": {"app.py", "__main__.py"}},
 }
 

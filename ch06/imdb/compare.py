@@ -21,7 +21,7 @@ from pathlib import Path
 from ch06.imdb import train_bert_hf, train_gpt, train_sklearn_logreg
 from ch06.imdb.labeled_data import LabeledData, add_data_args, data_from_args
 from ch06.imdb.report import table
-from llmfs.cli import Parser, device_name, run
+from llmfs.cli import Parser, add_quick_argument, device_name, run
 from llmfs.runtime import outputs_dir
 
 KINDS = ("gpt", "encoder", "logreg")
@@ -65,8 +65,7 @@ def parser() -> Parser:
     p = Parser(prog="python -m ch06.imdb",
                description="GPT-2, transformers encoders and logistic regression on one labelled text data set.")
     add_data_args(p, outputs_dir("ch06-imdb"))
-    p.add_argument("--quick", action="store_true",
-                   help="small random-init GPT and, without --encoder, a tiny random BERT (offline)")
+    add_quick_argument(p, "small random-init GPT and, without --encoder, a tiny random BERT (offline)")
     p.add_argument("--gpt-model", default="gpt2", help="pretrained GPT-2 size for the GPT row (default gpt2)")
     p.add_argument("--encoder", action="append", default=None,
                    help="an encoder folder or Hub id (repeat for several), e.g. bert-base-uncased")

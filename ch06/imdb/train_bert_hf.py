@@ -36,7 +36,7 @@ from ch06.gpt_class_finetune import TRAINABLE_CHOICES, count_trainable_parameter
 from ch06.imdb.labeled_data import LabeledData, add_data_args, data_from_args
 from ch06.imdb.report import print_accuracies, result, track_resources
 from ch06.imdb.train_gpt import add_training_args, training_overrides
-from llmfs.cli import Parser, run
+from llmfs.cli import Parser, add_quick_argument, run
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import cpu_threads
 from llmfs.runtime import get_device, outputs_dir, set_seed
@@ -367,7 +367,7 @@ def parser() -> Parser:
     p.add_argument("--model", required=True,
                    help="a local model folder (config.json, weights, tokenizer) or a Hub id such as "
                         "distilbert-base-uncased, bert-base-uncased, FacebookAI/roberta-large")
-    p.add_argument("--quick", action="store_true", help="quick settings (higher learning rate, 64 tokens, 3 epochs)")
+    add_quick_argument(p, "quick settings (higher learning rate, 64 tokens, 3 epochs)")
     add_training_args(p)
     p.add_argument("--trainable", choices=TRAINABLE_CHOICES, help="what trains: head, last_block or all (default)")
     p.add_argument("--no-attention-mask", action="store_true",
