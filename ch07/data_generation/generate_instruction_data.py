@@ -51,6 +51,7 @@ from pathlib import Path
 
 import requests
 
+from ch07.dpo.preference_data import numbered_record_problem
 from ch07.gpt_instruction_finetuning import ALPACA_PREAMBLE
 from ch07.ollama_evaluate import (
     CHECK_TIMEOUT,
@@ -224,12 +225,9 @@ RECORD_KEYS = ("index", "instruction", "input", "output", "template", "model", "
 
 def record_problem(record: dict) -> str | None:
     """Why `record` is not a line `generate_instruction_data` writes (None: it is one)."""
-    missing = [key for key in RECORD_KEYS if key not in record]
-    if missing:
-        return f"a JSON object without {', '.join(map(repr, missing))}"
-    index = record["index"]
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        return f"'index' is {index!r}, not a sample number"
+    problem = numbered_record_problem(record, RECORD_KEYS, "sample number")
+    if problem:
+        return problem
     if not all(isinstance(record[key], str) for key in ("instruction", "input", "output", "template", "model")):
         return "'instruction', 'input', 'output', 'template' and 'model' are not all strings"
     return None

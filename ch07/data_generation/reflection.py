@@ -41,10 +41,10 @@ from pathlib import Path
 from ch07.data_generation.generate_instruction_data import (
     MalformedReply,
     ask_chat,
-    check_output_file,
     reasons_text,
     run_against_server,
 )
+from ch07.dpo.preference_data import check_data_and_output, numbered_record_problem
 from ch07.gpt_instruction_finetuning import load_instruction_data
 from ch07.ollama_evaluate import (
     DEFAULT_MODEL,
@@ -54,13 +54,10 @@ from ch07.ollama_evaluate import (
     check_server_arguments,
     open_jsonl_output,
     read_jsonl_output,
-    same_file,
     server_options,
 )
 from llmfs.cli import Parser, path_argument, positive_int, run
-from llmfs.download import get_data_file
 from llmfs.errors import InvalidInput
-from llmfs.instruction_data import INSTRUCTION_DATA_FILE
 from llmfs.runtime import outputs_dir
 
 MODES = ("instruction", "response")
@@ -243,12 +240,9 @@ RECORD_KEYS = ("index", "reflection", "instruction", "input", "output", "reflect
 
 def record_problem(record: dict) -> str | None:
     """Why `record` is not a line `reflect_data` writes (None: it is one)."""
-    missing = [key for key in RECORD_KEYS if key not in record]
-    if missing:
-        return f"a JSON object without {', '.join(map(repr, missing))}"
-    index = record["index"]
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        return f"'index' is {index!r}, not a record number"
+    problem = numbered_record_problem(record, RECORD_KEYS, "record number")
+    if problem:
+        return problem
     if record["reflection"] not in MODES:
         return f"'reflection' is {record['reflection']!r}, not instruction or response"
     if not all(isinstance(record[key], str) for key in RECORD_KEYS if key not in ("index", "reflection", "reflected")):
@@ -334,16 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     check_server_arguments(p, args)
 
     def reflect() -> None:
-        if args.data is not None and Path(args.data).is_dir():
-            raise IsADirectoryError(f"--data {args.data} is a folder; give the instruction file (a JSON list)")
-        if args.data is not None and not Path(args.data).is_file():
-            raise FileNotFoundError(f"--data {args.data} does not exist")
         output = Path(args.output or outputs_dir("ch07") / f"{args.mode}-reflected.jsonl")
-        check_output_file(output)
-        data_path = Path(args.data) if args.data is not None else get_data_file(INSTRUCTION_DATA_FILE)
-        if same_file(output, data_path):
-            raise InvalidInput(f"--output {output} is the instruction data (--data); the reflections go to a .jsonl "
-                               f"file of their own, e.g. {args.mode}-reflected.jsonl")
+        data_path = check_data_and_output(args.data, output, "the reflections", f"{args.mode}-reflected.jsonl")
         data = load_instruction_data(data_path)
         data = data[:args.limit] if args.limit else data
 

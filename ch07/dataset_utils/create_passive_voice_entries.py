@@ -35,7 +35,7 @@ from pathlib import Path
 
 import requests
 
-from ch07.dpo.preference_data import clean_reply
+from ch07.dpo.preference_data import check_data_and_output, clean_reply, numbered_record_problem
 from ch07.ollama_evaluate import (
     CHECK_TIMEOUT,
     DEFAULT_MODEL,
@@ -48,14 +48,12 @@ from ch07.ollama_evaluate import (
     open_jsonl_output,
     query_model,
     read_jsonl_output,
-    same_file,
     server_options,
     short_reason,
 )
-from llmfs.cli import Parser, check_output_dir, path_argument, positive_int, run
-from llmfs.download import get_data_file
+from llmfs.cli import Parser, path_argument, positive_int, run
 from llmfs.errors import InvalidInput
-from llmfs.instruction_data import INSTRUCTION_DATA_FILE, read_json_file, validate_instruction_data
+from llmfs.instruction_data import read_json_file, validate_instruction_data
 from llmfs.runtime import outputs_dir
 
 # The book's prompt (its notebook, "Create JSON Entries")
@@ -104,12 +102,9 @@ def entry_problem(new_key: str):
     """A check for one line of the output file: why it is not a record this command writes (None: it is)."""
 
     def problem(record: dict) -> str | None:
-        missing = [key for key in ("index", new_key) if key not in record]
-        if missing:
-            return f"a JSON object without {', '.join(map(repr, missing))}"
-        index = record["index"]
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            return f"'index' is {index!r}, not a record number"
+        problem = numbered_record_problem(record, ("index", new_key))
+        if problem:
+            return problem
         if not isinstance(record[new_key], str):
             return f"{new_key!r} is not a string"
         return None
@@ -232,17 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def generate() -> None:
         output = Path(args.output)
-        if args.data is not None and Path(args.data).is_dir():
-            raise IsADirectoryError(f"--data {args.data} is a folder; give the instruction file (a JSON list)")
-        if args.data is not None and not Path(args.data).is_file():
-            raise FileNotFoundError(f"--data {args.data} does not exist")
-        if output.is_dir():
-            raise IsADirectoryError(f"--output {output} is a folder; give the .jsonl file to append to")
-        data_path = Path(args.data) if args.data is not None else get_data_file(INSTRUCTION_DATA_FILE)
-        if same_file(output, data_path):
-            raise InvalidInput(f"--output {output} is the instruction data (--data); the new entries go to a "
-                               ".jsonl file of their own, e.g. instruction-data-passive-voice.jsonl")
-        check_output_dir(output.parent, option="--output")
+        data_path = check_data_and_output(args.data, output, "the new entries",
+                                          "instruction-data-passive-voice.jsonl")
         data = load_data(data_path, args.key)
         total = min(args.limit or len(data), len(data))
 

@@ -160,14 +160,43 @@ PAIR_KEYS = ("index", "instruction", "chosen", "rejected", "politeness")
 _FIRST_KEYS = ("instruction", "input", "output", *PAIR_KEYS)
 
 
-def _pair_problem(record: dict) -> str | None:
-    """Why `record` is not a line `generate_preference_data` writes (None: it is one)."""
-    missing = [key for key in PAIR_KEYS if key not in record]
+def numbered_record_problem(record: dict, keys: tuple[str, ...], number: str = "record number") -> str | None:
+    """The first check of a line that a resumable JSONL command of this chapter writes: every key of
+    `keys` is there and "index" is a whole number >= 0 (None: so far it is one). The commands that
+    make records from instruction data (here, ch07.dataset_utils, ch07.data_generation) share it."""
+    missing = [key for key in keys if key not in record]
     if missing:
         return f"a JSON object without {', '.join(map(repr, missing))}"
     index = record["index"]
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        return f"'index' is {index!r}, not a record number"
+        return f"'index' is {index!r}, not a {number}"
+    return None
+
+
+def check_data_and_output(data: str | os.PathLike | None, output: Path, what: str, example: str) -> Path:
+    """The checks such a command runs before anything else: --data (a file; default the chapter's
+    instruction-data.json) and --output (a .jsonl file of its own, in a folder that can be written).
+    Returns the data file's path; the errors are one line ("`what` go to a .jsonl file of their own,
+    e.g. `example`")."""
+    if data is not None and Path(data).is_dir():
+        raise IsADirectoryError(f"--data {data} is a folder; give the instruction file (a JSON list)")
+    if data is not None and not Path(data).is_file():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder; give the .jsonl file to append to")
+    check_output_dir(output.parent, option="--output")
+    data_path = Path(data) if data is not None else get_data_file(INSTRUCTION_DATA_FILE)
+    if same_file(output, data_path):
+        raise InvalidInput(f"--output {output} is the instruction data (--data); {what} go to a .jsonl file of "
+                           f"their own, e.g. {example}")
+    return data_path
+
+
+def _pair_problem(record: dict) -> str | None:
+    """Why `record` is not a line `generate_preference_data` writes (None: it is one)."""
+    problem = numbered_record_problem(record, PAIR_KEYS)
+    if problem:
+        return problem
     if not all(isinstance(record[key], str) for key in ("instruction", "chosen", "rejected")):
         return "'instruction', 'chosen' and 'rejected' are not all strings"
     if record["politeness"] not in (*POLITENESS, "both"):
@@ -284,17 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def generate() -> None:
         output = Path(args.output)
-        if args.data is not None and Path(args.data).is_dir():
-            raise IsADirectoryError(f"--data {args.data} is a folder; give the instruction file (a JSON list)")
-        if args.data is not None and not Path(args.data).is_file():
-            raise FileNotFoundError(f"--data {args.data} does not exist")
-        if output.is_dir():
-            raise IsADirectoryError(f"--output {output} is a folder; give the .jsonl file to append to")
-        check_output_dir(output.parent, option="--output")
-        data_path = Path(args.data) if args.data is not None else get_data_file(INSTRUCTION_DATA_FILE)
-        if same_file(output, data_path):
-            raise InvalidInput(f"--output {output} is the instruction data (--data); the pairs go to a .jsonl file "
-                               "of their own, e.g. instruction-data-with-preference.jsonl")
+        data_path = check_data_and_output(args.data, output, "the pairs", "instruction-data-with-preference.jsonl")
         data = load_instruction_data(data_path)
         data = data[:args.limit] if args.limit else data
         done = records_done(output, data)
