@@ -29,8 +29,8 @@ is. `--max-new-tokens` caps the judge's replies (sent as Ollama's `num_predict`)
 
 New: `--api openai` asks the judge through OpenAI's API instead, with the official `openai` client
 (as the book's llm-instruction-eval-openai.ipynb does): OpenAI's service or any compatible server,
-at `--base-url` (default $OPENAI_BASE_URL, else http://127.0.0.1:11435/v1, where `python -m ch07.serve`
-answers both APIs), with the key in $OPENAI_API_KEY (optional for a local server). The same checks
+at `--base-url` (default http://127.0.0.1:11435/v1, where `python -m ch07.serve` answers both APIs),
+with the key the client reads from $OPENAI_API_KEY (a local server needs none). The same checks
 come first (GET /models: the server answers and has the judge), with the same deadlines, seed and
 temperature, and no retries by the client; each score line records the API, so a scores file of the
 other API's judge is refused.
@@ -274,33 +274,48 @@ def query_model(prompt: str, model: str = DEFAULT_MODEL, url: str | None = None,
 # --- New: the judge through OpenAI's API (the book's llm-instruction-eval-openai.ipynb) ----------------
 
 def openai_base_url(base_url: str | None = None) -> str:
-    """The OpenAI API's base URL: `base_url`, else $OPENAI_BASE_URL, else http://127.0.0.1:11435/v1
-    (`python -m ch07.serve`); InvalidInput for one that is not http(s)://host[:port][/path]."""
-    raw = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).strip()
-    where = "" if base_url or not os.environ.get("OPENAI_BASE_URL") else " (from OPENAI_BASE_URL)"
+    """The OpenAI API's base URL: `base_url`, else http://127.0.0.1:11435/v1 (`python -m ch07.serve`);
+    InvalidInput for one that is not http(s)://host[:port][/path]."""
+    raw = (base_url or DEFAULT_BASE_URL).strip()
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(f"invalid OpenAI base URL {raw!r}{where}: give http(s)://host:port/v1, "
+        raise InvalidInput(f"invalid OpenAI base URL {raw!r}: give http(s)://host:port/v1, "
                            f"e.g. {DEFAULT_BASE_URL} or https://api.openai.com/v1")
     try:
         parts.port
     except ValueError:
-        raise InvalidInput(f"invalid OpenAI base URL {raw!r}{where}: the port is not a number from 0 to 65535") from None
+        raise InvalidInput(f"invalid OpenAI base URL {raw!r}: the port is not a number from 0 to 65535") from None
     return raw.rstrip("/")
+
+
+NO_KEY = "unused"  # the key a local server gets when there is none: ours never checks it
+
+
+def openai_client(base_url: str, timeout: float):
+    """The official client for `base_url`, without retries. The key is the client's own (it reads
+    $OPENAI_API_KEY); without one it gets a placeholder, which a local server such as ours never checks."""
+    import openai  # only this path needs it: pip install openai
+
+    try:
+        return openai.OpenAI(base_url=base_url, max_retries=0, timeout=timeout)
+    except openai.OpenAIError:  # no key anywhere
+        return openai.OpenAI(base_url=base_url, api_key=NO_KEY, max_retries=0, timeout=timeout)
 
 
 def check_openai(model: str = DEFAULT_MODEL, base_url: str | None = None, timeout: float = CHECK_TIMEOUT) -> list[str]:
     """Make sure an OpenAI-compatible server answers at `base_url` and lists `model` (GET /models, with
-    $OPENAI_API_KEY when set); return the ids it lists. Raises OllamaUnavailable saying what is wrong."""
+    the client's key, $OPENAI_API_KEY, when there is one); return the ids it lists. Raises
+    OllamaUnavailable saying what is wrong."""
     base = openai_base_url(base_url)
     url = f"{base}/models"
-    key = os.environ.get("OPENAI_API_KEY")
+    with openai_client(base, timeout) as client:
+        key = None if client.api_key == NO_KEY else client.api_key
     try:
         resp = request_with_deadline("GET", url, timeout, headers={"Authorization": f"Bearer {key}"} if key else {})
     except requests.RequestException as exc:
         raise OllamaUnavailable(f"No OpenAI-compatible server answers at {url} ({short_reason(exc)}). Start one with "
                                 f"`python -m ch07.serve --model ...` (it answers at {DEFAULT_BASE_URL}), or point "
-                                "--base-url (or OPENAI_BASE_URL) at one") from None
+                                "--base-url at one") from None
     if resp.status_code in (401, 403):
         raise OllamaUnavailable(f"{url} answered {describe_reply(resp)}: set OPENAI_API_KEY to a key this server "
                                 "accepts")
@@ -339,9 +354,7 @@ def query_judge(prompt: str, model: str = DEFAULT_MODEL, *, api: str = "ollama",
     base = openai_base_url(base_url)
     url = f"{base}/chat/completions"
     limit = {"max_tokens": opts["num_predict"]} if opts.get("num_predict") is not None else {}
-    # The key from $OPENAI_API_KEY; a local server needs none (the client insists on one: any text).
-    with openai.OpenAI(base_url=base, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=0,
-                       timeout=timeout + 1) as client:
+    with openai_client(base, timeout + 1) as client:
         try:
             reply = call_with_deadline(lambda: client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": prompt}],
@@ -801,7 +814,7 @@ def parser() -> Parser:
                    help="the API the judge is asked through: ollama (--host) or openai (--base-url, key in "
                         "$OPENAI_API_KEY; default ollama)")
     p.add_argument("--base-url", default=None,
-                   help=f"with --api openai: the API's base URL (default $OPENAI_BASE_URL or {DEFAULT_BASE_URL}, "
+                   help=f"with --api openai: the API's base URL (default {DEFAULT_BASE_URL}, "
                         "where `python -m ch07.serve` answers; OpenAI's: https://api.openai.com/v1)")
     return p
 

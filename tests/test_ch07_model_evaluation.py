@@ -172,15 +172,20 @@ def test_bad_switches_get_one_line(argv, words, responses_file, capsys):
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
 
 
-def test_a_bad_openai_base_url_from_the_environment_is_named(monkeypatch, responses_file, capsys):
-    monkeypatch.setenv("OPENAI_BASE_URL", "localhost:11435")
+def test_the_base_url_is_checked_and_the_environment_does_not_move_it(monkeypatch, responses_file, capsys):
+    """--base-url defaults to our own server; $OPENAI_BASE_URL (the openai client's own variable) does not
+    change where the judge goes: the URL is always the one given or ours."""
     with pytest.raises(SystemExit):
-        ev.main(["--file", str(responses_file), "--api", "openai"])
-    assert "invalid OpenAI base URL 'localhost:11435' (from OPENAI_BASE_URL)" in capsys.readouterr().err
+        ev.main(["--file", str(responses_file), "--api", "openai", "--base-url", "localhost:11435"])
+    assert "localhost:11435" in capsys.readouterr().err
     monkeypatch.setenv("OPENAI_BASE_URL", "http://10.0.0.5:8000/v1/")
-    assert ev.openai_base_url() == "http://10.0.0.5:8000/v1" and ev.openai_base_url("http://a:1/v1") == "http://a:1/v1"
-    monkeypatch.delenv("OPENAI_BASE_URL")
     assert ev.openai_base_url() == ev.DEFAULT_BASE_URL == "http://127.0.0.1:11435/v1"
+    assert ev.openai_base_url("http://a:1/v1/") == "http://a:1/v1"
+    with ev.openai_client(ev.openai_base_url(), 5.0) as client:
+        assert str(client.base_url).rstrip("/") == ev.DEFAULT_BASE_URL and client.api_key == ev.NO_KEY
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    with ev.openai_client(ev.openai_base_url(), 5.0) as client:
+        assert client.api_key == "sk-from-env"
 
 
 def one_error_line(err: str) -> str:
