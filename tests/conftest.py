@@ -19,6 +19,11 @@ if "LLMFS_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["LLMFS_DATA_MIRROR"] = str(SHARED_DATA)
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (the README's `-n auto`) the workers share the cores: each worker, and every notebook
+# kernel and command it starts, runs torch on one thread (several threads per process on a shared CPU make
+# a step many times slower). Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Scripts and notebooks write to `outputs/<chapter>/` (llmfs.runtime.outputs_dir): during the tests
 # (and the notebooks and subprocesses they start) that is a temporary folder, never the checkout.
 _OUTPUTS = None
