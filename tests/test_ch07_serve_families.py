@@ -13,15 +13,20 @@ import re
 import subprocess
 import sys
 import threading
+import time
+from contextlib import contextmanager
 
+import gradio as gr
 import ollama
 import openai
 import pytest
 import torch
 
+import webapp
 from ch05.llama.generate_llm import generate_text, load_llm
 from ch07.cli import family_folder, load_chat_model, serve_main
 from hf_tiny import GEMMA_SPECIAL, model_dir_fixture, verdict
+from llmfs.apps import load_app_model, stream_text
 from llmfs.chat import GenerationOptions
 from llmfs.chat_families import HFTokenizer
 from test_llmfs_serve import REPO, serving
@@ -29,6 +34,7 @@ from test_llmfs_serve import REPO, serving
 FAMILIES = ["llama", "qwen3", "qwen3_moe", "gemma3_text"]
 OLLAMA_NAMES = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}
 SYSTEM, QUESTION = "Answer briefly.", "Who painted the picture of Mrs. Thwing?"
+PROMPT = "I had always thought Jack Gisburn rather a cheap genius"
 N = 10  # new tokens per answer
 GREEDY = {"temperature": 0, "num_predict": N}
 
@@ -61,6 +67,8 @@ JINJA = {
 }
 JINJA["qwen3_moe"] = JINJA["qwen3"]
 BOS = {"llama": "<|begin_of_text|>", "gemma3_text": "<bos>"}
+# Gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 
 
 @pytest.fixture(autouse=True)
@@ -281,3 +289,78 @@ def test_family_folders_are_recognised_and_bad_styles_refused(family_dir, tmp_pa
     assert serve_main(["--model", str(path), "--port", "0", "--prompt-style", "alpaca"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: prompt style 'alpaca' is chapter 7's") and "\n" not in err
+
+
+# --- The apps: chapter 7's chat page and chapter 5's text page with a family folder -------------------
+
+@contextmanager
+def slowed_family_model(seconds: float = 0.1):
+    """Each Llama-family forward pass takes `seconds` longer, so a browser sees the text grow."""
+    from ch05.llama.llama3 import Llama3Model
+
+    def slow_down(module, args, output):
+        if isinstance(module, Llama3Model):
+            time.sleep(seconds)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(slow_down)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def test_the_chat_app_loads_a_family_folder(gemma_dir):
+    """ch07.ui's loading path: the chat layer's model, answering as `python -m ch05.llama --chat` does."""
+    from ch07.ui import app as ch07_app
+
+    loaded = load_app_model(ch07_app.load_family_model, str(gemma_dir), "cpu", ch07_app.HINT)
+    assert loaded.error is None and loaded.info.family == "gemma3_text"
+    texts = list(ch07_app.family_answers(loaded.info, QUESTION, N))  # one per token, then the end
+    expected, ids = generate_text(load_llm(gemma_dir), QUESTION, max_new_tokens=N, chat=True)
+    assert len(texts) == N + 1 and len(ids) == N and texts[-1] == expected and all(expected.startswith(t) for t in texts)
+    assert isinstance(ch07_app.build_demo(str(gemma_dir), "cpu", N), gr.Blocks)
+
+
+def test_the_text_app_loads_a_family_folder(gemma_dir):
+    """ch05.ui's loading path: the prompt continued as `python -m ch05.llama` (no --chat) continues it."""
+    from ch05.ui import app as ch05_app
+
+    assert ch05_app.is_family_folder(str(gemma_dir)) and not ch05_app.is_family_folder(str(gemma_dir / "none"))
+    llm = load_llm(gemma_dir)
+    texts = list(stream_text(llm.model, ch05_app.FamilyTokenizer(llm.tokenizer), PROMPT, N, 1.0, top_k=20, seed=7,
+                             eos_id=llm.tokenizer.token_id("<eos>")))
+    expected, _ = generate_text(llm, PROMPT, max_new_tokens=N, temperature=1.0, top_k=20, seed=7)
+    assert texts[-1] == PROMPT + expected
+    assert isinstance(ch05_app.build_demo(str(gemma_dir)), gr.Blocks)
+
+
+@webapp.requires_chromium
+def test_the_chat_page_streams_a_family_models_answer(gemma_dir):
+    from ch07.ui import app as ch07_app
+
+    expected, _ = generate_text(load_llm(gemma_dir), QUESTION, max_new_tokens=N, chat=True)
+    demo = ch07_app.build_demo(str(gemma_dir), max_new_tokens=N)
+    with slowed_family_model(), webapp.app_page(demo) as page:
+        assert "gemma3_text chat template" in page.inner_text("body")
+        page.fill("#prompt textarea", QUESTION)
+        answer = "#chat .bot .message-content"
+        webapp.record_changes(page, answer, prop="textContent")
+        page.click("#send")
+        webapp.wait_for_text(page, answer, expected, prop="textContent")
+        seen = webapp.recorded(page)
+    assert len(seen) >= 3 and all(expected.startswith(text) for text in seen)
+
+
+@webapp.requires_chromium
+def test_the_text_page_continues_with_a_family_model(gemma_dir):
+    from ch05.ui import app as ch05_app
+
+    expected, _ = generate_text(load_llm(gemma_dir), PROMPT, max_new_tokens=N, temperature=0.0)
+    with slowed_family_model(), webapp.app_page(ch05_app.build_demo(str(gemma_dir))) as page:
+        assert "gemma3_text from" in page.inner_text("body")
+        page.fill("#prompt textarea", PROMPT)
+        for control, value in (("max-new-tokens", N), ("temperature", 0)):
+            page.fill(f"#{control} input[type=number]", str(value))
+            page.press(f"#{control} input[type=number]", "Enter")
+        page.click("#generate")
+        webapp.wait_for_text(page, "#output textarea", PROMPT + expected)
