@@ -16,6 +16,7 @@ loop is the book's `train_model_simple`; `main` is the command line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -236,6 +237,9 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     `.pth` plus `.json` that `book.save_finetuned_model` writes) or anything chapter 5's
     `load_model_for_generation` reads (GPT-2 weights, chapter-5 checkpoints).
 
+    New: a Hugging Face folder of another family (Llama 3.x, Qwen3, Qwen3-MoE, Gemma 3 text) loads
+    through chapter 5's `load_llm` instead (`load_family_chat_model`).
+
     `style` "auto" uses the chapter-7 prompt style saved with an instruction-tuned model (and no
     template for other models); "alpaca"/"phi3" or None force one. What cannot be loaded raises a
     `llmfs.errors.UserError` (InvalidInput, CheckpointMismatchError, PretrainedWeightsUnavailable) or
@@ -243,6 +247,8 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     """
     if style not in ("auto", None, *book.PROMPT_STYLES):
         raise InvalidInput(f"unknown prompt style {style!r}; choose auto, none or one of {book.PROMPT_STYLES}")
+    if family_folder(spec) is not None:  # New: Llama 3.x, Qwen3 and Gemma 3 folders serve too
+        return load_family_chat_model(spec, device=device, name=name, style=style)
     device = get_device(device)
     finetuned = finetuned_file(Path(spec).expanduser())
     if finetuned is not None:
@@ -261,6 +267,48 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
                      style=saved_style if style == "auto" else style, description=described, source=source,
                      device=device, tokenizer=get_gpt2_tokenizer(), eos_id=book.END_OF_TEXT_ID,
                      prompt_format=PROMPT_FORMAT, metadata=metadata)
+
+
+# New: the other model families (chapter 5's bonus loader) in the same chat layer.
+
+def family_folder(spec: str | os.PathLike) -> str | None:
+    """config.json's model_type when `spec` is a folder of a family `load_llm` runs other than GPT-2, else None."""
+    from ch05.llama.generate_llm import FAMILIES
+
+    path = Path(spec).expanduser()
+    try:
+        family = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # no folder, no config.json, not a JSON object
+        return None
+    return family if path.is_dir() and family in FAMILIES else None
+
+
+def load_family_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
+                           name: str | None = None, style: str | None = "auto") -> ChatModel:
+    """A `ChatModel` for a Llama 3.x, Qwen3 (dense or MoE) or Gemma 3 text folder, loaded by `load_llm`.
+
+    It speaks its family's chat template (`style` "auto"; None: plain text, as a base model
+    continues it), stops at the end of a turn or of the text, and its context is its config's.
+    """
+    from ch05.llama.generate_llm import load_llm
+    from llmfs.chat_families import TEMPLATE_NAMES, HFTokenizer, chat_template
+
+    if style not in ("auto", None):
+        raise InvalidInput(f"prompt style {style!r} is chapter 7's instruction format; a {family_folder(spec)} "
+                           "model has its own chat template: use auto (the template) or none (plain text)")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
+        raise InvalidInput(f"model name {name!r} may only hold letters, digits and . _ : / -")
+    device = get_device(device)
+    llm = load_llm(spec, device=device)  # its dtype is the file's; decoding layout on
+    tok = llm.tokenizer
+    adapter = HFTokenizer(tok.tokenizer)
+    end_of_text = tok.token_id(tok.stop_tokens[-1])
+    name = (name or default_model_name(spec)).lower()
+    return ChatModel(model=llm.model.eval(), name=name if ":" in name else f"{name}:latest",
+                     style=TEMPLATE_NAMES[llm.family] if style == "auto" else None, description=llm.description,
+                     source=str(spec), device=device, tokenizer=adapter, eos_id=end_of_text,
+                     metadata={"family": llm.family}, family=llm.family, stop_ids=frozenset(tok.stop_ids),
+                     chat_template=chat_template(llm.family), bos=tok.plain_prompt(""))
 
 
 def serve_main(argv: list[str] | None = None) -> int:

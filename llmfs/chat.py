@@ -15,7 +15,10 @@ share, so that all of them format prompts and decode tokens the same way:
   a short message (`shown` keeps a client's megabyte-long or deeply nested value out of it).
 
 Loading is the chapter's: `ch07.cli.load_chat_model(spec)` builds a `ChatModel` from a chapter-7
-instruction-tuned model or anything chapter 5 reads.
+instruction-tuned model or anything chapter 5 reads. New: also from a Llama 3.x, Qwen3 (dense or MoE)
+or Gemma 3 text folder (`ch05.llama.generate_llm.load_llm`): the family's tokenizer behind the same
+interface, its own chat template, several stop tokens (end of turn, end of text), and its name in
+what /api/show reports (`llmfs.chat_families`).
 """
 
 from __future__ import annotations
@@ -263,6 +266,11 @@ class TextGeneration:
         held = ""
         try:
             for token in self.tokens:
+                if token in self.chat.stop_ids:  # New: the end of a turn (eos_id stops generate_stream itself)
+                    self.done_reason = "stop"
+                    piece, _, held = self._cut(held + decoder.decode(b"", final=True))
+                    yield piece + held
+                    return
                 self.eval_count += 1
                 piece, stopped, held = self._cut(held + decoder.decode(token_bytes(token)))
                 if stopped:
@@ -292,6 +300,11 @@ class ChatModel:
     eos_id: int                   # the end-of-text token: generation stops there
     prompt_format: PromptFormat | None = None  # the instruction format; needed when `style` is set
     metadata: dict = field(default_factory=dict)
+    # New: what a Llama / Qwen3 / Gemma 3 model adds (llmfs.chat_families); GPT models keep the defaults.
+    family: str = "gpt2"          # config.json's model_type
+    stop_ids: frozenset[int] = frozenset()  # more ids that end an answer (end of turn), beside eos_id
+    chat_template: Callable[[list[dict]], str] | None = None  # the family's template; used when `style` is set
+    bos: str = ""                 # written before a raw or plain prompt (the begin-of-text token)
 
     @property
     def context_length(self) -> int:
@@ -313,7 +326,7 @@ class ChatModel:
     def generate_prompt(self, prompt: str, system: str | None = None, raw: bool = False) -> str:
         """The text for /api/generate: an instruction-tuned model gets the Alpaca format unless `raw`."""
         if raw:
-            return prompt
+            return self.bos + prompt
         system_message = [{"role": "system", "content": system}] if system else []
         return self.chat_prompt(system_message + [{"role": "user", "content": prompt}])
 
@@ -331,7 +344,11 @@ class ChatModel:
                     and isinstance(m.get("content", ""), str)):
                 raise InvalidInput(f"message {i} must have a role ({', '.join(CHAT_ROLES)}) and string content")
         if self.style is None:
-            return "\n\n".join(m.get("content") or "" for m in messages)
+            return self.bos + "\n\n".join(m.get("content") or "" for m in messages)
+        if self.chat_template is not None:  # New: a family's own template (llmfs.chat_families)
+            if messages and messages[-1]["role"] == "assistant":  # an answer begun: the model continues it
+                return self.chat_template(messages[:-1]) + (messages[-1].get("content") or "")
+            return self.chat_template(messages)
         parts, instruction = [], []
         for m in messages:
             role, content = m["role"], m.get("content") or ""
@@ -373,17 +390,39 @@ class ChatModel:
 
     # --- what /api/tags and /api/show report ---------------------------------------------------
 
+    @property
+    def ollama_family(self) -> str:
+        """The family's name as Ollama reports it ("llama", "qwen3", "qwen3moe", "gemma3", "gpt2")."""
+        from llmfs.chat_families import OLLAMA_FAMILIES
+
+        return OLLAMA_FAMILIES.get(self.family, self.family)
+
     def details(self) -> dict:
         n = sum(p.numel() for p in self.model.parameters())
         dtype = next(self.model.parameters()).dtype
         dtypes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-        return {"parent_model": "", "format": Path(self.source).suffix.lstrip(".") or "pytorch",
-                "family": "gpt2", "families": ["gpt2"],
+        folder = Path(self.source).is_dir() and any(Path(self.source).glob("*.safetensors"))
+        family = self.ollama_family
+        return {"parent_model": "",
+                "format": "safetensors" if folder else Path(self.source).suffix.lstrip(".") or "pytorch",
+                "family": family, "families": [family],
                 "parameter_size": f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.1f}B",
                 "quantization_level": dtypes.get(dtype, str(dtype))}
 
     def model_info(self) -> dict:
         cfg = self.model.cfg
+        if self.family != "gpt2":  # New: Ollama's keys, under the family's name
+            arch = self.ollama_family
+            info = {"general.architecture": arch,
+                    "general.parameter_count": sum(p.numel() for p in self.model.parameters()),
+                    f"{arch}.context_length": cfg["context_length"], f"{arch}.embedding_length": cfg["emb_dim"],
+                    f"{arch}.block_count": cfg["n_layers"], f"{arch}.attention.head_count": cfg["n_heads"],
+                    f"{arch}.attention.head_count_kv": cfg.get("n_kv_groups", cfg["n_heads"]),
+                    f"{arch}.vocab_size": cfg["vocab_size"], "llmfs.prompt_style": self.style or "none"}
+            if "num_experts" in cfg:
+                info[f"{arch}.expert_count"] = cfg["num_experts"]
+                info[f"{arch}.expert_used_count"] = cfg.get("num_experts_per_tok")
+            return info
         return {"general.architecture": "gpt2",
                 "general.parameter_count": sum(p.numel() for p in self.model.parameters()),
                 "gpt2.context_length": cfg["context_length"], "gpt2.embedding_length": cfg["emb_dim"],
@@ -392,6 +431,8 @@ class ChatModel:
 
     def template(self) -> str:
         """The prompt format written in Ollama's template syntax (for /api/show)."""
+        if self.style and self.chat_template is not None:
+            return self.chat_template([{"role": "user", "content": "{{ .Prompt }}"}]) + "{{ .Response }}"
         return self.instruction_prompt("{{ .Prompt }}", "{{ .Response }}") if self.style else "{{ .Prompt }}"
 
     def file_size_and_digest(self) -> tuple[int, str]:

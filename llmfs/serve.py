@@ -4,8 +4,8 @@
     OLLAMA_HOST=127.0.0.1:11435 python -m ch07.ollama_evaluate --model gpt2-medium-sft \
         --file outputs/ch07/instruction-data-with-response.json
 
-The model is a chapter-7 instruction-tuned model, a chapter-5 checkpoint or GPT-2 weights
-(anything the chapter's loader reads: `ch07.cli.load_chat_model`). The subset of Ollama's HTTP API that clients use:
+The model is a chapter-7 instruction-tuned model, a chapter-5 checkpoint, GPT-2 weights or a Llama 3.x,
+Qwen3 or Gemma 3 text folder (anything the chapter's loader reads: `ch07.cli.load_chat_model`). The subset of Ollama's HTTP API that clients use:
 GET /api/version, GET /api/tags, POST /api/show, POST /api/generate and POST /api/chat, streamed
 as newline-delimited JSON (the default, as in Ollama) or in one reply with "stream": false; the
 last chunk has done: true, done_reason and Ollama's token counts and durations (nanoseconds).
@@ -423,15 +423,16 @@ def parser(prog: str | None = None) -> Parser:
     p = Parser(prog=prog, description="Serve a GPT model of this book over the Ollama API.")
     p.add_argument("--model", required=True,
                    help="a chapter-7 fine-tuned model (.pth with its .json), a chapter-5 checkpoint.pth / "
-                        "model.pth / model.safetensors or their folder, a Hugging Face GPT-2 folder, "
-                        "or a GPT-2 name")
+                        "model.pth / model.safetensors or their folder, a Hugging Face GPT-2, Llama 3.x, Qwen3 "
+                        "(dense or MoE) or Gemma 3 text folder, or a GPT-2 name")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this "
                                                        "machine only; the server has no authentication)")
     p.add_argument("--port", type=whole_number(0, 65535), default=DEFAULT_PORT,
                    help=f"port (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--name", default=None, help="the model's name for clients (default: from the file name)")
     p.add_argument("--prompt-style", choices=("auto", "alpaca", "phi3", "none"), default="auto",
-                   help="chat prompt format (default: the one saved with a fine-tuned model, none otherwise)")
+                   help="chat prompt format (default: the one saved with a fine-tuned model, a Llama/Qwen3/Gemma "
+                        "folder's own chat template, none otherwise)")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=None,
                    help="answer length cap in tokens when a request does not set Ollama's num_predict "
                         f"(default {GenerationOptions.max_new_tokens}, or the ceiling if lower; at most the ceiling)")

@@ -6,17 +6,20 @@
 then open http://127.0.0.1:7860. The text grows token by token; with the same settings and
 seed it is exactly what `python -m ch05.gpt_generate` prints. `--model` takes what
 `ch05.gpt_generate --model` takes. The page itself is built with Gradio; loading and
-streaming live in `llmfs.apps`, shared with chapters 6 and 7.
+streaming live in `llmfs.apps`, shared with chapters 6 and 7. New: `--model` also takes a Llama 3.x,
+Qwen3 (dense or MoE) or Gemma 3 text folder, continued as `python -m ch05.llama` (no --chat) continues it.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import gradio as gr
 
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch05.gpt_generate import load_model_for_generation
+from ch05.llama.generate_llm import FAMILIES, load_llm, read_hf_config
 from llmfs.apps import (
     EMPTY_INPUT_MESSAGE,
     app_parser,
@@ -26,6 +29,7 @@ from llmfs.apps import (
     serve_app,
     stream_text,
 )
+from llmfs.errors import UserError
 
 OUTPUT_DIR = "outputs/ch05"  # ch05.gpt_train's --output-dir default
 HINT = ("Train one with `python -m ch05.gpt_train` (add `--quick` for a one-minute run), "
@@ -41,10 +45,46 @@ def default_model() -> str:
     return str(newest or f"{OUTPUT_DIR}/model.pth")
 
 
+class FamilyTokenizer:
+    """New: a Llama / Qwen3 / Gemma 3 tokenizer with what `stream_text` calls (plain text, no chat format)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer  # ch05.llama's Llama3Tokenizer, Qwen3Tokenizer or Gemma3Tokenizer
+
+    def encode(self, text: str, allowed_special=None) -> list[int]:
+        return self.tokenizer.encode(text)  # after the begin-of-text token, as python -m ch05.llama
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def is_family_folder(spec: str) -> bool:
+    """New: whether `spec` is a Hugging Face folder of a family `load_llm` runs besides GPT-2."""
+    path = Path(spec)
+    try:
+        hf = read_hf_config(path) if path.is_dir() else None
+    except (OSError, ValueError, UserError):  # no readable config.json: chapter 5's loader says what is wrong
+        return False
+    return isinstance(hf, dict) and hf.get("model_type") in FAMILIES
+
+
 def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
     """The page: a prompt, the sampling controls of section 5.3, and the growing text."""
-    app = load_app_model(load_model_for_generation, model_spec, device, HINT)
-    tokenizer = get_gpt2_tokenizer()
+    eos_id = None
+    if is_family_folder(model_spec):  # New: Llama 3.x, Qwen3, Gemma 3
+        loaded = {}
+
+        def load_family(spec, device):
+            llm = loaded["llm"] = load_llm(spec, device=device)
+            return llm.model, llm.description
+
+        app = load_app_model(load_family, model_spec, device, HINT)
+        if "llm" in loaded:
+            tok = loaded["llm"].tokenizer
+            tokenizer, eos_id = FamilyTokenizer(tok), tok.token_id(tok.stop_tokens[-1])  # the end of the text
+    else:
+        app = load_app_model(load_model_for_generation, model_spec, device, HINT)
+        tokenizer = get_gpt2_tokenizer()
 
     def complete(prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int):
         """Yield (text so far, message) once per new token."""
@@ -55,7 +95,7 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
             yield "", EMPTY_INPUT_MESSAGE
             return
         for text in stream_text(app.model, tokenizer, prompt, max_new_tokens, temperature,
-                                top_k=int(top_k) or None, seed=int(seed or 0)):  # top-k 0: off
+                                top_k=int(top_k) or None, seed=int(seed or 0), eos_id=eos_id):  # top-k 0: off
             yield text, ""
 
     with page("Chapter 5: generate text") as demo:

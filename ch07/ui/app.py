@@ -7,6 +7,8 @@ then open http://127.0.0.1:7860. Each message becomes the instruction of an Alpa
 (section 7.2's `format_input`) and the answer appears token by token. As in the book's chat app,
 every message stands alone: the model was fine-tuned on single instructions, not conversations.
 `--model` also takes GPT-2 weights or chapter 5's files (which answer, but not as instructed).
+New: or a Llama 3.x, Qwen3 (dense or MoE) or Gemma 3 text folder (`python -m ch05.llama` runs
+them), which gets its own chat template and stops at its end-of-turn token (`ch07.cli`'s chat layer).
 Loading and streaming are shared with the other chapters' apps (`llmfs.apps`).
 """
 
@@ -20,6 +22,7 @@ import torch.nn as nn
 
 from ch02.tokenizer import get_gpt2_tokenizer
 from ch05.gpt_generate import load_model_for_generation
+from ch07.cli import family_folder, load_family_chat_model
 from ch07.gpt_instruction_finetuning import (
     END_OF_TEXT_ID,
     extract_response,
@@ -35,7 +38,9 @@ from llmfs.apps import (
     serve_app,
     stream_text,
 )
+from llmfs.chat import GenerationOptions
 from llmfs.cli import non_negative_int
+from llmfs.errors import InvalidInput
 
 OUTPUT_DIR = "outputs/ch07"  # the fine-tuning CLI's --output-dir default; it writes <model>-sft.pth there
 HINT = ("Fine-tune one with `python -m ch07.gpt_instruction_finetuning` (`--quick` trains a small one offline "
@@ -56,8 +61,27 @@ def load_chat_model(spec: str, device) -> tuple[nn.Module, dict]:
     return model, {"source": description}
 
 
+def load_family_model(spec: str, device) -> tuple[nn.Module, object]:
+    """New: a Llama / Qwen3 / Gemma 3 folder as the chat layer serves it (its `ChatModel` is the info)."""
+    chat = load_family_chat_model(spec, device=device)
+    return chat.model, chat
+
+
+def family_answers(chat, instruction: str, max_new_tokens: int):
+    """New: the answer so far, once per token: the family's template around the message, greedy
+    (as `python -m ch05.llama --chat` answers it)."""
+    options = GenerationOptions(temperature=0.0, top_k=None, top_p=None, max_new_tokens=max_new_tokens)
+    text = ""
+    for piece in chat.generation(chat.encode(chat.chat_prompt([{"role": "user", "content": instruction}])),
+                                 options):
+        text += piece
+        yield text
+
+
 def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS) -> gr.Blocks:
     """The page: the conversation, a text box and a send button."""
+    if family_folder(model_spec) is not None:  # New: another family's folder, through the chat layer
+        return build_family_demo(model_spec, device, max_new_tokens)
     app = load_app_model(load_chat_model, model_spec, device, HINT)
     tokenizer = get_gpt2_tokenizer()
     style = (app.info or {}).get("style", "alpaca")
@@ -91,11 +115,48 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
     return demo
 
 
+def build_family_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS) -> gr.Blocks:
+    """New: the same page for a Llama 3.x, Qwen3 or Gemma 3 folder, which answers in its chat template."""
+    app = load_app_model(load_family_model, model_spec, device, HINT)
+
+    def respond(instruction: str, history: list[dict]):
+        if app.error:
+            yield history, instruction, app.error
+            return
+        if not instruction.strip():
+            yield history, "", EMPTY_INPUT_MESSAGE
+            return
+        history = [*history, {"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
+        try:
+            for text in family_answers(app.info, instruction, max_new_tokens):
+                history[-1]["content"] = text
+                yield history, "", ""
+        except InvalidInput as exc:  # a message longer than the model's context
+            yield history[:-2], instruction, f"**{exc}**"
+            return
+        yield history, "", ""
+
+    with page("Chapter 7: chat") as demo:
+        source = ("none (see the message below)" if app.error
+                  else f"`{model_spec}`, {app.info.family} chat template ({app.info.style})")
+        gr.Markdown(f"## Chapter 7: chat with the instruction-tuned model\nModel: {source}")
+        chat = gr.Chatbot(label="Conversation", render_markdown=False, buttons=["copy", "copy_all"],
+                          elem_id="chat")
+        message = gr.Markdown(app.error or app.note, elem_id="message")
+        with gr.Row():
+            box = gr.Textbox(placeholder="Send a message, e.g. Why is the sky blue?", show_label=False, scale=4,
+                             elem_id="prompt")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        gr.on([send.click, box.submit], respond, [box, chat], [chat, box, message])
+    return demo
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m ch07.ui [options]`; returns the exit code."""
     p = app_parser("python -m ch07.ui", "Chapter 7's instruction-tuned model in the browser.", default_model(),
                    "*-sft.pth from ch07.gpt_instruction_finetuning (with its .json beside it), a GPT-2 name "
-                   "or folder, or chapter 5's model.pth / checkpoint.pth")
+                   "or folder, chapter 5's model.pth / checkpoint.pth, or a Llama 3.x / Qwen3 / Gemma 3 "
+                   "Hugging Face folder")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=MAX_NEW_TOKENS,
                    help=f"answer length cap in tokens (default {MAX_NEW_TOKENS}, as the chapter's generate_response)")
     args = p.parse_args(argv)
