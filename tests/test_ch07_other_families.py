@@ -165,3 +165,38 @@ def test_gpt_lora_fine_tune_saves_a_plain_gpt_model(tmp_path, instruction_data):
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), result["model"].eval()(ids))
+
+
+def test_notebook_stored_outputs_agree_with_the_code(tmp_path, instruction_data):
+    """other-families.ipynb's stored (quick-mode) outputs: recompute the prompt and the masking with the same
+    tokenizer (hf_tiny trains it exactly as the notebook does) and check the reported comparisons."""
+    import re
+    from pathlib import Path
+
+    from ch05.llama.qwen3 import Qwen3Tokenizer
+    from hf_tiny import QWEN_SPECIAL, train_tokenizer, verdict
+
+    nb = json.loads((Path(ft.__file__).parent / "other_families" / "other-families.ipynb").read_text())
+    assert nb["metadata"]["llmfs"]["mode"] == "quick"
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code"
+                   for o in c.get("outputs", []))
+    train_tokenizer(tmp_path, QWEN_SPECIAL, verdict())
+    tok = Qwen3Tokenizer(tmp_path)
+    record = instruction_data[0]
+    prompt_ids, response_ids = encode_example(record, tok, "chat")
+    assert f"prompt text: {json.dumps(tok.decode(prompt_ids, skip_special_tokens=False))}\n" in text
+    dataset = FamilyInstructionDataset([record, {"instruction": "Say yes.", "input": "", "output": "Yes."}], tok)
+    inputs, targets = custom_collate_fn([dataset[0], dataset[1]], pad_token_id=end_token_id(tok, "chat"))
+    for row in range(2):
+        counted = int((targets[row] != IGNORE_INDEX).sum())
+        assert f"record {row}: {inputs.shape[1]} positions, {counted} targets counted " \
+               f"({inputs.shape[1] - counted} masked)" in text
+    assert counted == len(tok.tokenizer.encode("Yes.", add_special_tokens=False).ids) + 1  # answer + end token
+    assert "LoRA modules left after merging: 0" in text and "same greedy tokens as transformers: True" in text
+    assert float(re.search(r"max \|logits difference\| = (\S+)", text).group(1)) < 1e-4
+    before, after = map(float, re.search(r"train loss (\S+) -> (\S+);", text).groups())
+    assert after < before
+    a, b = re.search(r"loss without / with checkpointing: (\S+) / (\S+);", text).groups()
+    assert a == b and float(re.search(r"max \|gradient difference\|: (\S+)", text).group(1)) < 1e-5
+    kept = [float(v.replace(",", "")) for v in re.findall(r"([\d,]+) KiB", text)]
+    assert len(kept) == 2 and kept[1] < kept[0] / 2
