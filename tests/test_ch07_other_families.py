@@ -69,18 +69,24 @@ def test_qwen3_lora_fine_tune_merges_saves_and_loads_in_transformers(qwen_dir, t
     assert len(records) == 2 and all(isinstance(r["model_response"], str) for r in records)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_command_fine_tunes_a_family_folder_with_its_chat_template(family, tmp_path_factory, capsys):
+@pytest.mark.parametrize("family, extra", [
+    ("llama", []),
+    ("gemma3_text", ["--prompt-style", "alpaca"]),
+    ("qwen3_moe", ["--lora-rank", "2", "--lora-targets", "up,down", "--gradient-checkpointing"]),
+])
+def test_command_fine_tunes_a_family_folder(family, extra, tmp_path_factory, capsys):
     src, _ = model_dir_fixture(tmp_path_factory, family)
     out = tmp_path_factory.mktemp("out")
     argv = ["--model", str(src), "--num-train", "8", "--num-test", "1", "--max-new-tokens", "3", "--epochs", "1",
             "--batch-size", "4", "--eval-iter", "1", "--lr", "1e-3", "--output-dir", str(out), "--no-progress",
-            "--overwrite"]
+            *extra, "--overwrite"]
     assert ft.main(argv) == 0
+    style = "alpaca" if "alpaca" in extra else "chat"
     printed = capsys.readouterr().out
-    assert "prompt style chat" in printed and f"{family} from {src}" in printed
+    assert f"prompt style {style}" in printed and f"{family} from {src}" in printed
     meta = json.loads((out / f"{src.name}-sft" / "finetuning.json").read_text())
-    assert meta["style"] == "chat" and meta["mask_instructions"] is True and meta["lora_rank"] is None
+    assert meta["style"] == style and meta["mask_instructions"] is True
+    assert meta["lora_rank"] == (2 if "--lora-rank" in extra else None)
     model = load_llm(out / f"{src.name}-sft", dtype=torch.float32, decoding_layout=False).model
     _same_logits_in_transformers(model, out / f"{src.name}-sft")
     # a second run into the same folder is refused without --overwrite, before any work
