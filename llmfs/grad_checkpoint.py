@@ -15,19 +15,25 @@ acts while the model is training with gradients on (generation and evaluation ru
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _checkpointed(block: nn.Module, forward):
-    def run(*args, **kwargs):
-        if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """A block's forward through `checkpoint` while training with gradients, its plain forward otherwise.
 
-    run.checkpointed = True
-    return run
+    Bound to the block itself (not a closure over it), so a `copy.deepcopy` of the model runs its own blocks."""
+    forward = type(self).forward.__get__(self)
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _is_checkpointed(block: nn.Module) -> bool:
+    return getattr(block.__dict__.get("forward"), "__func__", None) is _checkpointed_forward
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
@@ -36,18 +42,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no trf_blocks to checkpoint")
     for block in blocks:
-        if not getattr(block.forward, "checkpointed", False):
-            block.forward = _checkpointed(block, block.forward)
+        block.forward = types.MethodType(_checkpointed_forward, block)
     return model
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Undo `enable_gradient_checkpointing`."""
     for block in getattr(model, "trf_blocks", []):
-        if getattr(block.forward, "checkpointed", False):
+        if _is_checkpointed(block):
             del block.forward
     return model
 
 
 def is_gradient_checkpointing(model: nn.Module) -> bool:
-    return any(getattr(b.forward, "checkpointed", False) for b in getattr(model, "trf_blocks", []))
+    return any(_is_checkpointed(b) for b in getattr(model, "trf_blocks", []))

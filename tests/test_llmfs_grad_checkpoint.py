@@ -93,3 +93,21 @@ def test_recomputation_happens_only_when_training_with_gradients():
     with torch.no_grad():
         model(ids)
     assert len(counts) == 1
+
+
+def test_a_deep_copy_runs_its_own_blocks():
+    import copy
+
+    torch.manual_seed(0)
+    model = enable_gradient_checkpointing(GPTModel({**GPT_CONFIG_124M, **SMALL, "drop_rate": 0.0}))
+    twin = copy.deepcopy(model)
+    assert is_gradient_checkpointing(twin)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    ids = torch.randint(0, 97, (1, 8))
+    twin.train()
+    out = twin(ids)
+    assert torch.count_nonzero(out) == 0  # the copy's zeroed weights, not the original's
+    out.sum().backward()
+    assert all(p.grad is not None for p in twin.parameters()) and all(p.grad is None for p in model.parameters())
