@@ -7,6 +7,7 @@ model, freezing and counting helpers, and `merge_lora` to fold the adapters back
 """
 
 from appendix_e.lora import (
+    LORA_TARGETS,
     LinearWithLoRA,
     LoRALayer,
     add_lora,
@@ -14,8 +15,10 @@ from appendix_e.lora import (
     freeze_parameters,
     lora_parameters,
     merge_lora,
+    parse_lora_targets,
     replace_linear_with_lora,
 )
 
-__all__ = ["LinearWithLoRA", "LoRALayer", "add_lora", "count_trainable_parameters", "freeze_parameters",
-           "lora_parameters", "merge_lora", "replace_linear_with_lora"]
+__all__ = ["LORA_TARGETS", "LinearWithLoRA", "LoRALayer", "add_lora", "count_trainable_parameters", "freeze_parameters",
+           "lora_parameters", "merge_lora", "parse_lora_targets",
+           "replace_linear_with_lora"]

@@ -19,6 +19,7 @@ plain `nn.Linear` layers (W_merged = W + alpha * (A @ B).T) for inference withou
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -90,19 +91,52 @@ class LinearWithLoRA(nn.Module):
         return merged
 
 
-def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+# New: `--lora-targets` names which linear layers get adapters, by the short names the Hugging Face
+# world uses (q_proj, ..., down_proj), matched against our module names: the families' blocks
+# (ch05.llama: att.W_query ... ff.fc1/fc2/fc3, also inside a mixture of experts) and GPT's
+# (att.W_query ..., ff.layers.0 = up, ff.layers.2 = down).
+LORA_TARGETS = {
+    "q": r"att\.W_query", "k": r"att\.W_key", "v": r"att\.W_value", "o": r"att\.out_proj",
+    "gate": r"ff\.fc1(\.\d+)?", "up": r"ff\.fc2(\.\d+)?|ff\.layers\.0", "down": r"ff\.fc3(\.\d+)?|ff\.layers\.2",
+    "head": r"out_head",
+}
+
+
+def parse_lora_targets(text: str | None) -> tuple[str, ...] | None:  # New: for the command lines
+    """Turn "q,k,v,o" into ("q", "k", "v", "o"), and None or "all" into None (every linear layer);
+    ValueError naming the choices for an unknown name."""
+    if text is None or text.strip() == "all":
+        return None
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"unknown LoRA target(s) {unknown or text!r}; give a comma-separated list of "
+                         f"{', '.join(LORA_TARGETS)} (or all)")
+    return names
+
+
+def _is_target(name: str, targets) -> bool:
+    if targets is None:
+        return True
+    return any(re.search(rf"(^|\.)({LORA_TARGETS[t]})$", name) for t in targets)
+
+
+def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, targets=None, _prefix: str = "") -> nn.Module:
     """Wrap every `nn.Linear` inside `model` (recursively, in place) in a `LinearWithLoRA`.
 
     Layers that are already wrapped are left alone, so calling it twice does not stack adapters.
+    New: `targets` (names from LORA_TARGETS, e.g. ("q", "v")) wraps only those layers; None wraps all.
     Returns the model for convenience.
     """
     for name, module in model.named_children():
+        full_name = f"{_prefix}{name}"  # New: the module's name inside the model, for `targets`
         if isinstance(module, LinearWithLoRA):  # New: never wrap a wrapped layer twice
             continue
         if isinstance(module, nn.Linear):
-            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+            if _is_target(full_name, targets):
+                setattr(model, name, LinearWithLoRA(module, rank, alpha))
         else:
-            replace_linear_with_lora(module, rank, alpha)
+            replace_linear_with_lora(module, rank, alpha, targets, f"{full_name}.")
     return model  # New: returned for convenience
 
 
@@ -118,14 +152,14 @@ def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float) -> int:
-    """Freeze all current weights, then add LoRA adapters to every linear layer.
+def add_lora(model: nn.Module, rank: int, alpha: float, targets=None) -> int:
+    """Freeze all current weights, then add LoRA adapters to every linear layer (New: or the `targets`).
 
     Afterwards only the adapters' A and B matrices are trainable; returns how many parameters
     that is. (Freezing first matters: the new A and B must stay trainable.)
     """
     freeze_parameters(model)
-    replace_linear_with_lora(model, rank, alpha)
+    replace_linear_with_lora(model, rank, alpha, targets)
     return count_trainable_parameters(model)
 
 

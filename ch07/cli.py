@@ -3,6 +3,11 @@
     python -m ch07.gpt_instruction_finetuning                # the book's run: GPT-2 medium (355M), 2 epochs
     python -m ch07.gpt_instruction_finetuning --quick        # offline: a small model from scratch, ~1 minute
     python -m ch07.gpt_instruction_finetuning --quick --init-checkpoint outputs/ch05/model.pth
+    python -m ch07.gpt_instruction_finetuning --model path/to/Qwen3-0.6B --lora-rank 16   # Llama 3, Qwen3, Gemma 3
+
+A Hugging Face folder of Llama 3, Qwen3 or Gemma 3 is fine-tuned by `ch07.other_families` (its own chat
+template, the loss on the answers only, saved as a Hugging Face folder); LoRA (appendix E) and gradient
+checkpointing (`llmfs.grad_checkpoint`) apply to every model.
 
 `finetune` does the work with the chapter's listings (`ch07.gpt_instruction_finetuning`) inside the
 project's training layer (`llmfs.trainer`: checkpoints on Ctrl-C, exact resume, progress bar), whose
@@ -16,6 +21,7 @@ loop is the book's `train_model_simple`; `main` is the command line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -42,12 +48,14 @@ from llmfs.cli import (
     check_output_dir,
     common_overrides,
     non_negative_int,
+    positive_float,
     positive_int,
     run,
 )
 from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import add_model_source_args
+from llmfs.grad_checkpoint import enable_gradient_checkpointing
 from llmfs.runtime import eval_mode, get_device, outputs_dir, set_seed
 from llmfs.trainer import make_optimizer, train
 
@@ -91,7 +99,8 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
              quick: bool = False, from_scratch: bool = False, init_checkpoint: str | None = None,
              n_heads: int | None = None, cfg: dict | None = None, mask_instructions: bool = False, device=None,
              data: list[dict] | None = None, progress: bool = True, resume: str | os.PathLike | None = None,
-             checkpoint_every: int | None = None) -> dict:
+             checkpoint_every: int | None = None, lora_rank: int | None = None, lora_alpha: float | None = None,
+             lora_targets: tuple[str, ...] | None = None, gradient_checkpointing: bool = False) -> dict:
     """Fine-tune, plot the losses, answer the test records and save everything in `output_dir`.
 
     The starting model is, in this order: `init_checkpoint` (`n_heads` settles its head count when the
@@ -99,6 +108,8 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
     (or QUICK_CONFIG when `quick`, or GPT-2 `model_name`'s shape with `from_scratch`);
     otherwise OpenAI's pretrained `model_name` (PretrainedWeightsUnavailable when offline).
     A Ctrl-C writes `output_dir/checkpoint.pth`, which `resume` continues exactly.
+    New: `lora_rank` trains appendix E's LoRA adapters only (merged into the weights before saving);
+    `gradient_checkpointing` recomputes each block in the backward pass instead of storing its activations.
     """
     device = get_device(device)
     output_dir = Path(output_dir) if output_dir is not None else outputs_dir("ch07")
@@ -124,6 +135,12 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
         model, tag = load_pretrained(model_name, device, OFFLINE_ALTERNATIVES), Path(str(model_name)).name
         source = f"OpenAI's pretrained {model_name}"
     model.to(device)
+    if lora_rank:  # New: appendix E's adapters on the `lora_targets` layers (all linear layers when None)
+        from appendix_e.lora import add_lora
+
+        add_lora(model, lora_rank, lora_alpha if lora_alpha is not None else lora_rank, lora_targets)
+    if gradient_checkpointing:  # New: less activation memory, one more forward pass per block
+        enable_gradient_checkpointing(model)
     context_length = model.cfg["context_length"]
     allowed = min(settings.get("allowed_max_length") or context_length, context_length)
 
@@ -157,7 +174,9 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
                    epoch_end_fn=sample,
                    checkpoint_path=output_dir / "checkpoint.pth", checkpoint_every=checkpoint_every,
                    resume_from=resume, final_checkpoint=False, progress=progress, desc="fine-tuning",
-                   run_settings={**settings, "mask_instructions": mask_instructions, "allowed_max_length": allowed})
+                   run_settings={**settings, "mask_instructions": mask_instructions, "allowed_max_length": allowed,
+                                 **({"lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                                     "lora_targets": list(lora_targets or [])} if lora_rank else {})})
     train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
     train_seconds = time.perf_counter() - start
     print(f"training took {train_seconds / 60:.2f} min")
@@ -171,6 +190,10 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
         plot_path = output_dir / "loss-plot.png"
         plt.close(plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, plot_path))
 
+    if lora_rank:  # New: fold the adapters back in, so the saved model is a plain GPTModel
+        from appendix_e.lora import merge_lora
+
+        merge_lora(model)
     responses = book.generate_responses(model, test_data, tokenizer, device, settings["max_new_tokens"], style,
                                    progress=progress)
     responses_path = book.save_responses(responses, output_dir / "instruction-data-with-response.json")
@@ -185,13 +208,27 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
 
 def parser() -> Parser:
     p = Parser(prog="python -m ch07.gpt_instruction_finetuning",
-               description="Instruction fine-tune a GPT model (chapter 7) and answer the test instructions.")
+               description="Instruction fine-tune a GPT model (chapter 7), or a Llama 3 / Qwen3 / Gemma 3 Hugging "
+                           "Face folder given as --model, and answer the test instructions.")
     add_model_source_args(p, DEFAULT_MODEL, "offline: a small model from scratch, 320 records, 3 test answers "
                                             "(about a minute)")
     add_common_args(p, str(outputs_dir("ch07")))
-    p.add_argument("--mask-instructions", action="store_true",
-                   help="compute the loss on the response tokens only (exercise 7.2)")
-    p.add_argument("--prompt-style", choices=book.PROMPT_STYLES, default=None, help="prompt format (default alpaca)")
+    p.add_argument("--mask-instructions", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute the loss on the response tokens only (exercise 7.2; default: off for GPT, on for "
+                        "Llama / Qwen3 / Gemma folders)")
+    p.add_argument("--prompt-style", choices=(*book.PROMPT_STYLES, "chat"), default=None,
+                   help="prompt format (default alpaca for GPT; chat, the model's own template, for Llama / Qwen3 / "
+                        "Gemma folders)")
+    p.add_argument("--num-train", type=positive_int, help="train on the first N training records (default all; "
+                                                          "quick: 320)")
+    p.add_argument("--lora-rank", type=positive_int, default=None,
+                   help="train LoRA adapters of this rank instead of all weights (appendix E); merged before saving")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated layers that get adapters: q,k,v,o,gate,up,down,head (default all linear "
+                        "layers)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward pass: less memory, about 1/3 more time")
     p.add_argument("--num-test", type=positive_int, help="answer only the first N test records (default all; quick: 3)")
     p.add_argument("--max-new-tokens", type=non_negative_int, help="answer length cap (default 256; quick: 32)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
@@ -200,7 +237,8 @@ def parser() -> Parser:
 
 
 def settings_from_args(args) -> dict:
-    extra = {"num_test": args.num_test, "max_new_tokens": args.max_new_tokens, "style": args.prompt_style}
+    extra = {"num_test": args.num_test, "max_new_tokens": args.max_new_tokens, "style": args.prompt_style,
+             "num_train": args.num_train}
     return {**(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS), **common_overrides(args),
             **{k: v for k, v in extra.items() if v is not None}}
 
@@ -210,6 +248,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def main_run():
+        from appendix_e.lora import parse_lora_targets
+        from ch07.other_families.family_finetuning import family_of, finetune_family
+
+        if (args.lora_alpha is not None or args.lora_targets is not None) and args.lora_rank is None:
+            raise InvalidInput("--lora-alpha and --lora-targets only apply with --lora-rank")
+        try:
+            targets = parse_lora_targets(args.lora_targets)
+        except ValueError as exc:
+            raise InvalidInput(f"--lora-targets: {exc}") from None
+        family = family_of(args.model)
+        if family is not None:  # New: a Llama 3 / Qwen3 / Gemma 3 folder (ch07.other_families)
+            used = [o for o, v in (("--from-scratch", args.from_scratch), ("--init-checkpoint", args.init_checkpoint),
+                                   ("--n-heads", args.n_heads)) if v]
+            if used:
+                raise InvalidInput(f"{' and '.join(used)} build a GPT model; --model {args.model} is a {family} "
+                                   "folder, fine-tuned from its own weights")
+            if args.prompt_style not in (None, "chat", "alpaca"):
+                raise InvalidInput(f"--prompt-style {args.prompt_style} is for GPT models; a {family} model takes "
+                                   "chat (its own template) or alpaca")
+            check_output_dir(args.output_dir, args.overwrite, ("*-sft.pth", "*-sft"), resume=args.resume,
+                             checkpoint="checkpoint.pth")
+            check_input_file(args.resume, "--resume")
+            settings = {**settings_from_args(args), "style": args.prompt_style or "chat"}
+            if args.lr is None:  # quick mode's rate is for a model trained from scratch, not a pretrained one
+                settings["learning_rate"] = DEFAULT_SETTINGS["learning_rate"]
+            finetune_family(settings, args.model, args.output_dir, mask_instructions=args.mask_instructions is not False,
+                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets,
+                            gradient_checkpointing=args.gradient_checkpointing, device=args.device,
+                            progress=not args.no_progress, resume=args.resume, checkpoint_every=args.checkpoint_every)
+            return
+        if args.prompt_style == "chat":
+            raise InvalidInput("--prompt-style chat uses a model's own chat template; GPT-2 has none (use alpaca or "
+                               "phi3, or give a Llama 3 / Qwen3 / Gemma 3 folder as --model)")
         check_model_source(args, DEFAULT_MODEL)
         check_output_dir(args.output_dir, args.overwrite, ("*-sft.pth",), resume=args.resume,
                          checkpoint="checkpoint.pth")
@@ -217,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         check_input_file(args.resume, "--resume")
         finetune(settings_from_args(args), args.output_dir, model_name=args.model, quick=args.quick,
                  from_scratch=args.from_scratch, init_checkpoint=args.init_checkpoint, n_heads=args.n_heads,
-                 mask_instructions=args.mask_instructions, device=args.device, progress=not args.no_progress,
-                 resume=args.resume, checkpoint_every=args.checkpoint_every)
+                 mask_instructions=bool(args.mask_instructions), device=args.device, progress=not args.no_progress,
+                 resume=args.resume, checkpoint_every=args.checkpoint_every, lora_rank=args.lora_rank,
+                 lora_alpha=args.lora_alpha, lora_targets=targets, gradient_checkpointing=args.gradient_checkpointing)
 
     return run(main_run, argv, onednn=args.onednn)
 
