@@ -119,7 +119,8 @@ def bpe_vocab_from_ranks(ranks: Mapping[bytes, int], special_tokens: Mapping[str
 
 def check_output_file(path: str | os.PathLike, overwrite: bool = False, option: str = "--output") -> Path:
     """Refuse, before any work, an output path that is empty, a folder, not .gguf, or an existing file
-    (unless `overwrite`), and a folder that cannot be written (it is created when missing)."""
+    (unless `overwrite`), and a folder that cannot be written (`llmfs.cli.check_output_dir`: made when
+    missing, a probe file written and removed)."""
     if not str(path).strip():
         raise InvalidInput(f"{option} is empty; name a .gguf file")
     path = Path(path)
@@ -130,12 +131,9 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False, option: 
     if path.exists() and not overwrite:
         raise FileExistsError(f"{option} {path} already exists; pass --overwrite to replace it, or choose "
                               f"another {option}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"{option} {path}: its folder cannot be made ({exc.strerror})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"{option} {path}: its folder {path.parent} cannot be written")
+    from llmfs.cli import check_output_dir
+
+    check_output_dir(path.parent, option=option)  # the folder: made if missing, a probe written
     return path
 
 
