@@ -19,7 +19,6 @@ appendix E (LoRA merging), so it lives in chapter 7's folder.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import os
