@@ -61,10 +61,11 @@ class GGUFVocab:
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
-    bos_id: int
-    eos_id: int
+    bos_id: int | None
+    eos_id: int | None
     model: str = "gpt2"
     pre: str = "gpt-2"
+    add_bos: bool = False  # Llama 3 starts every text with <|begin_of_text|>; GPT-2 and Qwen3 start with none
 
 
 def _parts_below(token: bytes, ranks: Mapping[bytes, int], max_rank: int) -> list[bytes]:
@@ -113,6 +114,47 @@ def bpe_vocab_from_ranks(ranks: Mapping[bytes, int], special_tokens: Mapping[str
         merges.append(" ".join("".join(byte_chars[b] for b in part) for part in parts))
     return GGUFVocab(tokens=tokens, token_types=types, merges=merges,
                      bos_id=eos_id if bos_id is None else bos_id, eos_id=eos_id)
+
+
+def bpe_vocab_from_tokenizer_json(path: str | os.PathLike, vocab_size: int, pre: str,
+                                  bos: str | None = None, eos: str | None = None, add_bos: bool = False) -> GGUFVocab:
+    """The GGUF vocabulary of a Hugging Face byte-level BPE `tokenizer.json` (Llama 3's, Qwen's), padded with
+    unused "[PADn]" tokens up to the model's `vocab_size` (its embedding has rows no token uses), as
+    llama.cpp's converter does. Special added tokens become control tokens. `pre` names llama.cpp's
+    pre-tokenizer ("llama-bpe", "qwen2"); `bos` / `eos` are token texts (None: none)."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model = data["model"]
+        kind, vocab, merges = model.get("type"), model["vocab"], model.get("merges", [])
+        added = data.get("added_tokens", [])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidInput(f"{path} is not a Hugging Face tokenizer.json ({type(exc).__name__}: {exc})") from None
+    if kind != "BPE":
+        raise InvalidInput(f"{path} holds a {kind} tokenizer; only byte-level BPE (Llama 3, Qwen) exports")
+    by_id = {int(i): str(t) for t, i in vocab.items()}
+    types = {i: 1 for i in by_id}
+    for entry in added:
+        by_id[int(entry["id"])] = entry["content"]
+        types[int(entry["id"])] = 3 if entry.get("special") else 4  # CONTROL, USER_DEFINED
+    if max(by_id) >= vocab_size:
+        raise InvalidInput(f"{path} has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    token_types = [types.get(i, 5) for i in range(vocab_size)]  # 5: UNUSED
+    index = {t: i for i, t in enumerate(tokens)}
+
+    def token_id(text: str | None, what: str) -> int | None:
+        if text is None:
+            return None
+        if text not in index:
+            raise InvalidInput(f"{path} has no {what} token {text!r}")
+        return index[text]
+
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]  # "a b", or ["a", "b"] in newer files
+    return GGUFVocab(tokens=tokens, token_types=token_types, merges=merges, bos_id=token_id(bos, "begin"),
+                     eos_id=token_id(eos, "end"), pre=pre, add_bos=add_bos)
 
 
 # --- The file -----------------------------------------------------------------------------------------
@@ -189,9 +231,11 @@ def write_gguf(path: str | os.PathLike, arch: str, metadata: Mapping[str, object
             writer.add_token_list(vocab.tokens)
             writer.add_token_types(vocab.token_types)
             writer.add_token_merges(vocab.merges)
-            writer.add_bos_token_id(vocab.bos_id)
-            writer.add_eos_token_id(vocab.eos_id)
-            writer.add_add_bos_token(False)  # GPT-2 starts a text with its first token, no BOS
+            if vocab.bos_id is not None:
+                writer.add_bos_token_id(vocab.bos_id)
+            if vocab.eos_id is not None:
+                writer.add_eos_token_id(vocab.eos_id)
+            writer.add_add_bos_token(vocab.add_bos)
             for tensor_name, array in tensors:
                 array = np.ascontiguousarray(array, dtype=np.float32)
                 kind = tensor_type(array, outtype)

@@ -3,24 +3,28 @@
     python -m ch07.export_gguf --model outputs/ch07/quick-sft.pth                 # an instruction-tuned model
     python -m ch07.export_gguf --model gpt2 --outtype q8_0 --output gpt2-q8_0.gguf
     python -m ch07.export_gguf --model outputs/ch05/model.pth --outtype f32
+    python -m ch07.export_gguf --model path/to/Llama-3.2-1B-Instruct             # a Hugging Face folder
     ollama create my-model -f outputs/ch07/quick-sft-f16.Modelfile             # then: ollama run my-model
 
 Every model the project's chat layer loads (`ch07.cli.load_chat_model`: GPT-2's weights, chapter-5
 checkpoints and model files, chapter-7 instruction-tuned models; in Python also a model with appendix E's
 LoRA adapters, merged first) becomes a file of llama.cpp's `gpt2` architecture with GPT-2's tokenizer,
-plus a Modelfile beside it with the chapter's Alpaca prompt as its TEMPLATE. Our `GPTModel` is GPT-2,
+plus a Modelfile beside it with the chapter's Alpaca prompt as its TEMPLATE. Hugging Face Llama 3 and
+Qwen3 folders (chapter 5's bonus models) become llama.cpp's `llama` / `qwen3` files with their own
+tokenizer.json and chat format (`export_hf_folder`). Our `GPTModel` is GPT-2,
 so the export is a renaming: `gpt_gguf_tensors` says which tensor becomes which, the one real change
 being the separate query, key and value projections joined into one `attn_qkv` matrix. The file
 itself is written by `llmfs.gguf_export` (needs the `gguf` package).
 
-This file imports chapter 7 (the prompt format and the model loader), chapter 2 (the tokenizer) and
-appendix E (LoRA merging), so it lives in chapter 7's folder.
+This file imports chapter 7 (the prompt format and the model loader), chapter 5 (the Llama 3 / Qwen3
+readers), chapter 2 (the tokenizer) and appendix E (LoRA merging), so it lives in chapter 7's folder.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +43,7 @@ from llmfs.gguf_export import (
     OUTTYPES,
     GGUFVocab,
     bpe_vocab_from_ranks,
+    bpe_vocab_from_tokenizer_json,
     check_output_file,
     file_size,
     gguf_module,
@@ -194,6 +199,165 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, outtype: str = "f16",
     return path, modelfile
 
 
+# --- Hugging Face Llama 3 and Qwen3 folders (chapter 5's bonus models) ------------------------------------
+
+# Hugging Face tensor names -> llama.cpp's, per block after "model.layers.{i}." (the same for both families).
+HF_BLOCK_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+                  "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+                  "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+                  "self_attn.k_norm.weight": "attn_k_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                  "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+                  "mlp.down_proj.weight": "ffn_down.weight"}
+HF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+# llama.cpp's architecture, pre-tokenizer and chat-format tokenizer class for each config.json model_type.
+HF_FAMILIES = {"llama": ("llama", "llama-bpe"), "qwen3": ("qwen3", "qwen2")}
+
+
+def permute_for_llama_cpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of a Llama q_proj / k_proj weight for llama.cpp's rotary embedding.
+
+    Hugging Face's Llama rotates the two halves of each head ([x0..x_{d/2-1}] with [x_{d/2}..]: chapter 5's
+    `apply_rope`); llama.cpp's llama graph rotates neighbouring pairs (x0 with x1, x2 with x3, ...), as Meta's
+    original checkpoints did. Interleaving each head's two halves makes both compute the same attention
+    scores (llama.cpp's converter does the same). Qwen3 needs none: llama.cpp runs it with the halves."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(cfg: dict) -> torch.Tensor:
+    """Llama 3's rope scaling as llama.cpp reads it, one divisor per frequency (`rope_freqs.weight`):
+    1 for the high frequencies, `factor` for the low ones, a smooth blend between (chapter 5's
+    `compute_rope_params` divides the frequencies by the same numbers)."""
+    freq = cfg["rope_freq"]
+    inv_freq = 1.0 / cfg["rope_base"] ** (torch.arange(0, cfg["head_dim"], 2, dtype=torch.float64) / cfg["head_dim"])
+    wavelen = 2 * torch.pi / inv_freq
+    old = freq["original_context_length"]
+    smooth = (old / wavelen - freq["low_freq_factor"]) / (freq["high_freq_factor"] - freq["low_freq_factor"])
+    factors = 1 / ((1 - smooth) / freq["factor"] + smooth)
+    factors = torch.where(wavelen < old / freq["high_freq_factor"], torch.ones_like(factors), factors)
+    factors = torch.where(wavelen > old / freq["low_freq_factor"], torch.full_like(factors, freq["factor"]), factors)
+    return factors.float()
+
+
+def hf_family_config(model_dir: Path) -> tuple[str, dict, dict]:
+    """(model_type, our config, config.json) of a Hugging Face Llama 3 / Qwen3 folder, checked by chapter 5's
+    readers; another family is refused in one line."""
+    from ch05.llama.llama3 import config_from_hf, read_hf_config
+    from ch05.llama.qwen3 import qwen3_config_from_hf
+
+    hf = read_hf_config(model_dir)
+    kind = hf.get("model_type")
+    if kind not in HF_FAMILIES:
+        raise InvalidInput(f"{model_dir}/config.json describes a {kind!r} model; GGUF export reads GPT-2 models "
+                           f"and Hugging Face {' and '.join(HF_FAMILIES)} folders")
+    source = f"{model_dir}/config.json"
+    cfg = config_from_hf(hf, source) if kind == "llama" else qwen3_config_from_hf(hf, source)
+    return kind, cfg, hf
+
+
+def hf_gguf_tensors(model_dir: Path, kind: str, cfg: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, array) for each tensor of the folder's safetensors, renamed (and for Llama, its q/k rows
+    reordered); a tied output head is left out (llama.cpp reuses token_embd, as the model does)."""
+    from safetensors import safe_open
+
+    from ch05.llama.llama3 import safetensors_files
+
+    if kind == "llama" and "rope_freq" in cfg:
+        yield "rope_freqs.weight", _array(llama3_rope_factors(cfg))
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if name == "lm_head.weight" and cfg["tie_weights"]:
+                    continue
+                w = f.get_tensor(name)
+                if name in HF_TOP_NAMES:
+                    yield HF_TOP_NAMES[name], _array(w)
+                    continue
+                parts = name.split(".", 3)  # model, layers, i, rest
+                if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in HF_BLOCK_NAMES:
+                    raise InvalidInput(f"{file}: tensor {name} has no place in llama.cpp's {kind} architecture")
+                if kind == "llama" and parts[3] == "self_attn.q_proj.weight":
+                    w = permute_for_llama_cpp(w, cfg["n_heads"])
+                elif kind == "llama" and parts[3] == "self_attn.k_proj.weight":
+                    w = permute_for_llama_cpp(w, cfg["n_kv_groups"])
+                yield f"blk.{parts[2]}.{HF_BLOCK_NAMES[parts[3]]}", _array(w)
+
+
+def hf_gguf_metadata(arch: str, cfg: dict) -> dict[str, int | float]:
+    """The hyperparameters of llama.cpp's llama / qwen3 architectures (gguf-py `Keys` names)."""
+    keys = gguf_module().Keys
+    return {keys.LLM.CONTEXT_LENGTH.format(arch=arch): cfg["context_length"],
+            keys.LLM.EMBEDDING_LENGTH.format(arch=arch): cfg["emb_dim"],
+            keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch): cfg["hidden_dim"],
+            keys.LLM.BLOCK_COUNT.format(arch=arch): cfg["n_layers"],
+            keys.LLM.VOCAB_SIZE.format(arch=arch): cfg["vocab_size"],
+            keys.Attention.HEAD_COUNT.format(arch=arch): cfg["n_heads"],
+            keys.Attention.HEAD_COUNT_KV.format(arch=arch): cfg["n_kv_groups"],
+            keys.Attention.KEY_LENGTH.format(arch=arch): cfg["head_dim"],
+            keys.Attention.VALUE_LENGTH.format(arch=arch): cfg["head_dim"],
+            keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch): float(cfg["norm_eps"]),
+            keys.Rope.DIMENSION_COUNT.format(arch=arch): cfg["head_dim"],
+            keys.Rope.FREQ_BASE.format(arch=arch): float(cfg["rope_base"])}
+
+
+def hf_chat_format(kind: str) -> tuple[type, str]:
+    """Chapter 5's tokenizer class of the family (its `chat_prompt`, `stop_tokens`) and its begin token."""
+    from ch05.llama.llama3 import Llama3Tokenizer
+    from ch05.llama.qwen3 import Qwen3Tokenizer
+
+    return (Llama3Tokenizer, Llama3Tokenizer.bos) if kind == "llama" else (Qwen3Tokenizer, "")
+
+
+def hf_ollama_template(kind: str) -> str:
+    """The family's chat format (chapter 5's `chat_prompt`) in Ollama's syntax, the system turn optional. The
+    begin token is left out: llama.cpp adds it to every text (add_bos)."""
+    tokenizer, bos = hf_chat_format(kind)
+    plain = tokenizer.chat_prompt("{{ .Prompt }}").removeprefix(bos)
+    with_system = tokenizer.chat_prompt("{{ .Prompt }}", system="{{ .System }}").removeprefix(bos)
+    system = with_system[:len(with_system) - len(plain)]
+    return "{{ if .System }}" + system + "{{ end }}" + plain
+
+
+def export_hf_folder(model_dir: str | os.PathLike, path: str | os.PathLike, outtype: str = "f16",
+                     name: str | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a Hugging Face Llama 3 or Qwen3 folder (config.json, safetensors, tokenizer.json) as GGUF of
+    llama.cpp's llama / qwen3 architecture, with a Modelfile in the family's chat format; returns both paths."""
+    model_dir = Path(model_dir)
+    kind, cfg, hf = hf_family_config(model_dir)
+    arch, pre = HF_FAMILIES[kind]
+    path = check_output_file(path, overwrite)
+    modelfile = modelfile_path(path)
+    if modelfile.exists() and not overwrite:
+        raise FileExistsError(f"{modelfile} already exists; pass --overwrite to replace it")
+    tokenizer, bos = hf_chat_format(kind)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
+    vocab = bpe_vocab_from_tokenizer_json(model_dir / "tokenizer.json", cfg["vocab_size"], pre,
+                                          bos=bos or None, eos=tokenizer.stop_tokens[0], add_bos=bool(bos))
+    write_gguf(path, arch, hf_gguf_metadata(arch, cfg), hf_gguf_tensors(model_dir, kind, cfg), vocab,
+               outtype=outtype, name=name or path.stem, overwrite=overwrite)
+    comment = (f"Made by python -m ch07.export_gguf from {model_dir} ({kind}, {outtype}).\n"
+               f"Import with: ollama create {path.stem.lower()} -f {modelfile.name}")
+    write_modelfile(modelfile, modelfile_text(path.name, hf_ollama_template(kind), tokenizer.stop_tokens,
+                                              {"num_ctx": min(cfg["context_length"], 8192)}, comment=comment))
+    return path, modelfile
+
+
+def is_hf_family_folder(spec: str | os.PathLike) -> bool:
+    """A local folder whose config.json names a model_type other than GPT-2's (those take the HF route)."""
+    config = Path(spec).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return kind not in (None, "gpt2")
+
+
 # --- python -m ch07.export_gguf -----------------------------------------------------------------------------
 
 def parser() -> Parser:
@@ -201,7 +365,8 @@ def parser() -> Parser:
                description="Write a model as a GGUF file (llama.cpp, Ollama) with an Ollama Modelfile beside it.")
     p.add_argument("--model", required=True,
                    help="a chapter-7 instruction-tuned model (.pth with its .json), a chapter-5 model.pth / "
-                        "checkpoint.pth or folder, a Hugging Face GPT-2 folder or file, or a GPT-2 name (gpt2, ...)")
+                        "checkpoint.pth or folder, a Hugging Face GPT-2 folder or file, a GPT-2 name (gpt2, ...), "
+                        "or a Hugging Face Llama 3 / Qwen3 folder (config.json, safetensors, tokenizer.json)")
     p.add_argument("--output", type=path_argument, default=None,
                    help="the .gguf file (default: outputs/ch07/<model name>-<outtype>.gguf); the Modelfile "
                         "goes beside it as <name>.Modelfile")
@@ -226,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         if modelfile_path(output).exists() and not args.overwrite:
             raise FileExistsError(f"{modelfile_path(output)} already exists; pass --overwrite to replace it")
         gguf_module()
+        if is_hf_family_folder(args.model):  # a Llama 3 / Qwen3 folder (chapter 5's bonus models)
+            gguf_path, modelfile = export_hf_folder(Path(args.model).expanduser(), output, args.outtype,
+                                                    name=base_name, overwrite=args.overwrite)
+            print(f"wrote {gguf_path} ({file_size(gguf_path)}, {args.outtype}) and {modelfile}")
+            print(f"try it: ollama create {base_name} -f {modelfile}")
+            return
         if Path(args.model).expanduser().is_file():
             check_input_file(args.model, "--model")
         chat = load_chat_model(args.model, device="cpu", style=None if args.style == "none" else args.style)
