@@ -327,3 +327,59 @@ def test_module_runs_as_a_command():
     out = subprocess.run([sys.executable, "-m", "ch07.export_gguf", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=300)
     assert out.returncode == 0 and "--outtype" in out.stdout and "--overwrite" in out.stdout
+
+
+# --- Hugging Face Llama 3 and Qwen3 folders -----------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def hf_export(request, tmp_path_factory):
+    """(family, folder, transformers model, f32 GGUF file) of a tiny random Llama 3 (with Llama 3's rope
+    scaling) or Qwen3 (QK-norm, head_dim != hidden / heads) folder."""
+    from hf_tiny import model_dir_fixture
+
+    folder, hf = model_dir_fixture(tmp_path_factory, request.param)
+    path, _ = ex.export_hf_folder(folder, folder.parent / f"{request.param}.gguf", "f32")
+    return request.param, folder, hf, path
+
+
+def test_hf_folder_modelfile_and_tensors(hf_export):
+    family, folder, hf, path = hf_export
+    text = path.with_suffix(".Modelfile").read_text()
+    if family == "llama":
+        assert '{{ .Prompt }}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"""' in text
+        assert 'PARAMETER stop "<|eot_id|>"' in text and "<|begin_of_text|>" not in text  # llama.cpp adds it
+    else:
+        assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n" in text
+        assert 'PARAMETER stop "<|im_end|>"' in text
+    tensors = dict(ex.hf_gguf_tensors(folder, family, ex.hf_family_config(folder)[1]))
+    q = hf.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    if family == "llama":  # rows of each head interleaved: 0, d/2, 1, d/2 + 1, ...
+        head_dim = q.shape[0] // hf.config.num_attention_heads
+        np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"][1], q[head_dim // 2])
+        assert tensors["rope_freqs.weight"].shape == (head_dim // 2,)
+    else:
+        np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"], q)
+        assert "blk.1.attn_k_norm.weight" in tensors
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_the_hf_folder_as_transformers_does(hf_export):
+    from tokenizers import Tokenizer
+
+    from hf_tiny import verdict
+
+    family, folder, hf, path = hf_export
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
+    text = verdict()[:200]
+    ids = tok.encode(text).ids[:40]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False)[:40] == ids
+    bos = [llm.token_bos()] if family == "llama" else []
+    if family == "llama":
+        assert bos == [tok.token_to_id("<|begin_of_text|>")]
+    llm.eval(bos + ids)
+    ours = np.array(llm.scores[:len(bos + ids)])
+    with torch.no_grad():
+        expected = hf(torch.tensor([bos + ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-3, rtol=0)
