@@ -19,7 +19,7 @@ from ch02.tokenizer import get_gpt2_tokenizer
 from ch04.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from ch07.export_gguf import export_gguf as ex
 from ch07.gpt_instruction_finetuning import save_finetuned_model
-from llmfs.checkpoint import save_model
+from llmfs.checkpoint import save_checkpoint, save_model
 
 gguf = pytest.importorskip("gguf", reason="the GGUF export needs llama.cpp's gguf package (pip install gguf)")
 
@@ -277,6 +277,10 @@ def test_default_output_goes_under_outputs(model, tmp_path, monkeypatch, capsys)
     assert ex.main(["--model", str(folder / "model.pth")]) == 0
     assert (tmp_path / "outputs" / "ch07" / "run-model-f16.gguf").is_file()
     assert (tmp_path / "outputs" / "ch07" / "run-model-f16.Modelfile").is_file()
+    # a chapter-5 training checkpoint (weights, optimizer state, config) exports the same tensors
+    save_checkpoint(folder / "checkpoint.pth", model, torch.optim.AdamW(model.parameters()), config=model.cfg)
+    assert ex.main(["--model", str(folder / "checkpoint.pth"), "--outtype", "f32"]) == 0
+    assert (tmp_path / "outputs" / "ch07" / "run-checkpoint-f32.gguf").is_file()
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "not_torch", "small_vocab", "classifier", "suffix",
@@ -383,3 +387,17 @@ def test_llama_cpp_runs_the_hf_folder_as_transformers_does(hf_export):
     with torch.no_grad():
         expected = hf(torch.tensor([bos + ids])).logits[0].numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-3, rtol=0)
+
+
+def test_command_takes_a_hf_folder_and_refuses_other_families(hf_export, tmp_path, capsys):
+    family, folder, _, path = hf_export
+    out = tmp_path / f"{family}-q8_0.gguf"
+    assert ex.main(["--model", str(folder), "--output", str(out), "--outtype", "q8_0"]) == 0
+    assert out.is_file() and out.with_suffix(".Modelfile").is_file() and f"wrote {out}" in capsys.readouterr().out
+    other = tmp_path / "gemma"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    assert ex.main(["--model", str(other), "--output", str(tmp_path / "g.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'gemma3_text'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "g.gguf").exists()
