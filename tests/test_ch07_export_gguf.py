@@ -144,9 +144,12 @@ def test_no_qkv_bias_writes_zeros_and_rows_not_in_blocks_fall_back_to_f16(tmp_pa
 
 # --- llama.cpp runs it ------------------------------------------------------------------------------------
 
+F32 = 0  # GGML_TYPE_F32: llama.cpp's KV cache in float32 (its default is f16), to compare with ours
+
+
 def llama(path: Path, n_ctx: int = 48):
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=1,
-                           verbose=False)
+                           type_k=F32, type_v=F32, verbose=False)
 
 
 def llama_greedy(llm, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -375,7 +378,7 @@ def test_llama_cpp_runs_the_hf_folder_as_transformers_does(hf_export):
 
     family, folder, hf, path = hf_export
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
+    llm = llama(path, n_ctx=64)
     text = verdict()[:200]
     ids = tok.encode(text).ids[:40]
     assert llm.tokenize(text.encode(), add_bos=False, special=False)[:40] == ids
