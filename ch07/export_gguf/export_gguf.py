@@ -134,7 +134,8 @@ def gpt_gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
         yield f"blk.{i}.ffn_down.bias", _array(down.bias)
     yield "output_norm.weight", _array(model.final_norm.scale)
     yield "output_norm.bias", _array(model.final_norm.shift)
-    yield "output.weight", _array(model.out_head.weight)            # (vocab_size, emb_dim), tied or not
+    if model.out_head.weight is not model.tok_emb.weight:  # tied (GPT-2's weights): llama.cpp reuses token_embd
+        yield "output.weight", _array(model.out_head.weight)        # (vocab_size, emb_dim)
 
 
 def gpt_gguf_metadata(cfg: dict) -> dict[str, int | float]:
