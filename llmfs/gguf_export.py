@@ -210,7 +210,9 @@ def write_gguf(path: str | os.PathLike, arch: str, metadata: Mapping[str, object
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        # use_temp_file: each tensor goes to a spooled temporary file as it comes, so memory holds one
+        # tensor at a time, not the whole model, before the file is written out in GGUF's order.
+        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         try:
             writer.add_name(name or path.stem)
             writer.add_file_type(file_types[outtype])

@@ -393,17 +393,18 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{modelfile_path(output)} already exists; pass --overwrite to replace it")
         gguf_module()
         if is_hf_family_folder(args.model):  # a Llama 3 / Qwen3 folder (chapter 5's bonus models)
+            if args.style != "auto":
+                raise InvalidInput("--style applies to GPT-2 models; a Llama 3 / Qwen3 folder gets its family's "
+                                   "chat format")
             gguf_path, modelfile = export_hf_folder(Path(args.model).expanduser(), output, args.outtype,
                                                     name=base_name, overwrite=args.overwrite)
-            print(f"wrote {gguf_path} ({file_size(gguf_path)}, {args.outtype}) and {modelfile}")
-            print(f"try it: ollama create {base_name} -f {modelfile}")
-            return
-        if Path(args.model).expanduser().is_file():
-            check_input_file(args.model, "--model")
-        chat = load_chat_model(args.model, device="cpu", style=None if args.style == "none" else args.style)
-        check_exportable(chat.model)
-        gguf_path, modelfile = export_gguf(chat.model, output, args.outtype, style=chat.style, name=base_name,
-                                           overwrite=args.overwrite, source=chat.description)
+        else:
+            if Path(args.model).expanduser().is_file():
+                check_input_file(args.model, "--model")
+            chat = load_chat_model(args.model, device="cpu", style=None if args.style == "none" else args.style)
+            check_exportable(chat.model)
+            gguf_path, modelfile = export_gguf(chat.model, output, args.outtype, style=chat.style, name=base_name,
+                                               overwrite=args.overwrite, source=chat.description)
         print(f"wrote {gguf_path} ({file_size(gguf_path)}, {args.outtype}) and {modelfile}")
         print(f"try it: ollama create {base_name} -f {modelfile}")
 
