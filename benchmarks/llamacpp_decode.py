@@ -24,21 +24,21 @@ from pathlib import Path
 from llmfs.bench import machine_description, write_report
 from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 from llmfs.errors import InvalidInput
+from llmfs.gguf_export import open_llama_cpp
 
 PROMPT = "Every effort moves you"
 
 
 def llamacpp_decode(path: str | Path, n_tokens: int, prompt_ids: list[int] | None = None,
-                    n_threads: int | None = None, repeats: int = 3) -> dict:
+                    n_threads: int | None = None, repeats: int = 3, extra_buffers: bool = False) -> dict:
     """Greedy-decode `n_tokens` tokens with llama.cpp from the GGUF file `path`; returns tokens/s and more.
 
     Keys: tokens (the ids, to compare with ours), tokens_per_s (decoding only), prompt_tokens_per_s,
-    load_s, n_threads, llama_cpp (version). The context is sized for prompt + tokens.
+    load_s, n_threads, llama_cpp (version). The context is sized for prompt + tokens. `extra_buffers`: llama.cpp's
+    repacked weights for the CPU's AMX / int8 kernels (`llmfs.gguf_export.open_llama_cpp`: off by default,
+    they crash q8_0 files on AMX Xeons with llama-cpp-python 0.3.36).
     """
-    try:
-        import llama_cpp
-    except ImportError:
-        raise InvalidInput("llama-cpp-python is not installed: pip install llama-cpp-python") from None
+    import llama_cpp
     import numpy as np
     import torch
 
@@ -48,10 +48,10 @@ def llamacpp_decode(path: str | Path, n_tokens: int, prompt_ids: list[int] | Non
         prompt_ids = get_gpt2_tokenizer().encode(PROMPT)
     n_threads = n_threads or torch.get_num_threads()
     start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + n_tokens, n_batch=max(len(prompt_ids), 8),
-                          n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    llm = open_llama_cpp(path, extra_buffers, n_ctx=len(prompt_ids) + n_tokens, n_batch=max(len(prompt_ids), 8),
+                         n_threads=n_threads, n_threads_batch=n_threads)
     load_s = time.perf_counter() - start
-    if len(prompt_ids) + n_tokens > llm.n_ctx() or llm.n_ctx() > llm.n_ctx_train():
+    if len(prompt_ids) + n_tokens > llm.n_ctx_train():
         raise InvalidInput(f"{path}: prompt + {n_tokens} tokens exceed the model's context of {llm.n_ctx_train()}")
     best = None
     for _ in range(repeats + 1):  # the first run warms up
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="export this model (anything ch07.export_gguf reads; default gpt2) as f32, f16 and q8_0")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="tokens to decode (default 128; quick 8)")
     p.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads (default: torch's)")
+    p.add_argument("--extra-buffers", action="store_true",
+                   help="let llama.cpp repack weights for the CPU's AMX / int8 kernels (crashes q8_0 files on AMX "
+                        "Xeons with llama-cpp-python 0.3.36)")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed runs, the fastest kept (default 3; quick 1)")
     p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results",
                    help="folder for llamacpp_decode.md and .json (default benchmarks/results)")
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             files = ({f.stem: f for f in args.gguf} if args.gguf
                      else export_files(args.model, args.quick, Path(tmp)))
-            rows = [{**llamacpp_decode(f, n_tokens, n_threads=args.threads, repeats=repeats), "type": t}
+            rows = [{**llamacpp_decode(f, n_tokens, n_threads=args.threads, repeats=repeats,
+                                       extra_buffers=args.extra_buffers), "type": t, "extra_buffers": args.extra_buffers}
                     for t, f in files.items()]
         table = summarize(rows, machine, args.quick)
         write_report(args.out, "llamacpp_decode.json", "llamacpp_decode.md",

@@ -296,6 +296,34 @@ def write_modelfile(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def open_llama_cpp(path: str | os.PathLike, extra_buffers: bool = False, **kwargs):
+    """A `llama_cpp.Llama` for the GGUF file `path` (llama-cpp-python; `kwargs` go to it, verbose off).
+
+    `extra_buffers` False switches off llama.cpp's extra CPU buffer types (weights repacked at load for
+    the CPU's AMX / int8 kernels, `use_extra_bufts`), which llama-cpp-python does not expose: every CPU
+    then runs the same reference kernels. With llama-cpp-python 0.3.36 on a Xeon with AMX-INT8, a q8_0
+    file (of any architecture, llama's too) crashes the process when a batch of several tokens runs
+    through the repacked weights; without them it runs."""
+    try:
+        import llama_cpp
+        from llama_cpp import llama_cpp as lib
+    except ImportError:
+        raise UserError("running GGUF files needs llama-cpp-python: pip install llama-cpp-python") from None
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = extra_buffers
+        return p
+
+    lib.llama_model_default_params = params  # Llama() reads it once, while it loads the model
+    try:
+        return llama_cpp.Llama(model_path=str(path), **{"verbose": False, **kwargs})
+    finally:
+        lib.llama_model_default_params = default
+
+
 def file_size(path: str | os.PathLike) -> str:
     """A file's size for a report line, e.g. "12.3 MB"."""
     size = Path(path).stat().st_size

@@ -20,6 +20,7 @@ from ch04.gpt import GPT_CONFIG_124M, GPTModel, generate_text_simple
 from ch07.export_gguf import export_gguf as ex
 from ch07.gpt_instruction_finetuning import save_finetuned_model
 from llmfs.checkpoint import save_checkpoint, save_model
+from llmfs.gguf_export import open_llama_cpp
 
 gguf = pytest.importorskip("gguf", reason="the GGUF export needs llama.cpp's gguf package (pip install gguf)")
 
@@ -37,9 +38,10 @@ TINY = {**GPT_CONFIG_124M, "context_length": 48, "emb_dim": 64, "n_heads": 4, "n
 PROMPTS = ["Every effort moves you", "The quick brown fox", "Hello, world! 123"]
 NEW_TOKENS = 12
 # f16 / q8_0: the share of greedy steps where llama.cpp's file picks our token, and the largest logit
-# difference (measured on the tiny model with llama-cpp-python 0.3.36: see the test); floors, not figures.
+# difference. Measured on the tiny model with llama-cpp-python 0.3.36: f16 36/36 steps, 0.0011;
+# q8_0 34/36 steps, 0.030 (the test prints them). Floors with room, not figures.
 AGREEMENT_FLOOR = {"f16": 0.9, "q8_0": 0.8}
-MAX_LOGIT_DIFFERENCE = {"f16": 0.05, "q8_0": 0.2}
+MAX_LOGIT_DIFFERENCE = {"f16": 0.01, "q8_0": 0.1}
 
 
 def tiny_model(seed: int = 123, **overrides) -> GPTModel:
@@ -149,8 +151,8 @@ F32 = 0  # GGML_TYPE_F32: llama.cpp's KV cache in float32 (its default is f16), 
 
 
 def llama(path: Path, n_ctx: int = 48):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=1,
-                           type_k=F32, type_v=F32, verbose=False)
+    # llama.cpp's reference CPU kernels, the same on every CPU (`open_llama_cpp`: no AMX / repacked weights)
+    return open_llama_cpp(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=1, type_k=F32, type_v=F32)
 
 
 def llama_greedy(llm, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
@@ -207,7 +209,7 @@ def test_llama_cpp_f16_and_q8_0_agree_with_ours(model, exported, outtype):
 @needs_llama_cpp
 def test_llama_cpp_tokenizes_like_tiktoken(exported):
     tokenizer = get_gpt2_tokenizer()
-    llm = llama_cpp.Llama(model_path=str(exported["f16"]), vocab_only=True, verbose=False)
+    llm = open_llama_cpp(exported["f16"], vocab_only=True)
     texts = ["Hello, world!", " leading space and  double  spaces", "It's 2024: don't stop—naïve café 😀",
              "def f(x):\n\treturn x**2\n\n", "Every effort moves you", "  \n  trailing   "]
     for text in texts:
