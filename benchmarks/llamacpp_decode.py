@@ -51,8 +51,11 @@ def llamacpp_decode(path: str | Path, n_tokens: int, prompt_ids: list[int] | Non
     llm = open_llama_cpp(path, extra_buffers, n_ctx=len(prompt_ids) + n_tokens, n_batch=max(len(prompt_ids), 8),
                          n_threads=n_threads, n_threads_batch=n_threads)
     load_s = time.perf_counter() - start
-    if len(prompt_ids) + n_tokens > llm.n_ctx_train():
-        raise InvalidInput(f"{path}: prompt + {n_tokens} tokens exceed the model's context of {llm.n_ctx_train()}")
+    trained = int(llm.metadata.get(f"{llm.metadata.get('general.architecture')}.context_length", 0))
+    if len(prompt_ids) + n_tokens > trained:
+        raise InvalidInput(f"{path}: {len(prompt_ids)} prompt + {n_tokens} new tokens exceed the model's context "
+                           f"of {trained}")
+    n_vocab = llm.n_vocab()
     best = None
     for _ in range(repeats + 1):  # the first run warms up
         llm.reset()
@@ -61,7 +64,9 @@ def llamacpp_decode(path: str | Path, n_tokens: int, prompt_ids: list[int] | Non
         t1 = time.perf_counter()
         tokens = []
         for _ in range(n_tokens):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # the last token's logits, read in place (Llama.scores keeps them only with logits_all)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            nxt = int(np.argmax(logits))
             tokens.append(nxt)
             if len(tokens) < n_tokens:
                 llm.eval([nxt])
@@ -77,8 +82,9 @@ def llamacpp_decode(path: str | Path, n_tokens: int, prompt_ids: list[int] | Non
             "llama_cpp": llama_cpp.__version__}
 
 
-def export_files(model_spec: str | None, quick: bool, folder: Path) -> dict[str, Path]:
-    """The model as GGUF in f32, f16 and q8_0 (quick: a tiny random GPTModel with GPT-2's vocabulary)."""
+def export_files(model_spec: str | None, quick: bool, folder: Path):
+    """(model, {type: file}): the model as GGUF in f32, f16 and q8_0 (quick: a tiny random GPTModel with
+    GPT-2's vocabulary)."""
     import torch
 
     from ch04.gpt import GPT_CONFIG_124M, GPTModel
@@ -91,7 +97,21 @@ def export_files(model_spec: str | None, quick: bool, folder: Path) -> dict[str,
                           "drop_rate": 0.0}).eval()
     else:
         model = load_chat_model(model_spec or "gpt2", device="cpu").model
-    return {t: export_gguf(model, folder / f"bench-{t}.gguf", t, overwrite=True)[0] for t in ("f32", "f16", "q8_0")}
+    return model, {t: export_gguf(model, folder / f"bench-{t}.gguf", t, overwrite=True)[0]
+                   for t in ("f32", "f16", "q8_0")}
+
+
+def our_greedy_tokens(model, n_tokens: int) -> list[int]:
+    """Chapter 5's greedy `generate` with the KV cache on the same prompt: the tokens llama.cpp should give."""
+    import torch
+
+    from ch02.tokenizer import get_gpt2_tokenizer
+    from ch05.gpt_generate import generate
+
+    ids = torch.tensor([get_gpt2_tokenizer().encode(PROMPT)])
+    with torch.no_grad():
+        out = generate(model, ids, max_new_tokens=n_tokens, context_size=model.cfg["context_length"], use_cache=True)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def summarize(rows: list[dict], machine: dict, quick: bool) -> str:
@@ -99,11 +119,12 @@ def summarize(rows: list[dict], machine: dict, quick: bool) -> str:
              f"{machine['cpu']}, {machine['cores']} cores, {rows[0]['n_threads'] if rows else '?'} threads; "
              f"llama-cpp-python {rows[0]['llama_cpp'] if rows else '?'}, torch {machine['torch']}"
              + ("; quick mode: a tiny random model, the harness is checked, not the speed" if quick else ""), "",
-             "| file | type | prompt tokens | new tokens | decode tokens/s | prompt tokens/s | load s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| file | type | prompt tokens | new tokens | decode tokens/s | prompt tokens/s | load s | tokens as ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        same = f"{r['same_as_ours']}/{r['n_tokens']}" if r.get("same_as_ours") is not None else "-"
         lines.append(f"| {Path(r['file']).name} | {r.get('type', '?')} | {r['prompt_tokens']} | {r['n_tokens']} | "
-                     f"{r['tokens_per_s']:.1f} | {r['prompt_tokens_per_s']:.1f} | {r['load_s']:.2f} |")
+                     f"{r['tokens_per_s']:.1f} | {r['prompt_tokens_per_s']:.1f} | {r['load_s']:.2f} | {same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,14 +155,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"--gguf {f} does not exist")
         machine = machine_description()
         with tempfile.TemporaryDirectory() as tmp:
-            files = ({f.stem: f for f in args.gguf} if args.gguf
-                     else export_files(args.model, args.quick, Path(tmp)))
+            model, files = ((None, {f.stem: f for f in args.gguf}) if args.gguf
+                            else export_files(args.model, args.quick, Path(tmp)))
+            ours = our_greedy_tokens(model, n_tokens) if model is not None else None
             rows = [{**llamacpp_decode(f, n_tokens, n_threads=args.threads, repeats=repeats,
                                        extra_buffers=args.extra_buffers), "type": t, "extra_buffers": args.extra_buffers}
                     for t, f in files.items()]
+        for r in rows:  # greedy steps that pick our token, up to the first difference and after it
+            r["same_as_ours"] = None if ours is None else sum(a == b for a, b in zip(r["tokens"], ours))
+        goals = [] if ours is None else [("llama.cpp's f32 file decodes our greedy tokens",
+                                          rows[0]["tokens"] == ours)]
         table = summarize(rows, machine, args.quick)
         write_report(args.out, "llamacpp_decode.json", "llamacpp_decode.md",
-                     {"machine": machine, "quick": args.quick, "results": rows}, table, [])
+                     {"machine": machine, "quick": args.quick, "our_tokens": ours, "results": rows}, table, goals)
 
     return run(benchmark, argv)
 

@@ -17,6 +17,7 @@ def test_quick_benchmark_writes_the_table_and_json(tmp_path):
     rows = data["results"]
     assert [r["type"] for r in rows] == ["f32", "f16", "q8_0"]
     assert all(len(r["tokens"]) == 5 and r["tokens_per_s"] > 0 and r["n_threads"] == 1 for r in rows)
+    assert rows[0]["tokens"] == data["our_tokens"] and rows[0]["same_as_ours"] == 5  # f32: chapter 5's tokens
     table = (tmp_path / "llamacpp_decode.md").read_text()
     assert table.count("\n| bench-") == 3 and data["machine"]["cpu"] in table
 
