@@ -428,3 +428,22 @@ def test_a_tied_head_is_written_once_and_llama_cpp_reuses_the_embedding(tmp_path
     assert theirs == our_greedy(tied, ids, NEW_TOKENS)
     with torch.no_grad():
         np.testing.assert_allclose(logits, tied(torch.tensor([ids]))[0].numpy(), atol=2e-3, rtol=0)
+
+
+@needs_llama_cpp
+def test_a_hugging_face_gpt2_folder_runs_in_llama_cpp_as_in_transformers(tmp_path, capsys):
+    """GPT-2's own weights take this route: a Hugging Face GPT-2 folder (Conv1D weights, tied head) loaded
+    by chapter 5, exported, run by llama.cpp: the logits of transformers' GPT2LMHeadModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(123)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=48, n_embd=64, n_layer=2, n_head=4)).eval()
+    hf.save_pretrained(tmp_path / "gpt2-tiny")
+    out = tmp_path / "gpt2-tiny.gguf"
+    assert ex.main(["--model", str(tmp_path / "gpt2-tiny"), "--output", str(out), "--outtype", "f32"]) == 0
+    assert "Import with" in out.with_suffix(".Modelfile").read_text()
+    ids = get_gpt2_tokenizer().encode(PROMPTS[1])
+    _, logits = llama_greedy(llama(out), ids, 1)
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(logits, expected, atol=2e-3, rtol=0)
