@@ -2,10 +2,13 @@
 (no timing assertions); skipped, saying why, where llama-cpp-python is not installed."""
 
 import json
+import os
 
 import pytest
 
 pytest.importorskip("gguf", reason="the GGUF export needs llama.cpp's gguf package (pip install gguf)")
+if os.environ.get("LLMFS_REQUIRE_LLAMA_CPP"):  # .ci/run builds llama.cpp: there a missing one fails
+    import llama_cpp  # noqa: F401
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python; CI builds it)")
 
 from benchmarks import llamacpp_decode as bench  # noqa: E402

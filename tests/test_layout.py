@@ -42,7 +42,7 @@ BONUS_FOLDERS = {
     "ch06": {"ui": {"app.py", "__main__.py"}, "experiments": {"additional_experiments.py"},
              "imdb": {"labeled_data.py", "report.py", "download_prepare_dataset.py", "train_gpt.py", "train_bert_hf.py",
                       "train_sklearn_logreg.py", "compare.py", "__main__.py"}},
-    "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "other_families": {"family_finetuning.py"}, "serve": {"__main__.py"},
+    "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "other_families": {"family_finetuning.py"}, "export_gguf": {"export_gguf.py", "__main__.py"}, "serve": {"__main__.py"},
              "data_generation": {"generate_instruction_data.py", "reflection.py"},
              "dataset_utils": {"find_near_duplicates.py", "create_passive_voice_entries.py"},
              "model_evaluation": set(),
@@ -55,7 +55,7 @@ COMMANDS = ["ch05.gpt_train", "ch05.gpt_generate", "ch05.gpt_download", "ch05.ll
             "ch05.ui", "ch06.gpt_class_finetune", "ch06.ui",
             "ch06.imdb", "ch06.imdb.download_prepare_dataset", "ch06.imdb.train_gpt", "ch06.imdb.train_bert_hf",
             "ch06.imdb.train_sklearn_logreg", "ch07.gpt_instruction_finetuning",
-            "ch07.ollama_evaluate", "ch07.dpo", "ch07.dpo.preference_data", "ch07.serve", "ch07.ui",
+            "ch07.ollama_evaluate", "ch07.export_gguf", "ch07.dpo", "ch07.dpo.preference_data", "ch07.serve", "ch07.ui",
             "ch07.data_generation.generate_instruction_data", "ch07.data_generation.reflection",
             "ch07.dataset_utils.find_near_duplicates", "ch07.dataset_utils.create_passive_voice_entries"]
 
