@@ -47,6 +47,7 @@ from llmfs.cli import (
 from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import add_model_source_args
+from llmfs.int8 import quantize_int8
 from llmfs.runtime import eval_mode, get_device, outputs_dir, set_seed
 from llmfs.trainer import make_optimizer, train
 
@@ -231,7 +232,7 @@ PROMPT_FORMAT = PromptFormat(styles=book.PROMPT_STYLES, format_input=book.format
 
 
 def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
-                    name: str | None = None, style: str | None = "auto") -> ChatModel:
+                    name: str | None = None, style: str | None = "auto", int8: bool = False) -> ChatModel:
     """A `llmfs.chat.ChatModel` for the model `spec` names: a chapter-7 instruction-tuned model (the
     `.pth` plus `.json` that `book.save_finetuned_model` writes) or anything chapter 5's
     `load_model_for_generation` reads (GPT-2 weights, chapter-5 checkpoints).
@@ -239,7 +240,8 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     `style` "auto" uses the chapter-7 prompt style saved with an instruction-tuned model (and no
     template for other models); "alpaca"/"phi3" or None force one. What cannot be loaded raises a
     `llmfs.errors.UserError` (InvalidInput, CheckpointMismatchError, PretrainedWeightsUnavailable) or
-    FileNotFoundError: the commands print it as one line.
+    FileNotFoundError: the commands print it as one line. `int8` stores the linear layers' weights as int8
+    (`llmfs.int8`, the server's `--int8`).
     """
     if style not in ("auto", None, *book.PROMPT_STYLES):
         raise InvalidInput(f"unknown prompt style {style!r}; choose auto, none or one of {book.PROMPT_STYLES}")
@@ -256,6 +258,9 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
         raise InvalidInput(f"model name {name!r} may only hold letters, digits and . _ : / -")
     name = (name or default_model_name(spec)).lower()
+    if int8:
+        quantize_int8(model)  # before the layout, which only touches float32 nn.Linear weights
+        described += ", int8 weights"
     layout_for_decoding(model)  # same numbers, faster one-token products on the CPU (llmfs.decoding_layout)
     return ChatModel(model=model.eval(), name=name if ":" in name else f"{name}:latest",
                      style=saved_style if style == "auto" else style, description=described, source=source,

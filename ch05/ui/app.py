@@ -26,6 +26,7 @@ from llmfs.apps import (
     serve_app,
     stream_text,
 )
+from llmfs.int8 import add_int8_argument
 
 OUTPUT_DIR = "outputs/ch05"  # ch05.gpt_train's --output-dir default
 HINT = ("Train one with `python -m ch05.gpt_train` (add `--quick` for a one-minute run), "
@@ -41,9 +42,9 @@ def default_model() -> str:
     return str(newest or f"{OUTPUT_DIR}/model.pth")
 
 
-def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
-    """The page: a prompt, the sampling controls of section 5.3, and the growing text."""
-    app = load_app_model(load_model_for_generation, model_spec, device, HINT)
+def build_demo(model_spec: str, device="cpu", int8: bool = False) -> gr.Blocks:
+    """The page: a prompt, the sampling controls of section 5.3, and the growing text (`int8`: llmfs.int8)."""
+    app = load_app_model(load_model_for_generation, model_spec, device, HINT, int8=int8)
     tokenizer = get_gpt2_tokenizer()
 
     def complete(prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int):
@@ -78,10 +79,12 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ch05.ui [options]`; returns the exit code."""
-    args = app_parser("python -m ch05.ui", "Chapter 5's text generation in the browser.", default_model(),
-                      "gpt2, gpt2-medium, ... (or 124M ...); a Hugging Face GPT-2 folder or .safetensors file; "
-                      "or checkpoint.pth / model.pth from ch05.gpt_train").parse_args(argv)
-    return serve_app(args, lambda device: build_demo(args.model, device))
+    p = app_parser("python -m ch05.ui", "Chapter 5's text generation in the browser.", default_model(),
+                   "gpt2, gpt2-medium, ... (or 124M ...); a Hugging Face GPT-2 folder or .safetensors file; "
+                   "or checkpoint.pth / model.pth from ch05.gpt_train")
+    add_int8_argument(p)
+    args = p.parse_args(argv)
+    return serve_app(args, lambda device: build_demo(args.model, device, int8=args.int8))
 
 
 if __name__ == "__main__":

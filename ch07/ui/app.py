@@ -36,6 +36,7 @@ from llmfs.apps import (
     stream_text,
 )
 from llmfs.cli import non_negative_int
+from llmfs.int8 import add_int8_argument
 
 OUTPUT_DIR = "outputs/ch07"  # the fine-tuning CLI's --output-dir default; it writes <model>-sft.pth there
 HINT = ("Fine-tune one with `python -m ch07.gpt_instruction_finetuning` (`--quick` trains a small one offline "
@@ -56,9 +57,9 @@ def load_chat_model(spec: str, device) -> tuple[nn.Module, dict]:
     return model, {"source": description}
 
 
-def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS) -> gr.Blocks:
-    """The page: the conversation, a text box and a send button."""
-    app = load_app_model(load_chat_model, model_spec, device, HINT)
+def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS, int8: bool = False) -> gr.Blocks:
+    """The page: the conversation, a text box and a send button (`int8`: llmfs.int8)."""
+    app = load_app_model(load_chat_model, model_spec, device, HINT, int8=int8)
     tokenizer = get_gpt2_tokenizer()
     style = (app.info or {}).get("style", "alpaca")
 
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                    "or folder, or chapter 5's model.pth / checkpoint.pth")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=MAX_NEW_TOKENS,
                    help=f"answer length cap in tokens (default {MAX_NEW_TOKENS}, as the chapter's generate_response)")
+    add_int8_argument(p)
     args = p.parse_args(argv)
-    return serve_app(args, lambda device: build_demo(args.model, device, args.max_new_tokens))
+    return serve_app(args, lambda device: build_demo(args.model, device, args.max_new_tokens, int8=args.int8))
 
 
 if __name__ == "__main__":
