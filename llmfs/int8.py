@@ -10,9 +10,10 @@ float32 and 2x faster than bfloat16, if the product reads the int8 bytes directl
   weight is at most s_i / 2 (0.4% of its row's largest weight). Activations stay floating point.
 - The product `x @ W.T = (x @ q.T) * s` runs in PyTorch's own CPU kernel
   `torch._weight_int8pack_mm(x, q, s)`, which reads q as int8 (no new dependency). In torch 2.13
-  its bfloat16 path is vectorized and its float32 path is not: measured for one token on the
-  project's 2-core Xeon (one thread), a 3072 x 1024 matrix takes ~0.3 ms with bfloat16 activations,
-  ~2 ms with float32 ones, ~0.8 ms as a float32 `nn.Linear`. So `Int8Linear` hands the kernel
+  its bfloat16 path is vectorized and its float32 path is not: measured for one token on a shared
+  2-core Xeon (one thread, the matrix in cache), a 3072 x 1024 matrix takes ~0.3 ms with bfloat16
+  activations, ~2 ms with float32 ones, ~0.8 ms as a float32 `nn.Linear` (whole models, read from
+  memory: `python -m benchmarks.int8_decode`). So `Int8Linear` hands the kernel
   bfloat16 activations and scales (`KERNEL_DTYPE`) and returns the result in x's dtype: a float32
   model computes its linear layers from bfloat16-rounded inputs, the rest (attention, norms,
   softmax, residual stream) in float32. The kernel gave wrong numbers for inner dimensions that
@@ -151,8 +152,8 @@ def int8_weight_bytes(model: nn.Module) -> int:
 
 # --- The commands' switch ----------------------------------------------------------------------
 
-INT8_HELP = ("store linear weights as int8 (per-channel scales): a quarter of float32's memory per weight, "
-             "faster CPU decoding, logits within about 1%% (see llmfs/int8.py)")
+INT8_HELP = ("store the linear layers' weights as int8 with one scale per output channel: a quarter of "
+             "float32's bytes per weight, for faster CPU decoding; results close to float32 (llmfs/int8.py)")
 
 
 def add_int8_argument(p: argparse.ArgumentParser) -> None:
