@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 import torch
 
 from benchmarks import int8_decode
@@ -48,5 +49,7 @@ def test_quick_benchmark_writes_table_and_json(tmp_path, monkeypatch):
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
-    assert int8_decode.main(["--max-new-tokens", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        int8_decode.main(["--max-new-tokens", "0"])
+    assert exc.value.code == 2
     assert "argument --max-new-tokens: must be a whole number >= 1" in capsys.readouterr().err
