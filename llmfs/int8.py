@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from llmfs.errors import InvalidInput
 
 KERNEL_DTYPE = torch.bfloat16  # the activations' dtype for the CPU kernel (its vectorized path)
+QUANTIZE_BLOCK_ROWS = 4096  # rows quantized at a time (bounds the float temporaries)
 
 
 def int8_kernel_available() -> bool:
@@ -70,11 +71,16 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scales): int8 (out, in), contiguous, and float32 (out,), with weight ~ q * scales[:, None].
 
     Symmetric per output row: the row's largest |weight| becomes +-127. A row of zeros gets scale 1
-    (and q = 0), so nothing divides by zero."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1) / 127.0  # (out,)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    (and q = 0), so nothing divides by zero. Done in blocks of rows, so the float temporaries stay
+    small (a whole-matrix `w / scales` of Qwen3-0.6B's head would be another 622 MB)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
+        w = weight.detach()[start:start + QUANTIZE_BLOCK_ROWS].float()  # (rows, in)
+        s = w.abs().amax(dim=1) / 127.0  # (rows,)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[start:start + QUANTIZE_BLOCK_ROWS] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scales[start:start + QUANTIZE_BLOCK_ROWS] = s
     return q, scales
 
 
@@ -133,15 +139,32 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace each `nn.Linear` of `model` (except a mixture-of-experts router) by an `Int8Linear`,
     in place, and return the model. See the module docstring for what stays float and why.
 
-    Layers are swapped one at a time, so the peak memory is the float model plus one int8 layer;
-    each float weight is freed once replaced (a tied one lives on as the embedding)."""
+    Layers are swapped one at a time and each float weight is freed once replaced (a tied one lives on
+    as the embedding); the C allocator keeps what was freed, so at the end it is asked to hand it back
+    to the system (`release_freed_memory`): on Qwen3-0.6B shapes the resident memory drops from
+    ~3.2 GB (float32 + int8) to ~1.5 GB (int8 + the float32 embedding)."""
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("quantize_int8 needs the model's weights (some are on the meta device)")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and not _is_router(parent, name):
                 setattr(parent, name, Int8Linear.from_linear(child))
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> bool:
+    """Ask glibc to return freed heap memory to the system (`malloc_trim`); False where there is none."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
 
 
 def int8_weight_bytes(model: nn.Module) -> int:

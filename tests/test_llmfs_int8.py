@@ -52,6 +52,15 @@ def test_quantized_weight_is_within_half_a_step_of_the_float_one():
     assert torch.equal(q, q2) and torch.equal(scales, scales2)
 
 
+def test_quantizing_in_blocks_of_rows_changes_nothing(monkeypatch):
+    torch.manual_seed(123)
+    w = torch.randn(50, 64)
+    whole = quantize_weight(w)
+    monkeypatch.setattr(int8, "QUANTIZE_BLOCK_ROWS", 7)  # 50 rows: 7 full blocks and a short one
+    blocks = quantize_weight(w)
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_features", [64, 40])  # 40: not a multiple of 32, the dequantizing fallback
 def test_int8_linear_computes_the_dequantized_product(dtype, in_features, monkeypatch):
