@@ -61,6 +61,7 @@ from llmfs.distributed import (
 )
 from llmfs.download import get_data_file
 from llmfs.errors import InvalidInput
+from llmfs.int8 import add_int8_argument, check_int8_options, quantize_int8
 from llmfs.runtime import get_device, outputs_dir, reuse_freed_memory, set_seed
 from llmfs.trainer import check_autocast_support, make_optimizer, parse_dtype, train
 
@@ -352,6 +353,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--onednn", action="store_true",
                    help="x86 CPUs, float32: compute linear layers with oneDNN (see benchmarks/README.md)")
+    add_int8_argument(p)
     return p
 
 
@@ -362,6 +364,7 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     def main():
         generation.check_sampling_args(args.temperature, args.top_k, args.top_p)
+        check_int8_options(args.int8, args.onednn)
         if not args.prompt.strip():
             raise InvalidInput("--prompt is empty: give some text to continue")
         if Path(args.model).is_file():  # a missing file gets the loader's message (it lists the other forms)
@@ -370,6 +373,9 @@ def generate_main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             model, described = generation.load_model_for_generation(args.model, device=device, n_heads=args.n_heads)
+        if args.int8:
+            quantize_int8(model)  # int8 linear layers (llmfs.int8); before the layout, which skips them
+            described += ", int8 weights"
         layout_for_decoding(model)  # same numbers, faster one-token products on the CPU
         tokenizer = get_gpt2_tokenizer()
         idx = listings.text_to_token_ids(args.prompt, tokenizer).to(device)

@@ -56,6 +56,7 @@ from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import add_model_source_args
 from llmfs.grad_checkpoint import enable_gradient_checkpointing
+from llmfs.int8 import quantize_int8
 from llmfs.runtime import eval_mode, get_device, outputs_dir, set_seed
 from llmfs.trainer import make_optimizer, train
 
@@ -304,7 +305,7 @@ PROMPT_FORMAT = PromptFormat(styles=book.PROMPT_STYLES, format_input=book.format
 
 
 def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
-                    name: str | None = None, style: str | None = "auto") -> ChatModel:
+                    name: str | None = None, style: str | None = "auto", int8: bool = False) -> ChatModel:
     """A `llmfs.chat.ChatModel` for the model `spec` names: a chapter-7 instruction-tuned model (the
     `.pth` plus `.json` that `book.save_finetuned_model` writes) or anything chapter 5's
     `load_model_for_generation` reads (GPT-2 weights, chapter-5 checkpoints).
@@ -315,12 +316,13 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     `style` "auto" uses the chapter-7 prompt style saved with an instruction-tuned model (and no
     template for other models); "alpaca"/"phi3" or None force one. What cannot be loaded raises a
     `llmfs.errors.UserError` (InvalidInput, CheckpointMismatchError, PretrainedWeightsUnavailable) or
-    FileNotFoundError: the commands print it as one line.
+    FileNotFoundError: the commands print it as one line. `int8` stores the linear layers' weights as int8
+    (`llmfs.int8`, the server's `--int8`).
     """
     if style not in ("auto", None, *book.PROMPT_STYLES):
         raise InvalidInput(f"unknown prompt style {style!r}; choose auto, none or one of {book.PROMPT_STYLES}")
     if family_folder(spec) is not None:  # New: Llama 3.x, Qwen3 and Gemma 3 folders serve too
-        return load_family_chat_model(spec, device=device, name=name, style=style)
+        return load_family_chat_model(spec, device=device, name=name, style=style, int8=int8)
     device = get_device(device)
     finetuned = finetuned_file(Path(spec).expanduser())
     if finetuned is not None:
@@ -334,6 +336,9 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
         raise InvalidInput(f"model name {name!r} may only hold letters, digits and . _ : / -")
     name = (name or default_model_name(spec)).lower()
+    if int8:
+        quantize_int8(model)  # before the layout, which only touches float32 nn.Linear weights
+        described += ", int8 weights"
     layout_for_decoding(model)  # same numbers, faster one-token products on the CPU (llmfs.decoding_layout)
     return ChatModel(model=model.eval(), name=name if ":" in name else f"{name}:latest",
                      style=saved_style if style == "auto" else style, description=described, source=source,
@@ -356,11 +361,12 @@ def family_folder(spec: str | os.PathLike) -> str | None:
 
 
 def load_family_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
-                           name: str | None = None, style: str | None = "auto") -> ChatModel:
+                           name: str | None = None, style: str | None = "auto", int8: bool = False) -> ChatModel:
     """A `ChatModel` for a Llama 3.x, Qwen3 (dense or MoE) or Gemma 3 text folder, loaded by `load_llm`.
 
     It speaks its family's chat template (`style` "auto"; None: plain text, as a base model
-    continues it), stops at the end of a turn or of the text, and its context is its config's.
+    continues it), stops at the end of a turn or of the text, and its context is its config's. `int8`:
+    int8 linear weights (`llmfs.int8`).
     """
     from ch05.llama.generate_llm import load_llm
     from llmfs.chat_families import TEMPLATE_NAMES, HFTokenizer, chat_template
@@ -371,7 +377,7 @@ def load_family_chat_model(spec: str | os.PathLike, device: torch.device | str |
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
         raise InvalidInput(f"model name {name!r} may only hold letters, digits and . _ : / -")
     device = get_device(device)
-    llm = load_llm(spec, device=device)  # its dtype is the file's; decoding layout on
+    llm = load_llm(spec, device=device, int8=int8)  # its dtype is the file's; decoding layout on
     tok = llm.tokenizer
     adapter = HFTokenizer(tok.tokenizer)
     end_of_text = tok.token_id(tok.stop_tokens[-1])

@@ -35,6 +35,7 @@ from llmfs.cli import USER_ERRORS, Parser, device_name, run, whole_number
 from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import UserError
 from llmfs.generate_stream import generate_stream
+from llmfs.int8 import quantize_int8
 from llmfs.runtime import get_device
 
 EMPTY_INPUT_MESSAGE = "Please type some text first."
@@ -55,8 +56,10 @@ class AppModel:
     note: str = ""           # warnings from loading (e.g. a guessed config), shown until the first answer
 
 
-def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, device, hint: str) -> AppModel:
-    """`loader(spec, device)` -> (model, info), with any failure turned into a page message.
+def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, device, hint: str,
+                   int8: bool = False) -> AppModel:
+    """`loader(spec, device)` -> (model, info), with any failure turned into a page message; `int8`
+    then stores the linear layers' weights as int8 (`llmfs.int8`, the text apps' `--int8`).
 
     `hint` says how to get a model (which CLI writes one, which `--model` to try). What becomes a
     message is what a command would print as `error:` (a missing or unreadable file, a state dict that
@@ -71,6 +74,8 @@ def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, devi
     except USER_ERRORS as exc:
         return AppModel(None, error=f"**Could not load `{spec}`:** {exc}\n\n{hint}")
     note = " ".join(f"**Note:** {w.message}" for w in caught)
+    if int8:
+        quantize_int8(model)  # before the layout, which only touches float32 nn.Linear weights
     # Text apps decode token by token: the faster weight layout for that (llmfs.decoding_layout).
     return AppModel(layout_for_decoding(model.eval()), info, note=note)
 

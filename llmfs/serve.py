@@ -66,6 +66,7 @@ from starlette.requests import ClientDisconnect
 from llmfs.chat import ChatModel, GenerationOptions, parse_options, shown
 from llmfs.cli import Parser, device_name, non_negative_int, positive_float, positive_int, run, whole_number
 from llmfs.errors import InvalidInput, UserError
+from llmfs.int8 import add_int8_argument
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435  # next to Ollama's 11434, so both can run side by side
@@ -444,6 +445,7 @@ def parser(prog: str | None = None) -> Parser:
                    help="the most seconds one request may generate, counted once it has the model (default "
                         f"{DEFAULT_REQUEST_TIMEOUT:g}); it is then stopped with an error, and the next one starts")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
+    add_int8_argument(p)
     return p
 
 
@@ -466,7 +468,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def main(load_chat_model: Callable[..., ChatModel], argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Load the model with `load_chat_model(spec, device=, name=, style=)` (the chapter's loader) and
+    """Load the model with `load_chat_model(spec, device=, name=, style=, int8=)` (the chapter's loader) and
     serve until Ctrl-C. Bad arguments, a busy port or a model that cannot be loaded: a one-line
     `error:` and exit code 2 (`llmfs.cli.run`), before anything slow when it can be known then."""
     args = parser(prog).parse_args(argv)
@@ -480,7 +482,8 @@ def main(load_chat_model: Callable[..., ChatModel], argv: list[str] | None = Non
         sock = bind_socket(args.host, args.port)  # a busy port fails before the model loads
         try:
             chat = load_chat_model(args.model, device=args.device, name=args.name,
-                                   style=None if args.prompt_style == "none" else args.prompt_style)
+                                   style=None if args.prompt_style == "none" else args.prompt_style,
+                                   int8=args.int8)
             app = create_app(chat, defaults, max_num_predict=args.max_num_predict,
                              request_timeout=args.request_timeout)  # refuses limits the model cannot have
             worker: ModelWorker = app.state.worker

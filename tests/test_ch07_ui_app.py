@@ -50,11 +50,11 @@ def test_command_line_sets_the_answer_length(model_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err == "error: argument --max-new-tokens: must be a whole number >= 0, got -1 (see --help)\n"
     built = []
-    monkeypatch.setattr(ch07_app, "build_demo", lambda *args: built.append(args))
+    monkeypatch.setattr(ch07_app, "build_demo", lambda *args, int8=False: built.append((*args, int8)))
     monkeypatch.setattr(ch07_app, "serve_app", lambda args, build: build("cpu") or 0)
     assert ch07_app.main(["--model", str(model_path), "--max-new-tokens", "7"]) == 0
-    assert ch07_app.main(["--model", str(model_path)]) == 0
-    assert built == [(str(model_path), "cpu", 7), (str(model_path), "cpu", ch07_app.MAX_NEW_TOKENS)]
+    assert ch07_app.main(["--model", str(model_path), "--int8"]) == 0
+    assert built == [(str(model_path), "cpu", 7, False), (str(model_path), "cpu", ch07_app.MAX_NEW_TOKENS, True)]
 
 
 @webapp.requires_chromium

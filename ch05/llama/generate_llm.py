@@ -32,6 +32,7 @@ from ch05.llama.qwen3 import Qwen3Tokenizer, load_qwen3, qwen3_config_from_hf
 from llmfs.cli import Parser, add_sampling_arguments, device_name, non_negative_int, run, whole_number
 from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
+from llmfs.int8 import add_int8_argument, quantize_int8
 from llmfs.sampling import check_sampling_args
 
 # config.json's model_type -> (loader, tokenizer class)
@@ -85,24 +86,27 @@ class LoadedLLM:
 
 
 def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device, decoding_layout: bool,
-                context_length: int | None = None) -> LoadedLLM:
+                context_length: int | None = None, int8: bool = False) -> LoadedLLM:
     if context_length is not None:  # nothing to shorten: said rather than ignored
         raise InvalidInput(f"--context-length shortens the RoPE tables of Llama and Qwen3 models; {spec} is a GPT "
                            "model, whose positions are learned (leave the option out)")
     model, described = load_model_for_generation(spec, device=device)
     if dtype is not None:
         model = model.to(dtype)
+    if int8:  # New: int8 linear layers (llmfs.int8), before the layout (which then skips them)
+        quantize_int8(model)
+        described += ", int8 weights"
     if decoding_layout:
         layout_for_decoding(model)
     return LoadedLLM(model, GPT2Tokenizer(), "gpt2", described)
 
 
 def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_length: int | None,
-               decoding_layout: bool) -> LoadedLLM:
+               decoding_layout: bool, int8: bool = False) -> LoadedLLM:
     hf = read_hf_config(model_dir)
     family = hf.get("model_type")
     if family == "gpt2" or (family is None and "emb_dim" in hf):  # Hugging Face GPT-2, or our chapter-5 folder
-        return _gpt_family(model_dir, dtype, device, decoding_layout, context_length)
+        return _gpt_family(model_dir, dtype, device, decoding_layout, context_length, int8)
     if family == "gemma3":  # the multimodal Gemma 3 (4B and up): its text model sits under text_config
         raise InvalidInput(f"{model_dir}/config.json describes a multimodal 'gemma3' model; this command runs the "
                            "text-only Gemma 3 folders (model_type 'gemma3_text', such as google/gemma-3-1b-it)")
@@ -116,28 +120,32 @@ def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_lengt
                    decoding_layout=decoding_layout)
     n_params = sum(p.numel() for p in model.parameters())
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if int8:  # New: int8 linear layers (llmfs.int8); the layout above then only applies to what stays float
+        quantize_int8(model)
+        dtype_name += ", int8 linear weights"
     return LoadedLLM(model, tokenizer, family,
                      f"{family} from {model_dir} ({n_params / 1e6:,.1f}M parameters, {dtype_name})")
 
 
 def load_llm(spec: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             context_length: int | None = None, decoding_layout: bool = True) -> LoadedLLM:
+             context_length: int | None = None, decoding_layout: bool = True, int8: bool = False) -> LoadedLLM:
     """Model, tokenizer and family for what `--model` names (see the module docstring).
 
-    `decoding_layout` stores float32 linear weights for faster CPU decoding (llmfs.decoding_layout)."""
+    `decoding_layout` stores float32 linear weights for faster CPU decoding (llmfs.decoding_layout);
+    `int8` stores the linear layers' weights as int8 (llmfs.int8)."""
     from ch05.gpt_download import canonical_model_name
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return _hf_folder(path, dtype, device, context_length, decoding_layout)
+        return _hf_folder(path, dtype, device, context_length, decoding_layout, int8)
     if path.exists():  # our checkpoint file, or a folder holding one
-        return _gpt_family(path, dtype, device, decoding_layout, context_length)
+        return _gpt_family(path, dtype, device, decoding_layout, context_length, int8)
     try:
         canonical_model_name(str(spec))
-        return _gpt_family(str(spec), dtype, device, decoding_layout, context_length)  # a GPT-2 name
+        return _gpt_family(str(spec), dtype, device, decoding_layout, context_length, int8)  # a GPT-2 name
     except ValueError:
         pass
-    return _hf_folder(resolve_model_dir(spec), dtype, device, context_length, decoding_layout)  # a Hub id
+    return _hf_folder(resolve_model_dir(spec), dtype, device, context_length, decoding_layout, int8)  # a Hub id
 
 
 def generate_text(llm: LoadedLLM, prompt: str, max_new_tokens: int = 100, chat: bool = False,
@@ -185,6 +193,7 @@ def parser() -> Parser:
                    help="use a shorter context than the model's (smaller RoPE tables)")
     p.add_argument("--no-cache", action="store_true", help="recompute all tokens each step (no KV cache)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
+    add_int8_argument(p)
     return p
 
 
@@ -202,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         device = get_device(args.device)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            llm = load_llm(args.model, dtype=DTYPES[args.dtype], device=device, context_length=args.context_length)
+            llm = load_llm(args.model, dtype=DTYPES[args.dtype], device=device, context_length=args.context_length,
+                           int8=args.int8)
         options = {}
         if args.system:
             options["system"] = args.system

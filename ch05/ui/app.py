@@ -30,6 +30,7 @@ from llmfs.apps import (
     stream_text,
 )
 from llmfs.errors import UserError
+from llmfs.int8 import add_int8_argument
 
 OUTPUT_DIR = "outputs/ch05"  # ch05.gpt_train's --output-dir default
 HINT = ("Train one with `python -m ch05.gpt_train` (add `--quick` for a one-minute run), "
@@ -68,8 +69,8 @@ def is_family_folder(spec: str) -> bool:
     return isinstance(hf, dict) and hf.get("model_type") in FAMILIES
 
 
-def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
-    """The page: a prompt, the sampling controls of section 5.3, and the growing text."""
+def build_demo(model_spec: str, device="cpu", int8: bool = False) -> gr.Blocks:
+    """The page: a prompt, the sampling controls of section 5.3, and the growing text (`int8`: llmfs.int8)."""
     eos_id = None
     if is_family_folder(model_spec):  # New: Llama 3.x, Qwen3, Gemma 3
         loaded = {}
@@ -78,12 +79,12 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
             llm = loaded["llm"] = load_llm(spec, device=device)
             return llm.model, llm.description
 
-        app = load_app_model(load_family, model_spec, device, HINT)
+        app = load_app_model(load_family, model_spec, device, HINT, int8=int8)
         if "llm" in loaded:
             tok = loaded["llm"].tokenizer
             tokenizer, eos_id = FamilyTokenizer(tok), tok.token_id(tok.stop_tokens[-1])  # the end of the text
     else:
-        app = load_app_model(load_model_for_generation, model_spec, device, HINT)
+        app = load_app_model(load_model_for_generation, model_spec, device, HINT, int8=int8)
         tokenizer = get_gpt2_tokenizer()
 
     def complete(prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int):
@@ -118,10 +119,12 @@ def build_demo(model_spec: str, device="cpu") -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ch05.ui [options]`; returns the exit code."""
-    args = app_parser("python -m ch05.ui", "Chapter 5's text generation in the browser.", default_model(),
-                      "gpt2, gpt2-medium, ... (or 124M ...); a Hugging Face GPT-2 folder or .safetensors file; "
-                      "or checkpoint.pth / model.pth from ch05.gpt_train").parse_args(argv)
-    return serve_app(args, lambda device: build_demo(args.model, device))
+    p = app_parser("python -m ch05.ui", "Chapter 5's text generation in the browser.", default_model(),
+                   "gpt2, gpt2-medium, ... (or 124M ...); a Hugging Face GPT-2 folder or .safetensors file; "
+                   "or checkpoint.pth / model.pth from ch05.gpt_train")
+    add_int8_argument(p)
+    args = p.parse_args(argv)
+    return serve_app(args, lambda device: build_demo(args.model, device, int8=args.int8))
 
 
 if __name__ == "__main__":

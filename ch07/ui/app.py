@@ -41,6 +41,7 @@ from llmfs.apps import (
 from llmfs.chat import GenerationOptions
 from llmfs.cli import non_negative_int
 from llmfs.errors import InvalidInput
+from llmfs.int8 import add_int8_argument
 
 OUTPUT_DIR = "outputs/ch07"  # the fine-tuning CLI's --output-dir default; it writes <model>-sft.pth there
 HINT = ("Fine-tune one with `python -m ch07.gpt_instruction_finetuning` (`--quick` trains a small one offline "
@@ -78,11 +79,11 @@ def family_answers(chat, instruction: str, max_new_tokens: int):
         yield text
 
 
-def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS) -> gr.Blocks:
-    """The page: the conversation, a text box and a send button."""
+def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS, int8: bool = False) -> gr.Blocks:
+    """The page: the conversation, a text box and a send button (`int8`: llmfs.int8)."""
     if family_folder(model_spec) is not None:  # New: another family's folder, through the chat layer
-        return build_family_demo(model_spec, device, max_new_tokens)
-    app = load_app_model(load_chat_model, model_spec, device, HINT)
+        return build_family_demo(model_spec, device, max_new_tokens, int8=int8)
+    app = load_app_model(load_chat_model, model_spec, device, HINT, int8=int8)
     tokenizer = get_gpt2_tokenizer()
     style = (app.info or {}).get("style", "alpaca")
 
@@ -115,9 +116,10 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
     return demo
 
 
-def build_family_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS) -> gr.Blocks:
+def build_family_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS,
+                      int8: bool = False) -> gr.Blocks:
     """New: the same page for a Llama 3.x, Qwen3 or Gemma 3 folder, which answers in its chat template."""
-    app = load_app_model(load_family_model, model_spec, device, HINT)
+    app = load_app_model(load_family_model, model_spec, device, HINT, int8=int8)
 
     def respond(instruction: str, history: list[dict]):
         if app.error:
@@ -159,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                    "Hugging Face folder")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=MAX_NEW_TOKENS,
                    help=f"answer length cap in tokens (default {MAX_NEW_TOKENS}, as the chapter's generate_response)")
+    add_int8_argument(p)
     args = p.parse_args(argv)
-    return serve_app(args, lambda device: build_demo(args.model, device, args.max_new_tokens))
+    return serve_app(args, lambda device: build_demo(args.model, device, args.max_new_tokens, int8=args.int8))
 
 
 if __name__ == "__main__":
