@@ -53,9 +53,11 @@ import logging
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from fastapi import FastAPI, Request
@@ -63,7 +65,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from llmfs.chat import ChatModel, GenerationOptions, parse_options, shown
+from llmfs.batched import BatchedGeneration, supports_batching
+from llmfs.chat import ChatModel, GenerationOptions, TextGeneration, parse_options, shown
 from llmfs.cli import Parser, device_name, non_negative_int, positive_float, positive_int, run, whole_number
 from llmfs.errors import InvalidInput, UserError
 
@@ -71,6 +74,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11435  # next to Ollama's 11434, so both can run side by side
 VERSION = "0.5.0"     # an Ollama API level the clients accept; /api/version reports it
 DEFAULT_REQUEST_TIMEOUT = 300.0  # seconds of generation per request (--request-timeout)
+DEFAULT_MAX_BATCH_SIZE = 8  # requests decoded together (--max-batch-size; 1: one at a time)
 # Request fields of Ollama's API that would change the answer in ways this server cannot honour.
 UNSUPPORTED_FIELDS = ("images", "format", "suffix", "template", "context", "tools")
 CLIENT_GONE = 499  # nginx's "client closed request": the status no one receives, in the access log
@@ -89,16 +93,35 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class ModelWorker:
-    """Runs one request at a time on the model, every step on one thread, and counts what it did.
+@dataclass(eq=False)
+class _Request:
+    """A request in the batching scheduler: what it asks, where its events go, how far it got."""
 
+    prompt_ids: list[int]
+    options: GenerationOptions
+    received: float
+    put: Callable[[str | dict | Exception], None]
+    done: asyncio.Future
+    gen: TextGeneration | None = None  # made on the model thread when the request joins the batch
+    loaded: float = 0.0                # when it joined the batch (got the model)
+    first: float = 0.0                 # when its first token was made
+    cancelled: bool = False            # its client left: dropped before the next step
+
+
+class ModelWorker:
+    """Runs requests on the model, every step on one thread, and counts what it did.
+
+    A model of chapter 4's GPT layout decodes up to `max_batch_size` requests together
+    (`llmfs.batched`): a scheduler steps them all one token at a time, and a request that comes
+    in joins the batch between two steps (continuous batching) instead of waiting for the others
+    to finish. Other models, or `max_batch_size` 1, run one request at a time, in arrival order.
     `ceiling`: the most tokens one answer may have (default: the model's context length);
     `time_limit`: the seconds one request may generate. Both are checked here, where they are set
     (InvalidInput for a ceiling beyond the context or defaults above the ceiling).
     """
 
     def __init__(self, chat: ChatModel, defaults: GenerationOptions | None = None, ceiling: int | None = None,
-                 time_limit: float = DEFAULT_REQUEST_TIMEOUT):
+                 time_limit: float = DEFAULT_REQUEST_TIMEOUT, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         context = chat.context_length
         if ceiling is not None and not 1 <= ceiling <= context:
             raise InvalidInput(f"--max-num-predict must be from 1 to the model's context length of {context} "
@@ -110,10 +133,18 @@ class ModelWorker:
             raise InvalidInput(f"--max-new-tokens {self.defaults.max_new_tokens} is more than the ceiling of "
                                f"{self.ceiling} tokens per answer (--max-num-predict; the model's context is "
                                f"{context}); choose at most {self.ceiling}")
+        if max_batch_size < 1:
+            raise InvalidInput(f"--max-batch-size must be >= 1, got {max_batch_size}")
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.lock = asyncio.Lock()  # FIFO: requests are served in arrival order
+        # FIFO: requests are served in arrival order; with batching, held while the batch runs
+        self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()  # the generations running: asyncio keeps only weak references
         self.stats = {"requests": 0, "tokens": 0, "stopped_early": 0, "timed_out": 0}
+        # New: continuous batching, for the models that support it
+        self.max_batch_size = max_batch_size if supports_batching(chat.model) else 1
+        self.batch = BatchedGeneration(chat.model, context) if self.max_batch_size > 1 else None
+        self.waiting: deque[_Request] = deque()  # requests not yet in the batch, in arrival order
+        self.scheduler: asyncio.Task | None = None
 
     async def events(self, prompt_ids: list[int], options: GenerationOptions,
                      received: float) -> AsyncIterator[str | dict]:
@@ -141,6 +172,9 @@ class ModelWorker:
     async def _generate(self, prompt_ids: list[int], options: GenerationOptions, received: float,
                         put: Callable[[str | dict | Exception], None]) -> None:
         """Generate under the lock, within the time limit: each piece, then the final fields or the failure, to `put`."""
+        if self.batch is not None:
+            await self._join_batch(prompt_ids, options, received, put)
+            return
         loop = asyncio.get_running_loop()
         try:
             async with self.lock:
@@ -157,10 +191,7 @@ class ModelWorker:
                             put(piece)
                         if time.perf_counter() > deadline:
                             self.stats["timed_out"] += 1
-                            raise OllamaError(503, f"the answer took longer than this server's limit of "
-                                                   f"{self.time_limit:g} s per request and was stopped after "
-                                                   f"{gen.eval_count} tokens; ask for fewer tokens (num_predict), "
-                                                   "or start the server with a longer --request-timeout")
+                            raise self._timed_out(gen)
                     finished = True
                 finally:
                     # Queued behind a step still running, if any; then the next request's steps.
@@ -172,11 +203,99 @@ class ModelWorker:
         except Exception as exc:  # the request's handler raises it: an error reply, or an error line
             put(exc)
             return
-        ns = 1_000_000_000
-        put({"done_reason": gen.done_reason, "total_duration": int((end - received) * ns),
-             "load_duration": int((loaded - received) * ns),  # waiting for the model, as in Ollama
-             "prompt_eval_count": len(prompt_ids), "prompt_eval_duration": int((first - loaded) * ns),
-             "eval_count": gen.eval_count, "eval_duration": int((end - first) * ns)})
+        put(_final_fields(gen, received, loaded, first, end))
+
+    # --- continuous batching ----------------------------------------------------------------------
+
+    async def _join_batch(self, prompt_ids: list[int], options: GenerationOptions, received: float,
+                          put: Callable[[str | dict | Exception], None]) -> None:
+        """Queue the request for the batch and wait until it is answered; cancelled (its client
+        left), it is dropped from the batch before the next step."""
+        request = _Request(prompt_ids, options, received, put, asyncio.get_running_loop().create_future())
+        self.waiting.append(request)
+        if self.scheduler is None or self.scheduler.done():
+            self.scheduler = asyncio.create_task(self._schedule())
+        try:
+            await asyncio.shield(request.done)
+        except asyncio.CancelledError:
+            request.cancelled = True
+            raise
+
+    async def _schedule(self) -> None:
+        """Step the batch while it has requests: between two steps, the clients that left and the
+        answers that ended go, the time limits are checked, and waiting requests join."""
+        loop = asyncio.get_running_loop()
+        active: list[_Request] = []
+        async with self.lock:
+            while True:
+                for request in [r for r in active if r.cancelled]:
+                    self._finish(request, active, finished=False)
+                while self.waiting and len(active) < self.max_batch_size:
+                    request = self.waiting.popleft()
+                    if not request.cancelled:  # a client gone before its turn: nothing was done for it
+                        request.loaded = time.perf_counter()
+                        active.append(request)
+                if not active:
+                    return
+                try:
+                    pieces = await loop.run_in_executor(self.executor, self._step, active)
+                except Exception as exc:  # a bug: every request in the batch hears of it
+                    log.exception("batched generation failed")
+                    for request in list(active):
+                        request.put(exc)
+                        self._finish(request, active, finished=False, reported=True)
+                    continue
+                now = time.perf_counter()
+                for request, piece in zip(list(active), pieces):
+                    if request.cancelled:
+                        continue
+                    if not request.first:
+                        request.first = now  # the prompt's forward pass and the first token
+                    if piece:
+                        request.put(piece)
+                    if piece is None or request.gen.done_reason is not None:
+                        self._finish(request, active, finished=True)
+                    elif now > request.loaded + self.time_limit:
+                        self.stats["timed_out"] += 1
+                        request.put(self._timed_out(request.gen))
+                        self._finish(request, active, finished=False, reported=True)
+
+    def _step(self, active: list[_Request]) -> list[str | None]:
+        """On the model thread: newcomers join the batch, every row makes its next token, and each
+        request's next text piece comes back (None: its answer is over)."""
+        for request in active:
+            if request.gen is None:
+                request.gen = self.chat.generation(request.prompt_ids, request.options, self.batch)
+        self.batch.step()
+        return [next(request.gen, None) for request in active]
+
+    def _finish(self, request: _Request, active: list[_Request], finished: bool, reported: bool = False) -> None:
+        """Take `request` out of the batch, count it, and send its final fields (unless its failure was sent)."""
+        active.remove(request)
+        gen = request.gen
+        if gen is not None:
+            self.executor.submit(gen.close)  # on the model thread, before the next step
+            self.stats["requests"] += 1
+            self.stats["tokens"] += gen.eval_count
+            self.stats["stopped_early"] += not finished
+        if finished and not reported:
+            request.put(_final_fields(gen, request.received, request.loaded, request.first, time.perf_counter()))
+        if not request.done.done():
+            request.done.set_result(None)
+
+    def _timed_out(self, gen: TextGeneration) -> OllamaError:
+        return OllamaError(503, f"the answer took longer than this server's limit of {self.time_limit:g} s per "
+                                f"request and was stopped after {gen.eval_count} tokens; ask for fewer tokens "
+                                "(num_predict), or start the server with a longer --request-timeout")
+
+
+def _final_fields(gen: TextGeneration, received: float, loaded: float, first: float, end: float) -> dict:
+    """Ollama's final fields of an answer: why it ended, its token counts and durations (nanoseconds)."""
+    ns = 1_000_000_000
+    return {"done_reason": gen.done_reason, "total_duration": int((end - received) * ns),
+            "load_duration": int((loaded - received) * ns),  # waiting for the model, as in Ollama
+            "prompt_eval_count": len(gen.prompt_ids), "prompt_eval_duration": int((first - loaded) * ns),
+            "eval_count": gen.eval_count, "eval_duration": int((end - first) * ns)}
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -327,14 +446,15 @@ async def _reply(worker: ModelWorker, request: Request, stream: bool, ids: list[
 
 
 def create_app(chat: ChatModel, defaults: GenerationOptions | None = None, *, max_num_predict: int | None = None,
-               request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> FastAPI:
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> FastAPI:
     """The FastAPI app serving `chat`. `defaults`: what a request gets for the options it does not set
     (default: Ollama's sampling, answers of 128 tokens or the ceiling); `max_num_predict`: the ceiling
     on an answer's tokens (default: the context length); `request_timeout`: seconds of generation
-    per request. InvalidInput for a ceiling beyond the context or defaults above it."""
+    per request; `max_batch_size`: requests decoded together (1: one at a time). InvalidInput for a
+    ceiling beyond the context or defaults above it."""
     app = FastAPI(title="llms-from-scratch Ollama-compatible server", docs_url=None, redoc_url=None,
                   openapi_url=None)
-    worker = app.state.worker = ModelWorker(chat, defaults, max_num_predict, request_timeout)
+    worker = app.state.worker = ModelWorker(chat, defaults, max_num_predict, request_timeout, max_batch_size)
 
     @app.exception_handler(OllamaError)
     async def ollama_error(request: Request, exc: OllamaError) -> JSONResponse:
@@ -442,6 +562,10 @@ def parser(prog: str | None = None) -> Parser:
     p.add_argument("--request-timeout", type=positive_float, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
                    help="the most seconds one request may generate, counted once it has the model (default "
                         f"{DEFAULT_REQUEST_TIMEOUT:g}); it is then stopped with an error, and the next one starts")
+    p.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
+                   help=f"requests decoded together, a newcomer joining between two tokens (default "
+                        f"{DEFAULT_MAX_BATCH_SIZE}; 1: one request at a time). Models of chapter 4's GPT layout; "
+                        "others always run one at a time")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
     return p
 
@@ -480,14 +604,15 @@ def main(load_chat_model: Callable[..., ChatModel], argv: list[str] | None = Non
         try:
             chat = load_chat_model(args.model, device=args.device, name=args.name,
                                    style=None if args.prompt_style == "none" else args.prompt_style)
-            app = create_app(chat, defaults, max_num_predict=args.max_num_predict,
-                             request_timeout=args.request_timeout)  # refuses limits the model cannot have
+            app = create_app(chat, defaults, max_num_predict=args.max_num_predict, request_timeout=args.request_timeout,
+                             max_batch_size=args.max_batch_size)  # refuses limits the model cannot have
             worker: ModelWorker = app.state.worker
             host, port = sock.getsockname()[:2]
             address = f"[{host}]" if ":" in host else host
             print(f"model: {chat.name} = {chat.description}; prompt style: {chat.style or 'none'}; "
                   f"device: {chat.device}; answers of at most {worker.defaults.max_new_tokens} tokens unless a "
-                  f"request sets num_predict (at most {worker.ceiling}); {worker.time_limit:g} s per request\n"
+                  f"request sets num_predict (at most {worker.ceiling}); {worker.time_limit:g} s per request; "
+                  f"{worker.max_batch_size} request(s) decoded together\n"
                   f"Ollama API at http://{address}:{port} -- point clients at it with OLLAMA_HOST={address}:{port} "
                   f"(OpenAI API: base_url http://{address}:{port}/v1)",
                   file=sys.stderr, flush=True)
