@@ -53,7 +53,7 @@ import logging
 import socket
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
@@ -145,6 +145,7 @@ class ModelWorker:
         self.batch = BatchedGeneration(chat.model, context) if self.max_batch_size > 1 else None
         self.waiting: deque[_Request] = deque()  # requests not yet in the batch, in arrival order
         self.scheduler: asyncio.Task | None = None
+        self.batch_sizes: Counter[int] = Counter()  # steps run, by the number of requests in the batch
 
     async def events(self, prompt_ids: list[int], options: GenerationOptions,
                      received: float) -> AsyncIterator[str | dict]:
@@ -237,6 +238,7 @@ class ModelWorker:
                         active.append(request)
                 if not active:
                     return
+                self.batch_sizes[len(active)] += 1
                 try:
                     pieces = await loop.run_in_executor(self.executor, self._step, active)
                 except Exception as exc:  # a bug: every request in the batch hears of it
