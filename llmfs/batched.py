@@ -4,9 +4,10 @@ One cached decoding step of a small model spends its time reading the weights, n
 feeding 8 sequences' newest tokens through the same matrices costs little more than feeding
 one. `BatchedGeneration` keeps rows of different lengths in one batch:
 
-* a row starts (or, past the context, slides its window) with its own forward pass through the
-  model, exactly the one `llmfs.generate_stream` runs, and its keys and values are copied into
-  the batch's cache (one tensor per layer, (rows, num_heads, capacity, head_dim));
+* a row starts (or, past the context, slides its window) with a forward pass through the model
+  itself, the one `llmfs.generate_stream` runs (rows whose windows have the same length share
+  it), and its keys and values are copied into the batch's cache (one tensor per layer,
+  (rows, num_heads, capacity, head_dim));
 * every later step feeds each row's newest token at that row's own position; a row's keys past
   its length are masked out of attention (probability exactly 0), so the padding never changes
   a row's tokens;
@@ -163,7 +164,8 @@ class BatchedGeneration:
         """One new token for every row still decoding (`Row.pending`); rows that end are marked finished.
 
         A row without its window in the cache (new, or grown past the context: the window slides
-        as in `generate_stream`) runs alone through the model; the others decode together.
+        as in `generate_stream`) runs through the model itself (with the rows whose windows have its
+        length); the others decode together.
         """
         active = [r for r in self.rows if not r.finished]
         if not active:
@@ -171,10 +173,12 @@ class BatchedGeneration:
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = {}
+            logits, filling = {}, {}
             for row in active:
                 if row.cached == 0 or len(row.ids) > self.context_size:
-                    logits[id(row)] = self._fill(row)
+                    filling.setdefault(min(len(row.ids), self.context_size), []).append(row)
+            for rows in filling.values():  # windows of one length go through the model together
+                logits.update(self._fill(rows))
             decoding = [r for r in active if id(r) not in logits]
             if decoding:
                 together = self._decode(decoding)  # (len(decoding), vocab)
@@ -197,27 +201,31 @@ class BatchedGeneration:
             if row.finished:  # its last tokens wait in row.pending; its cache row is free for others
                 self.remove(row)
 
-    def _fill(self, row: Row) -> torch.Tensor:
-        """The row's window through the model itself (as `llmfs.sampling.next_logits` runs it), its
-        keys and values copied into the row's part of the batch's cache; its last logits (1, vocab)."""
-        window = row.ids[-self.context_size:]
+    def _fill(self, rows: list[Row]) -> dict[int, torch.Tensor]:
+        """The rows' windows (all of one length) through the model itself, as `llmfs.sampling.next_logits`
+        runs one, their keys and values copied into the rows' parts of the batch's cache; each row's
+        last logits (1, vocab), by id(row)."""
+        windows = [row.ids[-self.context_size:] for row in rows]
+        length = len(windows[0])
         device = self.model.tok_emb.weight.device
         self.model.reset_kv_cache()
         try:
-            logits = self.model(torch.tensor([window], device=device), use_cache=True)[:, -1, :]
-            i = self.rows.index(row)
+            logits = self.model(torch.tensor(windows, device=device), use_cache=True)[:, -1, :]  # (len(rows), vocab)
+            index = [self.rows.index(row) for row in rows]
             for layer, block in enumerate(self.blocks):
-                k, v = block.att.cache_k, block.att.cache_v  # (1, num_heads, len(window), head_dim)
+                k, v = block.att.cache_k, block.att.cache_v  # (len(rows), num_heads, length, head_dim)
                 if self.keys[layer].dtype != k.dtype:  # a bfloat16 model, say: the cache takes its type
                     self.keys[layer], self.values[layer] = self.keys[layer].to(k.dtype), self.values[layer].to(k.dtype)
-                self.keys[layer] = self._grown(self.keys[layer], 0, len(window))
-                self.values[layer] = self._grown(self.values[layer], 0, len(window))
-                self.keys[layer][i, :, :len(window)] = k[0]
-                self.values[layer][i, :, :len(window)] = v[0]
+                self.keys[layer] = self._grown(self.keys[layer], 0, length)
+                self.values[layer] = self._grown(self.values[layer], 0, length)
+                for j, i in enumerate(index):
+                    self.keys[layer][i, :, :length] = k[j]
+                    self.values[layer][i, :, :length] = v[j]
         finally:
             self.model.reset_kv_cache()
-        row.cached = len(window)
-        return logits
+        for row in rows:
+            row.cached = length
+        return {id(row): logits[j:j + 1] for j, row in enumerate(rows)}
 
     def _decode(self, rows: list[Row]) -> torch.Tensor:
         """One token for each of `rows` at its own position, all in one pass; logits (len(rows), vocab)."""

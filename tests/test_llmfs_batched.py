@@ -50,6 +50,15 @@ def test_every_row_equals_its_unbatched_generation(cls, sampling):
     assert model.current_pos == 0 and all(b.att.cache_k is None for b in model.trf_blocks)  # its own cache: clean
 
 
+def test_prompts_of_one_length_start_together():
+    """New rows whose prompts have the same length share their first forward pass; still each row's own tokens."""
+    model = model_of()
+    ps = prompts((6, 6, 6, 2, 2))
+    want = [alone(model, p, 12, seed=i, temperature=1.0, top_k=50) for i, p in enumerate(ps)]
+    assert generate_batch(model, ps, 12, CFG["context_length"], temperature=1.0, top_k=50,
+                          generators=[torch.Generator().manual_seed(i) for i in range(5)]) == want
+
+
 def test_eos_ends_a_row_alone():
     model = model_of()
     ps = prompts()
