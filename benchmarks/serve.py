@@ -1,14 +1,15 @@
 """Benchmark `ch07.serve`: tokens and requests per second and time to first token, against the model called directly.
 
-    python -m benchmarks.serve            # GPT-2 124M shape, random weights (no download), 3-6 minutes
+    python -m benchmarks.serve            # GPT-2 124M shape, random weights (no download), 2-4 minutes
     python -m benchmarks.serve --quick    # a tiny model: a smoke test of the harness
 
 The server runs as `python -m ch07.serve` in its own process, once for each `--max-batch-size`
 (default 1, one request at a time, and 8, the server's default: continuous batching,
 `llmfs.batched`); clients stream /api/generate with httpx (greedy, a fixed prompt and answer
 length). The reference is the same generation run in this process through `llmfs.chat` with no
-HTTP at all, measured in the same run and interleaved with the served rounds, so a busy machine
-slows all alike. One request at a time, concurrent clients queue on the server's one model:
+HTTP at all, one at a time ("direct") and c at a time in one batch ("direct", max batch c:
+`llmfs.batched` without the server), measured in the same run and interleaved with the served
+rounds, so a busy machine slows all alike. One request at a time, concurrent clients queue on the server's one model:
 tokens/s (summed over the streams) stays about that of one stream while the time to first token
 grows with the queue. Batched, up to `--max-batch-size` streams decode together, each step reading
 the weights once for all of them: tokens/s grows with the streams. Every answer must be the
@@ -122,6 +123,33 @@ def direct_round(chat, options, requests: int) -> dict:
     return {"wall": time.perf_counter() - start, "results": results}
 
 
+def direct_batched_round(chat, options, requests: int, clients: int) -> dict:
+    """The same generations in this process, `clients` at a time decoded as one batch (`llmfs.batched`,
+    stepped as the server's scheduler steps it, without HTTP): what batching gives before any serving cost."""
+    from llmfs.batched import BatchedGeneration
+
+    ids = chat.encode(chat.generate_prompt(PROMPT))
+    results = []
+    start = time.perf_counter()
+    for done in range(0, requests, clients):
+        batch = BatchedGeneration(chat.model, chat.context_length)
+        gens = [chat.generation(ids, options, batch) for _ in range(min(clients, requests - done))]
+        t0, first, texts, open_gens = time.perf_counter(), None, [[] for _ in gens], set(range(len(gens)))
+        while open_gens:
+            batch.step()
+            for i in sorted(open_gens):
+                piece = next(gens[i], None)
+                if piece is None or gens[i].done_reason is not None:
+                    open_gens.discard(i)
+                    gens[i].close()
+                texts[i].append(piece or "")
+            first = first or time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        results += [{"ttft": first, "seconds": seconds, "text": "".join(t), "tokens": g.eval_count}
+                    for t, g in zip(texts, gens)]
+    return {"wall": time.perf_counter() - start, "results": results}
+
+
 def summarize(rounds: list[dict]) -> dict:
     results = [r for rnd in rounds for r in rnd["results"]]
     ttft = sorted(r["ttft"] for r in results)
@@ -185,9 +213,13 @@ def benchmark(args: argparse.Namespace) -> None:
             for _, host in servers.values():
                 served_round(host, payload, 1, 1)  # warm-up, every side
             direct_round(chat, options, 1)
-            rounds = {"direct": [], **{f"served b{b} x{c}": [] for b in servers for c in args.clients}}
+            batched = [c for c in args.clients if c > 1]  # the direct batched baseline: one batch of c
+            rounds = {"direct": [], **{f"direct b{c} x{c}": [] for c in batched},
+                      **{f"served b{b} x{c}": [] for b in servers for c in args.clients}}
             for _ in range(args.rounds):
                 rounds["direct"].append(direct_round(chat, options, requests))
+                for c in batched:
+                    rounds[f"direct b{c} x{c}"].append(direct_batched_round(chat, options, max(requests, c), c))
                 for b, (_, host) in servers.items():
                     for c in args.clients:
                         rounds[f"served b{b} x{c}"].append(served_round(host, payload, max(requests, c), c))
@@ -209,7 +241,7 @@ def benchmark(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     base = summary["direct"]["tokens_per_s"]
     for name, s in summary.items():
-        batch, clients = name.split(" ")[1:] if name.startswith("served") else ("-", "-")
+        batch, clients = name.split(" ")[1:] if " " in name else ("-", "-")
         print(f"| {name.split(' ')[0]} | {batch.lstrip('b')} | {clients.lstrip('x')} | {s['requests']} | "
               f"{s['tokens_per_s']:.1f} | {s['tokens_per_s'] / base:.2f}x | {s['requests_per_s']:.2f} | "
               f"{s['ttft_ms_median']:.1f} ({s['ttft_ms_max']:.1f}) ms | {s['latency_ms_median']:.0f} ms |")

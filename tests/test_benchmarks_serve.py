@@ -18,10 +18,10 @@ def test_quick_serve_benchmark(tmp_path, capsys):
     table = capsys.readouterr().out
     assert re.search(r"CPU: .+ \(\d+ cores", table)
     rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in table.splitlines() if line.startswith("| ")]
-    assert rows[1:] == [["direct", "-", "-"]] + [["served", b, c] for b in "14" for c in ("1", "8")]
+    assert rows[1:] == [["direct", "-", "-"], ["direct", "8", "8"]] + [["served", b, c] for b in "14" for c in "18"]
     assert re.search(r"8 streams with --max-batch-size 4: [\d.]+x the tokens/s of one stream", table)
     data = json.loads(out.read_text())
-    assert set(data["summary"]) == {"direct", *(f"served b{b} x{c}" for b in (1, 4) for c in (1, 8))}
+    assert set(data["summary"]) == {"direct", "direct b8 x8", *(f"served b{b} x{c}" for b in (1, 4) for c in (1, 8))}
     assert data["summary"]["served b4 x8"]["requests"] == 8 and data["max_batch_sizes"] == [1, 4]
     for s in data["summary"].values():
         assert s["requests_per_s"] > 0 and 0 < s["ttft_ms_median"] <= s["ttft_ms_max"]
