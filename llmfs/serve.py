@@ -611,7 +611,8 @@ def main(load_chat_model: Callable[..., ChatModel], argv: list[str] | None = Non
         try:
             chat = load_chat_model(args.model, device=args.device, name=args.name,
                                    style=None if args.prompt_style == "none" else args.prompt_style)
-            app = create_app(chat, defaults, max_num_predict=args.max_num_predict, request_timeout=args.request_timeout,
+            app = create_app(chat, defaults, max_num_predict=args.max_num_predict,
+                             request_timeout=args.request_timeout,
                              max_batch_size=args.max_batch_size)  # refuses limits the model cannot have
             worker: ModelWorker = app.state.worker
             host, port = sock.getsockname()[:2]
