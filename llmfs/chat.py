@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from llmfs.batched import BatchedGeneration
 from llmfs.errors import InvalidInput
 from llmfs.generate_stream import generate_stream
 
@@ -224,7 +225,8 @@ class TextGeneration:
     resets the model's cache.
     """
 
-    def __init__(self, chat: ChatModel, prompt_ids: list[int], options: GenerationOptions):
+    def __init__(self, chat: ChatModel, prompt_ids: list[int], options: GenerationOptions,
+                 batch: BatchedGeneration | None = None):
         self.chat, self.options, self.prompt_ids = chat, options, prompt_ids
         seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator(device=chat.device).manual_seed(seed)
@@ -232,9 +234,14 @@ class TextGeneration:
         self.max_new_tokens = options.max_new_tokens
         if options.fill_context:  # no more than the context has room for after the prompt
             self.max_new_tokens = min(self.max_new_tokens, max(chat.context_length - len(prompt_ids), 0))
-        self.tokens = generate_stream(chat.model, idx, self.max_new_tokens, chat.context_length,
-                                      temperature=options.temperature, top_k=options.top_k,
-                                      eos_id=chat.eos_id, top_p=options.top_p, generator=self.generator)
+        if batch is not None:  # one row of a batch that others decode in too (the server's scheduler)
+            self.tokens = batch.add(prompt_ids, self.max_new_tokens, temperature=options.temperature,
+                                    top_k=options.top_k, top_p=options.top_p, eos_id=chat.eos_id,
+                                    generator=self.generator)
+        else:
+            self.tokens = generate_stream(chat.model, idx, self.max_new_tokens, chat.context_length,
+                                          temperature=options.temperature, top_k=options.top_k,
+                                          eos_id=chat.eos_id, top_p=options.top_p, generator=self.generator)
         self.eval_count = 0
         self.done_reason: str | None = None
         self._pieces = self._run()
@@ -377,11 +384,13 @@ class ChatModel:
 
     # --- generation ----------------------------------------------------------------------------
 
-    def generation(self, prompt_ids: list[int], options: GenerationOptions) -> TextGeneration:
-        """An iterator over the answer's text pieces (one step per token); not re-entrant: one at a time."""
+    def generation(self, prompt_ids: list[int], options: GenerationOptions,
+                   batch: BatchedGeneration | None = None) -> TextGeneration:
+        """An iterator over the answer's text pieces (one step per token); not re-entrant: one at a time.
+        With `batch` (`llmfs.batched`), a row of it: each `batch.step()` makes the token of its next piece."""
         if not prompt_ids:
             raise InvalidInput("the prompt is empty: the model needs at least one token to continue")
-        return TextGeneration(self, prompt_ids, options)
+        return TextGeneration(self, prompt_ids, options, batch)
 
     def respond(self, messages: list[dict], options: GenerationOptions | None = None) -> str:
         """The whole answer to a conversation, in one call (for scripts and data generators)."""

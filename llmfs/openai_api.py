@@ -7,7 +7,7 @@
 GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions and POST /v1/completions, in one
 JSON reply or streamed as server-sent events (`data: {json}` chunks, then `data: [DONE]`). Each
 request goes through the server's own path (`llmfs.serve`): its option checks and defaults, its
-tokenisation and prompt format, its worker (one request at a time, the time limit, a client that
+tokenisation and prompt format, its worker (batching or one request at a time, the time limit, a client that
 disconnects frees the model). Only the names change on the wire:
 
 * model -> the served model (a 404 `model_not_found` for another name); messages (roles system or

@@ -13,17 +13,19 @@ from benchmarks import serve
 
 def test_quick_serve_benchmark(tmp_path, capsys):
     out = tmp_path / "serve.json"
-    assert serve.main(["--quick", "--requests", "2", "--clients", "1", "3", "--rounds", "1", "--max-new-tokens", "4",
-                       "--out", str(out)]) == 0
+    assert serve.main(["--quick", "--requests", "2", "--clients", "1", "8", "--rounds", "1",
+                       "--max-new-tokens", "4", "--max-batch-size", "1", "4", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert re.search(r"CPU: .+ \(\d+ cores", table)
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["direct", "served", "served"]
+    rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in table.splitlines() if line.startswith("| ")]
+    assert rows[1:] == [["direct", "-", "-"], ["direct", "8", "8"]] + [["served", b, c] for b in "14" for c in "18"]
+    assert re.search(r"8 streams with --max-batch-size 4: [\d.]+x the tokens/s of one stream", table)
     data = json.loads(out.read_text())
-    assert set(data["summary"]) == {"direct", "served x1", "served x3"}
-    assert data["summary"]["served x3"]["requests"] == 3
+    assert set(data["summary"]) == {"direct", "direct b8 x8", *(f"served b{b} x{c}" for b in (1, 4) for c in (1, 8))}
+    assert data["summary"]["served b4 x8"]["requests"] == 8 and data["max_batch_sizes"] == [1, 4]
     for s in data["summary"].values():
         assert s["requests_per_s"] > 0 and 0 < s["ttft_ms_median"] <= s["ttft_ms_max"]
+        assert s["tokens_per_s"] == pytest.approx(4 * s["requests_per_s"])  # greedy: every answer has 4 tokens
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):

@@ -35,7 +35,7 @@ from ch07.gpt_instruction_finetuning import (
 )
 from llmfs.chat import GenerationOptions
 from llmfs.checkpoint import save_model
-from llmfs.serve import DEFAULT_REQUEST_TIMEOUT, bind_socket, create_app
+from llmfs.serve import DEFAULT_MAX_BATCH_SIZE, DEFAULT_REQUEST_TIMEOUT, bind_socket, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
@@ -69,14 +69,15 @@ def sft_path(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def serving(path, step_delay=0.0, max_num_predict=None, request_timeout=DEFAULT_REQUEST_TIMEOUT, **defaults):
+def serving(path, step_delay=0.0, max_num_predict=None, request_timeout=DEFAULT_REQUEST_TIMEOUT,
+            max_batch_size=DEFAULT_MAX_BATCH_SIZE, **defaults):
     """uvicorn in a thread on a free port; yields (base URL, app). `defaults`: GenerationOptions' fields
-    (none: the server's); `step_delay`: seconds each forward pass sleeps first (a slow model)."""
+    (none: the server's); `step_delay`: seconds each forward pass (or batched step) sleeps first (a slow model)."""
     chat = load_chat_model(path, device="cpu")
     if step_delay:
         chat.model.register_forward_pre_hook(lambda module, args: time.sleep(step_delay))
     app = create_app(chat, GenerationOptions(**defaults) if defaults else None, max_num_predict=max_num_predict,
-                     request_timeout=request_timeout)
+                     request_timeout=request_timeout, max_batch_size=max_batch_size)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -1,0 +1,142 @@
+"""llmfs.batched: every row of a batch gets exactly the tokens `generate_stream` gives its prompt alone.
+
+Tiny random GPT-2-shaped models (chapter 4's GPTModel and GPTModelFast); prompts of mixed lengths,
+mixed max_new_tokens, rows that join late, leave early or slide past the context.
+"""
+
+import pytest
+import torch
+
+from ch04.gpt import GPTModel, GPTModelFast
+from ch05.llama.llama3 import LLAMA32_CONFIG_1B, Llama3Model
+from llmfs.batched import BatchedGeneration, generate_batch, supports_batching
+from llmfs.decoding_layout import layout_for_decoding
+from llmfs.errors import InvalidInput
+from llmfs.generate_stream import generate_stream
+
+CFG = {"vocab_size": 512, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
+       "qkv_bias": False}
+LENGTHS = (1, 5, 12, 30, 3, 7)           # 30 + 20 new tokens slides past the context of 32
+LIMITS = (10, 3, 25, 20, 0, 16)          # 0: a row with nothing to do
+SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.0, top_k=50), dict(temperature=0.8, top_p=0.9)]
+
+
+def model_of(cls=GPTModel, **changes) -> torch.nn.Module:
+    torch.manual_seed(123)
+    return cls({**CFG, **changes}).eval()
+
+
+def prompts(lengths=LENGTHS) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, CFG["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+
+
+def alone(model, prompt, limit, seed=0, eos_id=None, **sampling) -> list[int]:
+    """The unbatched reference: generate_stream for this prompt alone, its own generator."""
+    return list(generate_stream(model, torch.tensor([prompt]), limit, CFG["context_length"], eos_id=eos_id,
+                                generator=torch.Generator().manual_seed(seed), **sampling))
+
+
+@pytest.mark.parametrize("cls", [GPTModel, GPTModelFast])
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "top_k", "top_p"])
+def test_every_row_equals_its_unbatched_generation(cls, sampling):
+    model = model_of(cls)
+    ps = prompts()
+    want = [alone(model, p, n, seed=i, **sampling) for i, (p, n) in enumerate(zip(ps, LIMITS))]
+    got = generate_batch(model, ps, LIMITS, CFG["context_length"], generators=[
+        torch.Generator().manual_seed(i) for i in range(len(ps))], **sampling)
+    assert got == want
+    assert [len(w) for w in want] == list(LIMITS)  # no end-of-text token: each ran to its limit
+    assert model.current_pos == 0 and all(b.att.cache_k is None for b in model.trf_blocks)  # its own cache: clean
+
+
+def test_prompts_of_one_length_start_together():
+    """New rows whose prompts have the same length share their first forward pass; still each row's own tokens."""
+    model = model_of()
+    ps = prompts((6, 6, 6, 2, 2))
+    want = [alone(model, p, 12, seed=i, temperature=1.0, top_k=50) for i, p in enumerate(ps)]
+    assert generate_batch(model, ps, 12, CFG["context_length"], temperature=1.0, top_k=50,
+                          generators=[torch.Generator().manual_seed(i) for i in range(5)]) == want
+
+
+def test_eos_ends_a_row_alone():
+    model = model_of()
+    ps = prompts()
+    eos = alone(model, ps[2], 25)[6]  # row 2's seventh token ends it there; the others go on past it
+    want = [alone(model, p, n, eos_id=eos) for p, n in zip(ps, LIMITS)]
+    assert len(want[2]) == 6 and any(len(w) == n for w, n in zip(want, LIMITS) if n)
+    assert generate_batch(model, ps, LIMITS, CFG["context_length"], eos_id=eos) == want
+
+
+def test_rows_that_join_late_and_leave_early():
+    """Continuous batching: a row added between steps, a row closed mid-way; the others' tokens are unchanged."""
+    model = model_of()
+    ps = prompts()
+    seeds = range(len(ps))
+    want = [alone(model, p, 16, seed=s, temperature=1.0, top_k=50) for p, s in zip(ps, seeds)]
+    batch = BatchedGeneration(model, CFG["context_length"])
+    rows, got = {}, {i: [] for i in seeds}
+    joins = {0: [0, 1], 3: [2], 4: [3, 4], 9: [5]}  # step -> rows that join before it
+    for step in range(40):
+        for i in joins.get(step, []):
+            rows[i] = batch.add(ps[i], 16, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(i))
+        if step == 5:
+            rows[1].close()  # a client gone after 5 tokens
+            assert rows[1].finished and list(rows[1]) == []
+        batch.step()
+        for i, row in rows.items():
+            got[i].extend(row.drain())
+        if not len(batch) and step > 9:
+            break
+    assert got[1] == want[1][:5]
+    assert {i: t for i, t in got.items() if i != 1} == {i: w for i, w in enumerate(want) if i != 1}
+    assert len(batch) == 0 and all(k is None for k in batch.keys)  # every cache row freed
+
+
+def test_a_row_iterates_like_generate_stream():
+    model = model_of()
+    batch = BatchedGeneration(model, CFG["context_length"])
+    row = batch.add(prompts()[1], 3)
+    with pytest.raises(RuntimeError, match="step"):
+        next(row)  # no token before a step
+    tokens = []
+    while not row.finished:
+        batch.step()
+        tokens.append(next(row))
+    assert tokens == alone(model, prompts()[1], 3) and list(row) == []
+
+
+def test_decoding_layout_bfloat16_and_training_mode():
+    """The faster CPU weight layout changes no token; a bfloat16 model's cache is bfloat16; the model's
+    training mode is given back."""
+    ps = prompts((4, 9, 2))
+    model = layout_for_decoding(model_of())
+    want = [alone(model, p, 8) for p in ps]
+    model.train()
+    assert generate_batch(model, ps, 8, CFG["context_length"]) == want and model.training
+    half = model_of().to(torch.bfloat16)
+    batch = BatchedGeneration(half, CFG["context_length"])
+    rows = [batch.add(p, 8) for p in ps]
+    batch.step()
+    batch.step()
+    assert batch.keys[0].dtype == torch.bfloat16 and all(len(r.drain()) == 2 for r in rows)
+
+
+def test_only_the_gpt_layout_is_batched_and_bad_settings_are_refused():
+    llama = Llama3Model({**LLAMA32_CONFIG_1B, "vocab_size": 64, "context_length": 32, "emb_dim": 16, "n_heads": 2,
+                         "n_kv_groups": 1, "n_layers": 1, "hidden_dim": 32, "dtype": torch.float32})
+    assert supports_batching(model_of()) and supports_batching(model_of(GPTModelFast))
+    assert not supports_batching(llama) and not supports_batching(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        BatchedGeneration(llama, 32)
+    batch = BatchedGeneration(model_of(), 32)
+    for kwargs, words in [(dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+                          (dict(max_new_tokens=3, temperature=-1.0), "temperature"),
+                          (dict(max_new_tokens=3, top_p=1.5), "top_p")]:
+        with pytest.raises(InvalidInput, match=words):
+            batch.add([1, 2], **kwargs)
+    with pytest.raises(ValueError, match="empty"):
+        batch.add([], 3)
+    assert len(batch) == 0
+    with pytest.raises(ValueError, match="2 prompts, 3 max_new_tokens"):
+        generate_batch(model_of(), [[1], [2]], [1, 2, 3], 32)
