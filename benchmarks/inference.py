@@ -142,11 +142,12 @@ def serve_rows(out: Path, quick: bool, threads: int) -> dict:
     return json.loads((out / "serve.json").read_text())
 
 
-def serve_table(serve: dict) -> tuple[list[str], list[tuple[str, bool]]]:
+def serve_table(serve: dict, quick: bool = False) -> tuple[list[str], list[tuple[str, bool]]]:
     """Tokens/s summed over the streams, one request at a time and batched, and the goal (8 streams >= 4x one)."""
     summary = serve["summary"]
     sizes = serve["max_batch_sizes"]
-    lines = ["", f"## Served throughput (`benchmarks.serve`: GPT-2 124M shape, {serve['tokens']} new tokens, greedy, "
+    shape = "a tiny model" if quick else "GPT-2 124M shape"
+    lines = ["", f"## Served throughput (`benchmarks.serve`: {shape}, {serve['tokens']} new tokens, greedy, "
                  f"{serve['threads']} threads; tokens/s summed over the streams; every answer equal to the direct call's)",
              "", "| streams | " + " | ".join(f"--max-batch-size {b}" for b in sizes) + " |",
              "|---:|" + "---:|" * len(sizes)]
@@ -181,7 +182,7 @@ def summarize(rows: list[dict], bandwidth: dict, machine: dict, quick: bool, new
                           ratio >= LLAMA_CPP_GOAL))
     serve_lines: list[str] = []
     if serve is not None:
-        serve_lines, serve_goals = serve_table(serve)
+        serve_lines, serve_goals = serve_table(serve, quick)
         goals.extend(serve_goals)
     lines = [body.rstrip("\n"), *extra, *serve_lines, "", "## Goals", ""]
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in goals]

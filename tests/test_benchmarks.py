@@ -135,6 +135,8 @@ def test_an_unwritable_out_folder_is_refused_before_measuring(tmp_path, capsys, 
 @pytest.mark.parametrize("module, argv", [
     ("benchmarks.run", ["--out", ""]), ("benchmarks.llm", ["--out", " "]), ("benchmarks.llm", ["--workdir", ""]),
     ("benchmarks.bpe", ["--out", ""]), ("benchmarks.serve", ["--out", ""]),
+    ("benchmarks.inference", ["--out", ""]), ("benchmarks.inference", ["--workdir", ""]),
+    ("benchmarks.int8_decode", ["--out", ""]),
 ])
 def test_an_empty_folder_or_file_option_is_refused_not_taken_as_the_current_folder(module, argv, capsys):
     import importlib
