@@ -207,7 +207,8 @@ def train_tokenizer(path: str | os.PathLike, family: str, text: str, vocab_size:
 def hf_config(family: str, vocab_size: int, emb_dim: int, n_layers: int, n_heads: int, n_kv_groups: int,
               hidden_dim: int, context_length: int, sliding_window: int | None = None) -> dict:
     """A Hugging Face config.json (transformers 5 keys) of a small model of `family` with the
-    published models' other settings: Llama 3.2's RoPE scaling, Qwen3's QK-norm and RoPE theta,
+    published models' other settings: Llama 3.2's RoPE scaling (its original context capped at the
+    model's), Qwen3's QK-norm and RoPE theta,
     Gemma 3's five sliding-window layers per global one (window `sliding_window`, default a quarter
     of the context) and its two RoPE bases."""
     common = {"vocab_size": vocab_size, "hidden_size": emb_dim, "intermediate_size": hidden_dim,
@@ -218,7 +219,7 @@ def hf_config(family: str, vocab_size: int, emb_dim: int, n_layers: int, n_heads
                 "rms_norm_eps": 1e-5, "mlp_bias": False, "head_dim": emb_dim // n_heads,
                 "rope_parameters": {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0,
                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 8192}}
+                                    "original_max_position_embeddings": min(8192, context_length)}}
     if family == "qwen3":
         return {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], **common, "hidden_act": "silu",
                 "head_dim": emb_dim // n_heads, "rms_norm_eps": 1e-6, "use_sliding_window": False,
