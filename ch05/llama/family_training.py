@@ -247,3 +247,51 @@ def write_tiny_folder(path: str | os.PathLike, family: str, text: str, vocab_siz
     with atomic_write(path / "config.json") as f:
         json.dump(hf_config(family, vocab_size, **sizes), f, indent=2)
     return path
+
+
+# --- The notebook's comparison: each family against GPT-2, the same steps on The Verdict ----------
+
+# Quick mode: chapter 5's small GPT-2 shape (ch04.gpt.QUICK_CONFIG: emb 128, 2 blocks, 4 heads, context
+# 64) and the families at the same width and depth; SwiGLU's three matrices of width 352 hold about
+# as many weights as GPT-2's two of width 4 x 128. Full mode doubles width and depth and the context.
+QUICK_SIZES = {"emb_dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_groups": 2, "hidden_dim": 352, "context_length": 64}
+FULL_SIZES = {"emb_dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_groups": 2, "hidden_dim": 704, "context_length": 128}
+COMPARED_FAMILIES = ("llama", "qwen3", "gemma3_text")
+
+
+def measure_run(name: str, cfg: dict, settings: dict, output_dir: str | os.PathLike, text: str,
+                max_steps: int, model_dir: str | os.PathLike | None = None) -> dict:
+    """Pretrain with chapter 5's `ch05.cli.pretrain` (its log kept quiet) and return one row of the
+    notebook's table: parameters, the loss on the whole validation split per token and per character.
+
+    Per token, losses of different tokenizers do not compare (a tokenizer with longer tokens has fewer,
+    harder predictions); per character they do: loss per token x tokens per character of the split."""
+    import contextlib
+    import io
+
+    from ch02.tokenizer import get_gpt2_tokenizer
+    from ch05.cli import gpt_train, pretrain
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = pretrain(cfg, settings, output_dir, text=text, max_steps=max_steps, progress=False,
+                          sample_tokens=0, model_dir=model_dir)
+    model = result["model"].eval()
+    listings = gpt_train()
+    if model_dir is None:
+        tokenizer = get_gpt2_tokenizer()
+        _, val_loader = listings.create_train_val_loaders(text, cfg, settings["batch_size"], settings["train_ratio"])
+    else:
+        tokenizer = BookTokenizer(FAMILIES[read_hf_config(model_dir)["model_type"]][1](model_dir))
+        _, val_loader = create_train_val_loaders(text, cfg, settings["batch_size"], tokenizer, settings["train_ratio"])
+    with torch.no_grad():
+        val_loss = listings.calc_loss_loader(val_loader, model, next(model.parameters()).device)
+    val_text = text[int(settings["train_ratio"] * len(text)):]
+    tokens_per_char = len(tokenizer.encode(val_text, allowed_special={"<|endoftext|>"})) / len(val_text)
+    n_params = sum(p.numel() for p in model.parameters())
+    embedding = model.tok_emb.weight.numel() + (0 if cfg.get("tie_weights") else model.out_head.weight.numel())
+    embedding += model.pos_emb.weight.numel() if hasattr(model, "pos_emb") else 0
+    return {"model": name, "vocabulary": cfg["vocab_size"], "parameters": n_params,
+            "non-embedding parameters": n_params - embedding, "steps": max_steps,
+            "first val loss": round(result["val_losses"][0], 3), "val loss": round(val_loss, 3),
+            "tokens per char": round(tokens_per_char, 3), "val loss per char": round(val_loss * tokens_per_char, 3),
+            "seconds": round(result["seconds"], 1)}
