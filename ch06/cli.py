@@ -235,7 +235,8 @@ DEFAULT_MODEL = "gpt2"
 
 def parser() -> Parser:
     p = Parser(prog="python -m ch06.gpt_class_finetune",
-               description="Fine-tune a GPT model as an SMS spam classifier (chapter 6).")
+               description="Fine-tune a GPT model as an SMS spam classifier (chapter 6). New: --model also takes a "
+                           "Hugging Face Llama 3.x, Qwen3 or Gemma 3 text folder (its weights, tokenizer and pad id).")
     add_model_source_args(p, DEFAULT_MODEL, "offline: a small random-init model (or --init-checkpoint), all layers "
                                      "trained, ~1 min on a CPU")
     add_common_args(p, str(outputs_dir("ch06")))
