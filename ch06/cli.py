@@ -5,7 +5,7 @@
     python -m ch06.gpt_class_finetune --from-scratch  # GPT-2 124M shape, random init, every layer trained
     python -m ch06.gpt_class_finetune --quick --init-checkpoint outputs/ch05/model.pth
     python -m ch06.gpt_class_finetune --trainable-layers lora --lora-rank 16 --lora-alpha 16  # a bonus experiment
-    python -m ch06.gpt_class_finetune --model path/to/Llama-3.2-1B   # New: Llama 3.x / Qwen3 / Gemma 3 (ch06.families)
+    python -m ch06.gpt_class_finetune --model path/to/Llama-3.2-1B   # New: Llama 3.x / Qwen3 / Gemma 3 (ch06.experiments.families)
 
 `finetune` does the work with the chapter's listings (`ch06.gpt_class_finetune`) inside the
 project's training layer (`llmfs.trainer`: checkpoints on Ctrl-C, exact resume, progress bar);
@@ -118,7 +118,7 @@ def finetune(settings: dict, output_dir: str | Path | None = None, *, mode: str 
     skips the loss and accuracy plots (a grid of runs).
 
     New: `model_name` may be a Hugging Face Llama 3.x, Qwen3 or Gemma 3 text folder ("pretrained": its
-    weights, "scratch": its shape, random init); its tokenizer and pad id are used (`ch06.families`).
+    weights, "scratch": its shape, random init); its tokenizer and pad id are used (`ch06.experiments.families`).
     """
     if mode not in ("pretrained", "quick", "scratch"):
         raise InvalidInput(f"mode must be 'pretrained', 'quick' or 'scratch', got {mode!r}")
@@ -137,7 +137,7 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     tokenizer = None
     family = None if init_checkpoint is not None or mode == "quick" else family_of(model_name)
     if family is not None:  # New: a Llama / Qwen3 / Gemma 3 folder brings its tokenizer and pad id
-        from ch06.families import family_experiment, load_family_model
+        from ch06.experiments.families import family_experiment, load_family_model
 
         model, tokenizer, source = load_family_model(model_name, from_scratch=mode == "scratch")
         experiment = ops = family_experiment(experiment, settings["trainable"], family, model_name,

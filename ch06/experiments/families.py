@@ -1,4 +1,4 @@
-"""Chapter 6 with every model family: the spam classifier on a Llama 3.x, Qwen3 or Gemma 3 model.
+"""Chapter 6 bonus: the spam classifier on a Llama 3.x, Qwen3 or Gemma 3 model (every model family).
 
     python -m ch06.gpt_class_finetune --model path/to/Llama-3.2-1B          # its pretrained weights
     python -m ch06.gpt_class_finetune --model path/to/Qwen3-0.6B --trainable-layers lora

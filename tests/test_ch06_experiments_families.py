@@ -1,4 +1,4 @@
-"""Tests for ch06/families.py and `python -m ch06.gpt_class_finetune --model DIR`: the spam
+"""Tests for ch06/experiments/families.py and `python -m ch06.gpt_class_finetune --model DIR`: the spam
 classifier on a tiny Llama 3 and Qwen3 (transformers' random weights, saved as Hugging Face folders)
 trains, reads each message at its last real token (more padding changes no logit), pads with the
 family's pad id, computes accuracies; LoRA and the trainable-layer switches apply; the saved
@@ -12,7 +12,7 @@ import torch
 from ch05.llama.generate_llm import FAMILIES
 from ch06.cli import BOOK_SETTINGS, finetune, main
 from ch06.experiments.additional_experiments import Experiment, classifier_logits
-from ch06.families import load_family_classifier
+from ch06.experiments.families import load_family_classifier
 from ch06.gpt_class_finetune import last_token_logits, sequence_lengths
 from hf_tiny import model_dir_fixture
 
