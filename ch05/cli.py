@@ -1,6 +1,7 @@
 """Chapter 5's commands: the chapter's listings wired to the project's machinery (`llmfs`).
 
     python -m ch05.gpt_train [--quick] [...]       # -> train_main -> pretrain (llmfs.trainer.train)
+    python -m ch05.gpt_train --model DIR [...]     # New: a Llama 3.x / Qwen3 / Gemma 3 shaped model instead
     torchrun --nproc_per_node=2 -m ch05.gpt_train --quick [--fsdp]   # DDP, or FSDP (llmfs.distributed)
     python -m ch05.gpt_generate --model gpt2 ...   # -> generate_main
     python -m ch05.gpt_download gpt2               # -> download_main
@@ -81,7 +82,8 @@ def gpt_generate():
 def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, resume: str | None = None,
              checkpoint_every: int | None = None, dtype: str | None = None, text: str | None = None,
              max_steps: int | None = None, progress: bool = True, keep_freed_memory: bool = True,
-             sample_tokens: int = 50, fsdp: bool = False) -> dict:
+             sample_tokens: int = 50, fsdp: bool = False, model_dir: str | Path | None = None,
+             load_weights: bool = False) -> dict:
     """Train on the-verdict (or `text`); write checkpoint.pth, model.pth, config.json and loss.png to `output_dir`.
 
     checkpoint.pth holds everything needed to resume (`resume=` that path); model.pth
@@ -95,6 +97,12 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     `settings["batch_size"]` is then the global batch, split across the processes; the checkpoint is
     the folder checkpoint.dcp, which resumes on any number of processes. The returned "model" is the
     whole model on the first process (the one written to model.pth), the sharded one on the others.
+
+    New: `model_dir`, a Hugging Face Llama 3.x / Qwen3 / Gemma 3 text folder, trains that family's model
+    instead (`cfg`: its config, `ch05.llama.family_training.family_config`), from random init or, with
+    `load_weights`, from the folder's weights; the text is tokenized with the folder's tokenizer.json, and
+    the result is a Hugging Face folder in `output_dir` (config.json, model.safetensors, tokenizer files)
+    in place of model.pth (`python -m ch05.llama --model <output_dir>` and transformers load it).
     """
     if fsdp:
         check_fsdp_settings(settings, resume)
@@ -110,12 +118,22 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
     set_seed(settings["seed"])
     if text is None:
         text = get_data_file("the-verdict.txt").read_text(encoding="utf-8")
-    tokenizer = get_gpt2_tokenizer()
-    check_text_fits(text, tokenizer, cfg["context_length"], settings["batch_size"], settings["train_ratio"])
     listings = gpt_train()
-    train_loader, val_loader = listings.create_train_val_loaders(text, cfg, settings["batch_size"],
-                                                                 settings["train_ratio"])
-    model = GPTModel(cfg).to(device)
+    if model_dir is None:
+        tokenizer = get_gpt2_tokenizer()
+        check_text_fits(text, tokenizer, cfg["context_length"], settings["batch_size"], settings["train_ratio"])
+        train_loader, val_loader = listings.create_train_val_loaders(text, cfg, settings["batch_size"],
+                                                                     settings["train_ratio"])
+        model = GPTModel(cfg).to(device)
+    else:  # New: another family's model, tokenizer and loaders (ch05.llama.family_training)
+        from ch05.llama import family_training
+
+        model, tokenizer, _ = family_training.build_family_model(model_dir, cfg, load_weights)
+        check_text_fits(text, tokenizer, cfg["context_length"], settings["batch_size"], settings["train_ratio"])
+        train_loader, val_loader = family_training.create_train_val_loaders(
+            text, cfg, settings["batch_size"], tokenizer, settings["train_ratio"])
+        model = model.to(device)
+    empty_model = (lambda: GPTModel(cfg)) if model_dir is None else lambda: type(model)(cfg)
     is_main = dist_info is None or dist_info.is_main
     batch_per_process = settings["batch_size"]
     if dist_info is not None and fsdp:
@@ -167,7 +185,7 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         # New: the whole weights, gathered once into the first process, for the usual model.pth.
         full = gather_full_state_dict(model)
         if is_main:
-            model = GPTModel(cfg)
+            model = empty_model()
             model.load_state_dict(full)
     train_losses, val_losses, tokens_seen = result["train_losses"], result["val_losses"], result["tokens_seen"]
     out = {"model": model, "train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
@@ -176,9 +194,14 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         cleanup()
     if not is_main:
         return out
-    save_model(model, output_dir / "model.pth")
-    with atomic_write(output_dir / "config.json") as f:
-        json.dump(model.cfg, f, indent=2)
+    if model_dir is None:
+        save_model(model, output_dir / "model.pth")
+        with atomic_write(output_dir / "config.json") as f:
+            json.dump(model.cfg, f, indent=2)
+    else:  # New: a Hugging Face folder of the family (the source's config.json and tokenizer files)
+        from ch05.llama.hf_save import save_hf_folder
+
+        save_hf_folder(model, output_dir, model_dir)
     if train_losses:
         # Fractional epochs from the tokens seen (also right for runs stopped early or resumed).
         tokens_per_epoch = len(train_loader) * batch_per_process * cfg["context_length"]  # as tokens_seen: per process
@@ -190,8 +213,11 @@ def pretrain(cfg: dict, settings: dict, output_dir: str | Path, device=None, res
         print(f"final train loss {train_losses[-1]:.3f}, val loss {val_losses[-1]:.3f}, "
               f"perplexity {math.exp(val_losses[-1]):.1f}; {elapsed / 60:.1f} min")
     beside = f"config.json, checkpoint.{'dcp' if fsdp else 'pth'}" + (" and loss.png" if train_losses else "")
+    if model_dir is not None:
+        beside += ", the tokenizer files"
     # The folder as given (a notebook's relative outputs path stays relative, with no machine-specific prefix).
-    print(f"wrote {output_dir / 'model.pth'} and, beside it, {beside}")
+    print(f"wrote {output_dir / ('model.pth' if model_dir is None else 'model.safetensors')} and, beside it, "
+          f"{beside}")
     return out
 
 
@@ -249,7 +275,8 @@ def print_sample(model: nn.Module, tokenizer, device, start_context: str, max_ne
     """`generate_and_print_sample` with the KV cache: the same greedy tokens, each for one token's work."""
     listings = gpt_train()
     encoded = listings.text_to_token_ids(start_context, tokenizer).to(device)
-    token_ids = gpt_generate().generate(model, encoded, max_new_tokens, model.pos_emb.weight.shape[0], use_cache=True)
+    # New: the context from the config (a Llama, Qwen3 or Gemma 3 model has no position embedding)
+    token_ids = gpt_generate().generate(model, encoded, max_new_tokens, model.cfg["context_length"], use_cache=True)
     text = listings.token_ids_to_text(token_ids, tokenizer)
     print(text.replace("\n", " "))
     return text
@@ -263,6 +290,14 @@ def train_parser() -> argparse.ArgumentParser:
     add_quick_argument(p, "small model and few epochs (about a minute on a CPU)")
     add_common_args(p, str(outputs_dir("ch05")))
     p.add_argument("--context-length", type=positive_int, help="context length (default 256; quick: 64)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="New: pretrain another family's architecture: a Hugging Face Llama 3.x, Qwen3 (dense or "
+                        "MoE) or Gemma 3 text folder; its config.json shapes the model (random init), its "
+                        "tokenizer.json tokenizes the text, and the output folder is a Hugging Face folder "
+                        "(default: the chapter's GPT-2)")
+    p.add_argument("--load-weights", action="store_true",
+                   help="with --model: start from the folder's weights (continued pretraining) instead of "
+                        "random init")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="also checkpoint every N steps")
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after N optimizer steps")
@@ -284,8 +319,12 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     listings = gpt_train()
-    cfg = dict(QUICK_CONFIG if args.quick else {**GPT_CONFIG_124M, "context_length": 256})
     settings = {**(listings.QUICK_SETTINGS if args.quick else listings.DEFAULT_SETTINGS), **common_overrides(args)}
+    if getattr(args, "model", None) is not None:  # New: another family (ch05.llama.family_training)
+        return family_train_config(args), settings
+    if getattr(args, "load_weights", False):
+        raise InvalidInput("--load-weights starts from the weights of a --model folder; give --model DIR")
+    cfg = dict(QUICK_CONFIG if args.quick else {**GPT_CONFIG_124M, "context_length": 256})
     if args.context_length:
         if args.context_length > GPT_CONFIG_124M["context_length"]:
             raise InvalidInput(f"--context-length {args.context_length} is longer than GPT-2's 1024 positions")
@@ -297,6 +336,26 @@ def train_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     if args.warmup_steps:
         settings["warmup_steps"] = args.warmup_steps  # only when set: earlier checkpoints keep resuming
     return cfg, settings
+
+
+def family_train_config(args: argparse.Namespace) -> dict:
+    """New: the config of a --model folder's model (InvalidInput naming what does not fit), its context
+    shortened to --context-length (default the chapter's 256, quick 64, or the model's own if shorter)."""
+    from ch05.llama import family_training
+
+    if args.drop_rate is not None:
+        raise InvalidInput("--drop-rate sets the GPT model's dropout; Llama, Qwen3 and Gemma 3 have none "
+                           "(leave it out with --model)")
+    folder = Path(args.model).expanduser()
+    if not (folder / "config.json").is_file():
+        raise InvalidInput(f"--model {args.model} is not a model folder with a config.json (a Hugging Face "
+                           "Llama 3.x, Qwen3 or Gemma 3 text folder)")
+    full = family_training.family_config(args.model)
+    wanted = args.context_length or (QUICK_CONFIG if args.quick else {"context_length": 256})["context_length"]
+    if args.context_length and args.context_length > full["context_length"]:
+        raise InvalidInput(f"--context-length {args.context_length} is longer than the {full['context_length']} "
+                           f"positions of the model in {args.model}")
+    return {**full, "context_length": min(wanted, full["context_length"])}
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -314,13 +373,15 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.fsdp:
             check_fsdp_settings(settings, args.resume)
         check_resume_kind(args.resume, args.fsdp)
-        check_output_dir(args.output_dir, args.overwrite, ("model.pth",), resume=args.resume,
+        check_output_dir(args.output_dir, args.overwrite,
+                         ("model.pth",) if args.model is None else ("model.safetensors",), resume=args.resume,
                          checkpoint="checkpoint.dcp" if args.fsdp else "checkpoint.pth")
         if not args.fsdp:
             check_input_file(args.resume, "--resume")
         pretrain(cfg, settings, args.output_dir, device=args.device, resume=args.resume,
                  checkpoint_every=args.checkpoint_every, dtype=args.dtype, max_steps=args.max_steps,
-                 progress=not args.no_progress, keep_freed_memory=not args.release_freed_memory, fsdp=args.fsdp)
+                 progress=not args.no_progress, keep_freed_memory=not args.release_freed_memory, fsdp=args.fsdp,
+                 model_dir=args.model, load_weights=args.load_weights)
 
     return run(main, argv, onednn=args.onednn)
 

@@ -5,6 +5,7 @@
     python -m ch06.gpt_class_finetune --from-scratch  # GPT-2 124M shape, random init, every layer trained
     python -m ch06.gpt_class_finetune --quick --init-checkpoint outputs/ch05/model.pth
     python -m ch06.gpt_class_finetune --trainable-layers lora --lora-rank 16 --lora-alpha 16  # a bonus experiment
+    python -m ch06.gpt_class_finetune --model path/to/Llama-3.2-1B   # New: Llama 3.x / Qwen3 / Gemma 3 (ch06.experiments.families)
 
 `finetune` does the work with the chapter's listings (`ch06.gpt_class_finetune`) inside the
 project's training layer (`llmfs.trainer`: checkpoints on Ctrl-C, exact resume, progress bar);
@@ -50,6 +51,14 @@ book = chapter_module("ch06.gpt_class_finetune")
 
 
 # --- Where the model to fine-tune comes from (chapters 6 and 7) ---------------------------------------
+
+def family_of(model_name: str | os.PathLike) -> str | None:
+    """New: the family of a Llama 3.x / Qwen3 / Gemma 3 text folder (config.json's model_type), None for
+    a GPT-2 name, folder or file (`ch05.llama.family_training.family_of`)."""
+    from ch05.llama.family_training import family_of
+
+    return family_of(model_name)
+
 
 def load_pretrained(model_name: str, device, offline_alternatives: str) -> GPTModel:
     """OpenAI's GPT-2 weights (dropout off, as both chapters do); when they cannot be had, chapter 5's
@@ -107,6 +116,9 @@ def finetune(settings: dict, output_dir: str | Path | None = None, *, mode: str 
     `experiment` (a `ch06.experiments.additional_experiments.Experiment`; None: the chapter's run) supplies
     the head, freezing, loaders, loss, accuracy and saving with the book's bonus switches; `plots=False`
     skips the loss and accuracy plots (a grid of runs).
+
+    New: `model_name` may be a Hugging Face Llama 3.x, Qwen3 or Gemma 3 text folder ("pretrained": its
+    weights, "scratch": its shape, random init); its tokenizer and pad id are used (`ch06.experiments.families`).
     """
     if mode not in ("pretrained", "quick", "scratch"):
         raise InvalidInput(f"mode must be 'pretrained', 'quick' or 'scratch', got {mode!r}")
@@ -122,7 +134,15 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     # The chapter's listings, or an experiment's versions of them (same names and arguments).
     ops = book if experiment is None else experiment
     set_seed(settings["seed"])
-    if init_checkpoint is not None:
+    tokenizer = None
+    family = None if init_checkpoint is not None or mode == "quick" else family_of(model_name)
+    if family is not None:  # New: a Llama / Qwen3 / Gemma 3 folder brings its tokenizer and pad id
+        from ch06.experiments.families import family_experiment, load_family_model
+
+        model, tokenizer, source = load_family_model(model_name, from_scratch=mode == "scratch")
+        experiment = ops = family_experiment(experiment, settings["trainable"], family, model_name,
+                                             tokenizer.pad_token_id)
+    elif init_checkpoint is not None:
         model = load_init_checkpoint(init_checkpoint, n_heads=n_heads)
         source = f"weights from {init_checkpoint}"
     elif mode == "pretrained":
@@ -141,13 +161,13 @@ def _finetune(settings, output_dir, mode, model_name, init_checkpoint, n_heads, 
     if experiment is not None:
         paths = experiment.prepare_splits(paths)
 
-    context_length = model.pos_emb.weight.shape[0]
+    context_length = model.cfg["context_length"]  # New: from the config (other families have no pos_emb)
     max_length = settings["max_length"]
     if experiment is not None:
         max_length = experiment.max_length(max_length, context_length)
     if max_length is not None and max_length > context_length:
         raise InvalidInput(f"max_length {max_length} exceeds the model's context length {context_length}")
-    tokenizer = get_gpt2_tokenizer()
+    tokenizer = get_gpt2_tokenizer() if tokenizer is None else tokenizer
     train_loader, val_loader, test_loader = ops.create_spam_loaders(
         paths, tokenizer, batch_size=settings["batch_size"], max_length=max_length, seed=settings["seed"])
     truncated = ""
@@ -215,7 +235,8 @@ DEFAULT_MODEL = "gpt2"
 
 def parser() -> Parser:
     p = Parser(prog="python -m ch06.gpt_class_finetune",
-               description="Fine-tune a GPT model as an SMS spam classifier (chapter 6).")
+               description="Fine-tune a GPT model as an SMS spam classifier (chapter 6). New: --model also takes a "
+                           "Hugging Face Llama 3.x, Qwen3 or Gemma 3 text folder (its weights, tokenizer and pad id).")
     add_model_source_args(p, DEFAULT_MODEL, "offline: a small random-init model (or --init-checkpoint), all layers "
                                      "trained, ~1 min on a CPU")
     add_common_args(p, str(outputs_dir("ch06")))
@@ -337,11 +358,15 @@ def check_model_source(args, default_model: str = DEFAULT_MODEL) -> None:
         if args.init_checkpoint is not None:
             raise InvalidInput("--from-scratch starts from random weights, --init-checkpoint from a file: "
                                "give one of them")
-        canonical_model_name(args.model)  # the GPT-2 shape to build: a name, not a path
+        if family_of(args.model) is None:  # New: or a Llama / Qwen3 / Gemma 3 folder, whose shape is built
+            canonical_model_name(args.model)  # the GPT-2 shape to build: a name, not a path
     elif args.model != default_model and (args.quick or args.init_checkpoint is not None):
         used = quick if args.init_checkpoint is None else "--init-checkpoint"
         raise InvalidInput(f"--model {args.model} is not used with {used} (which brings its own model); "
                            "drop one of them")
+    if family_of(args.model) is not None and getattr(args, "disable_causal_mask", False):
+        raise InvalidInput("--disable-causal-mask switches GPTModel's mask buffer; Llama, Qwen3 and Gemma 3 "
+                           "attention has none (leave the option out with --model DIR)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,10 +36,10 @@ CHAPTER_FILES = {
 BONUS_FOLDERS = {
     "ch02": {"bpe": {"bpe.py"}},
     "ch03": {"mha": {"mha_implementations.py"}},
-    "ch05": {"llama": {"llama3.py", "qwen3.py", "gemma3.py", "generate_llm.py", "hf_save.py", "__main__.py"}, "ui": {"app.py", "__main__.py"},
+    "ch05": {"llama": {"llama3.py", "qwen3.py", "gemma3.py", "generate_llm.py", "hf_save.py", "family_training.py", "__main__.py"}, "ui": {"app.py", "__main__.py"},
              "training_speed": {"training_speed.py"}, "gutenberg": {"prepare_dataset.py", "pretraining_simple.py"},
              "hparam_tuning": {"hparam_search.py"}},
-    "ch06": {"ui": {"app.py", "__main__.py"}, "experiments": {"additional_experiments.py"},
+    "ch06": {"ui": {"app.py", "__main__.py"}, "experiments": {"additional_experiments.py", "families.py"},
              "imdb": {"labeled_data.py", "report.py", "download_prepare_dataset.py", "train_gpt.py", "train_bert_hf.py",
                       "train_sklearn_logreg.py", "compare.py", "__main__.py"}},
     "ch07": {"dpo": {"dpo.py", "preference_data.py", "__main__.py"}, "other_families": {"family_finetuning.py"}, "export_gguf": {"export_gguf.py", "__main__.py"}, "serve": {"__main__.py"},
