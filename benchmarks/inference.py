@@ -37,7 +37,7 @@ from pathlib import Path
 
 from benchmarks import int8_decode
 from llmfs.bench import machine_description, proc_status_mib, write_report
-from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
+from llmfs.cli import Parser, check_output_dir, run
 
 OUR_IMPLS = ("ours-float32", "ours-bfloat16", "ours-int8", "hf-float32")
 GGUF_TYPES = ("f32", "q8_0")
@@ -194,22 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m benchmarks.inference",
                description="Decoding speed of ours (float32, bfloat16, int8), transformers and llama.cpp side by "
                            "side, against the memory bandwidth; then served throughput with and without batching.")
-    add_quick_argument(p, "tiny configs: checks the harness, not the speed")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="tokens per timed run (default 32; --quick: 8)")
-    p.add_argument("--repeats", type=positive_int, default=None, help="processes per row (default 2; --quick: 1)")
-    p.add_argument("--workdir", type=path_argument, default=None,
-                   help="keep the model folders and GGUF files here and reuse them (default: a temp dir)")
+    int8_decode.add_decode_arguments(p, "model folders and GGUF files", "inference")
     p.add_argument("--skip-serve", action="store_true", help="decoding only, without benchmarks.serve")
-    p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results",
-                   help="folder for inference.md and inference.json (default benchmarks/results)")
     p.add_argument("--llamacpp-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.llamacpp_worker is not None:
         print("RESULT " + json.dumps(llamacpp_worker(json.loads(args.llamacpp_worker))), flush=True)
         return 0
-    repeats = args.repeats or (1 if args.quick else 2)
-    new_tokens = args.max_new_tokens or (8 if args.quick else 32)
+    repeats, new_tokens = int8_decode.decode_settings(args)
 
     def benchmark() -> None:
         import transformers

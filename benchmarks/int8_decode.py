@@ -219,25 +219,34 @@ def summarize(rows: list[dict], bandwidth: dict, machine: dict, quick: bool, new
     return "\n".join(lines) + "\n", goals
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m benchmarks.int8_decode [options]`; returns the exit code."""
-    p = Parser(prog="python -m benchmarks.int8_decode",
-               description="Decoding speed and memory with int8 weights vs float32, bfloat16 and transformers.")
+def add_decode_arguments(p: Parser, kept: str, report: str) -> None:
+    """The options of a decoding benchmark (this one, `benchmarks.inference`): size, tokens, repeats, folders."""
     add_quick_argument(p, "tiny configs: checks the harness, not the speed")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="tokens per timed run (default 32; --quick: 8)")
     p.add_argument("--repeats", type=positive_int, default=None, help="processes per row (default 2; --quick: 1)")
     p.add_argument("--workdir", type=path_argument, default=None,
-                   help="keep the model folders here and reuse them (default: a temp dir)")
+                   help=f"keep the {kept} here and reuse them (default: a temp dir)")
     p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results",
-                   help="folder for int8_decode.md and int8_decode.json (default benchmarks/results)")
+                   help=f"folder for {report}.md and {report}.json (default benchmarks/results)")
+
+
+def decode_settings(args: argparse.Namespace) -> tuple[int, int]:
+    """(processes per row, new tokens per run) from `add_decode_arguments`' options."""
+    return args.repeats or (1 if args.quick else 2), args.max_new_tokens or (8 if args.quick else 32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.int8_decode [options]`; returns the exit code."""
+    p = Parser(prog="python -m benchmarks.int8_decode",
+               description="Decoding speed and memory with int8 weights vs float32, bfloat16 and transformers.")
+    add_decode_arguments(p, "model folders", "int8_decode")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
-    repeats = args.repeats or (1 if args.quick else 2)
-    new_tokens = args.max_new_tokens or (8 if args.quick else 32)
+    repeats, new_tokens = decode_settings(args)
 
     def benchmark() -> None:
         import transformers
