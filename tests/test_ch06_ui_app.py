@@ -78,3 +78,43 @@ def test_page_says_when_the_file_is_not_a_classifier(tmp_path):
         text = webapp.message_text(page)
         assert text.startswith(f"Could not load {lm}") and "model.json" in text
         assert "python -m ch06.gpt_class_finetune" in text
+
+
+@pytest.fixture(scope="module")
+def family_classifier(tmp_path_factory):
+    """A spam classifier chapter 6 trained on a tiny Llama folder (`--model DIR`), saved with its tokenizer."""
+    from hf_tiny import model_dir_fixture
+    from test_ch06_experiments_families import run
+
+    llama_dir = model_dir_fixture(tmp_path_factory, "llama")[0]
+    return run(llama_dir, tmp_path_factory.mktemp("ch06-llama"))["model_path"]
+
+
+def test_a_family_classifier_reads_the_message_with_its_own_tokenizer(family_classifier):
+    import torch
+
+    from ch06.experiments.families import load_family_classifier
+
+    model, info = ch06_app.load_any_classifier(str(family_classifier), "cpu")
+    assert info["family"] == "llama"
+    reference, meta, tokenizer = load_family_classifier(family_classifier)
+    for text in ["WINNER!! Claim your free prize now", "See you at dinner <|end_of_text|> tonight?"]:
+        probas = ch06_app.class_probabilities(text, model, info["tokenizer"], info.get("max_length"))
+        ids = tokenizer.encode(text)  # the family's tokens, begin-of-text first; a special token's text is text
+        assert ids[0] == tokenizer.bos_id and tokenizer.pad_token_id not in ids[1:]
+        with torch.no_grad():
+            expected = torch.softmax(reference(torch.tensor([ids]))[0, -1], dim=-1)
+        assert [probas[CLASS_NAMES[i]] for i in range(len(expected))] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@webapp.requires_chromium
+def test_page_classifies_with_a_family_classifier(family_classifier):
+    model, info = ch06_app.load_any_classifier(str(family_classifier), "cpu")
+    text = "WINNER!! Claim your free prize now"
+    expected = ch06_app.class_probabilities(text, model, info["tokenizer"], info.get("max_length"))
+    with webapp.app_page(ch06_app.build_demo(str(family_classifier))) as page:
+        page.fill("#text textarea", text)
+        page.click("#classify")
+        webapp.wait_for_text(page, "#verdict h2", max(expected, key=expected.get), prop="innerText")
+        shown = float(page.get_attribute("#verdict meter[aria-label='spam']", "value"))
+        assert shown == pytest.approx(expected["spam"], abs=1e-6)

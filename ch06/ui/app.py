@@ -3,20 +3,25 @@
     python -m ch06.ui                                        # outputs/ch06/review_classifier.pth
     python -m ch06.ui --model path/to/review_classifier.pth
 
-then open http://127.0.0.1:7860. The page shows "spam" or "not spam" with the model's probability
+The classifier may be one chapter 6 trained on a Llama 3.x, Qwen3 or Gemma 3 folder (`--model DIR` of
+`ch06.gpt_class_finetune`; its .json names the family): it then reads the message with that family's
+tokenizer, saved beside it (`ch06.experiments.families.load_family_classifier`). Then open http://127.0.0.1:7860. The page shows "spam" or "not spam" with the model's probability
 for each: the softmax of the two logits that section 6.8's `classify_review` takes the larger of.
 Loading and the command line are shared with the other chapters' apps (`llmfs.apps`).
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import gradio as gr
 import torch
 import torch.nn as nn
 
 from ch02.tokenizer import get_gpt2_tokenizer
+from ch06.experiments.families import load_family_classifier
 from ch06.gpt_class_finetune import (
     CLASS_NAMES,
     MODEL_FILE,
@@ -40,19 +45,33 @@ def class_probabilities(text: str, model: nn.Module, tokenizer,
     Truncated like `classify_review` (to `max_length`, and never beyond the context length);
     padding is left out because it would not change the logits at the last real token.
     """
-    supported = model.pos_emb.weight.shape[0]
+    supported = model.cfg["context_length"]  # New: any family's (GPT-2's is pos_emb's rows)
     input_ids = encode_text(text, tokenizer)[:supported if max_length is None else min(max_length, supported)]
     device = next(model.parameters()).device
-    with eval_mode(model), torch.no_grad():
-        logits = last_token_logits(model, torch.tensor([input_ids], device=device))  # (1, num_classes)
+    with eval_mode(model), torch.no_grad():  # New: the length given, so no token id is taken for padding
+        logits = last_token_logits(model, torch.tensor([input_ids], device=device), lengths=[len(input_ids)])
     probas = torch.softmax(logits, dim=-1)[0]
     return {CLASS_NAMES[i]: float(p) for i, p in enumerate(probas)}
 
 
+def load_any_classifier(path: str, device) -> tuple[nn.Module, dict]:
+    """New: chapter 6's classifier (GPT-2), or one of another family, whose .json names it; the info
+    holds its tokenizer then ("tokenizer")."""
+    meta_path = Path(path).with_suffix(".json")
+    try:
+        family = json.loads(meta_path.read_text(encoding="utf-8")).get("family")
+    except (OSError, ValueError, AttributeError):  # load_classifier says what is wrong with the files
+        family = None
+    if family is None:
+        return load_classifier(path, device)
+    model, meta, tokenizer = load_family_classifier(path, device)
+    return model, {**meta, "tokenizer": tokenizer}
+
+
 def build_demo(model_path: str, device="cpu") -> gr.Blocks:
     """The page: a text box, a button, and the verdict with both probabilities."""
-    app = load_app_model(load_classifier, model_path, device, HINT)
-    tokenizer = get_gpt2_tokenizer()
+    app = load_app_model(load_any_classifier, model_path, device, HINT)
+    tokenizer = (app.info or {}).get("tokenizer") or get_gpt2_tokenizer()
 
     def classify(text: str):
         """(the label's value, message)."""
