@@ -121,23 +121,33 @@ def _is_target(name: str, targets) -> bool:
     return any(re.search(rf"(^|\.)({LORA_TARGETS[t]})$", name) for t in targets)
 
 
-def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, targets=None, _prefix: str = "") -> nn.Module:
+def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
     """Wrap every `nn.Linear` inside `model` (recursively, in place) in a `LinearWithLoRA`.
 
     Layers that are already wrapped are left alone, so calling it twice does not stack adapters.
-    New: `targets` (names from LORA_TARGETS, e.g. ("q", "v")) wraps only those layers; None wraps all.
     Returns the model for convenience.
     """
     for name, module in model.named_children():
-        full_name = f"{_prefix}{name}"  # New: the module's name inside the model, for `targets`
         if isinstance(module, LinearWithLoRA):  # New: never wrap a wrapped layer twice
             continue
         if isinstance(module, nn.Linear):
-            if _is_target(full_name, targets):
-                setattr(model, name, LinearWithLoRA(module, rank, alpha))
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
         else:
-            replace_linear_with_lora(module, rank, alpha, targets, f"{full_name}.")
+            replace_linear_with_lora(module, rank, alpha)
     return model  # New: returned for convenience
+
+
+def replace_target_linears_with_lora(model: nn.Module, rank: int, alpha: float, targets=None) -> nn.Module:
+    """New: `replace_linear_with_lora` for only the linear layers `targets` names (names from
+    LORA_TARGETS, e.g. ("q", "v"), matched against each layer's name inside the model); None: every one."""
+    if targets is None:
+        return replace_linear_with_lora(model, rank, alpha)
+    for parent_name, parent in list(model.named_modules()):
+        for name, module in list(parent.named_children()):
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            if isinstance(module, nn.Linear) and _is_target(full_name, targets):  # a wrapped one is a LinearWithLoRA
+                setattr(parent, name, LinearWithLoRA(module, rank, alpha))
+    return model
 
 
 def freeze_parameters(model: nn.Module) -> nn.Module:
@@ -159,7 +169,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=None) -> int:
     that is. (Freezing first matters: the new A and B must stay trainable.)
     """
     freeze_parameters(model)
-    replace_linear_with_lora(model, rank, alpha, targets)
+    replace_target_linears_with_lora(model, rank, alpha, targets)
     return count_trainable_parameters(model)
 
 

@@ -4,7 +4,13 @@ ch05.llama families (dense and mixture of experts); names parse with clear error
 import pytest
 import torch
 
-from appendix_e.lora import LinearWithLoRA, add_lora, merge_lora, parse_lora_targets, replace_linear_with_lora
+from appendix_e.lora import (
+    LinearWithLoRA,
+    add_lora,
+    merge_lora,
+    parse_lora_targets,
+    replace_target_linears_with_lora,
+)
 from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch05.llama.qwen3 import QWEN3_CONFIG_06B, Qwen3Model
 
@@ -25,16 +31,16 @@ def test_parse_targets():
 
 
 def test_qwen3_targets_pick_layers_by_role():
-    model = replace_linear_with_lora(Qwen3Model(QWEN), 2, 2, ("q", "o", "gate", "down"))
+    model = replace_target_linears_with_lora(Qwen3Model(QWEN), 2, 2, ("q", "o", "gate", "down"))
     assert _wrapped(model) == {f"trf_blocks.{i}.{m}" for i in range(2)
                                for m in ("att.W_query", "att.out_proj", "ff.fc1", "ff.fc3")}
-    assert _wrapped(replace_linear_with_lora(Qwen3Model(QWEN), 2, 2, ("head",))) == {"out_head"}
-    assert len(_wrapped(replace_linear_with_lora(Qwen3Model(QWEN), 2, 2))) == 2 * 7 + 1  # None: every layer
+    assert _wrapped(replace_target_linears_with_lora(Qwen3Model(QWEN), 2, 2, ("head",))) == {"out_head"}
+    assert len(_wrapped(replace_target_linears_with_lora(Qwen3Model(QWEN), 2, 2))) == 2 * 7 + 1  # None: every layer
 
 
 def test_moe_experts_are_targets_the_router_is_not():
     cfg = {**QWEN, "num_experts": 3, "num_experts_per_tok": 2, "moe_intermediate_size": 8}
-    model = replace_linear_with_lora(Qwen3Model(cfg), 2, 2, ("up",))
+    model = replace_target_linears_with_lora(Qwen3Model(cfg), 2, 2, ("up",))
     assert _wrapped(model) == {f"trf_blocks.{i}.ff.fc2.{e}" for i in range(2) for e in range(3)}
 
 
