@@ -18,17 +18,25 @@ from nbexec import REPO
 
 
 def stored_text(rel: str) -> str:
-    """All stream and text/plain outputs of the notebook's code cells, in order."""
+    """All stream and text/plain outputs of the notebook's code cells, in order.
+
+    Consecutive chunks of one stream in a cell are one text, as Jupyter shows them (the kernel may
+    send a cell's prints in one chunk or several)."""
     nb = json.loads((REPO / rel).read_text(encoding="utf-8"))
     parts = []
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
             continue
+        previous = None
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
-                parts.append("".join(out["text"]))
+                if previous is not None and previous.get("output_type") == "stream" and previous.get("name") == out.get("name"):
+                    parts[-1] += "".join(out["text"])
+                else:
+                    parts.append("".join(out["text"]))
             elif "data" in out and "text/plain" in out["data"]:
                 parts.append("".join(out["data"]["text/plain"]))
+            previous = out
     return "\n".join(parts)
 
 
