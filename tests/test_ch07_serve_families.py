@@ -13,8 +13,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from contextlib import contextmanager
 
 import gradio as gr
 import ollama
@@ -293,20 +291,11 @@ def test_family_folders_are_recognised_and_bad_styles_refused(family_dir, tmp_pa
 
 # --- The apps: chapter 7's chat page and chapter 5's text page with a family folder -------------------
 
-@contextmanager
 def slowed_family_model(seconds: float = 0.1):
     """Each Llama-family forward pass takes `seconds` longer, so a browser sees the text grow."""
     from ch05.llama.llama3 import Llama3Model
 
-    def slow_down(module, args, output):
-        if isinstance(module, Llama3Model):
-            time.sleep(seconds)
-
-    hook = torch.nn.modules.module.register_module_forward_hook(slow_down)
-    try:
-        yield
-    finally:
-        hook.remove()
+    return webapp.slowed_generation(seconds, Llama3Model)
 
 
 def test_the_chat_app_loads_a_family_folder(gemma_dir):

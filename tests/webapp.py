@@ -71,15 +71,16 @@ def open_page(browser, url: str):
 
 
 @contextmanager
-def slowed_generation(seconds: float = 0.1):
-    """Each GPTModel forward pass takes `seconds` longer: a tiny model is too fast to watch stream
-    (0.1 s, so a browser on a loaded machine still sees the text grow in several steps)."""
+def slowed_generation(seconds: float = 0.1, model_class=None):
+    """Each forward pass of a `model_class` (default GPTModel) takes `seconds` longer: a tiny model is too
+    fast to watch stream (0.1 s, so a browser on a loaded machine still sees the text grow in several steps)."""
     import torch
 
-    from ch04.gpt import GPTModel
+    if model_class is None:
+        from ch04.gpt import GPTModel as model_class
 
     def slow_down(module, args, output):
-        if isinstance(module, GPTModel):
+        if isinstance(module, model_class):
             time.sleep(seconds)
 
     hook = torch.nn.modules.module.register_module_forward_hook(slow_down)
