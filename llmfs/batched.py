@@ -16,11 +16,17 @@ one. `BatchedGeneration` keeps rows of different lengths in one batch:
 * rows finish on their own (end-of-text token, `max_new_tokens`) or are removed (`Row.close`:
   a stop string, a client gone), and new rows join between steps (continuous batching).
 
-The batched step is built from the model's own modules (`tok_emb`, `pos_emb`, each block's `norm1`,
-attention projections, `ff`, `norm2`, then `final_norm` and `out_head`), so it serves every model of
-the GPT-2 layout of chapter 4: `GPTModel` (W_query/W_key/W_value, out_proj), `GPTModelFast` (fused
-`qkv`, `proj`), LoRA or int8 layers in their place. `supports_batching` tells; other models (Llama,
-Qwen, Gemma) generate one at a time through `generate_stream`.
+The batched step is built from the model's own modules, so LoRA or int8 layers in their place change
+nothing. Two layouts are stepped (`supports_batching` tells; other models generate one at a time
+through `generate_stream`):
+
+* chapter 4's GPT-2 layout, `GPTModel` (W_query/W_key/W_value, out_proj) and `GPTModelFast` (fused
+  `qkv`, `proj`): `tok_emb` + `pos_emb` at each row's position, then each block's `norm1`, attention
+  projections, `ff`, `norm2`, then `final_norm` and `out_head`;
+* the RoPE models of `ch05.llama` (Llama 3, Qwen3 dense and MoE, Gemma 3): `embed`, then each block
+  called as it is (its norms and feed-forward, experts included), with its attention's `forward`
+  swapped for the step's batched attention for that call (grouped-query heads, QK-norm, each row's
+  rotation at its own position, Gemma's score scale and sliding window), then `final_norm` and `out_head`.
 
 `generate_batch` runs a whole batch in one call (for scripts, tests and benchmarks); the server's
 scheduler (`llmfs.serve.ModelWorker`) steps one `BatchedGeneration` itself.
@@ -40,6 +46,9 @@ from llmfs.sampling import check_sampling_args, next_token
 
 _MODEL_PARTS = ("cfg", "tok_emb", "pos_emb", "trf_blocks", "final_norm", "out_head", "reset_kv_cache")
 _BLOCK_PARTS = ("att", "norm1", "norm2", "ff")
+_ROPE_MODEL_PARTS = ("cfg", "embed", "rope_tables", "trf_blocks", "final_norm", "out_head", "reset_kv_cache")
+_ROPE_ATTENTION_PARTS = ("W_query", "W_key", "W_value", "out_proj", "num_heads", "num_kv_groups", "head_dim",
+                         "normalize_qk", "cache_k", "cache_v")
 
 
 def _projections(att: nn.Module) -> str | None:
@@ -53,12 +62,50 @@ def _projections(att: nn.Module) -> str | None:
     return None
 
 
+def _layout(model: nn.Module) -> str | None:
+    """"gpt" (chapter 4's layout: learned positions), "rope" (ch05.llama's RoPE models) or None."""
+    if not isinstance(getattr(model, "trf_blocks", None), nn.ModuleList):
+        return None
+    if all(hasattr(model, name) for name in _MODEL_PARTS):
+        ok = all(all(hasattr(b, n) for n in _BLOCK_PARTS) and _projections(b.att) for b in model.trf_blocks)
+        return "gpt" if ok else None
+    if all(hasattr(model, name) for name in _ROPE_MODEL_PARTS):
+        ok = all(all(hasattr(getattr(b, "att", None), n) for n in _ROPE_ATTENTION_PARTS) for b in model.trf_blocks)
+        return "rope" if ok else None
+    return None
+
+
 def supports_batching(model: nn.Module) -> bool:
-    """True for a model of chapter 4's GPT layout (learned positions, the blocks' KV caches), which
-    `BatchedGeneration` can step; False for others, which generate one sequence at a time."""
-    if not all(hasattr(model, name) for name in _MODEL_PARTS) or not isinstance(model.trf_blocks, nn.ModuleList):
-        return False
-    return all(all(hasattr(b, n) for n in _BLOCK_PARTS) and _projections(b.att) for b in model.trf_blocks)
+    """True for a model `BatchedGeneration` can step (chapter 4's GPT layout, or the RoPE models of
+    `ch05.llama`: the blocks' KV caches and attention parts it needs); False for others, which
+    generate one sequence at a time."""
+    return _layout(model) is not None
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as `ch05.llama.llama3.apply_rope` turns each (x[i], x[i + head_dim/2]) pair (llmfs does not
+    import chapters); cos/sin broadcast against x."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class _Step:
+    """What one batched decoding step's layers share: the rows' cache rows and positions, and their masks."""
+
+    def __init__(self, index: torch.Tensor, positions: torch.Tensor, longest: int, every_row: bool):
+        self.index, self.positions, self.longest, self.every_row = index, positions, longest, every_row
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def may_attend(self, window: int | None = None) -> torch.Tensor:
+        """(b, 1, 1, longest): True where a row may attend, its own cached tokens and the new one
+        (with a sliding window, only the last `window` of them)."""
+        if window not in self._masks:
+            key_pos = torch.arange(self.longest, device=self.positions.device)
+            mask = key_pos <= self.positions[:, None]
+            if window is not None:
+                mask &= key_pos > self.positions[:, None] - window
+            self._masks[window] = mask[:, None, None, :]
+        return self._masks[window]
 
 
 class Row:
@@ -111,15 +158,17 @@ class BatchedGeneration:
     """
 
     def __init__(self, model: nn.Module, context_size: int):
-        if not supports_batching(model):
-            raise ValueError(f"{type(model).__name__} has not the GPT layout of chapter 4 that batched decoding "
-                             "needs (llmfs.batched.supports_batching); generate one sequence at a time")
+        self.layout = _layout(model)
+        if self.layout is None:
+            raise ValueError(f"{type(model).__name__} has neither chapter 4's GPT layout nor ch05.llama's that "
+                             "batched decoding needs (llmfs.batched.supports_batching); generate one sequence "
+                             "at a time")
         if context_size < 1:
             raise ValueError(f"context_size must be >= 1, got {context_size}")
         self.model, self.context_size = model, min(context_size, int(model.cfg["context_length"]))
         self.blocks = list(model.trf_blocks)
         self.rows: list[Row] = []  # in the order of the cache's rows
-        # Per layer: (rows, num_heads, capacity, head_dim); None while the batch is empty.
+        # Per layer: (rows, key/value heads, capacity, head_dim); None while the batch is empty.
         self.keys: list[torch.Tensor | None] = [None] * len(self.blocks)
         self.values: list[torch.Tensor | None] = [None] * len(self.blocks)
 
@@ -238,22 +287,48 @@ class BatchedGeneration:
         for key, hook in list(model._forward_pre_hooks.items()):
             hook(model, (tokens,), {}) if key in model._forward_pre_hooks_with_kwargs else hook(model, (tokens,))
         longest = int(positions.max()) + 1
-        # (b, 1, 1, longest): True where a row may attend, its own cached tokens and the new one
-        may_attend = (torch.arange(longest, device=device) <= positions[:, None])[:, None, None, :]
-        x = model.drop_emb(model.tok_emb(tokens) + model.pos_emb(positions)[:, None, :])  # (b, 1, emb_dim)
-        every_row = len(rows) == len(self.rows)  # then in cache order: slices instead of copies
-        for layer, block in enumerate(self.blocks):
+        for layer in range(len(self.blocks)):
             self.keys[layer] = self._grown(self.keys[layer], 0, longest)
             self.values[layer] = self._grown(self.values[layer], 0, longest)
-            x = x + block.drop_shortcut(self._attention(block.att, block.norm1(x), layer, index, positions,
-                                                        longest, may_attend, every_row))
-            x = x + block.drop_shortcut(block.ff(block.norm2(x)))
+        step = _Step(index, positions, longest, every_row=len(rows) == len(self.rows))  # every row: cache order
+        if self.layout == "gpt":
+            x = self._gpt_blocks(tokens, step)
+        else:
+            x = self._rope_blocks(tokens, step)
         for r in rows:
             r.cached += 1
-        return model.out_head(model.final_norm(x))[:, -1, :]  # (b, vocab_size)
+        logits = model.out_head(model.final_norm(x))[:, -1, :]  # (b, vocab_size)
+        if (cap := model.cfg.get("final_logit_softcapping")) is not None:  # as Gemma3Model.forward (None in Gemma 3)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
-    def _attention(self, att: nn.Module, x: torch.Tensor, layer: int, index: torch.Tensor, positions: torch.Tensor,
-                   longest: int, may_attend: torch.Tensor, every_row: bool) -> torch.Tensor:
+    def _gpt_blocks(self, tokens: torch.Tensor, step: _Step) -> torch.Tensor:
+        """Chapter 4's layout: learned positions, then each block's parts as `TransformerBlock.forward` runs them."""
+        model = self.model
+        x = model.drop_emb(model.tok_emb(tokens) + model.pos_emb(step.positions)[:, None, :])  # (b, 1, emb_dim)
+        for layer, block in enumerate(self.blocks):
+            x = x + block.drop_shortcut(self._attention(block.att, block.norm1(x), layer, step))
+            x = x + block.drop_shortcut(block.ff(block.norm2(x)))
+        return x
+
+    def _rope_blocks(self, tokens: torch.Tensor, step: _Step) -> torch.Tensor:
+        """ch05.llama's layout: each block runs itself, its attention swapped for `_rope_attention` for the call."""
+        model = self.model
+        x = model.embed(tokens)  # (b, 1, emb_dim)
+        # Each row's rotation at its own position: (b, 1, 1, head_dim), broadcast over the heads.
+        tables = {name: (cos[step.positions][:, None, None, :].to(x.dtype), sin[step.positions][:, None, None, :].to(x.dtype))
+                  for name, (cos, sin) in model.rope_tables().items()}
+        for layer, block in enumerate(self.blocks):
+            att = block.att
+            att.forward = lambda x, cos, sin, use_cache=False, att=att, layer=layer: self._rope_attention(
+                att, x, cos, sin, layer, step)
+            try:
+                x = block(x, *tables[getattr(block, "rope_table", "global")])
+            finally:
+                del att.forward  # the class's forward again
+        return x
+
+    def _attention(self, att: nn.Module, x: torch.Tensor, layer: int, step: _Step) -> torch.Tensor:
         """`att`'s projections for one new token per row, its keys and values written at each row's
         position, and attention over each row's own keys only. x: (b, 1, emb_dim)."""
         b = x.shape[0]
@@ -265,21 +340,42 @@ class BatchedGeneration:
             # (b, 1, 3 * d_out) -> (3, b, num_heads, head_dim): queries, keys, values
             queries, keys, values = att.qkv(x).view(b, 3, heads, head_dim).transpose(0, 1)
             out_proj = att.proj
-        # Cache row index[j], position positions[j]: (b, num_heads, head_dim) written there.
-        self.keys[layer][index, :, positions] = keys
-        self.values[layer][index, :, positions] = values
-        rows = slice(None) if every_row else index
-        k = self.keys[layer][rows, :, :longest]  # (b, num_heads, longest, head_dim)
-        v = self.values[layer][rows, :, :longest]
-        context = F.scaled_dot_product_attention(queries[:, :, None, :], k, v, attn_mask=may_attend)
+        context = self._attend(queries[:, :, None, :], keys, values, layer, step)
         # (b, num_heads, 1, head_dim) -> (b, 1, d_out)
         return out_proj(context.transpose(1, 2).reshape(b, 1, heads * head_dim))
+
+    def _rope_attention(self, att: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                        step: _Step) -> torch.Tensor:
+        """`GroupedQueryAttention.forward` for one new token per row: QK-norm, each row's rotation (cos/sin:
+        (b, 1, 1, head_dim)), its keys and values written at its position, attention over its own keys
+        (and, in a sliding-window layer, only the last `sliding_window` of them). x: (b, 1, emb_dim)."""
+        b = x.shape[0]
+        queries = att.W_query(x).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)  # (b, heads, 1, head_dim)
+        keys = att.W_key(x).view(b, 1, att.num_kv_groups, att.head_dim).transpose(1, 2)
+        values = att.W_value(x).view(b, 1, att.num_kv_groups, att.head_dim).transpose(1, 2)
+        queries, keys = att.normalize_qk(queries, keys)
+        queries, keys = _rotated(queries, cos, sin), _rotated(keys, cos, sin)
+        context = self._attend(queries, keys[:, :, 0], values[:, :, 0], layer, step,
+                               window=att.sliding_window, scale=att.scale)
+        return att.out_proj(context.transpose(1, 2).reshape(b, 1, att.num_heads * att.head_dim))
+
+    def _attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: int, step: _Step,
+                window: int | None = None, scale: float | None = None) -> torch.Tensor:
+        """Write keys/values (b, kv_heads, head_dim) at each row's position of `layer`'s cache, then attend
+        from queries (b, heads, 1, head_dim) to each row's own keys; (b, heads, 1, head_dim)."""
+        self.keys[layer][step.index, :, step.positions] = keys
+        self.values[layer][step.index, :, step.positions] = values
+        rows = slice(None) if step.every_row else step.index
+        k = self.keys[layer][rows, :, :step.longest]  # (b, kv_heads, longest, head_dim)
+        v = self.values[layer][rows, :, :step.longest]
+        return F.scaled_dot_product_attention(queries, k, v, attn_mask=step.may_attend(window), scale=scale,
+                                              enable_gqa=k.shape[1] != queries.shape[1])
 
     def _grown(self, cache: torch.Tensor | None, new_rows: int, length: int = 0) -> torch.Tensor:
         """`cache` with `new_rows` more (empty) rows and room for at least `length` tokens."""
         att = self.blocks[0].att
         if cache is None:
-            shape = (0, att.num_heads, 0, att.head_dim)
+            shape = (0, getattr(att, "num_kv_groups", att.num_heads), 0, att.head_dim)
             weight = self.model.tok_emb.weight
             cache = torch.zeros(shape, dtype=weight.dtype if weight.is_floating_point() else torch.float32,
                                 device=weight.device)

@@ -37,7 +37,8 @@ One client can never stall the others:
   generates: a client that reads its stream slowly buffers its answer, not the queue.
 
 Built on FastAPI + uvicorn. One model per server, and every model step runs on one worker thread.
-Concurrent requests to a model of chapter 4's GPT layout decode together, up to `--max-batch-size`
+Concurrent requests decode together (chapter 4's GPT layout and ch05.llama's Llama 3 / Qwen3 / Gemma 3
+models; `llmfs.batched.supports_batching`), up to `--max-batch-size`
 (default 8) at a time: a scheduler steps the batch one token per request, and a request that comes
 in joins it between two steps (continuous batching, `llmfs.batched`); each answer is still exactly
 the one the request would get alone (its own KV cache row, sampling options and seed). With
@@ -117,7 +118,8 @@ class _Request:
 class ModelWorker:
     """Runs requests on the model, every step on one thread, and counts what it did.
 
-    A model of chapter 4's GPT layout decodes up to `max_batch_size` requests together
+    A model `llmfs.batched` can step (chapter 4's GPT layout, ch05.llama's RoPE models) decodes up to
+    `max_batch_size` requests together
     (`llmfs.batched`): a scheduler steps them all one token at a time, and a request that comes
     in joins the batch between two steps (continuous batching) instead of waiting for the others
     to finish. Other models, or `max_batch_size` 1, run one request at a time, in arrival order.
@@ -573,8 +575,8 @@ def parser(prog: str | None = None) -> Parser:
                         f"{DEFAULT_REQUEST_TIMEOUT:g}); it is then stopped with an error, and the next one starts")
     p.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
                    help=f"requests decoded together, a newcomer joining between two tokens (default "
-                        f"{DEFAULT_MAX_BATCH_SIZE}; 1: one request at a time). Models of chapter 4's GPT layout; "
-                        "others always run one at a time")
+                        f"{DEFAULT_MAX_BATCH_SIZE}; 1: one request at a time). GPT-2 layout, Llama 3, Qwen3 and Gemma 3 "
+                        "models; others always run one at a time")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
     add_int8_argument(p)
     return p

@@ -143,6 +143,47 @@ def test_greedy_answers_equal_chapter_5_and_transformers(family_server):
     assert oa.completions.create(model=name, prompt=QUESTION, temperature=0, max_tokens=N).choices[0].text == plain
 
 
+CONCURRENT = [("Who painted the picture?", 7), ("I had always thought", 3), ("Jack", 10),
+              ("Mrs. Thwing had a lovely view of the sea and", 5), ("Why", 9)]
+
+
+def test_concurrent_requests_decode_together_each_with_its_own_answer(family_dir):
+    """Five chats and raw continuations of different lengths at once, over both clients: they meet in
+    one batch (llmfs.batched's RoPE layout), and each answer is the one chapter 5 gives it alone."""
+    family, path, _ = family_dir
+    llm = load_llm(path)
+    expected = [generate_text(llm, q, max_new_tokens=n, chat=i % 2 == 0)[0] for i, (q, n) in enumerate(CONCURRENT)]
+    with serving(path, step_delay=0.05) as (url, app):
+        worker, name = app.state.worker, app.state.worker.chat.name
+        assert worker.batch is not None and worker.max_batch_size == 8
+        results, errors = {}, []
+
+        def ask(i):
+            question, n = CONCURRENT[i]
+            try:
+                if i % 2 == 0:
+                    parts = ollama.Client(host=url).chat(model=name, stream=True, options={"temperature": 0,
+                                                         "num_predict": n},
+                                                         messages=[{"role": "user", "content": question}])
+                    results[i] = "".join(p.message.content for p in parts)
+                else:
+                    oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                    parts = oa.completions.create(model=name, prompt=question, temperature=0, max_tokens=n,
+                                                  stream=True)
+                    results[i] = "".join(p.choices[0].text for p in parts)
+            except Exception as exc:  # collected: an assertion in a thread would be lost
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(CONCURRENT))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        assert [results[i] for i in range(len(CONCURRENT))] == expected
+        assert max(worker.batch_sizes) >= 3, worker.batch_sizes  # they did decode together
+
+
 def test_multi_turn_conversations_follow_the_template(family_server):
     """A conversation with an earlier answer is written as apply_chat_template writes it; a final
     assistant message is an answer begun, which the model continues."""

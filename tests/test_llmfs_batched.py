@@ -1,14 +1,17 @@
 """llmfs.batched: every row of a batch gets exactly the tokens `generate_stream` gives its prompt alone.
 
-Tiny random GPT-2-shaped models (chapter 4's GPTModel and GPTModelFast); prompts of mixed lengths,
-mixed max_new_tokens, rows that join late, leave early or slide past the context.
+Tiny random GPT-2-shaped models (chapter 4's GPTModel and GPTModelFast) and tiny ch05.llama models (Llama 3,
+Qwen3 dense and MoE, Gemma 3 with a sliding window shorter than the prompts); prompts of mixed lengths, mixed
+max_new_tokens, rows that join late, leave early or slide past the context.
 """
 
 import pytest
 import torch
 
 from ch04.gpt import GPTModel, GPTModelFast
+from ch05.llama.gemma3 import GEMMA3_CONFIGS, Gemma3Model
 from ch05.llama.llama3 import LLAMA32_CONFIG_1B, Llama3Model
+from ch05.llama.qwen3 import QWEN3_CONFIG_06B, QWEN3_CONFIGS, Qwen3Model
 from llmfs.batched import BatchedGeneration, generate_batch, supports_batching
 from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
@@ -24,6 +27,33 @@ SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.0, top_k=50), dict(temper
 def model_of(cls=GPTModel, **changes) -> torch.nn.Module:
     torch.manual_seed(123)
     return cls({**CFG, **changes}).eval()
+
+
+# Tiny ch05.llama models: two query heads per key/value head, and the context of CFG.
+_SMALL = {"vocab_size": CFG["vocab_size"], "context_length": CFG["context_length"], "emb_dim": 16, "n_heads": 4,
+          "n_kv_groups": 2, "head_dim": 8, "n_layers": 2, "hidden_dim": 32, "dtype": torch.float32}
+FAMILIES = {
+    "llama3": (Llama3Model, {**LLAMA32_CONFIG_1B, **_SMALL}),
+    "qwen3": (Qwen3Model, {**QWEN3_CONFIG_06B, **_SMALL}),
+    "qwen3-moe": (Qwen3Model, {**QWEN3_CONFIGS["30B-A3B"], **_SMALL, "num_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 8}),
+    # A window of 4 positions in the first layer, every position in the second.
+    "gemma3": (Gemma3Model, {**GEMMA3_CONFIGS["1B"], **_SMALL, "sliding_window": 4, "query_pre_attn_scalar": 2,
+                             "layer_types": ["sliding_attention", "full_attention"]}),
+}
+
+
+def family_model(name: str) -> torch.nn.Module:
+    cls, cfg = FAMILIES[name]
+    torch.manual_seed(123)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms away from their initial values, so QK-norm and Gemma's norms matter
+                p.add_(0.3 * torch.randn_like(p))
+            elif "W_query" in name or "W_key" in name:  # sharp attention: a wrong position or mask changes tokens
+                p.mul_(4.0)
+    return model
 
 
 def prompts(lengths=LENGTHS) -> list[list[int]]:
@@ -122,13 +152,80 @@ def test_decoding_layout_bfloat16_and_training_mode():
     assert batch.keys[0].dtype == torch.bfloat16 and all(len(r.drain()) == 2 for r in rows)
 
 
-def test_only_the_gpt_layout_is_batched_and_bad_settings_are_refused():
-    llama = Llama3Model({**LLAMA32_CONFIG_1B, "vocab_size": 64, "context_length": 32, "emb_dim": 16, "n_heads": 2,
-                         "n_kv_groups": 1, "n_layers": 1, "hidden_dim": 32, "dtype": torch.float32})
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampling", SAMPLINGS[:2], ids=["greedy", "top_k"])
+def test_every_row_of_a_rope_model_equals_its_unbatched_generation(family, sampling):
+    """Each row rotated at its own position, the grouped heads, QK-norm, experts, Gemma's window: its own tokens."""
+    model = family_model(family)
+    ps = prompts()
+    want = [alone(model, p, n, seed=i, **sampling) for i, (p, n) in enumerate(zip(ps, LIMITS))]
+    got = generate_batch(model, ps, LIMITS, CFG["context_length"], generators=[
+        torch.Generator().manual_seed(i) for i in range(len(ps))], **sampling)
+    assert got == want
+    assert model.current_pos == 0 and all(b.att.cache_k is None for b in model.trf_blocks)
+    assert all("forward" not in vars(b.att) for b in model.trf_blocks)  # the attention's own forward is back
+
+
+@pytest.mark.parametrize("name", ["gpt", *FAMILIES])
+def test_each_rows_logits_equal_the_models_own_forward_pass(name):
+    """Stronger than equal tokens: every decoding step's logits of every row equal the model's logits for
+    that row's whole sequence in one pass without a cache (positions, rotation, masks, window)."""
+    model = model_of() if name == "gpt" else family_model(name)
+    ps = prompts((1, 5, 12, 20, 3))
+    new = 10  # the longest row ends at 30 tokens: inside the context of 32
+    batch = BatchedGeneration(model, CFG["context_length"])
+    rows = [batch.add(p, new, temperature=1.0, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(ps)]
+    batch.step()  # the prompts' forward passes
+    seen = []
+    handle = model.out_head.register_forward_hook(lambda module, args, out: seen.append(out[:, -1, :]))
+    try:
+        while len(batch):
+            batch.step()
+    finally:
+        handle.remove()
+    assert len(seen) == new - 1 and all(len(r.ids) == len(p) + new for r, p in zip(rows, ps))
+    for i, (row, prompt) in enumerate(zip(rows, ps)):
+        with torch.no_grad():
+            full = model(torch.tensor([row.ids[:-1]]))[0]  # (len - 1, vocab)
+        got = torch.stack([step_logits[i] for step_logits in seen])
+        torch.testing.assert_close(got, full[len(prompt):], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_rope_rows_that_join_late_and_leave_early(family):
+    model = family_model(family)
+    ps = prompts()
+    want = [alone(model, p, 12, seed=i, temperature=1.0, top_k=50) for i, p in enumerate(ps)]
+    batch = BatchedGeneration(model, CFG["context_length"])
+    rows, got = {}, {i: [] for i in range(len(ps))}
+    joins = {0: [0, 1, 2], 2: [3], 5: [4, 5]}
+    for step in range(30):
+        for i in joins.get(step, []):
+            rows[i] = batch.add(ps[i], 12, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(i))
+        if step == 4:
+            rows[0].close()
+        batch.step()
+        for i, row in rows.items():
+            got[i].extend(row.drain())
+    assert got[0] == want[0][:4]
+    assert {i: t for i, t in got.items() if i} == {i: w for i, w in enumerate(want) if i}
+    assert len(batch) == 0
+
+
+def test_a_bfloat16_rope_model_batches_with_its_own_tokens():
+    model = family_model("qwen3").to(torch.bfloat16)
+    ps = prompts((4, 9, 2))
+    assert generate_batch(model, ps, 6, CFG["context_length"]) == [alone(model, p, 6) for p in ps]
+
+
+def test_other_layouts_are_not_batched_and_bad_settings_are_refused():
     assert supports_batching(model_of()) and supports_batching(model_of(GPTModelFast))
-    assert not supports_batching(llama) and not supports_batching(torch.nn.Linear(2, 2))
+    assert all(supports_batching(family_model(name)) for name in FAMILIES)
+    odd = family_model("llama3")
+    del odd.trf_blocks[0].att.num_kv_groups  # an attention this module does not know
+    assert not supports_batching(odd) and not supports_batching(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="one sequence at a time"):
-        BatchedGeneration(llama, 32)
+        BatchedGeneration(odd, 32)
     batch = BatchedGeneration(model_of(), 32)
     for kwargs, words in [(dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
                           (dict(max_new_tokens=3, temperature=-1.0), "temperature"),
