@@ -45,15 +45,19 @@ BOOK_HPARAMS = {"learning_rate": 5e-4, "num_epochs": 10, "batch_size": 2, "weigh
 SPEEDUP_GOAL = 1.5
 
 
-def settings_for(quick: bool) -> tuple[dict, dict]:
+def settings_for(quick: bool, epochs: int | None = None) -> tuple[dict, dict]:
     """The model config and hyperparameters both sides run: the book's, or the chapter's quick config
-    with the quick run's epochs (everything else the book's)."""
+    with the quick run's epochs (everything else the book's); `epochs` overrides the epochs."""
     from ch04.gpt import GPT_CONFIG_124M, QUICK_CONFIG
     from ch05.gpt_train import QUICK_SETTINGS
 
     if quick:
-        return dict(QUICK_CONFIG), {**BOOK_HPARAMS, "num_epochs": QUICK_SETTINGS["num_epochs"]}
-    return {**GPT_CONFIG_124M, "context_length": 256}, dict(BOOK_HPARAMS)
+        cfg, hparams = dict(QUICK_CONFIG), {**BOOK_HPARAMS, "num_epochs": QUICK_SETTINGS["num_epochs"]}
+    else:
+        cfg, hparams = {**GPT_CONFIG_124M, "context_length": 256}, dict(BOOK_HPARAMS)
+    if epochs is not None:
+        hparams["num_epochs"] = epochs
+    return cfg, hparams
 
 
 def ours_argv(spec: dict) -> list[str]:
@@ -61,6 +65,8 @@ def ours_argv(spec: dict) -> list[str]:
     eval frequency are already the command's defaults)."""
     argv = ["--lr", str(BOOK_HPARAMS["learning_rate"]), "--eval-iter", str(BOOK_HPARAMS["eval_iter"]),
             "--output-dir", spec["out_dir"], "--device", "cpu", "--no-progress"]
+    if spec.get("epochs") is not None:
+        argv += ["--epochs", str(spec["epochs"])]
     return (["--quick"] if spec["quick"] else []) + argv
 
 
@@ -112,7 +118,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    cfg, hparams = settings_for(spec["quick"])
+    cfg, hparams = settings_for(spec["quick"], spec.get("epochs"))
     out_dir = Path(spec["out_dir"])
     if spec["side"] == "book":
         train_losses, val_losses, _ = book_main(cfg, hparams, out_dir, spec["book_model"])
@@ -135,7 +141,8 @@ def worker(spec: dict) -> dict:
         state = torch.load(out_dir / "checkpoint.pth", map_location="cpu", weights_only=True, mmap=True)
         history = state.get("history", state)
         train_losses, val_losses = list(history["train_losses"]), list(history["val_losses"])
-    return {"side": spec["side"], "threads": torch.get_num_threads(), "wall_s": wall, "peak_rss_mib": peak,
+    return {"side": spec["side"], "threads": torch.get_num_threads(), "epochs": hparams["num_epochs"],
+            "wall_s": wall, "peak_rss_mib": peak,
             "train_losses": [float(x) for x in train_losses], "val_losses": [float(x) for x in val_losses],
             "final_train_loss": float(train_losses[-1]), "final_val_loss": float(val_losses[-1]),
             "outputs": sorted(p.name for p in out_dir.iterdir())}
@@ -155,18 +162,21 @@ def run_worker(spec: dict, timeout: float = 3600) -> dict:
     raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def summarize(best: dict, machine: dict, quick: bool, repeats: int, book_model: str) -> tuple[str, list]:
+def summarize(best: dict, machine: dict, quick: bool, repeats: int, book_model: str,
+              epochs_given: bool = False) -> tuple[str, list]:
     """The table (Markdown) and the goals: speed, the same final losses, a lower peak RSS."""
     book, ours = best["book"], best["ours"]
+    epochs = book["epochs"]
     shape = ("the chapter's quick config (smoke run)" if quick
-             else "GPT-2 124M shape, context 256, 10 epochs (the book's settings)")
+             else "GPT-2 124M shape, context 256: the book's settings")
     model = ("the book's plain model (explicit attention, the book's LayerNorm/GELU)" if book_model == "book"
              else "our ch04 GPTModel as the chapter-5 notebook builds it")
     lines = [f"# The chapter-5 run: the book's script and our command ({shape})", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {book['threads']} "
-             f"threads, CPU. Both sides: seed 123, the-verdict, lr 5e-4, weight decay 0.1, batch 2, eval_freq 5, "
-             f"eval_iter 1. book: the book's gpt_train.py main() from our listings, {model}; ours: "
-             f"`python -m ch05.gpt_train{' --quick' if quick else ''} --lr 5e-4 --eval-iter 1`. Each side in a "
+             f"threads, CPU. Both sides: seed 123, the-verdict, {epochs} epoch(s), lr 5e-4, weight decay 0.1, "
+             f"batch 2, eval_freq 5, eval_iter 1. book: the book's gpt_train.py main() from our listings, {model}; ours: "
+             f"`python -m ch05.gpt_train{' --quick' if quick else ''} --lr 5e-4 --eval-iter 1"
+             f"{f' --epochs {epochs}' if epochs_given else ''}`. Each side in a "
              f"fresh process, fastest of {repeats} round(s).", "",
              "| side | wall time (s) | peak RSS (MiB) | final train loss | final val loss |",
              "|---|---:|---:|---:|---:|"]
@@ -195,6 +205,8 @@ def parser() -> Parser:
                    "(default 1)")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                    help="torch threads for both sides (default: all cores)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs for both sides (default: the book's 10; quick: the quick run's 4)")
     p.add_argument("--book-model", choices=BOOK_MODELS, default="book",
                    help="the book side's model: the book's plain classes (default) or our ch04 GPTModel")
     p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results",
@@ -221,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeats):
             for side in SIDES:
                 print(f"round {i + 1}/{args.repeats}: {side} ...", flush=True)
-                spec = {"side": side, "quick": args.quick, "threads": args.threads, "book_model": args.book_model}
+                spec = {"side": side, "quick": args.quick, "threads": args.threads, "book_model": args.book_model,
+                        "epochs": args.epochs}
                 rounds[side].append(run_worker(spec))
         best = {side: min(rows, key=lambda r: r["wall_s"]) for side, rows in rounds.items()}
-        table, goals = summarize(best, machine, args.quick, args.repeats, args.book_model)
+        table, goals = summarize(best, machine, args.quick, args.repeats, args.book_model, args.epochs is not None)
         write_report(args.out, "ch05_run.json", "ch05_run.md",
                      {"machine": machine, "quick": args.quick, "repeats": args.repeats, "book_model": args.book_model,
                       "best": best, "rounds": rounds,
