@@ -136,7 +136,7 @@ def test_an_unwritable_out_folder_is_refused_before_measuring(tmp_path, capsys, 
     ("benchmarks.run", ["--out", ""]), ("benchmarks.llm", ["--out", " "]), ("benchmarks.llm", ["--workdir", ""]),
     ("benchmarks.bpe", ["--out", ""]), ("benchmarks.serve", ["--out", ""]),
     ("benchmarks.inference", ["--out", ""]), ("benchmarks.inference", ["--workdir", ""]),
-    ("benchmarks.int8_decode", ["--out", ""]),
+    ("benchmarks.int8_decode", ["--out", ""]), ("benchmarks.ch05_run", ["--out", ""]),
 ])
 def test_an_empty_folder_or_file_option_is_refused_not_taken_as_the_current_folder(module, argv, capsys):
     import importlib
