@@ -4,10 +4,10 @@
     python -m benchmarks.ch05_run --quick    # the chapter's quick config: a smoke test of the harness (a minute)
 
 "book": the book repository's ch05/01_main-chapter-code/gpt_train.py `main()` as the book writes it, built
-from our listing modules (which the notebooks build): `torch.manual_seed(123)`, the model as the chapter-5
-notebook builds it (`ch04.gpt.GPTModel(cfg)`: the book's untied layout; `--book-model book`: the same
-model on the book's own classes, the chapter's explicit attention and the book's LayerNorm/GELU, as
-`ch05.training_speed` builds its "book" rung), `torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)`,
+from our listing modules (which the notebooks build): `torch.manual_seed(123)`, the model on the book's own
+classes (chapter 3's explicit masked-softmax attention, the book's LayerNorm/GELU, the untied head, as
+`ch05.training_speed` builds its "book" rung; `--book-model listing`: `ch04.gpt.GPTModel(cfg)`, the same
+model with our fused attention and LayerNorm/GELU calls), `torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)`,
 chapter 2's `create_dataloader_v1` (batch 2, stride = context), `train_model_simple` (eval_freq 5,
 eval_iter 1, "Every effort moves you"), the loss plot (loss.pdf) and `torch.save(model.state_dict())`.
 
@@ -70,7 +70,7 @@ def ours_argv(spec: dict) -> list[str]:
     return (["--quick"] if spec["quick"] else []) + argv
 
 
-def book_main(cfg: dict, hparams: dict, out_dir: Path, book_model: str = "listing") -> tuple[list, list, list]:
+def book_main(cfg: dict, hparams: dict, out_dir: Path, book_model: str = "book") -> tuple[list, list, list]:
     """The book's gpt_train.py `main()` and its `__main__` tail (plot, torch.save), from our listings."""
     import matplotlib
 
@@ -207,9 +207,9 @@ def parser() -> Parser:
                    help="torch threads for both sides (default: all cores)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="epochs for both sides (default: the book's 10; quick: the quick run's 4)")
-    p.add_argument("--book-model", choices=BOOK_MODELS, default="listing",
-                   help="the book side's model: listing (default), ch04.gpt.GPTModel as the chapter-5 notebook "
-                        "builds it; book, the same on the book's explicit attention and LayerNorm/GELU")
+    p.add_argument("--book-model", choices=BOOK_MODELS, default="book",
+                   help="the book side's model: book (default), the book's classes (explicit attention, its "
+                        "LayerNorm/GELU); listing, ch04.gpt.GPTModel with our fused calls")
     p.add_argument("--out", type=path_argument, default=Path(__file__).resolve().parent / "results",
                    help="folder for ch05_run.md and .json (default benchmarks/results)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
