@@ -9,7 +9,11 @@ have in common, so each app file shows only its own page:
 - loading the model so that a missing or mismatched file becomes a message in the page,
   not a traceback in the terminal;
 - streaming text: `llmfs.generate_stream.generate_stream` yields token ids one by one, and
-  `stream_text` turns them into the text so far, so the page fills in as tokens arrive.
+  `stream_text` turns them into the text so far, so the page fills in as tokens arrive;
+- one thread for the model: Gradio runs a handler's steps on any of its worker threads, but
+  PyTorch's CPU kernels are fastest when one thread makes every multi-threaded call of a process
+  (`llmfs.serve` says why and what it measured), so the model is loaded and every token made on
+  `MODEL_THREAD` (`on_model_thread`).
 
 Offline by design: every page is built with Gradio's analytics (and its version check) off
 (`page`, and `launch` refuses a page without it), there is no share link, the server listens on
@@ -23,6 +27,7 @@ import argparse
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,19 @@ from llmfs.int8 import quantize_int8
 from llmfs.runtime import get_device
 
 EMPTY_INPUT_MESSAGE = "Please type some text first."
+MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="app-model")  # its thread starts on first use
+_DONE = object()
+
+
+def on_model_thread(items: Iterator) -> Iterator:
+    """`items`, each one made on `MODEL_THREAD` (and the iterator closed there: a generation resets its
+    cache then). Not for use on that thread itself."""
+    try:
+        while (item := MODEL_THREAD.submit(next, items, _DONE).result()) is not _DONE:
+            yield item
+    finally:
+        if (close := getattr(items, "close", None)) is not None:
+            MODEL_THREAD.submit(close).result()
 
 
 def newest_file(folder: str | os.PathLike, patterns: tuple[str, ...]) -> Path | None:
@@ -67,17 +85,21 @@ def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, devi
     """
     if Path(spec).suffix in (".pth", ".safetensors", ".json") and not Path(spec).exists():
         return AppModel(None, error=f"**No model:** `{spec}` does not exist. {hint}")
-    try:
+
+    def load() -> tuple[nn.Module, Any, list]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model, info = loader(spec, device)
+        if int8:
+            quantize_int8(model)  # before the layout, which only touches float32 nn.Linear weights
+        # Text apps decode token by token: the faster weight layout for that (llmfs.decoding_layout).
+        return layout_for_decoding(model.eval()), info, caught
+
+    try:
+        model, info, caught = MODEL_THREAD.submit(load).result()  # the thread that will run it
     except USER_ERRORS as exc:
         return AppModel(None, error=f"**Could not load `{spec}`:** {exc}\n\n{hint}")
-    note = " ".join(f"**Note:** {w.message}" for w in caught)
-    if int8:
-        quantize_int8(model)  # before the layout, which only touches float32 nn.Linear weights
-    # Text apps decode token by token: the faster weight layout for that (llmfs.decoding_layout).
-    return AppModel(layout_for_decoding(model.eval()), info, note=note)
+    return AppModel(model, info, note=" ".join(f"**Note:** {w.message}" for w in caught))
 
 
 def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
@@ -92,9 +114,10 @@ def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, t
     idx = torch.tensor([tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})], device=device)  # (1, num_tokens)
     token_ids = idx[0].tolist()
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    for token in generate_stream(model, idx, int(max_new_tokens), context_size=model.cfg["context_length"],
-                                 temperature=float(temperature), top_k=top_k, eos_id=eos_id,
-                                 generator=generator):
+    for token in on_model_thread(generate_stream(model, idx, int(max_new_tokens),
+                                                 context_size=model.cfg["context_length"],
+                                                 temperature=float(temperature), top_k=top_k, eos_id=eos_id,
+                                                 generator=generator)):
         token_ids.append(token)
         yield tokenizer.decode(token_ids)
 

@@ -20,7 +20,7 @@ from ch04.gpt import GPT_CONFIG_124M, GPTModel
 from ch05.gpt_generate import generate, load_model_for_generation
 from ch05.gpt_train import text_to_token_ids, token_ids_to_text
 from ch05.ui import app as ch05_app
-from llmfs.apps import EMPTY_INPUT_MESSAGE, launch, load_app_model, stream_text
+from llmfs.apps import EMPTY_INPUT_MESSAGE, MODEL_THREAD, launch, load_app_model, on_model_thread, stream_text
 from llmfs.checkpoint import save_model
 
 # Gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix.
@@ -51,6 +51,33 @@ def test_stream_text_ends_with_generates_text(model_path):
     texts = list(stream_text(model, get_gpt2_tokenizer(), "Every effort moves you", 40, 1.0, top_k=20, seed=7))
     assert len(texts) == 40  # one text per token; the window slides past the 32-token context
     assert texts[-1] == expected_text(model_path, "Every effort moves you", 40, 1.0, 20, 7)
+
+
+def test_the_model_loads_and_generates_on_one_thread(model_path):
+    """Every torch call of an app's model on MODEL_THREAD, whichever thread the page's handler runs on."""
+    import threading
+
+    threads = []
+    app = load_app_model(lambda spec, device: (threads.append(threading.get_ident()) or
+                                               load_model_for_generation(spec, device)), str(model_path), "cpu", "")
+    app.model.register_forward_pre_hook(lambda module, args: threads.append(threading.get_ident()))
+    handler = threading.Thread(target=lambda: list(stream_text(app.model, get_gpt2_tokenizer(), "Hi", 3)))
+    handler.start()
+    handler.join(timeout=60)
+    model_thread = MODEL_THREAD.submit(threading.get_ident).result()
+    assert len(threads) == 4 and set(threads) == {model_thread} != {handler.ident}
+    closed = []
+
+    def items():
+        try:
+            yield from range(5)
+        finally:
+            closed.append(threading.get_ident())
+
+    stream = on_model_thread(items())
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # a page that stops early: the iterator is closed on the model thread too
+    assert closed == [model_thread]
 
 
 def test_load_app_model_turns_failures_and_warnings_into_page_text(model_path, tmp_path):

@@ -35,7 +35,7 @@ from ch07.gpt_instruction_finetuning import (
 )
 from llmfs.chat import GenerationOptions
 from llmfs.checkpoint import save_model
-from llmfs.serve import DEFAULT_MAX_BATCH_SIZE, DEFAULT_REQUEST_TIMEOUT, bind_socket, create_app
+from llmfs.serve import DEFAULT_MAX_BATCH_SIZE, DEFAULT_REQUEST_TIMEOUT, bind_socket, create_app, model_thread
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CFG = {"vocab_size": 50257, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
@@ -70,14 +70,18 @@ def sft_path(tmp_path_factory) -> Path:
 
 @contextmanager
 def serving(path, step_delay=0.0, max_num_predict=None, request_timeout=DEFAULT_REQUEST_TIMEOUT,
-            max_batch_size=DEFAULT_MAX_BATCH_SIZE, **defaults):
+            max_batch_size=DEFAULT_MAX_BATCH_SIZE, executor=None, **defaults):
     """uvicorn in a thread on a free port; yields (base URL, app). `defaults`: GenerationOptions' fields
-    (none: the server's); `step_delay`: seconds each forward pass (or batched step) sleeps first (a slow model)."""
-    chat = load_chat_model(path, device="cpu")
+    (none: the server's); `step_delay`: seconds each forward pass (or batched step) sleeps first (a slow model);
+    `executor`: a `model_thread` that loads the model (as the command does) and runs it."""
+    if executor is not None:
+        chat = executor.submit(load_chat_model, path, device="cpu").result()
+    else:
+        chat = load_chat_model(path, device="cpu")
     if step_delay:
         chat.model.register_forward_pre_hook(lambda module, args: time.sleep(step_delay))
     app = create_app(chat, GenerationOptions(**defaults) if defaults else None, max_num_predict=max_num_predict,
-                     request_timeout=request_timeout, max_batch_size=max_batch_size)
+                     request_timeout=request_timeout, max_batch_size=max_batch_size, executor=executor)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -146,6 +150,39 @@ def ollama_options(num_predict, temperature=0.0, top_k=None, top_p=None, seed=12
 
 
 SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.0, top_k=50, seed=7), dict(temperature=0.8, top_p=0.9, seed=3)]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, DEFAULT_MAX_BATCH_SIZE])
+def test_the_model_runs_on_the_thread_that_loaded_it(base_path, max_batch_size):
+    """As `python -m ch07.serve` does: loaded on its model thread, then every step of every request there,
+    one at a time or batched (PyTorch's CPU kernels are fastest with one calling thread: llmfs.serve)."""
+    executor = model_thread()
+    with serving(base_path, max_batch_size=max_batch_size, executor=executor) as (host, app):
+        steps = []
+        app.state.worker.chat.model.register_forward_pre_hook(lambda module, args: steps.append(threading.get_ident()))
+        for prompt in ("Hello", "Every effort moves you"):
+            assert httpx.post(f"{host}/api/generate", json={"model": app.state.worker.chat.name, "prompt": prompt,
+                              "stream": False, "options": {"num_predict": 3}}, timeout=60).status_code == 200
+        assert app.state.worker.executor is executor
+        assert len(steps) == 6 and set(steps) == {executor.submit(threading.get_ident).result()}
+        assert threading.get_ident() not in steps
+
+
+def test_the_command_loads_the_model_on_its_model_thread(capsys):
+    """`llmfs.serve.main` calls the chapter's loader on the thread that will run the model, and a loader's
+    user error is still one line."""
+    from llmfs.errors import UserError
+    from llmfs.serve import main as serve_command
+
+    seen = []
+
+    def loader(spec, **kwargs):
+        seen.append(threading.current_thread())
+        raise UserError(f"no model at {spec}")
+
+    assert serve_command(loader, ["--model", "nowhere.pth", "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: no model at nowhere.pth"
+    assert len(seen) == 1 and seen[0] is not threading.main_thread() and seen[0].name.startswith("model")
 
 
 def test_version_list_and_show(base_server):

@@ -29,7 +29,7 @@ from ch06.gpt_class_finetune import (
     last_token_logits,
     load_classifier,
 )
-from llmfs.apps import EMPTY_INPUT_MESSAGE, app_parser, load_app_model, page, serve_app
+from llmfs.apps import EMPTY_INPUT_MESSAGE, MODEL_THREAD, app_parser, load_app_model, page, serve_app
 from llmfs.runtime import eval_mode, outputs_dir
 
 HINT = ("Train one with `python -m ch06.gpt_class_finetune` (`--quick` trains a small one offline in about a "
@@ -79,7 +79,8 @@ def build_demo(model_path: str, device="cpu") -> gr.Blocks:
             return None, app.error
         if not text.strip():
             return None, EMPTY_INPUT_MESSAGE
-        return class_probabilities(text, app.model, tokenizer, app.info.get("max_length")), ""
+        # On the thread that loaded the model (llmfs.apps.MODEL_THREAD: one thread for its torch work)
+        return MODEL_THREAD.submit(class_probabilities, text, app.model, tokenizer, app.info.get("max_length")).result(), ""
 
     with page("Chapter 6: spam classifier") as demo:
         source = "none (see the message below)" if app.error else f"`{model_path}`"

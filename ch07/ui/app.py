@@ -34,6 +34,7 @@ from llmfs.apps import (
     app_parser,
     load_app_model,
     newest_file,
+    on_model_thread,
     page,
     serve_app,
     stream_text,
@@ -73,8 +74,8 @@ def family_answers(chat, instruction: str, max_new_tokens: int):
     (as `python -m ch05.llama --chat` answers it)."""
     options = GenerationOptions(temperature=0.0, top_k=None, top_p=None, max_new_tokens=max_new_tokens)
     text = ""
-    for piece in chat.generation(chat.encode(chat.chat_prompt([{"role": "user", "content": instruction}])),
-                                 options):
+    prompt_ids = chat.encode(chat.chat_prompt([{"role": "user", "content": instruction}]))
+    for piece in on_model_thread(chat.generation(prompt_ids, options)):  # llmfs.apps: one thread for the model
         text += piece
         yield text
 
