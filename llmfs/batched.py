@@ -95,6 +95,16 @@ class _Step:
     def __init__(self, index: torch.Tensor, positions: torch.Tensor, longest: int, every_row: bool):
         self.index, self.positions, self.longest, self.every_row = index, positions, longest, every_row
         self._masks: dict[int | None, torch.Tensor] = {}
+        self._flat: dict[tuple, torch.Tensor] = {}
+
+    def flat_positions(self, shape: torch.Size) -> torch.Tensor:
+        """For a cache of `shape` (rows, heads, capacity, head_dim): the rows of its flat (rows * heads *
+        capacity, head_dim) view where each step row's heads go, (b * heads,) in (row, head) order."""
+        if shape not in self._flat:
+            _, heads, capacity, _ = shape
+            head = torch.arange(heads, device=self.index.device)
+            self._flat[shape] = ((self.index[:, None] * heads + head) * capacity + self.positions[:, None]).reshape(-1)
+        return self._flat[shape]
 
     def may_attend(self, window: int | None = None) -> torch.Tensor:
         """(b, 1, 1, longest): True where a row may attend, its own cached tokens and the new one
@@ -229,15 +239,22 @@ class BatchedGeneration:
             for rows in filling.values():  # windows of one length go through the model together
                 logits.update(self._fill(rows))
             decoding = [r for r in active if id(r) not in logits]
+            greedy: dict[int, int] = {}
             if decoding:
                 together = self._decode(decoding)  # (len(decoding), vocab)
                 for j, row in enumerate(decoding):
                     logits[id(row)] = together[j:j + 1]
+                # Greedy rows in one argmax: next_token's choice for each (the first largest logit)
+                if any(row.temperature == 0.0 for row in decoding):
+                    chosen = together.argmax(dim=-1).tolist()
+                    greedy = {id(row): token for row, token in zip(decoding, chosen) if row.temperature == 0.0}
         finally:
             self.model.train(was_training)
         for row in active:
             # The row's own settings and generator, on its own logits: the draws it makes alone.
-            token = int(next_token(logits[id(row)], row.temperature, row.top_k, row.top_p, row.generator).item())
+            token = greedy.get(id(row))
+            if token is None:
+                token = int(next_token(logits[id(row)], row.temperature, row.top_k, row.top_p, row.generator).item())
             row.steps += 1
             if row.eos_id is not None and token == row.eos_id:
                 row.finished = True
@@ -363,8 +380,12 @@ class BatchedGeneration:
                 window: int | None = None, scale: float | None = None) -> torch.Tensor:
         """Write keys/values (b, kv_heads, head_dim) at each row's position of `layer`'s cache, then attend
         from queries (b, heads, 1, head_dim) to each row's own keys; (b, heads, 1, head_dim)."""
-        self.keys[layer][step.index, :, step.positions] = keys
-        self.values[layer][step.index, :, step.positions] = values
+        cache_k, cache_v = self.keys[layer], self.values[layer]
+        # cache[index[j], h, positions[j]] = keys[j, h], as one index_copy_ into the flat (rows * heads *
+        # capacity, head_dim) view (faster than the advanced-indexing assignment)
+        where = step.flat_positions(cache_k.shape)
+        cache_k.view(-1, cache_k.shape[-1]).index_copy_(0, where, keys.reshape(-1, keys.shape[-1]).to(cache_k.dtype))
+        cache_v.view(-1, cache_v.shape[-1]).index_copy_(0, where, values.reshape(-1, values.shape[-1]).to(cache_v.dtype))
         rows = slice(None) if step.every_row else step.index
         k = self.keys[layer][rows, :, :step.longest]  # (b, kv_heads, longest, head_dim)
         v = self.values[layer][rows, :, :step.longest]
