@@ -1,7 +1,7 @@
 """Fast local inference, side by side in one run: our float32 / bfloat16 / int8 decoding, transformers and
 llama.cpp on the same weights, against the memory bandwidth; then served throughput with and without batching.
 
-    python -m benchmarks.inference            # GPT-2 124M and Qwen3-0.6B shapes, random weights (~25 minutes)
+    python -m benchmarks.inference            # GPT-2 124M and Qwen3-0.6B shapes, random weights (~4 minutes on 2 idle cores)
     python -m benchmarks.inference --quick    # tiny configs: checks the harness, not the speed
 
 Decoding (batch 1, a 16-token prompt, greedy, KV cache), every row in a fresh process, rows in rounds,
