@@ -96,6 +96,19 @@ def scratch_config(model_name: str = "gpt2-medium") -> dict:
             "drop_rate": 0.0}
 
 
+def save_loss_plot(output_dir: Path, num_epochs: int, train_losses: list, val_losses: list,
+                   tokens_seen: list) -> Path | None:
+    """The chapter's loss plot (`plot_losses`) as output_dir/loss-plot.png; None when no loss was recorded."""
+    if not train_losses:
+        return None
+    import matplotlib.pyplot as plt
+
+    epochs_seen = torch.linspace(0, num_epochs, len(train_losses)).tolist()
+    plot_path = output_dir / "loss-plot.png"
+    plt.close(plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, plot_path))
+    return plot_path
+
+
 def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, model_name: str = "gpt2-medium",
              quick: bool = False, from_scratch: bool = False, init_checkpoint: str | None = None,
              n_heads: int | None = None, cfg: dict | None = None, mask_instructions: bool = False, device=None,
@@ -183,13 +196,7 @@ def finetune(settings: dict, output_dir: str | os.PathLike | None = None, *, mod
     print(f"training took {train_seconds / 60:.2f} min")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    plot_path = None
-    if train_losses:
-        import matplotlib.pyplot as plt
-
-        epochs_seen = torch.linspace(0, settings["num_epochs"], len(train_losses)).tolist()
-        plot_path = output_dir / "loss-plot.png"
-        plt.close(plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, plot_path))
+    plot_path = save_loss_plot(output_dir, settings["num_epochs"], train_losses, val_losses, tokens_seen)
 
     if lora_rank:  # New: fold the adapters back in, so the saved model is a plain GPTModel
         from appendix_e.lora import merge_lora

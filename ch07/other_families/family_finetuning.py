@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader
 
 from appendix_e.lora import add_lora, merge_lora
 from ch05.gpt_generate import generate
-from ch05.gpt_train import calc_loss_batch, calc_loss_loader, evaluate_model, plot_losses
+from ch05.gpt_train import calc_loss_batch, calc_loss_loader, evaluate_model
 from ch05.llama.generate_llm import FAMILIES, LoadedLLM, load_llm
 from ch05.llama.hf_save import save_hf_folder
 from ch05.llama.llama3 import read_hf_config
+from ch07.cli import save_loss_plot
 from ch07.gpt_instruction_finetuning import (
     InstructionDataset,
     custom_collate_fn,
@@ -219,13 +220,7 @@ def finetune_family(settings: dict, model_dir: str | os.PathLike, output_dir: st
     if lora_rank:
         merge_lora(model)  # plain nn.Linear layers again: the folder is an ordinary model
     output_dir.mkdir(parents=True, exist_ok=True)
-    plot_path = None
-    if train_losses:
-        import matplotlib.pyplot as plt
-
-        epochs_seen = torch.linspace(0, settings["num_epochs"], len(train_losses)).tolist()
-        plot_path = output_dir / "loss-plot.png"
-        plt.close(plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, plot_path))
+    plot_path = save_loss_plot(output_dir, settings["num_epochs"], train_losses, val_losses, tokens_seen)
 
     with torch.no_grad():
         responses = [{**entry, "model_response": generate_family_response(llm, entry, style,

@@ -80,6 +80,16 @@ def family_answers(chat, instruction: str, max_new_tokens: int):
         yield text
 
 
+def refused(app, instruction: str, history: list[dict]) -> tuple | None:
+    """What the page shows instead of an answer (conversation, text box, message): the model's load error,
+    or the empty-message hint; None when the instruction gets an answer."""
+    if app.error:
+        return history, instruction, app.error
+    if not instruction.strip():
+        return history, "", EMPTY_INPUT_MESSAGE
+    return None
+
+
 def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS, int8: bool = False) -> gr.Blocks:
     """The page: the conversation, a text box and a send button (`int8`: llmfs.int8)."""
     if family_folder(model_spec) is not None:  # New: another family's folder, through the chat layer
@@ -90,11 +100,8 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
 
     def respond(instruction: str, history: list[dict]):
         """Yield (conversation, text box, message) once per new token."""
-        if app.error:
-            yield history, instruction, app.error
-            return
-        if not instruction.strip():
-            yield history, "", EMPTY_INPUT_MESSAGE
+        if (refusal := refused(app, instruction, history)) is not None:
+            yield refusal
             return
         input_text = format_input({"instruction": instruction, "input": ""}, style)
         history = [*history, {"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
@@ -123,11 +130,8 @@ def build_family_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_N
     app = load_app_model(load_family_model, model_spec, device, HINT, int8=int8)
 
     def respond(instruction: str, history: list[dict]):
-        if app.error:
-            yield history, instruction, app.error
-            return
-        if not instruction.strip():
-            yield history, "", EMPTY_INPUT_MESSAGE
+        if (refusal := refused(app, instruction, history)) is not None:
+            yield refusal
             return
         history = [*history, {"role": "user", "content": instruction}, {"role": "assistant", "content": ""}]
         try:
