@@ -20,9 +20,10 @@ into the measured read bandwidth: the fastest any implementation could decode on
 
 Served throughput: `benchmarks.serve` (the server in its own process, streaming clients) at 1, 4, 8 and 16
 concurrent streams, with `--max-batch-size 1` (one request at a time) and the default (continuous
-batching), on the same number of threads as the decoding rows.
+batching), on the same number of threads as the decoding rows; on x86, batched once more with the
+server's opt-in `--onednn` (oneDNN for products of 2 rows or more: faster batched steps on the AMD EPYC).
 
-Writes inference.md and inference.json (and benchmarks.serve's serve.json) into --out (default
+Writes inference.md and inference.json (and benchmarks.serve's serve.json, serve_onednn.json) into --out (default
 benchmarks/results/).
 """
 
@@ -132,35 +133,50 @@ def llamacpp_rows(files: dict[str, dict[str, Path]], ours: list[dict], new_token
 
 def serve_rows(out: Path, quick: bool, threads: int) -> dict:
     """benchmarks.serve at SERVE_STREAMS, with and without batching, on `threads` torch threads; its JSON
-    report (also left in `out` as serve.json)."""
-    cmd = [sys.executable, "-m", "benchmarks.serve", "--clients", *map(str, SERVE_STREAMS), "--threads", str(threads),
-           "--out", str(out / "serve.json")]
-    if quick:
-        cmd.append("--quick")
-    print("served throughput: python " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return json.loads((out / "serve.json").read_text())
+    report (also left in `out` as serve.json). Where oneDNN linear layers run (x86), batched again with the
+    server's opt-in `--onednn` (report under "onednn"; serve_onednn.json)."""
+    from llmfs.onednn_linear import onednn_linear_supported
+
+    def measure(name: str, *extra: str) -> dict:
+        cmd = [sys.executable, "-m", "benchmarks.serve", "--clients", *map(str, SERVE_STREAMS), "--threads",
+               str(threads), "--out", str(out / name), *extra, *(["--quick"] if quick else [])]
+        print("served throughput: python " + " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+        return json.loads((out / name).read_text())
+
+    report = measure("serve.json")
+    if onednn_linear_supported():
+        report["onednn"] = measure("serve_onednn.json", "--onednn", "--max-batch-size", str(max(report["max_batch_sizes"])))
+    return report
 
 
 def serve_table(serve: dict, quick: bool = False) -> tuple[list[str], list[tuple[str, bool]]]:
-    """Tokens/s summed over the streams, one request at a time and batched, and the goal (8 streams >= 4x one)."""
-    summary = serve["summary"]
+    """Tokens/s summed over the streams, one request at a time and batched (and batched with --onednn), and
+    the goal (8 streams >= 4x one) for each batched column."""
+    summary, onednn = serve["summary"], serve.get("onednn")
     sizes = serve["max_batch_sizes"]
+    columns = [(f"--max-batch-size {b}", summary, b) for b in sizes]
+    if onednn:
+        columns += [(f"--max-batch-size {b} --onednn", onednn["summary"], b) for b in onednn["max_batch_sizes"]]
     shape = "a tiny model" if quick else "GPT-2 124M shape"
     lines = ["", f"## Served throughput (`benchmarks.serve`: {shape}, {serve['tokens']} new tokens, greedy, "
                  f"{serve['threads']} threads; tokens/s summed over the streams; every answer equal to the direct call's)",
-             "", "| streams | " + " | ".join(f"--max-batch-size {b}" for b in sizes) + " |",
-             "|---:|" + "---:|" * len(sizes)]
+             "", "| streams | " + " | ".join(name for name, _, _ in columns) + " |",
+             "|---:|" + "---:|" * len(columns)]
     for c in SERVE_STREAMS:
-        cells = [summary.get(f"served b{b} x{c}") for b in sizes]
+        cells = [rows.get(f"served b{b} x{c}") for _, rows, b in columns]
         lines.append(f"| {c} | " + " | ".join(f"{s['tokens_per_s']:.1f}" if s else "" for s in cells) + " |")
     lines.append(f"\nDirect calls without HTTP, one at a time: {summary['direct']['tokens_per_s']:.1f} tokens/s.")
+    if onednn:
+        lines.append("`--onednn` (opt-in, x86): the server's products of 2 rows or more (batched steps, prompts) run "
+                     "through oneDNN; one row stays on PyTorch's default path.")
     goals = []
-    batched = max(sizes)
-    one, eight = summary.get(f"served b{batched} x1"), summary.get(f"served b{batched} x8")
-    if batched > 1 and one and eight:
-        ratio = eight["tokens_per_s"] / one["tokens_per_s"]
-        goals.append((f"served, 8 streams >= 4x one stream with batching ({ratio:.2f}x)", ratio >= 4.0))
+    for name, rows, b in columns:
+        one, eight = rows.get(f"served b{b} x1"), rows.get(f"served b{b} x8")
+        if b > 1 and one and eight:
+            ratio = eight["tokens_per_s"] / one["tokens_per_s"]
+            how = "batching" + (" and --onednn" if "--onednn" in name else "")
+            goals.append((f"served, 8 streams >= 4x one stream with {how} ({ratio:.2f}x)", ratio >= 4.0))
     return lines, goals
 
 

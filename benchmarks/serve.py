@@ -39,19 +39,21 @@ from llmfs.bench import machine_description
 from llmfs.checkpoint import save_model
 from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
 from llmfs.errors import InvalidInput
-from llmfs.serve import DEFAULT_MAX_BATCH_SIZE
+from llmfs.serve import DEFAULT_MAX_BATCH_SIZE, ONEDNN_MIN_ROWS
 
 PROMPT = "Every effort moves you"
 QUICK_CONFIG = {**TINY_CONFIG, "vocab_size": 50257, "drop_rate": 0.0}  # the GPT-2 tokenizer's ids must fit
 
 
-def start_server(model_path: Path, threads: int, max_batch_size: int = 1) -> tuple[subprocess.Popen, str]:
+def start_server(model_path: Path, threads: int, max_batch_size: int = 1,
+                 onednn: bool = False) -> tuple[subprocess.Popen, str]:
     """`python -m ch07.serve` on a free port; returns the process and its base URL once it answers."""
     import os
 
     env = {**os.environ, "LLMFS_DEVICE": "cpu", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "ch07.serve", "--model", str(model_path), "--port", "0",
-                             "--name", "bench", "--max-batch-size", str(max_batch_size)],
+                             "--name", "bench", "--max-batch-size", str(max_batch_size),
+                             *(["--onednn"] if onednn else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stderr.readline()
     while "OLLAMA_HOST=" not in line:
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=positive_int, default=1, help="interleaved rounds of each measurement")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads, on both sides (default 1: steadier on a shared machine)")
+    p.add_argument("--onednn", action="store_true",
+                   help="both sides compute float32 linear layers with oneDNN (the server's --onednn; x86 CPUs)")
     p.add_argument("--out", type=path_argument, default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.out is not None and args.out.is_dir():
@@ -184,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> None:
+    from llmfs.onednn_linear import onednn_linear, onednn_linear_supported
+
+    if args.onednn and not onednn_linear_supported():
+        raise InvalidInput("--onednn needs an x86 CPU whose PyTorch computes linear layers with oneDNN; this one "
+                           "does not (run without --onednn)")
+    with onednn_linear(args.onednn, min_rows=ONEDNN_MIN_ROWS):  # the direct side as the servers with --onednn
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     from ch07.cli import load_chat_model
     from llmfs.chat import parse_options
 
@@ -209,7 +223,7 @@ def benchmark(args: argparse.Namespace) -> None:
         servers = {}
         try:
             for size in args.max_batch_size:
-                servers[size] = start_server(model_path, args.threads, size)
+                servers[size] = start_server(model_path, args.threads, size, args.onednn)
             for _, host in servers.values():
                 served_round(host, payload, 1, 1)  # warm-up, every side
             direct_round(chat, options, 1)
@@ -233,7 +247,7 @@ def benchmark(args: argparse.Namespace) -> None:
     summary = {name: summarize(rnds) for name, rnds in rounds.items()}
     machine = machine_description()
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores, torch {machine['torch']}, "
-          f"{args.threads} threads); "
+          f"{args.threads} threads{', oneDNN linear layers' if args.onednn else ''}); "
           f"model: {'tiny' if args.quick else 'GPT-2 124M shape'}, prompt {len(chat.encode(PROMPT))} tokens, "
           f"{tokens} new tokens, greedy\n")
     print("| how | max batch | clients | requests | tokens/s | vs direct | requests/s "
@@ -251,7 +265,7 @@ def benchmark(args: argparse.Namespace) -> None:
             print(f"\n8 streams with --max-batch-size {b}: {many['tokens_per_s'] / one['tokens_per_s']:.2f}x the "
                   "tokens/s of one stream (the goal: at least 4x); every answer equals the direct call's")
     if args.out:
-        report = {"machine": machine, "tokens": tokens, "threads": args.threads,
+        report = {"machine": machine, "tokens": tokens, "threads": args.threads, "onednn": args.onednn,
                   "max_batch_sizes": args.max_batch_size, "summary": summary}
         with atomic_write(args.out) as f:
             json.dump(report, f, indent=2)

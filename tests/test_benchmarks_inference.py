@@ -30,6 +30,17 @@ def test_serve_table_shows_every_stream_count_and_the_batching_goal(one, eight, 
     assert goals == [(f"served, 8 streams >= 4x one stream with batching ({eight / one:.2f}x)", met)]
 
 
+def test_serve_table_adds_the_onednn_column_and_its_goal():
+    serve = {**served_summary(10.0, 25.0), "onednn": {**served_summary(9.0, 54.0), "max_batch_sizes": [8]}}
+    lines, goals = inference.serve_table(serve)
+    assert lines[3] == "| streams | --max-batch-size 1 | --max-batch-size 8 | --max-batch-size 8 --onednn |"
+    rows = [line.split("|")[1:-1] for line in lines if re.match(r"^\| \d+ \|", line)]
+    assert [[c.strip() for c in r] for r in rows if r[0].strip() in ("1", "8")] == [["1", "2.0", "10.0", "9.0"],
+                                                                                ["8", "2.0", "25.0", "54.0"]]
+    assert goals == [("served, 8 streams >= 4x one stream with batching (2.50x)", False),
+                     ("served, 8 streams >= 4x one stream with batching and --onednn (6.00x)", True)]
+
+
 if os.environ.get("LLMFS_REQUIRE_LLAMA_CPP"):  # .ci/run builds llama.cpp: there a missing one fails
     import llama_cpp  # noqa: F401
 

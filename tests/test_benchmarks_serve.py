@@ -46,3 +46,22 @@ def test_more_new_tokens_than_the_context_is_refused_before_the_server_starts(ca
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == ("error: --max-new-tokens 65 is more than the 64-token context of the tiny "
                                             "model; give at most 64")
+
+
+def test_quick_serve_benchmark_with_onednn(tmp_path, capsys, onednn_products):
+    """`--onednn`: the servers run with --onednn and the direct side routes as they do (products of 2+ rows)."""
+    out = tmp_path / "serve.json"
+    assert serve.main(["--quick", "--requests", "2", "--clients", "1", "4", "--max-new-tokens", "4",
+                       "--max-batch-size", "4", "--onednn", "--out", str(out)]) == 0
+    assert re.search(r"CPU: .+ threads, oneDNN linear layers\)", capsys.readouterr().out)
+    assert json.loads(out.read_text())["onednn"] is True
+    assert onednn_products  # the direct side's prompts and batched steps (the servers are other processes)
+
+
+def test_onednn_is_refused_where_it_cannot_run(monkeypatch, capsys):
+    import llmfs.onednn_linear as ol
+
+    monkeypatch.setattr(ol, "onednn_linear_supported", lambda: False)
+    monkeypatch.setattr(serve, "start_server", lambda *a, **k: pytest.fail("started a server"))
+    assert serve.main(["--quick", "--onednn"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --onednn needs an x86 CPU")

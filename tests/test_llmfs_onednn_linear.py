@@ -75,6 +75,19 @@ def test_without_autograd_the_op_is_called_directly(no_autograd, onednn_products
 
 
 @needs_onednn
+def test_min_rows_routes_only_products_of_that_many_rows(onednn_products):
+    """`min_rows=2` (the server's batched steps): a single row, however shaped, stays on the default path."""
+    layer = nn.Linear(8, 5)
+    with torch.no_grad(), onednn_linear(min_rows=2):
+        for shape in [(8,), (1, 8), (1, 1, 8)]:
+            torch.testing.assert_close(layer(torch.ones(shape)), F.linear(torch.ones(shape), layer.weight, layer.bias))
+        assert onednn_products == []
+        for shape in [(2, 8), (1, 2, 8), (2, 1, 8)]:
+            layer(torch.ones(shape))
+        assert len(onednn_products) == 3
+
+
+@needs_onednn
 def test_entered_under_autocast_the_context_is_a_no_op():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not isinstance(onednn_linear(), ol._LinearToOneDNN)

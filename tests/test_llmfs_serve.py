@@ -14,13 +14,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import ollama
 import pytest
 import torch
+import torch.nn.functional as F
 import uvicorn
 
 from ch02.tokenizer import get_gpt2_tokenizer
@@ -35,6 +38,7 @@ from ch07.gpt_instruction_finetuning import (
 )
 from llmfs.chat import GenerationOptions
 from llmfs.checkpoint import save_model
+from llmfs.onednn_linear import onednn_linear_supported
 from llmfs.serve import DEFAULT_MAX_BATCH_SIZE, DEFAULT_REQUEST_TIMEOUT, bind_socket, create_app, model_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +187,46 @@ def test_the_command_loads_the_model_on_its_model_thread(capsys):
     assert serve_command(loader, ["--model", "nowhere.pth", "--port", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: no model at nowhere.pth"
     assert len(seen) == 1 and seen[0] is not threading.main_thread() and seen[0].name.startswith("model")
+
+
+@pytest.mark.skipif(not onednn_linear_supported(), reason="oneDNN linear layers need an x86 CPU with PyTorch's oneDNN op")
+def test_onednn_routes_the_model_threads_linear_layers_only(base_path):
+    """`--onednn` (model_thread(onednn=True)): every float32 linear layer the model thread computes goes to
+    oneDNN, batched steps included, and the answers are those of the default path; other threads are untouched."""
+    import llmfs.onednn_linear as onednn
+
+    routed, real = [], onednn._product
+
+    def counting(x2d, weight, bias):
+        routed.append(threading.get_ident())
+        return real(x2d, weight, bias)
+
+    answers = {}
+    for use in (False, True):
+        executor = model_thread(onednn=use)
+        with mock.patch.object(onednn, "_product", counting), \
+                serving(base_path, step_delay=0.05, executor=executor) as (host, app):
+            name = app.state.worker.chat.name
+            with ThreadPoolExecutor(3) as clients:
+                answers[use] = list(clients.map(lambda prompt: httpx.post(
+                    f"{host}/api/generate", json={"model": name, "prompt": prompt, "stream": False,
+                                                  "options": {"num_predict": 6, "temperature": 0}},
+                    timeout=60).json()["response"], ["Hello", "Every effort moves you", "I"]))
+            thread = executor.submit(threading.get_ident).result()
+            assert set(routed) == ({thread} if use else set())
+            assert bool(routed) == use and max(app.state.worker.batch_sizes) > 1
+            routed.clear()
+            assert F.linear(torch.ones(1, 2), torch.ones(3, 2)).shape == (1, 3) and not routed  # not this thread
+    assert answers[True] == answers[False]
+
+
+def test_the_command_refuses_onednn_with_int8(capsys):
+    from llmfs.serve import main as serve_command
+
+    loaded = []
+    assert serve_command(lambda spec, **kw: loaded.append(spec), ["--model", "m.pth", "--onednn", "--int8"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --int8 and --onednn do not combine")
+    assert not loaded
 
 
 def test_version_list_and_show(base_server):
