@@ -88,3 +88,22 @@ def test_an_unwritable_out_folder_is_refused_before_measuring(tmp_path, capsys, 
     assert bench.main(["--quick", "--out", str(tmp_path / "file" / "results")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("error: --out ") and "cannot be written" in err[-1]
+
+
+def test_the_onednn_side_adds_our_opt_in_and_its_goals():
+    assert bench.ours_argv({"side": bench.ONEDNN_SIDE, "quick": False, "out_dir": "o"})[-1] == "--onednn"
+    assert "--onednn" not in bench.ours_argv({"side": "ours", "quick": False, "out_dir": "o"})
+    best = {"book": side("book", 150.0, 1000.0, 0.3579, 6.5421), "ours": side("ours", 110.0, 900.0, 0.3581, 6.5419),
+            bench.ONEDNN_SIDE: side(bench.ONEDNN_SIDE, 95.0, 950.0, 0.3581, 6.5419)}
+    table, goals = bench.summarize(best, {"cpu": "x", "cores": 2, "torch": "t"}, quick=False, repeats=1,
+                                   book_model="book")
+    assert "| ours-onednn | 95.0 |" in table and "book / ours --onednn time: 1.58x" in table
+    assert [ok for _, ok in goals] == [False, True, True, True, True]
+    assert goals[3][0] == "ours --onednn >= 1.5x faster than the book's script (1.58x)"
+
+
+def test_onednn_is_refused_where_it_cannot_run(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "onednn_linear_supported", lambda: False)
+    monkeypatch.setattr(bench, "run_worker", lambda spec: pytest.fail("measured"))
+    assert bench.main(["--quick", "--onednn"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --onednn needs an x86 CPU")
