@@ -56,7 +56,7 @@ from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
 from llmfs.finetuning import add_model_source_args
 from llmfs.grad_checkpoint import enable_gradient_checkpointing
-from llmfs.int8 import quantize_int8
+from llmfs.int8 import int8_description, quantize_int8
 from llmfs.runtime import eval_mode, get_device, outputs_dir, set_seed
 from llmfs.trainer import make_optimizer, train
 
@@ -312,7 +312,7 @@ PROMPT_FORMAT = PromptFormat(styles=book.PROMPT_STYLES, format_input=book.format
 
 
 def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
-                    name: str | None = None, style: str | None = "auto", int8: bool = False) -> ChatModel:
+                    name: str | None = None, style: str | None = "auto", int8: bool | str = False) -> ChatModel:
     """A `llmfs.chat.ChatModel` for the model `spec` names: a chapter-7 instruction-tuned model (the
     `.pth` plus `.json` that `book.save_finetuned_model` writes) or anything chapter 5's
     `load_model_for_generation` reads (GPT-2 weights, chapter-5 checkpoints).
@@ -344,8 +344,8 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
         raise InvalidInput(f"model name {name!r} may only hold letters, digits and . _ : / -")
     name = (name or default_model_name(spec)).lower()
     if int8:
-        quantize_int8(model)  # before the layout, which only touches float32 nn.Linear weights
-        described += ", int8 weights"
+        quantize_int8(model, int8)  # before the layout, which only touches float32 nn.Linear weights
+        described += int8_description(int8)
     layout_for_decoding(model)  # same numbers, faster one-token products on the CPU (llmfs.decoding_layout)
     return ChatModel(model=model.eval(), name=name if ":" in name else f"{name}:latest",
                      style=saved_style if style == "auto" else style, description=described, source=source,
@@ -368,7 +368,7 @@ def family_folder(spec: str | os.PathLike) -> str | None:
 
 
 def load_family_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None,
-                           name: str | None = None, style: str | None = "auto", int8: bool = False) -> ChatModel:
+                           name: str | None = None, style: str | None = "auto", int8: bool | str = False) -> ChatModel:
     """A `ChatModel` for a Llama 3.x, Qwen3 (dense or MoE) or Gemma 3 text folder, loaded by `load_llm`.
 
     It speaks its family's chat template (`style` "auto"; None: plain text, as a base model

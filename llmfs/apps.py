@@ -75,7 +75,7 @@ class AppModel:
 
 
 def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, device, hint: str,
-                   int8: bool = False) -> AppModel:
+                   int8: bool | str = False) -> AppModel:
     """`loader(spec, device)` -> (model, info), with any failure turned into a page message; `int8`
     then stores the linear layers' weights as int8 (`llmfs.int8`, the text apps' `--int8`).
 
@@ -91,7 +91,7 @@ def load_app_model(loader: Callable[..., tuple[nn.Module, Any]], spec: str, devi
             warnings.simplefilter("always")
             model, info = loader(spec, device)
         if int8:
-            quantize_int8(model)  # before the layout, which only touches float32 nn.Linear weights
+            quantize_int8(model, int8)  # before the layout, which only touches float32 nn.Linear weights
         # Text apps decode token by token: the faster weight layout for that (llmfs.decoding_layout).
         return layout_for_decoding(model.eval()), info, caught
 

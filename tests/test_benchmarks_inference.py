@@ -57,7 +57,7 @@ def test_quick_run_puts_llama_cpp_beside_ours_on_the_same_weights(tmp_path, monk
                            "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "inference.json").read_text())
     rows = {(r["model"], r["impl"]): r for r in data["rows"]}
-    impls = [*inference.OUR_IMPLS, "llama.cpp-f32", "llama.cpp-q8_0"]
+    impls = [*int8_decode.available_impls(inference.OUR_IMPLS), "llama.cpp-f32", "llama.cpp-q8_0"]
     assert sorted(rows) == sorted((m, i) for m in ("gpt2-124m", "qwen3-0.6b") for i in impls)
     for model in ("gpt2-124m", "qwen3-0.6b"):
         ours, f32, q8 = (rows[(model, i)] for i in ("ours-float32", "llama.cpp-f32", "llama.cpp-q8_0"))

@@ -34,13 +34,17 @@ def test_quick_benchmark_writes_table_and_json(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "int8_decode.json").read_text())
     assert data["bandwidth"]["read_gb_s"] > 0 and data["bandwidth"]["copy_gb_s"] > 0
     rows = {(r["model"], r["impl"]): r for r in data["rows"]}
-    assert len(rows) == 8 and all(len(r["tokens"]) == 4 and r["tokens_per_s"] > 0 for r in rows.values())
+    impls = int8_decode.available_impls(tuple(int8_decode.IMPLS))
+    assert len(rows) == 2 * len(impls) and all(len(r["tokens"]) == 4 and r["tokens_per_s"] > 0 for r in rows.values())
     for model in ("gpt2-124m", "qwen3-0.6b"):
         # Same random weights, greedy: our float32 loop and transformers pick the same tokens.
         assert rows[(model, "ours-float32")]["tokens"] == rows[(model, "hf-float32")]["tokens"]
         assert rows[(model, "hf-float32")]["bytes_per_token"] == rows[(model, "ours-float32")]["bytes_per_token"]
         assert rows[(model, "ours-int8")]["bytes_per_token"] < rows[(model, "ours-float32")]["bytes_per_token"] / 3
-    assert len(re.findall(r"^- \[[ x]\] ", table, flags=re.M)) == 2
+        if "ours-int8-dynamic" in impls:  # the same int8 bytes, and activations rounded too
+            dynamic = rows[(model, "ours-int8-dynamic")]
+            assert dynamic["bytes_per_token"] == rows[(model, "ours-int8")]["bytes_per_token"]
+    assert len(re.findall(r"^- \[[ x]\] ", table, flags=re.M)) == (4 if "ours-int8-dynamic" in impls else 2)
 
     # One measurement the real way: a fresh process, whose peak RSS includes the loaded model.
     spec = {k: rows[("gpt2-124m", "ours-int8")][k] for k in ("model", "impl", "dir", "vocab_size", "new_tokens")}

@@ -16,6 +16,7 @@ from llmfs.batched import BatchedGeneration, generate_batch, supports_batching
 from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
 from llmfs.generate_stream import generate_stream
+from llmfs.int8 import dynamic_kernel_available, quantize_int8
 
 CFG = {"vocab_size": 512, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
        "qkv_bias": False}
@@ -164,6 +165,19 @@ def test_every_row_of_a_rope_model_equals_its_unbatched_generation(family, sampl
     assert got == want
     assert model.current_pos == 0 and all(b.att.cache_k is None for b in model.trf_blocks)
     assert all("forward" not in vars(b.att) for b in model.trf_blocks)  # the attention's own forward is back
+
+
+@pytest.mark.skipif(not dynamic_kernel_available(), reason="--int8 dynamic needs fbgemm (x86 builds of PyTorch)")
+@pytest.mark.parametrize("name", ["gpt", "qwen3", "qwen3-moe"])
+def test_dynamic_int8_rows_equal_their_unbatched_generation(name):
+    """`--int8 dynamic` rounds each single-token row's activations alone, so batching changes no token."""
+    model = quantize_int8(model_of() if name == "gpt" else family_model(name), "dynamic")
+    ps = prompts()
+    want = [alone(model, p, n) for p, n in zip(ps, LIMITS)]
+    shapes = []
+    model.out_head.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    assert generate_batch(model, ps, LIMITS, CFG["context_length"]) == want
+    assert any(s[0] > 1 and s[-2] == 1 for s in shapes)  # batched steps: several single-token rows at once
 
 
 @pytest.mark.parametrize("name", ["gpt", *FAMILIES])

@@ -35,6 +35,7 @@ TRAIN_STEPS = 225  # lr 1e-3, dropout 0.1: about where the validation loss stops
 PROMPT = "Every effort moves you"
 GREEDY_TOKENS = 40  # greedy tokens compared, int8 vs float32
 MIN_EQUAL_TOKENS = 30  # at least this many leading tokens must agree (all 40 did when this was written)
+MIN_EQUAL_TOKENS_DYNAMIC = 20  # the same for --int8 dynamic (activations rounded too)
 
 
 # --- The layer --------------------------------------------------------------------------------
@@ -170,6 +171,89 @@ def test_int8_greedy_text_equals_float32(trained):
     assert equal >= MIN_EQUAL_TOKENS
 
 
+def decoding_perplexity(model: nn.Module, loader) -> float:
+    """Perplexity with every token fed alone through the KV cache, as generation feeds them (the path
+    `--int8 dynamic` changes)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            for row in range(x.shape[0]):
+                model.reset_kv_cache()
+                logits = torch.cat([model(x[row:row + 1, t:t + 1], use_cache=True) for t in range(x.shape[1])], 1)
+                total += float(torch.nn.functional.cross_entropy(logits[0], y[row], reduction="sum"))
+                count += y.shape[1]
+    model.reset_kv_cache()
+    return math.exp(total / count)
+
+
+needs_fbgemm = pytest.mark.skipif(not int8.dynamic_kernel_available(),
+                                  reason="--int8 dynamic needs fbgemm (x86 builds of PyTorch)")
+
+
+@needs_fbgemm
+def test_dynamic_int8_keeps_decoding_perplexity_within_one_percent(trained):
+    model, val_loader, _ = trained
+    weights, dynamic = (quantize_int8(copy.deepcopy(model), mode) for mode in ("weights", "dynamic"))
+    ppl = {name: decoding_perplexity(m, val_loader)
+           for name, m in (("float32", model), ("weights", weights), ("dynamic", dynamic))}
+    print("decoding perplexity: " + ", ".join(f"{k} {v:.2f} ({100 * (v / ppl['float32'] - 1):+.2f}%)"
+                                               for k, v in ppl.items()))
+    assert ppl["float32"] == pytest.approx(math.exp(calc_loss_loader(val_loader, model, "cpu")), rel=1e-4)
+    assert abs(ppl["dynamic"] / ppl["float32"] - 1) < 0.01 and abs(ppl["weights"] / ppl["float32"] - 1) < 0.01
+    assert ppl["dynamic"] != ppl["weights"]  # the activations' rounding is really there
+
+
+@needs_fbgemm
+def test_dynamic_int8_greedy_text_is_close_to_float32(trained):
+    model, _, tokenizer = trained
+    quantized = quantize_int8(copy.deepcopy(model), "dynamic")
+    ids = torch.tensor([tokenizer.encode(verdict())[:16]])
+    outs = [generate(m, ids, GREEDY_TOKENS, model.cfg["context_length"], use_cache=True)[0, ids.shape[1]:]
+            for m in (model, quantized)]
+    different = (outs[0] != outs[1]).nonzero()
+    equal = GREEDY_TOKENS if len(different) == 0 else int(different[0])
+    print(f"greedy, dynamic: {equal} of {GREEDY_TOKENS} tokens equal: {tokenizer.decode(outs[1].tolist())!r}")
+    assert equal >= MIN_EQUAL_TOKENS_DYNAMIC
+
+
+@needs_fbgemm
+def test_dynamic_layer_rounds_each_token_row_alone():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = int8.DynamicInt8Linear.from_linear(linear)
+    weight_only = Int8Linear.from_linear(linear)
+    x = torch.randn(5, 1, 64)
+    x[3] *= 40  # a row with large activations: its scale must not coarsen the others' rounding
+    with torch.no_grad():
+        rows = layer(x)
+        assert torch.equal(rows[1], layer(x[1:2])[0]) and torch.equal(rows[2], layer(x[2])) and rows.shape == (5, 1, 48)
+        # close to the float product, and not the weight-only numbers (the activations are rounded)
+        want = linear(x)
+        assert ((rows - want).norm() / want.norm()) < 0.02 and not torch.equal(rows, weight_only(x))
+        prompt = torch.randn(1, 6, 64)  # a prompt's tokens go the weight-only way
+        assert torch.equal(layer(prompt), weight_only(prompt))
+        for engine in torch.backends.quantized.supported_engines:  # the packed weight keeps fbgemm
+            with _engine(engine):
+                assert torch.equal(layer(x), rows)
+        restored = int8.DynamicInt8Linear(64, 48)
+        restored.load_state_dict(layer.state_dict())  # the packed copy follows the loaded weight
+        assert torch.equal(restored(x), rows) and torch.equal(restored(prompt), layer(prompt))
+
+
+def _engine(name: str):
+    import contextlib
+
+    @contextlib.contextmanager
+    def switched():
+        before = torch.backends.quantized.engine
+        torch.backends.quantized.engine = name
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = before
+    return switched()
+
+
 def test_order_with_decoding_layout_does_not_matter(trained):
     model, val_loader, _ = trained
     x, _ = next(iter(val_loader))
@@ -235,25 +319,29 @@ def gpt_path(tmp_path_factory) -> Path:
     return folder / "model.pth"
 
 
-def _int8_continuation(path: Path, new_tokens: int) -> str:
+def _int8_continuation(path: Path, new_tokens: int, mode: str = "weights") -> str:
     """What the int8 model writes greedily after PROMPT (computed here, not by a command)."""
     from ch05.gpt_generate import load_model_for_generation
 
-    model = quantize_int8(load_model_for_generation(path)[0])
+    model = quantize_int8(load_model_for_generation(path)[0], mode)
     tokenizer = get_gpt2_tokenizer()
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     out = generate(model, ids, new_tokens, model.cfg["context_length"], use_cache=True)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist())
 
 
-def test_gpt_generate_int8(gpt_path, capsys):
+@pytest.mark.parametrize("switch, mode, described", [
+    (["--int8"], "weights", "int8 weights"),
+    pytest.param(["--int8", "dynamic"], "dynamic", "int8 weights and activations (dynamic)", marks=needs_fbgemm),
+])
+def test_gpt_generate_int8(gpt_path, capsys, switch, mode, described):
     from ch05.cli import generate_main
 
     argv = ["--model", str(gpt_path), "--prompt", PROMPT, "--max-new-tokens", "12", "--device", "cpu"]
-    assert generate_main([*argv, "--int8"]) == 0
+    assert generate_main([*argv, *switch]) == 0
     out, err = capsys.readouterr()
-    assert "int8 weights" in err
-    assert out.strip() == (PROMPT + _int8_continuation(gpt_path, 12)).strip()
+    assert described in err
+    assert out.strip() == (PROMPT + _int8_continuation(gpt_path, 12, mode)).strip()
 
 
 @pytest.fixture(scope="module")
@@ -269,16 +357,25 @@ def test_ch05_llama_int8(qwen_dir, capsys):
     argv = ["--model", str(path), "--prompt", prompt, "--max-new-tokens", "8", "--device", "cpu"]
     assert main([*argv, "--int8"]) == 0
     out, err = capsys.readouterr()
-    assert "int8 linear weights" in err
+    assert "int8 weights" in err
     text, _ = generate_text(load_llm(path, int8=True), prompt, 8)
     assert out == prompt + text + "\n"
+    if int8.dynamic_kernel_available():
+        assert main([*argv, "--int8", "dynamic"]) == 0
+        out, err = capsys.readouterr()
+        assert "int8 weights and activations (dynamic)" in err
+        llm = load_llm(path, int8="dynamic")
+        assert isinstance(llm.model.out_head, int8.DynamicInt8Linear)
+        assert out == prompt + generate_text(llm, prompt, 8)[0] + "\n"
 
 
-def test_server_with_int8_answers_through_the_ollama_client(gpt_path):
+@pytest.mark.parametrize("mode", ["weights", pytest.param("dynamic", marks=needs_fbgemm)])
+def test_server_with_int8_answers_through_the_ollama_client(gpt_path, mode):
     import ollama
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "LLMFS_DEVICE": "cpu", "NO_PROXY": "127.0.0.1,localhost"}
-    proc = subprocess.Popen([sys.executable, "-m", "ch07.serve", "--model", str(gpt_path), "--port", "0", "--int8"],
+    proc = subprocess.Popen([sys.executable, "-m", "ch07.serve", "--model", str(gpt_path), "--port", "0", "--int8",
+                             mode],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = []
@@ -286,11 +383,12 @@ def test_server_with_int8_answers_through_the_ollama_client(gpt_path):
         while not (lines and "OLLAMA_HOST=" in lines[-1]):
             lines.append(proc.stderr.readline())
             assert lines[-1] and time.monotonic() < deadline, "the server stopped: " + "".join(lines)
-        assert any("int8 weights" in line for line in lines)
+        assert any(("int8 weights and activations" in line) == (mode == "dynamic") and "int8 weights" in line
+                   for line in lines)
         client = ollama.Client(host=re.search(r"OLLAMA_HOST=(\S+)", lines[-1]).group(1))
         name = client.list().models[0].model
         reply = client.generate(model=name, prompt=PROMPT, options={"temperature": 0, "num_predict": 10})
-        assert reply.eval_count == 10 and reply.response == _int8_continuation(gpt_path, 10)
+        assert reply.eval_count == 10 and reply.response == _int8_continuation(gpt_path, 10, mode)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -307,9 +405,23 @@ def test_apps_load_int8(gpt_path):
 @pytest.mark.parametrize("argv, words", [
     (["-m", "ch05.gpt_generate", "--int8", "--onednn"], "--int8 and --onednn do not combine"),
     (["-m", "ch05.gpt_train", "--int8"], "unrecognized arguments: --int8"),  # training: no such switch
+    (["-m", "ch05.gpt_generate", "--int8", "int4"], "argument --int8: invalid choice: 'int4'"),
 ])
 def test_bad_combinations_are_one_line(argv, words):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=120)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and words in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_dynamic_is_refused_where_it_cannot_run(monkeypatch):
+    from llmfs.errors import InvalidInput
+
+    monkeypatch.setattr(int8, "dynamic_kernel_available", lambda: False)
+    with pytest.raises(InvalidInput, match="^--int8 dynamic needs fbgemm"):
+        int8.check_int8_options("dynamic")
+    int8.check_int8_options("weights")  # weight-only runs anywhere
+    with pytest.raises(InvalidInput, match="^--int8 dynamic runs on the CPU of an x86 machine"):
+        quantize_int8(nn.Sequential(nn.Linear(4, 4)), "dynamic")
+    assert [int8.int8_mode(v) for v in (None, False, True, "weights", "dynamic")] == [None, None, "weights",
+                                                                                        "weights", "dynamic"]

@@ -32,7 +32,7 @@ from ch05.llama.qwen3 import Qwen3Tokenizer, load_qwen3, qwen3_config_from_hf
 from llmfs.cli import Parser, add_sampling_arguments, device_name, non_negative_int, run, whole_number
 from llmfs.decoding_layout import layout_for_decoding
 from llmfs.errors import InvalidInput
-from llmfs.int8 import add_int8_argument, quantize_int8
+from llmfs.int8 import add_int8_argument, check_int8_options, int8_description, quantize_int8
 from llmfs.sampling import check_sampling_args
 
 # config.json's model_type -> (loader, tokenizer class)
@@ -86,7 +86,7 @@ class LoadedLLM:
 
 
 def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device, decoding_layout: bool,
-                context_length: int | None = None, int8: bool = False) -> LoadedLLM:
+                context_length: int | None = None, int8: bool | str = False) -> LoadedLLM:
     if context_length is not None:  # nothing to shorten: said rather than ignored
         raise InvalidInput(f"--context-length shortens the RoPE tables of Llama and Qwen3 models; {spec} is a GPT "
                            "model, whose positions are learned (leave the option out)")
@@ -94,15 +94,15 @@ def _gpt_family(spec: str | os.PathLike, dtype: torch.dtype | None, device, deco
     if dtype is not None:
         model = model.to(dtype)
     if int8:  # New: int8 linear layers (llmfs.int8), before the layout (which then skips them)
-        quantize_int8(model)
-        described += ", int8 weights"
+        quantize_int8(model, int8)
+        described += int8_description(int8)
     if decoding_layout:
         layout_for_decoding(model)
     return LoadedLLM(model, GPT2Tokenizer(), "gpt2", described)
 
 
 def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_length: int | None,
-               decoding_layout: bool, int8: bool = False) -> LoadedLLM:
+               decoding_layout: bool, int8: bool | str = False) -> LoadedLLM:
     hf = read_hf_config(model_dir)
     family = hf.get("model_type")
     if family == "gpt2" or (family is None and "emb_dim" in hf):  # Hugging Face GPT-2, or our chapter-5 folder
@@ -121,14 +121,14 @@ def _hf_folder(model_dir: Path, dtype: torch.dtype | None, device, context_lengt
     n_params = sum(p.numel() for p in model.parameters())
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     if int8:  # New: int8 linear layers (llmfs.int8); the layout above then only applies to what stays float
-        quantize_int8(model)
-        dtype_name += ", int8 linear weights"
+        quantize_int8(model, int8)
+        dtype_name += int8_description(int8)
     return LoadedLLM(model, tokenizer, family,
                      f"{family} from {model_dir} ({n_params / 1e6:,.1f}M parameters, {dtype_name})")
 
 
 def load_llm(spec: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             context_length: int | None = None, decoding_layout: bool = True, int8: bool = False) -> LoadedLLM:
+             context_length: int | None = None, decoding_layout: bool = True, int8: bool | str = False) -> LoadedLLM:
     """Model, tokenizer and family for what `--model` names (see the module docstring).
 
     `decoding_layout` stores float32 linear weights for faster CPU decoding (llmfs.decoding_layout);
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def generate_and_print() -> None:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
+        check_int8_options(args.int8)
         device = get_device(args.device)
         with warnings.catch_warnings():
             warnings.simplefilter("always")

@@ -69,7 +69,7 @@ def is_family_folder(spec: str) -> bool:
     return isinstance(hf, dict) and hf.get("model_type") in FAMILIES
 
 
-def build_demo(model_spec: str, device="cpu", int8: bool = False) -> gr.Blocks:
+def build_demo(model_spec: str, device="cpu", int8: bool | str = False) -> gr.Blocks:
     """The page: a prompt, the sampling controls of section 5.3, and the growing text (`int8`: llmfs.int8)."""
     eos_id = None
     if is_family_folder(model_spec):  # New: Llama 3.x, Qwen3, Gemma 3

@@ -90,7 +90,7 @@ def refused(app, instruction: str, history: list[dict]) -> tuple | None:
     return None
 
 
-def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS, int8: bool = False) -> gr.Blocks:
+def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS, int8: bool | str = False) -> gr.Blocks:
     """The page: the conversation, a text box and a send button (`int8`: llmfs.int8)."""
     if family_folder(model_spec) is not None:  # New: another family's folder, through the chat layer
         return build_family_demo(model_spec, device, max_new_tokens, int8=int8)
@@ -125,7 +125,7 @@ def build_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKE
 
 
 def build_family_demo(model_spec: str, device="cpu", max_new_tokens: int = MAX_NEW_TOKENS,
-                      int8: bool = False) -> gr.Blocks:
+                      int8: bool | str = False) -> gr.Blocks:
     """New: the same page for a Llama 3.x, Qwen3 or Gemma 3 folder, which answers in its chat template."""
     app = load_app_model(load_family_model, model_spec, device, HINT, int8=int8)
 
