@@ -98,7 +98,7 @@ def _load(impl: str, model_dir: str):
         return load_llm(model_dir, dtype=dtype, device="cpu", int8=int8).model
     # Qwen3: load_llm's steps without the tokenizer (the folder has none): laid out while read, then int8.
     model = load_qwen3(model_dir, dtype=dtype, decoding_layout=True)
-    return quantize_int8(model) if int8 else model
+    return quantize_int8(model, int8) if int8 else model
 
 
 def _decode(impl: str, model, ids, new_tokens: int) -> list[int]:

@@ -62,7 +62,7 @@ from llmfs.distributed import (
 )
 from llmfs.download import get_data_file
 from llmfs.errors import InvalidInput
-from llmfs.int8 import add_int8_argument, check_int8_options, int8_description, quantize_int8
+from llmfs.int8 import add_int8_argument, check_int8_options, quantize_int8
 from llmfs.runtime import get_device, outputs_dir, reuse_freed_memory, set_seed
 from llmfs.trainer import check_autocast_support, make_optimizer, parse_dtype, train
 
@@ -435,8 +435,8 @@ def generate_main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always")
             model, described = generation.load_model_for_generation(args.model, device=device, n_heads=args.n_heads)
         if args.int8:
-            quantize_int8(model, args.int8)  # int8 linear layers (llmfs.int8); before the layout, which skips them
-            described += int8_description(args.int8)
+            quantize_int8(model)  # int8 linear layers (llmfs.int8); before the layout, which skips them
+            described += ", int8 weights"
         layout_for_decoding(model)  # same numbers, faster one-token products on the CPU
         tokenizer = get_gpt2_tokenizer()
         idx = listings.text_to_token_ids(args.prompt, tokenizer).to(device)

@@ -260,8 +260,12 @@ INT8_HELP = ("store the linear layers' weights as int8 with one scale per output
              "accurate (llmfs/int8.py)")
 
 
-def add_int8_argument(p: argparse.ArgumentParser) -> None:
-    """The generation commands' `--int8 [weights|dynamic]` switch (alone: weights)."""
+def add_int8_argument(p: argparse.ArgumentParser, dynamic: bool = False) -> None:
+    """The generation commands' `--int8` switch; with `dynamic`, `--int8 [weights|dynamic]` (alone: weights)."""
+    if not dynamic:
+        p.add_argument("--int8", action="store_const", const="weights", default=None,
+                       help=INT8_HELP.partition(". '--int8 dynamic'")[0] + " (llmfs/int8.py)")
+        return
     p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES, metavar="MODE",
                    help=INT8_HELP)
 

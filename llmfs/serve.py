@@ -592,7 +592,7 @@ def parser(prog: str | None = None) -> Parser:
     p.add_argument("--onednn", action="store_true",
                    help="x86 CPUs, float32: compute linear layers with oneDNN instead of PyTorch's default; on the "
                         "AMD EPYC measured, a batched step of 8 requests runs 1.7x faster (benchmarks/README.md)")
-    add_int8_argument(p)
+    add_int8_argument(p, dynamic=True)
     return p
 
 

@@ -46,6 +46,11 @@ def test_quick_benchmark_writes_table_and_json(tmp_path, monkeypatch):
             assert dynamic["bytes_per_token"] == rows[(model, "ours-int8")]["bytes_per_token"]
     assert len(re.findall(r"^- \[[ x]\] ", table, flags=re.M)) == (4 if "ours-int8-dynamic" in impls else 2)
 
+    for impl, layer in (("ours-int8", "Int8Linear"), ("ours-int8-dynamic", "DynamicInt8Linear")):
+        for model in ("gpt2-124m", "qwen3-0.6b"):  # each row loads its own kind of layer
+            if impl in impls:
+                assert type(int8_decode._load(impl, rows[(model, "ours-int8")]["dir"]).out_head).__name__ == layer
+
     # One measurement the real way: a fresh process, whose peak RSS includes the loaded model.
     spec = {k: rows[("gpt2-124m", "ours-int8")][k] for k in ("model", "impl", "dir", "vocab_size", "new_tokens")}
     real = int8_decode.run_worker(spec)

@@ -193,7 +193,7 @@ def parser() -> Parser:
                    help="use a shorter context than the model's (smaller RoPE tables)")
     p.add_argument("--no-cache", action="store_true", help="recompute all tokens each step (no KV cache)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, mps (default: best available)")
-    add_int8_argument(p)
+    add_int8_argument(p, dynamic=True)
     return p
 
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p = app_parser("python -m ch05.ui", "Chapter 5's text generation in the browser.", default_model(),
                    "gpt2, gpt2-medium, ... (or 124M ...); a Hugging Face GPT-2 folder or .safetensors file; "
                    "or checkpoint.pth / model.pth from ch05.gpt_train")
-    add_int8_argument(p)
+    add_int8_argument(p, dynamic=True)
     args = p.parse_args(argv)
     return serve_app(args, lambda device: build_demo(args.model, device, int8=args.int8))
 

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                    "Hugging Face folder")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=MAX_NEW_TOKENS,
                    help=f"answer length cap in tokens (default {MAX_NEW_TOKENS}, as the chapter's generate_response)")
-    add_int8_argument(p)
+    add_int8_argument(p, dynamic=True)
     args = p.parse_args(argv)
     return serve_app(args, lambda device: build_demo(args.model, device, args.max_new_tokens, int8=args.int8))
 
