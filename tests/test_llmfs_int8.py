@@ -159,16 +159,21 @@ def test_int8_keeps_validation_perplexity_within_one_percent(trained):
     assert abs(int8_ppl / float_ppl - 1) < 0.01
 
 
-def test_int8_greedy_text_equals_float32(trained):
+def equal_greedy_tokens(trained, mode: str) -> int:
+    """How many leading greedy tokens after the story's start the int8 model (`mode`) shares with float32."""
     model, _, tokenizer = trained
-    quantized = quantize_int8(copy.deepcopy(model))
+    quantized = quantize_int8(copy.deepcopy(model), mode)
     ids = torch.tensor([tokenizer.encode(verdict())[:16]])  # the story's start
     outs = [generate(m, ids, GREEDY_TOKENS, model.cfg["context_length"], use_cache=True)[0, ids.shape[1]:]
             for m in (model, quantized)]
     different = (outs[0] != outs[1]).nonzero()
     equal = GREEDY_TOKENS if len(different) == 0 else int(different[0])
-    print(f"greedy: {equal} of {GREEDY_TOKENS} tokens equal: {tokenizer.decode(outs[1].tolist())!r}")
-    assert equal >= MIN_EQUAL_TOKENS
+    print(f"greedy, {mode}: {equal} of {GREEDY_TOKENS} tokens equal: {tokenizer.decode(outs[1].tolist())!r}")
+    return equal
+
+
+def test_int8_greedy_text_equals_float32(trained):
+    assert equal_greedy_tokens(trained, "weights") >= MIN_EQUAL_TOKENS
 
 
 def decoding_perplexity(model: nn.Module, loader) -> float:
@@ -205,15 +210,7 @@ def test_dynamic_int8_keeps_decoding_perplexity_within_one_percent(trained):
 
 @needs_fbgemm
 def test_dynamic_int8_greedy_text_is_close_to_float32(trained):
-    model, _, tokenizer = trained
-    quantized = quantize_int8(copy.deepcopy(model), "dynamic")
-    ids = torch.tensor([tokenizer.encode(verdict())[:16]])
-    outs = [generate(m, ids, GREEDY_TOKENS, model.cfg["context_length"], use_cache=True)[0, ids.shape[1]:]
-            for m in (model, quantized)]
-    different = (outs[0] != outs[1]).nonzero()
-    equal = GREEDY_TOKENS if len(different) == 0 else int(different[0])
-    print(f"greedy, dynamic: {equal} of {GREEDY_TOKENS} tokens equal: {tokenizer.decode(outs[1].tolist())!r}")
-    assert equal >= MIN_EQUAL_TOKENS_DYNAMIC
+    assert equal_greedy_tokens(trained, "dynamic") >= MIN_EQUAL_TOKENS_DYNAMIC
 
 
 @needs_fbgemm
