@@ -43,19 +43,23 @@ The generation commands take `--int8` (`add_int8_argument`); training does not (
 has no gradient).
 
 `--int8 dynamic` (opt-in, x86 CPUs): the same int8 weights, and each generated token's activations rounded
-to 8 bits as well, per token (`DynamicInt8Linear`), so the product is int8 x int8 in fbgemm, PyTorch's
+to integers as well, per token (`DynamicInt8Linear`; 7 bits, fbgemm's reduced range, which no x86 CPU can
+overflow), so the product is integer x int8 in fbgemm, PyTorch's
 int8 matrix library for x86 (`torch.ops.quantized.linear_dynamic`) -- what llama.cpp's q8_0 does (it rounds
 activations per block of 32). It is faster because fbgemm's kernel is: the 56 matrices of eight
 Qwen3-0.6B blocks take ~6 ms against ~12 ms for the weight-only kernel on the AMD EPYC measured. Only
 single-token rows go that way (a decoding step, each row of a batched step, a mixture-of-experts expert's
 tokens), one row per call, so a row's numbers never depend on the rows beside it and a batched row equals
 its unbatched self; a prompt (several tokens of one sequence at once) takes the weight-only path. Rounding
-the activations costs more accuracy than rounding the weights alone; the tests bound both.
+the activations costs more accuracy than rounding the weights alone; the tests bound both. PyTorch 2.13
+marks the quantized tensors this path packs its weights with as deprecated (pytorch/pytorch#184982): where
+they are gone, `dynamic_kernel_available()` is False and `--int8 dynamic` is refused in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
 import torch.nn as nn
@@ -75,7 +79,12 @@ def int8_kernel_available() -> bool:
 
 def dynamic_kernel_available() -> bool:
     """True when this PyTorch has fbgemm's int8 x int8 kernels (x86 builds): what `--int8 dynamic` needs."""
-    return "fbgemm" in torch.backends.quantized.supported_engines
+    try:
+        return ("fbgemm" in torch.backends.quantized.supported_engines
+                and hasattr(torch, "_make_per_channel_quantized_tensor")
+                and hasattr(torch.ops.quantized, "linear_dynamic") and hasattr(torch.ops.quantized, "linear_prepack"))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def int8_mode(int8: bool | str | None) -> str | None:
@@ -181,8 +190,10 @@ class DynamicInt8Linear(Int8Linear):
 
     def pack(self) -> None:
         """(Re)build fbgemm's packed copy of the int8 weight (per-channel scales, zero points 0)."""
-        qweight = torch._make_per_channel_quantized_tensor(
-            self.weight, self.scales.double(), torch.zeros_like(self.scales, dtype=torch.long), 0)
+        with warnings.catch_warnings():  # PyTorch 2.13's deprecation notice (module docstring), once per layer
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight, self.scales.double(), torch.zeros_like(self.scales, dtype=torch.long), 0)
         engine = torch.backends.quantized.engine
         try:
             torch.backends.quantized.engine = "fbgemm"  # the packed weight keeps fbgemm's kernel whatever is set later
@@ -256,17 +267,17 @@ def int8_weight_bytes(model: nn.Module) -> int:
 
 INT8_HELP = ("store the linear layers' weights as int8 with one scale per output channel: a quarter of "
              "float32's bytes per weight, for faster CPU decoding; results close to float32. '--int8 dynamic' "
-             "(x86 CPUs) also rounds each generated token's activations to 8 bits: faster still, a little less "
-             "accurate (llmfs/int8.py)")
+             "(x86 CPUs) also rounds each generated token's activations to integers (7 bits): faster still, a "
+             "little less accurate (llmfs/int8.py)")
 
 
 def add_int8_argument(p: argparse.ArgumentParser, dynamic: bool = False) -> None:
     """The generation commands' `--int8` switch; with `dynamic`, `--int8 [weights|dynamic]` (alone: weights)."""
     if not dynamic:
-        p.add_argument("--int8", action="store_const", const="weights", default=None,
+        p.add_argument("--int8", action="store_const", const="weights", default=False,
                        help=INT8_HELP.partition(". '--int8 dynamic'")[0] + " (llmfs/int8.py)")
         return
-    p.add_argument("--int8", nargs="?", const="weights", default=None, choices=INT8_MODES, metavar="MODE",
+    p.add_argument("--int8", nargs="?", const="weights", default=False, choices=INT8_MODES, metavar="MODE",
                    help=INT8_HELP)
 
 

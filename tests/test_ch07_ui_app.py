@@ -54,7 +54,9 @@ def test_command_line_sets_the_answer_length(model_path, monkeypatch, capsys):
     monkeypatch.setattr(ch07_app, "serve_app", lambda args, build: build("cpu") or 0)
     assert ch07_app.main(["--model", str(model_path), "--max-new-tokens", "7"]) == 0
     assert ch07_app.main(["--model", str(model_path), "--int8"]) == 0
-    assert built == [(str(model_path), "cpu", 7, False), (str(model_path), "cpu", ch07_app.MAX_NEW_TOKENS, True)]
+    assert ch07_app.main(["--model", str(model_path), "--int8", "dynamic"]) == 0
+    assert built == [(str(model_path), "cpu", 7, False), (str(model_path), "cpu", ch07_app.MAX_NEW_TOKENS, "weights"),
+                     (str(model_path), "cpu", ch07_app.MAX_NEW_TOKENS, "dynamic")]
 
 
 @webapp.requires_chromium
