@@ -170,14 +170,17 @@ def test_every_row_of_a_rope_model_equals_its_unbatched_generation(family, sampl
 @pytest.mark.skipif(not dynamic_kernel_available(), reason="--int8 dynamic needs fbgemm (x86 builds of PyTorch)")
 @pytest.mark.parametrize("name", ["gpt", "qwen3", "qwen3-moe"])
 def test_dynamic_int8_rows_equal_their_unbatched_generation(name):
-    """`--int8 dynamic` rounds each single-token row's activations alone, so batching changes no token."""
+    """`--int8 dynamic` rounds each single-token row's activations alone, and each prompt token on a grid of its
+    own, so batching changes no token."""
     model = quantize_int8(model_of() if name == "gpt" else family_model(name), "dynamic")
-    ps = prompts()
-    want = [alone(model, p, n) for p, n in zip(ps, LIMITS)]
+    ps = prompts((*LENGTHS, 5, 12))  # two pairs of prompts of one length: their windows fill together
+    limits = (*LIMITS, 6, 9)
+    want = [alone(model, p, n) for p, n in zip(ps, limits)]
     shapes = []
     model.out_head.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
-    assert generate_batch(model, ps, LIMITS, CFG["context_length"]) == want
+    assert generate_batch(model, ps, limits, CFG["context_length"]) == want
     assert any(s[0] > 1 and s[-2] == 1 for s in shapes)  # batched steps: several single-token rows at once
+    assert any(s[0] > 1 and s[-2] > 1 for s in shapes)  # several prompts in one call
 
 
 @pytest.mark.parametrize("name", ["gpt", *FAMILIES])

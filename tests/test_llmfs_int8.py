@@ -209,6 +209,19 @@ def test_dynamic_int8_keeps_decoding_perplexity_within_one_percent(trained):
 
 
 @needs_fbgemm
+def test_dynamic_int8_keeps_whole_sequence_perplexity_within_one_percent(trained):
+    """The validation text fed whole (each batch a (rows, tokens) prompt), the path of `_prompt_product`."""
+    model, val_loader, _ = trained
+    dynamic = quantize_int8(copy.deepcopy(model), "dynamic")
+    with torch.no_grad():
+        float_ppl = math.exp(calc_loss_loader(val_loader, model, "cpu"))
+        dynamic_ppl = math.exp(calc_loss_loader(val_loader, dynamic, "cpu"))
+    print(f"validation perplexity: float32 {float_ppl:.2f}, int8 dynamic {dynamic_ppl:.2f} "
+          f"({100 * (dynamic_ppl / float_ppl - 1):+.2f}%)")
+    assert abs(dynamic_ppl / float_ppl - 1) < 0.01 and dynamic_ppl != float_ppl
+
+
+@needs_fbgemm
 def test_dynamic_int8_greedy_text_is_close_to_float32(trained):
     assert equal_greedy_tokens(trained, "dynamic") >= MIN_EQUAL_TOKENS_DYNAMIC
 
@@ -227,8 +240,20 @@ def test_dynamic_layer_rounds_each_token_row_alone():
         # close to the float product, and not the weight-only numbers (the activations are rounded)
         want = linear(x)
         assert ((rows - want).norm() / want.norm()) < 0.02 and not torch.equal(rows, weight_only(x))
-        prompt = torch.randn(1, 6, 64)  # a prompt's tokens go the weight-only way
-        assert torch.equal(layer(prompt), weight_only(prompt))
+        # A prompt's tokens go in one call, each still rounded on a grid of its own: a token's numbers are
+        # the same alone, beside a token of 40x larger activations, or beside another prompt's tokens.
+        prompt = torch.randn(1, 6, 64)
+        prompt[0, 2] *= 40
+        prompt[0, 4, 7] = 300.0  # one outlier
+        prompt[0, 5] = 0.0  # a row of zeros (no division by zero)
+        together = layer(prompt)
+        others = torch.randn(2, 6, 64) * 5
+        assert torch.equal(layer(torch.cat([others, prompt]))[2], together[0])
+        for t in range(1, 6):
+            assert torch.equal(layer(prompt[:, t - 1:t + 1])[0, 1], together[0, t])
+        assert torch.equal(together[0, 5], layer.bias.detach())
+        want = linear(prompt)
+        assert ((together - want).norm() / want.norm()) < 0.02 and not torch.equal(together, weight_only(prompt))
         for engine in torch.backends.quantized.supported_engines:  # the packed weight keeps fbgemm
             with _engine(engine):
                 assert torch.equal(layer(x), rows)
