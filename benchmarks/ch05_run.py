@@ -37,8 +37,7 @@ from pathlib import Path
 
 from llmfs.bench import machine_description, proc_status_mib, write_report
 from llmfs.cli import Parser, add_quick_argument, check_output_dir, path_argument, positive_int, run
-from llmfs.errors import InvalidInput
-from llmfs.onednn_linear import onednn_linear_supported
+from llmfs.onednn_linear import check_onednn
 
 SIDES = ("book", "ours")
 ONEDNN_SIDE = "ours-onednn"  # --onednn: our command once more with its opt-in --onednn (x86; faster on AMD EPYC)
@@ -169,6 +168,11 @@ def run_worker(spec: dict, timeout: float = 3600) -> dict:
     raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
+def same_losses(a: dict, b: dict) -> bool:
+    """Whether two sides end at the same final train and validation losses, to 3 decimals (the goal)."""
+    return all(f"{a[k]:.3f}" == f"{b[k]:.3f}" for k in ("final_train_loss", "final_val_loss"))
+
+
 def summarize(best: dict, machine: dict, quick: bool, repeats: int, book_model: str,
               epochs_given: bool = False) -> tuple[str, list]:
     """The table (Markdown) and the goals: speed, the same final losses, a lower peak RSS."""
@@ -193,11 +197,10 @@ def summarize(best: dict, machine: dict, quick: bool, repeats: int, book_model: 
     speedup = book["wall_s"] / ours["wall_s"]
     rss_ratio = ours["peak_rss_mib"] / book["peak_rss_mib"]
     lines += ["", f"book / ours time: {speedup:.2f}x; ours / book peak RSS: {rss_ratio:.2f}x"]
-    same = all(f"{book[k]:.3f}" == f"{ours[k]:.3f}" for k in ("final_train_loss", "final_val_loss"))
     goals = [(f"ours >= {SPEEDUP_GOAL}x faster than the book's script ({speedup:.2f}x)", speedup >= SPEEDUP_GOAL),
              (f"the same final losses to 3 decimals (book {book['final_train_loss']:.3f} / "
               f"{book['final_val_loss']:.3f}, ours {ours['final_train_loss']:.3f} / {ours['final_val_loss']:.3f})",
-              same),
+              same_losses(book, ours)),
              (f"a lower peak RSS ({ours['peak_rss_mib']:,.0f} vs {book['peak_rss_mib']:,.0f} MiB)", rss_ratio < 1.0)]
     if ONEDNN_SIDE in best:  # the opt-in: its speed, and the losses it must keep
         fast = best[ONEDNN_SIDE]
@@ -208,7 +211,7 @@ def summarize(best: dict, machine: dict, quick: bool, repeats: int, book_model: 
                    speedup >= SPEEDUP_GOAL),
                   (f"ours --onednn: the same final losses to 3 decimals ({fast['final_train_loss']:.3f} / "
                    f"{fast['final_val_loss']:.3f})",
-                   all(f"{book[k]:.3f}" == f"{fast[k]:.3f}" for k in ("final_train_loss", "final_val_loss")))]
+                   same_losses(book, fast))]
     lines += [""] + [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in goals]
     return "\n".join(lines) + "\n", goals
 
@@ -249,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         from llmfs.download import get_data_file
 
         get_data_file("the-verdict.txt")  # offline: one line saying where to put it, before any run
-        if args.onednn and not onednn_linear_supported():
-            raise InvalidInput("--onednn needs an x86 CPU whose PyTorch computes linear layers with oneDNN; this "
-                               "one does not (run without --onednn)")
+        check_onednn(args.onednn)
         machine = {**machine_description(), "threads": args.threads}
         sides = (*SIDES, ONEDNN_SIDE) if args.onednn else SIDES
         rounds: dict[str, list[dict]] = {side: [] for side in sides}

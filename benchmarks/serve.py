@@ -188,11 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    from llmfs.onednn_linear import onednn_linear, onednn_linear_supported
+    from llmfs.onednn_linear import check_onednn, onednn_linear
 
-    if args.onednn and not onednn_linear_supported():
-        raise InvalidInput("--onednn needs an x86 CPU whose PyTorch computes linear layers with oneDNN; this one "
-                           "does not (run without --onednn)")
+    check_onednn(args.onednn)
     with onednn_linear(args.onednn, min_rows=ONEDNN_MIN_ROWS):  # the direct side as the servers with --onednn
         measure(args)
 

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from llmfs.errors import InvalidInput
+
 
 def _product(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2d @ weight.T + bias by oneDNN (weight may be a transposed view).
@@ -106,7 +108,7 @@ class _LinearToOneDNN(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight, bias = _linear_args(*args, **kwargs)
-            if _routable(x, weight, bias) and (self.min_rows <= 1 or x.numel() >= self.min_rows * x.shape[-1]):
+            if _routable(x, weight, bias) and x.numel() >= self.min_rows * x.shape[-1]:
                 # Without autograd (generation, evaluation) the op is called directly.
                 return LinearOneDNN.apply(x, weight, bias) if torch.is_grad_enabled() else _linear(x, weight, bias)
         return func(*args, **kwargs)
@@ -126,6 +128,14 @@ def onednn_linear_supported() -> bool:
         return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-5))
     except (AttributeError, RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def check_onednn(onednn: bool) -> None:
+    """One line, before any work, where `--onednn` is asked of a benchmark this machine cannot run it on
+    (the chapter commands instead leave their `--onednn` a no-op there, as the module docstring says)."""
+    if onednn and not onednn_linear_supported():
+        raise InvalidInput("--onednn needs an x86 CPU whose PyTorch computes linear layers with oneDNN; this one "
+                           "does not (run without --onednn)")
 
 
 def onednn_linear(enabled: bool = True, min_rows: int = 1):

@@ -103,7 +103,9 @@ def test_the_onednn_side_adds_our_opt_in_and_its_goals():
 
 
 def test_onednn_is_refused_where_it_cannot_run(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "onednn_linear_supported", lambda: False)
+    import llmfs.onednn_linear as ol
+
+    monkeypatch.setattr(ol, "onednn_linear_supported", lambda: False)
     monkeypatch.setattr(bench, "run_worker", lambda spec: pytest.fail("measured"))
     assert bench.main(["--quick", "--onednn"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --onednn needs an x86 CPU")

@@ -452,7 +452,9 @@ def test_dynamic_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(InvalidInput, match="^--int8 dynamic needs fbgemm"):
         int8.check_int8_options("dynamic")
     int8.check_int8_options("weights")  # weight-only runs anywhere
-    with pytest.raises(InvalidInput, match="^--int8 dynamic runs on the CPU of an x86 machine"):
+    with pytest.raises(InvalidInput, match="^--int8 dynamic needs fbgemm"):
         quantize_int8(nn.Sequential(nn.Linear(4, 4)), "dynamic")
+    with pytest.raises(InvalidInput, match="^--int8 dynamic runs on the CPU of an x86 machine .* not on meta;"):
+        int8.DynamicInt8Linear.from_linear(nn.Linear(4, 4, device="meta"))
     assert [int8.int8_mode(v) for v in (None, False, True, "weights", "dynamic")] == [None, None, "weights",
                                                                                         "weights", "dynamic"]
