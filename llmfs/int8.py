@@ -50,7 +50,9 @@ activations per block of 32). It is faster because fbgemm's kernel is: the 56 ma
 Qwen3-0.6B blocks take ~6 ms against ~12 ms for the weight-only kernel on the AMD EPYC measured. A row's
 numbers never depend on the rows beside it, so a batched row equals its unbatched self: single-token rows (a
 decoding step, each row of a batched step, a mixture-of-experts expert's tokens) go one row per call, rounded
-with the row's own range; a prompt's tokens (several of one sequence at once) go in one call, each token
+with the row's own range (so a batched step of b rows reads the matrices b times: a server gains little from
+batching with `--int8 dynamic`; scaling every row to a fixed range, as prompts do, would batch them but cost
+~10% of a single stream's speed on the Qwen3 shapes); a prompt's tokens (several of one sequence at once) go in one call, each token
 scaled to a fixed range first (`DynamicInt8Linear._prompt_product`), so a 16-token prompt reads the matrices
 once instead of 16 times (Qwen3-0.6B shapes: ~90 ms against ~205 ms on the weight-only kernel). Rounding
 the activations costs more accuracy than rounding the weights alone; the tests bound both. PyTorch 2.13
